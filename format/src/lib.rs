@@ -1,0 +1,63 @@
+//! The memwatch trace format (`.mwt`): bytes ↔ records.
+//!
+//! This crate owns the file layout (header, chunk framing, trailer), the
+//! record types, a [`TraceWriter`] that appends records and emits
+//! independently zstd-compressed chunks, and a streaming [`TraceReader`]
+//! that memory-maps a trace and decodes it chunk by chunk. It does not own
+//! what gets recorded (that is `memwatch-recorder`) nor queries over a trace
+//! (`memwatch-analyzer`); it has no Python and no polars in it.
+//!
+//! The byte-level specification is `docs/format.md`; the module docs of
+//! [`header`] and [`chunk`] carry the same tables.
+//!
+//! Guarantees:
+//! - A trace cut at any byte (a killed process, a full disk) still opens:
+//!   every whole chunk reads back and [`TraceReader::tail`] says how many
+//!   bytes were ignored.
+//! - Bad input never panics: each problem is its own [`Error`] variant,
+//!   naming the file (and the chunk).
+//!
+//! ```
+//! use memwatch_format::{Change, ByteRange, Context, Meta, Record, TraceReader, TraceWriter, WriterOptions};
+//!
+//! let mut w = TraceWriter::new(Vec::new(), "example.mwt", &Meta::default(), WriterOptions::default())?;
+//! let frame = w.intern_frame("train.py", "step", 52)?;
+//! w.append(&Record::Change(Change {
+//!     seq: 1,
+//!     ctx: Context { frame, ..Context::default() },
+//!     region: 1,
+//!     ranges: vec![ByteRange { offset: 8, old: &[0, 0], new: &[1, 2] }],
+//! }))?;
+//! let (bytes, _stats) = w.finish(0)?;
+//!
+//! let trace = TraceReader::from_bytes(bytes, "example.mwt")?;
+//! let mut changes = 0;
+//! trace.for_each_record(|rec| {
+//!     if let Record::Change(c) = rec {
+//!         assert_eq!(c.ranges[0].new, &[1, 2]);
+//!         changes += 1;
+//!     }
+//!     Ok::<_, memwatch_format::Error>(())
+//! })?;
+//! assert_eq!(changes, 1);
+//! assert!(trace.tail_message().is_none()); // closed cleanly
+//! # Ok::<(), memwatch_format::Error>(())
+//! ```
+
+pub mod chunk;
+mod error;
+pub mod header;
+mod reader;
+mod record;
+pub mod sample;
+mod writer;
+
+pub use chunk::{ChunkHeader, ChunkKind, Codec, IndexEntry, Trailer, NO_SEQ};
+pub use error::{Error, Result};
+pub use header::{Header, Meta, FORMAT_VERSION, MAGIC};
+pub use reader::{ChunkInfo, DecodedChunk, Records, Tail, TraceReader};
+pub use record::{
+    ByteRange, Change, Checkpoint, Contents, Context, FrameDef, Id, Layout, Lost, ObjectChange,
+    ObjectChangeKind, Record, RegionUnwatched, RegionWatched, StackDef, StringDef, UnwatchReason, NO_ID,
+};
+pub use writer::{TraceWriter, WriterOptions, WriterStats, CONTENTS_PIECE};

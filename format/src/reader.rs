@@ -1,0 +1,405 @@
+//! Reading a trace: the header, a scan of the chunk framing, then records
+//! chunk by chunk.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::chunk::{ChunkHeader, ChunkKind, Codec, Trailer, CHUNK_HEADER_LEN, FOOTER_LEN, FOOTER_MAGIC};
+use crate::error::{Error, Result};
+use crate::header::{decode_header, le_u64, Header};
+use crate::record::Record;
+
+/// How the file ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tail {
+    /// A trailer and footer: the writer closed the trace.
+    Closed,
+    /// Whole chunks up to the end, but no trailer: the recording process
+    /// ended without closing the trace (killed, crashed, `os._exit`).
+    Unclosed,
+    /// The last `bytes_ignored` bytes are part of a chunk (or footer) that
+    /// was never fully written.
+    Truncated { bytes_ignored: u64 },
+}
+
+/// Where one records chunk is, with its decoded header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkInfo {
+    /// Position among the file's chunks, from 0.
+    pub index: u64,
+    /// Byte offset of the chunk header in the file.
+    pub offset: u64,
+    pub header: ChunkHeader,
+}
+
+enum Source {
+    Map(Mmap),
+    Bytes(Vec<u8>),
+}
+
+impl Source {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Source::Map(m) => m,
+            Source::Bytes(b) => b,
+        }
+    }
+}
+
+/// A trace opened for reading.
+///
+/// [`open`](Self::open) reads the header and walks the chunk framing (chunk
+/// headers only), so it is cheap and tells at once whether the trace was
+/// closed cleanly ([`tail`](Self::tail)). Records are decoded chunk by chunk
+/// when asked for; a chunk's checksum is checked when it is decoded.
+pub struct TraceReader {
+    path: PathBuf,
+    src: Source,
+    header: Header,
+    chunks: Vec<ChunkInfo>,
+    trailer: Option<Trailer>,
+    tail: Tail,
+}
+
+impl std::fmt::Debug for TraceReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TraceReader")
+            .field("path", &self.path)
+            .field("header", &self.header)
+            .field("chunks", &self.chunks.len())
+            .field("tail", &self.tail)
+            .finish()
+    }
+}
+
+impl TraceReader {
+    /// Opens the trace at `path` by memory-mapping it.
+    ///
+    /// The map is read-only. If another process truncates the file while it
+    /// is open, reading it can fault (`SIGBUS`): that is the usual caveat of
+    /// `mmap`, and why this goes through `unsafe` below. A trace still being
+    /// appended to is fine: the reader sees the chunks present at `open`.
+    pub fn open(path: impl AsRef<Path>) -> Result<TraceReader> {
+        let path = path.as_ref();
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let src = if len == 0 {
+            Source::Bytes(Vec::new())
+        } else {
+            // SAFETY: the map is read-only and private to this reader; the
+            // one hazard, another process truncating the file under us, is
+            // documented above.
+            Source::Map(unsafe { Mmap::map(&file) }.map_err(io)?)
+        };
+        TraceReader::from_source(path.to_path_buf(), src)
+    }
+
+    /// Reads a trace held in memory; `name` is used in messages.
+    pub fn from_bytes(bytes: Vec<u8>, name: impl Into<PathBuf>) -> Result<TraceReader> {
+        TraceReader::from_source(name.into(), Source::Bytes(bytes))
+    }
+
+    fn from_source(path: PathBuf, src: Source) -> Result<TraceReader> {
+        let bytes = src.bytes();
+        let header = decode_header(bytes, &path)?;
+        let (chunks, trailer, tail) = scan(bytes, header.len, &path)?;
+        Ok(TraceReader {
+            path,
+            src,
+            header,
+            chunks,
+            trailer,
+            tail,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The records chunks, in file order.
+    pub fn chunks(&self) -> &[ChunkInfo] {
+        &self.chunks
+    }
+
+    /// The trailer, when the trace was closed cleanly.
+    pub fn trailer(&self) -> Option<&Trailer> {
+        self.trailer.as_ref()
+    }
+
+    pub fn tail(&self) -> Tail {
+        self.tail
+    }
+
+    /// Size of the file in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.src.bytes().len() as u64
+    }
+
+    /// One line about how the file ends, for people: `None` when it was
+    /// closed cleanly; otherwise "not closed cleanly: ..." or
+    /// "truncated: N chunks read, M bytes ignored".
+    pub fn tail_message(&self) -> Option<String> {
+        match self.tail {
+            Tail::Closed => None,
+            Tail::Unclosed => Some(format!(
+                "not closed cleanly: {} chunks read, the recording ended without a trailer \
+                 (the process was killed or crashed)",
+                self.chunks.len()
+            )),
+            Tail::Truncated { bytes_ignored } => Some(format!(
+                "truncated: {} chunks read, {} bytes ignored",
+                self.chunks.len(),
+                bytes_ignored
+            )),
+        }
+    }
+
+    /// `Ok` only for a cleanly closed trace; otherwise [`Error::Truncated`].
+    pub fn require_closed(&self) -> Result<()> {
+        match self.tail_message() {
+            None => Ok(()),
+            Some(msg) => Err(Error::Truncated {
+                path: self.path.clone(),
+                detail: msg.strip_prefix("truncated: ").unwrap_or(&msg).to_string(),
+            }),
+        }
+    }
+
+    fn corrupt(&self, info: &ChunkInfo, reason: String) -> Error {
+        Error::CorruptChunk {
+            path: self.path.clone(),
+            index: info.index,
+            offset: info.offset,
+            reason,
+        }
+    }
+
+    /// Checks a chunk's checksum and decompresses it.
+    pub fn decode_chunk(&self, info: &ChunkInfo) -> Result<DecodedChunk<'_>> {
+        let start = info.offset as usize + CHUNK_HEADER_LEN;
+        let stored = &self.src.bytes()[start..start + info.header.stored_len as usize];
+        let data = payload(stored, &info.header).map_err(|reason| self.corrupt(info, reason))?;
+        Ok(DecodedChunk {
+            reader: self,
+            info: *info,
+            data,
+        })
+    }
+
+    /// Calls `f` on every record in file order. Stops at the first error
+    /// (a corrupt chunk, or one that `f` returns).
+    pub fn for_each_record<E, F>(&self, mut f: F) -> std::result::Result<(), E>
+    where
+        E: From<Error>,
+        F: FnMut(&Record<'_>) -> std::result::Result<(), E>,
+    {
+        for info in &self.chunks {
+            let chunk = self.decode_chunk(info)?;
+            for rec in chunk.records() {
+                f(&rec?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn payload<'a>(stored: &'a [u8], h: &ChunkHeader) -> std::result::Result<Cow<'a, [u8]>, String> {
+    let crc = crc32fast::hash(stored);
+    if crc != h.payload_crc {
+        return Err(format!(
+            "payload checksum mismatch (stored {:#010x}, computed {crc:#010x})",
+            h.payload_crc
+        ));
+    }
+    match h.codec {
+        Codec::Stored => {
+            if stored.len() != h.raw_len as usize {
+                return Err(format!(
+                    "stored chunk is {} bytes but its header says {}",
+                    stored.len(),
+                    h.raw_len
+                ));
+            }
+            Ok(Cow::Borrowed(stored))
+        }
+        Codec::Zstd => {
+            let raw = zstd::bulk::decompress(stored, h.raw_len as usize)
+                .map_err(|e| format!("zstd decompression failed: {e}"))?;
+            if raw.len() != h.raw_len as usize {
+                return Err(format!(
+                    "decompressed to {} bytes but the header says {}",
+                    raw.len(),
+                    h.raw_len
+                ));
+            }
+            Ok(Cow::Owned(raw))
+        }
+    }
+}
+
+/// True if every byte is zero: the shape of space a file system allocated
+/// but a crash never filled.
+fn all_zero(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
+}
+
+type Scan = (Vec<ChunkInfo>, Option<Trailer>, Tail);
+
+/// Walks the chunk framing from `start`.
+fn scan(bytes: &[u8], start: u64, path: &Path) -> Result<Scan> {
+    let len = bytes.len() as u64;
+    let mut pos = start;
+    let mut chunks = Vec::new();
+    loop {
+        let index = chunks.len() as u64;
+        let rest = &bytes[pos as usize..];
+        if rest.is_empty() {
+            return Ok((chunks, None, Tail::Unclosed));
+        }
+        let truncated = Tail::Truncated {
+            bytes_ignored: rest.len() as u64,
+        };
+        if rest.len() < CHUNK_HEADER_LEN {
+            return Ok((chunks, None, truncated));
+        }
+        let at = pos;
+        let corrupt = |reason: String| Error::CorruptChunk {
+            path: path.to_path_buf(),
+            index,
+            offset: at,
+            reason,
+        };
+        let header = match ChunkHeader::decode(rest[..CHUNK_HEADER_LEN].try_into().expect("44 bytes")) {
+            Ok(h) => h,
+            Err(_) if all_zero(rest) => return Ok((chunks, None, truncated)),
+            Err(reason) => return Err(corrupt(reason)),
+        };
+        if pos + header.total_len() > len {
+            return Ok((chunks, None, truncated));
+        }
+        let info = ChunkInfo {
+            index,
+            offset: pos,
+            header,
+        };
+        pos += header.total_len();
+        match header.kind {
+            ChunkKind::Records => chunks.push(info),
+            ChunkKind::Trailer => {
+                let stored = &rest[CHUNK_HEADER_LEN..header.total_len() as usize];
+                let raw = payload(stored, &header).map_err(corrupt)?;
+                let trailer: Trailer = postcard::from_bytes(&raw)
+                    .map_err(|e| corrupt(format!("trailer does not decode: {e}")))?;
+                let after = &bytes[pos as usize..];
+                if after.len() < FOOTER_LEN {
+                    let tail = Tail::Truncated {
+                        bytes_ignored: after.len() as u64,
+                    };
+                    return Ok((chunks, Some(trailer), tail));
+                }
+                if after.len() > FOOTER_LEN || after[8..16] != FOOTER_MAGIC || le_u64(after, 0) != info.offset
+                {
+                    return Err(corrupt(format!(
+                        "{} bytes after the trailer are not the {FOOTER_LEN}-byte footer",
+                        after.len()
+                    )));
+                }
+                return Ok((chunks, Some(trailer), Tail::Closed));
+            }
+        }
+    }
+}
+
+/// A decompressed records chunk.
+pub struct DecodedChunk<'r> {
+    reader: &'r TraceReader,
+    info: ChunkInfo,
+    data: Cow<'r, [u8]>,
+}
+
+impl DecodedChunk<'_> {
+    pub fn info(&self) -> &ChunkInfo {
+        &self.info
+    }
+
+    /// The raw (decompressed) payload.
+    pub fn raw(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// The chunk's records, borrowing from it. Yields an error (and then
+    /// stops) if a record does not decode or the count is off.
+    pub fn records(&self) -> Records<'_> {
+        Records {
+            chunk: self,
+            rest: &self.data,
+            seen: 0,
+            done: false,
+        }
+    }
+}
+
+/// Iterator over one chunk's records.
+pub struct Records<'c> {
+    chunk: &'c DecodedChunk<'c>,
+    rest: &'c [u8],
+    seen: u32,
+    done: bool,
+}
+
+impl<'c> Iterator for Records<'c> {
+    type Item = Result<Record<'c>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let expected = self.chunk.info.header.record_count;
+        let fail = |this: &mut Self, reason: String| {
+            this.done = true;
+            Some(Err(this.chunk.reader.corrupt(&this.chunk.info, reason)))
+        };
+        if self.rest.is_empty() {
+            self.done = true;
+            if self.seen != expected {
+                return fail(
+                    self,
+                    format!("holds {} records but its header says {expected}", self.seen),
+                );
+            }
+            return None;
+        }
+        if self.seen == expected {
+            return fail(
+                self,
+                format!(
+                    "{} bytes follow its last record ({expected} records)",
+                    self.rest.len()
+                ),
+            );
+        }
+        match postcard::take_from_bytes::<Record<'c>>(self.rest) {
+            Ok((rec, rest)) => {
+                self.rest = rest;
+                self.seen += 1;
+                Some(Ok(rec))
+            }
+            Err(e) => {
+                let n = self.seen;
+                fail(self, format!("record {n} does not decode: {e}"))
+            }
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! The record types a chunk carries.
+//!
+//! Records borrow their strings and bytes (`&'a str`, `&'a [u8]`): a reader
+//! decodes them straight out of a decompressed chunk without copying, and a
+//! writer encodes them straight out of the recorder's buffers.
+//!
+//! Every record is encoded with postcard: an enum tag (varint of the variant
+//! index below), then the fields in declaration order (integers as varints,
+//! strings and byte strings as a varint length and the raw bytes, `Option` as a
+//! `0`/`1` byte and the value). `docs/format.md` spells each one out.
+//!
+//! Ids of interned strings, frames and stacks start at 1; `0` means "none".
+//!
+//! ┌──────────────────────────────────────────────────────────────────────┐
+//! │ Changing any struct or enum in this file (a field, its type, its       │
+//! │ order, a new variant anywhere) means bumping `FORMAT_VERSION` and       │
+//! │ keeping a reader for the old version.                                  │
+//! └──────────────────────────────────────────────────────────────────────┘
+
+use serde::{Deserialize, Serialize};
+
+/// An interned id (string, frame or stack). `0` is "none".
+pub type Id = u32;
+
+/// The "none" value of an [`Id`].
+pub const NO_ID: Id = 0;
+
+/// One record. The variant order is part of the format.
+// changing this enum means bumping FORMAT_VERSION
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Record<'a> {
+    /// Defines string `id` (file names, function names, thread names, tags).
+    #[serde(borrow)]
+    String(StringDef<'a>),
+    /// Defines frame `id`: a file, a function and a line.
+    Frame(FrameDef),
+    /// Defines stack `id`: frame ids, innermost first.
+    Stack(StackDef),
+    /// A region starts being watched. Its initial contents follow as
+    /// [`Record::Contents`] records with `at_seq == seq`.
+    #[serde(borrow)]
+    RegionWatched(RegionWatched<'a>),
+    /// A piece of a region's full contents (initial contents or a checkpoint).
+    #[serde(borrow)]
+    Contents(Contents<'a>),
+    /// A region stops being watched.
+    RegionUnwatched(RegionUnwatched),
+    /// Bytes of a watched region changed.
+    #[serde(borrow)]
+    Change(Change<'a>),
+    /// A watched Python object or variable changed.
+    #[serde(borrow)]
+    ObjectChange(ObjectChange<'a>),
+    /// The full contents of a region after `at_seq` follow as
+    /// [`Record::Contents`] records with the same `at_seq`.
+    Checkpoint(Checkpoint),
+    /// The recorder could not record some events; says how many.
+    #[serde(borrow)]
+    Lost(Lost<'a>),
+}
+
+// changing this struct means bumping FORMAT_VERSION
+/// Defines an interned string.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct StringDef<'a> {
+    pub id: Id,
+    pub value: &'a str,
+}
+
+// changing this struct means bumping FORMAT_VERSION
+/// Defines an interned frame.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FrameDef {
+    pub id: Id,
+    /// String id of the file name.
+    pub file: Id,
+    /// String id of the function's qualified name.
+    pub function: Id,
+    pub line: u32,
+}
+
+// changing this struct means bumping FORMAT_VERSION
+/// Defines an interned stack.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct StackDef {
+    pub id: Id,
+    /// Frame ids, innermost first.
+    pub frames: Vec<Id>,
+}
+
+/// Who did something, and where: common to every event.
+// changing this struct means bumping FORMAT_VERSION
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Context {
+    /// Nanoseconds since the trace's `start_time_ns` (monotonic clock).
+    pub time_ns: u64,
+    /// The OS thread id (`gettid`, Python's `threading.get_native_id()`).
+    pub thread: u64,
+    /// String id of the thread's name, or [`NO_ID`].
+    pub thread_name: Id,
+    /// The frame the event is attributed to (the innermost in-scope frame),
+    /// or [`NO_ID`].
+    pub frame: Id,
+    /// The full Python stack, or [`NO_ID`].
+    pub stack: Id,
+}
+
+/// How a watched region lays out its elements, when known.
+// changing this struct means bumping FORMAT_VERSION
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Layout<'a> {
+    /// A numpy array-protocol type string (`"<f4"`, `"|u1"`, `"<i8"`), or
+    /// `None` for plain bytes.
+    #[serde(borrow)]
+    pub dtype: Option<&'a str>,
+    /// Element size in bytes (1 for plain bytes).
+    pub itemsize: u32,
+    /// Shape in elements; empty for a flat byte buffer.
+    pub shape: Vec<u64>,
+    /// Strides in bytes, one per dimension; empty means C-contiguous.
+    pub strides: Vec<i64>,
+    /// Byte offset of element `[0, 0, ...]` from the region's start (non-zero
+    /// for a view with negative strides).
+    pub origin: u64,
+}
+
+// changing this struct means bumping FORMAT_VERSION
+/// A region starts being watched.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RegionWatched<'a> {
+    pub seq: u64,
+    pub ctx: Context,
+    /// Region id, unique within the trace (never reused).
+    pub region: u32,
+    /// The tag the user gave, or the variable name.
+    pub tag: &'a str,
+    /// The variable through which the buffer was passed to `watch`.
+    #[serde(borrow)]
+    pub variable: Option<&'a str>,
+    /// Start address in the recorded process.
+    pub address: u64,
+    /// Length in bytes of the span `[address, address + len)`.
+    pub len: u64,
+    #[serde(borrow)]
+    pub layout: Layout<'a>,
+}
+
+// changing this struct means bumping FORMAT_VERSION
+/// A piece of a region's full contents.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Contents<'a> {
+    pub region: u32,
+    /// The seq this snapshot is the state after: the region's
+    /// [`RegionWatched::seq`] or a [`Checkpoint::at_seq`].
+    pub at_seq: u64,
+    /// Byte offset of `data` within the region.
+    pub offset: u64,
+    #[serde(with = "serde_bytes")]
+    pub data: &'a [u8],
+}
+
+/// Why a region stopped being watched.
+// changing this enum means bumping FORMAT_VERSION
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnwatchReason {
+    /// `unwatch` was called.
+    Explicit,
+    /// The recorder stopped or the interpreter exited.
+    Shutdown,
+    /// The watched object was garbage-collected.
+    Collected,
+}
+
+// changing this struct means bumping FORMAT_VERSION
+/// A region stops being watched.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionUnwatched {
+    pub seq: u64,
+    pub ctx: Context,
+    pub region: u32,
+    pub reason: UnwatchReason,
+}
+
+// changing this struct means bumping FORMAT_VERSION
+/// One run of changed bytes. `old.len() == new.len()`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ByteRange<'a> {
+    /// Byte offset within the region.
+    pub offset: u64,
+    #[serde(with = "serde_bytes")]
+    pub old: &'a [u8],
+    #[serde(with = "serde_bytes")]
+    pub new: &'a [u8],
+}
+
+// changing this struct means bumping FORMAT_VERSION
+/// Bytes of a watched region changed.
+///
+/// A very large change may be split over several consecutive `Change`
+/// records with the same `seq` and `region`; readers treat them as one.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Change<'a> {
+    pub seq: u64,
+    pub ctx: Context,
+    pub region: u32,
+    /// Changed runs, in increasing offset order, not overlapping.
+    #[serde(borrow)]
+    pub ranges: Vec<ByteRange<'a>>,
+}
+
+/// What happened to a watched Python object or variable.
+// changing this enum means bumping FORMAT_VERSION
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ObjectChangeKind {
+    SetAttr,
+    DelAttr,
+    SetItem,
+    DelItem,
+    Append,
+    Extend,
+    Insert,
+    Pop,
+    Remove,
+    Sort,
+    Reverse,
+    Clear,
+    Update,
+    Add,
+    Discard,
+    /// A watched variable was bound to another object.
+    Rebind,
+    /// A watched variable was deleted.
+    Unbind,
+    /// The object's fingerprint (id, type, hash or a user key) changed.
+    Fingerprint,
+    /// The watched object was garbage-collected.
+    Collected,
+    /// Anything else; `key` says what.
+    Other,
+}
+
+impl ObjectChangeKind {
+    /// Every kind, in variant order.
+    pub const ALL: [ObjectChangeKind; 20] = [
+        Self::SetAttr,
+        Self::DelAttr,
+        Self::SetItem,
+        Self::DelItem,
+        Self::Append,
+        Self::Extend,
+        Self::Insert,
+        Self::Pop,
+        Self::Remove,
+        Self::Sort,
+        Self::Reverse,
+        Self::Clear,
+        Self::Update,
+        Self::Add,
+        Self::Discard,
+        Self::Rebind,
+        Self::Unbind,
+        Self::Fingerprint,
+        Self::Collected,
+        Self::Other,
+    ];
+
+    /// The lower-case name used in dumps and exports (`setattr`, `append`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SetAttr => "setattr",
+            Self::DelAttr => "delattr",
+            Self::SetItem => "setitem",
+            Self::DelItem => "delitem",
+            Self::Append => "append",
+            Self::Extend => "extend",
+            Self::Insert => "insert",
+            Self::Pop => "pop",
+            Self::Remove => "remove",
+            Self::Sort => "sort",
+            Self::Reverse => "reverse",
+            Self::Clear => "clear",
+            Self::Update => "update",
+            Self::Add => "add",
+            Self::Discard => "discard",
+            Self::Rebind => "rebind",
+            Self::Unbind => "unbind",
+            Self::Fingerprint => "fingerprint",
+            Self::Collected => "collected",
+            Self::Other => "other",
+        }
+    }
+
+    /// The kind with this [`name`](Self::name), if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+// changing this struct means bumping FORMAT_VERSION
+/// A watched Python object or variable changed.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ObjectChange<'a> {
+    pub seq: u64,
+    pub ctx: Context,
+    /// String id of the tag.
+    pub tag: Id,
+    pub kind: ObjectChangeKind,
+    /// Attribute name, key or index (as a bounded `repr`), when the kind has one.
+    #[serde(borrow)]
+    pub key: Option<&'a str>,
+    /// Bounded `repr` of the old value, when there was one.
+    #[serde(borrow)]
+    pub old: Option<&'a str>,
+    /// Bounded `repr` of the new value, when there is one.
+    #[serde(borrow)]
+    pub new: Option<&'a str>,
+}
+
+// changing this struct means bumping FORMAT_VERSION
+/// The full contents of a region after `at_seq` follow.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub region: u32,
+    /// The state is the one after every event with `seq <= at_seq`.
+    pub at_seq: u64,
+}
+
+// changing this struct means bumping FORMAT_VERSION
+/// The recorder could not record some events.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Lost<'a> {
+    /// The last seq recorded before the loss.
+    pub after_seq: u64,
+    /// How many events were not recorded.
+    pub events: u64,
+    /// Why (for example `"trace write failed: No space left on device"`).
+    pub reason: &'a str,
+}
+
+impl Record<'_> {
+    /// The seq of an event record; `None` for definitions, contents,
+    /// checkpoints and loss reports.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            Record::RegionWatched(r) => Some(r.seq),
+            Record::RegionUnwatched(r) => Some(r.seq),
+            Record::Change(r) => Some(r.seq),
+            Record::ObjectChange(r) => Some(r.seq),
+            Record::String(_)
+            | Record::Frame(_)
+            | Record::Stack(_)
+            | Record::Contents(_)
+            | Record::Checkpoint(_)
+            | Record::Lost(_) => None,
+        }
+    }
+
+    /// The upper-case name `memwatch dump` prints (`CHANGE`, `STRING`).
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Record::String(_) => "STRING",
+            Record::Frame(_) => "FRAME",
+            Record::Stack(_) => "STACK",
+            Record::RegionWatched(_) => "WATCH",
+            Record::Contents(_) => "CONTENTS",
+            Record::RegionUnwatched(_) => "UNWATCH",
+            Record::Change(_) => "CHANGE",
+            Record::ObjectChange(_) => "OBJECT",
+            Record::Checkpoint(_) => "CHECKPOINT",
+            Record::Lost(_) => "LOST",
+        }
+    }
+}

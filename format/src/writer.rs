@@ -1,0 +1,374 @@
+//! Appending records to a trace.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::chunk::{encode_footer, ChunkHeader, ChunkKind, Codec, IndexEntry, Trailer, NO_SEQ};
+use crate::error::{Error, Result};
+use crate::header::{encode_header, Meta};
+use crate::record::{FrameDef, Id, Record, StackDef, StringDef};
+
+/// Largest piece a writer puts in one [`Record::Contents`](crate::Record::Contents):
+/// region contents are split so no single record dominates a chunk.
+pub const CONTENTS_PIECE: usize = 1 << 20;
+
+/// When a chunk is emitted, and how it is compressed.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterOptions {
+    /// Emit a chunk once this many raw (uncompressed) bytes are pending.
+    pub chunk_bytes: usize,
+    /// Emit a chunk once its oldest record is this old (checked on each
+    /// append and by [`TraceWriter::flush_if_older`]).
+    pub max_age: Duration,
+    /// zstd level (1 fastest, 19 smallest). 0 stores chunks uncompressed.
+    pub zstd_level: i32,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            chunk_bytes: 1 << 20,
+            max_age: Duration::from_millis(500),
+            zstd_level: 3,
+        }
+    }
+}
+
+/// Totals a writer has written so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    pub records: u64,
+    pub chunks: u64,
+    /// Raw (uncompressed) payload bytes.
+    pub raw_bytes: u64,
+    /// Bytes written to the file, headers included.
+    pub file_bytes: u64,
+}
+
+/// Appends records to a trace, a chunk at a time.
+///
+/// Every chunk reaches the operating system as soon as it is emitted (one
+/// `write` of header and payload), so a process that dies loses at most the
+/// records still pending here. Call [`finish`](Self::finish) to write the
+/// trailer; a trace without one still reads, and says it was not closed.
+///
+/// The writer also interns strings, frames and stacks: the `intern_*`
+/// methods write a definition the first time they see a value and return its
+/// id every time.
+pub struct TraceWriter<W: Write = BufWriter<File>> {
+    out: Option<W>,
+    path: PathBuf,
+    opts: WriterOptions,
+    pending: Vec<u8>,
+    pending_records: u32,
+    pending_first_seq: u64,
+    pending_last_seq: u64,
+    pending_since: Option<Instant>,
+    offset: u64,
+    index: Vec<IndexEntry>,
+    last_seq: u64,
+    lost_events: u64,
+    stats: WriterStats,
+    strings: HashMap<Box<str>, Id>,
+    frames: HashMap<(Id, Id, u32), Id>,
+    stacks: HashMap<Box<[Id]>, Id>,
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    closed: Option<String>,
+}
+
+impl TraceWriter<BufWriter<File>> {
+    /// Creates (or truncates) the file at `path` and writes the header.
+    pub fn create(path: impl AsRef<Path>, meta: &Meta, opts: WriterOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let file = File::create(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        TraceWriter::new(BufWriter::with_capacity(64 << 10, file), path, meta, opts)
+    }
+}
+
+impl<W: Write> TraceWriter<W> {
+    /// Writes the header for `meta` to `out`. `path` names the output in
+    /// error messages.
+    pub fn new(mut out: W, path: impl Into<PathBuf>, meta: &Meta, opts: WriterOptions) -> Result<Self> {
+        let path = path.into();
+        let header = encode_header(meta, 0);
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        out.write_all(&header).map_err(io)?;
+        out.flush().map_err(io)?;
+        let compressor = if opts.zstd_level > 0 {
+            Some(zstd::bulk::Compressor::new(opts.zstd_level).map_err(io)?)
+        } else {
+            None
+        };
+        Ok(TraceWriter {
+            out: Some(out),
+            opts,
+            pending: Vec::with_capacity(opts.chunk_bytes + 4096),
+            pending_records: 0,
+            pending_first_seq: NO_SEQ,
+            pending_last_seq: NO_SEQ,
+            pending_since: None,
+            offset: header.len() as u64,
+            index: Vec::new(),
+            last_seq: NO_SEQ,
+            lost_events: 0,
+            stats: WriterStats {
+                file_bytes: header.len() as u64,
+                ..WriterStats::default()
+            },
+            strings: HashMap::new(),
+            frames: HashMap::new(),
+            stacks: HashMap::new(),
+            compressor,
+            closed: None,
+            path,
+        })
+    }
+
+    /// The output's name, as given.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Totals so far (pending records count as written records).
+    pub fn stats(&self) -> WriterStats {
+        self.stats
+    }
+
+    /// Appends one record; emits a chunk when a bound is reached.
+    pub fn append(&mut self, record: &Record<'_>) -> Result<()> {
+        self.check_open()?;
+        if self.pending_records == u32::MAX {
+            self.flush_chunk()?;
+        }
+        let before = self.pending.len();
+        if let Err(e) = postcard::to_io(record, &mut self.pending) {
+            self.pending.truncate(before);
+            return Err(Error::Encode {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            });
+        }
+        if self.pending.len() > u32::MAX as usize {
+            self.pending.truncate(before);
+            return Err(Error::Encode {
+                path: self.path.clone(),
+                reason: "a record would make a chunk larger than 4 GiB; split it".into(),
+            });
+        }
+        self.pending_records += 1;
+        self.stats.records += 1;
+        if let Some(seq) = record.seq() {
+            if self.pending_first_seq == NO_SEQ {
+                self.pending_first_seq = seq;
+            }
+            self.pending_last_seq = seq;
+            self.last_seq = seq;
+        }
+        if let Record::Lost(l) = record {
+            self.lost_events = self.lost_events.saturating_add(l.events);
+        }
+        let now = Instant::now();
+        let since = *self.pending_since.get_or_insert(now);
+        if self.pending.len() >= self.opts.chunk_bytes || now.duration_since(since) >= self.opts.max_age {
+            self.flush_chunk()?;
+        }
+        Ok(())
+    }
+
+    /// Returns the id of string `s`, writing its definition the first time.
+    pub fn intern_str(&mut self, s: &str) -> Result<Id> {
+        if let Some(&id) = self.strings.get(s) {
+            return Ok(id);
+        }
+        let id = self.strings.len() as Id + 1;
+        self.append(&Record::String(StringDef { id, value: s }))?;
+        self.strings.insert(s.into(), id);
+        Ok(id)
+    }
+
+    /// Returns the id of frame (`file`, `function`, `line`), writing its
+    /// definition (and its strings') the first time.
+    pub fn intern_frame(&mut self, file: &str, function: &str, line: u32) -> Result<Id> {
+        let file = self.intern_str(file)?;
+        let function = self.intern_str(function)?;
+        let key = (file, function, line);
+        if let Some(&id) = self.frames.get(&key) {
+            return Ok(id);
+        }
+        let id = self.frames.len() as Id + 1;
+        self.append(&Record::Frame(FrameDef {
+            id,
+            file,
+            function,
+            line,
+        }))?;
+        self.frames.insert(key, id);
+        Ok(id)
+    }
+
+    /// Returns the id of the stack of frame ids `frames` (innermost first),
+    /// writing its definition the first time.
+    pub fn intern_stack(&mut self, frames: &[Id]) -> Result<Id> {
+        if let Some(&id) = self.stacks.get(frames) {
+            return Ok(id);
+        }
+        let id = self.stacks.len() as Id + 1;
+        self.append(&Record::Stack(StackDef {
+            id,
+            frames: frames.to_vec(),
+        }))?;
+        self.stacks.insert(frames.into(), id);
+        Ok(id)
+    }
+
+    /// Appends `data` as [`Record::Contents`] pieces of at most
+    /// [`CONTENTS_PIECE`] bytes (at least one record, even for empty data).
+    pub fn append_contents(&mut self, region: u32, at_seq: u64, data: &[u8]) -> Result<()> {
+        let mut offset = 0usize;
+        loop {
+            let end = (offset + CONTENTS_PIECE).min(data.len());
+            self.append(&Record::Contents(crate::record::Contents {
+                region,
+                at_seq,
+                offset: offset as u64,
+                data: &data[offset..end],
+            }))?;
+            offset = end;
+            if offset >= data.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Emits the pending records as a chunk if the oldest is older than
+    /// `age`. A recorder calls this from a timer so that a quiet program's
+    /// last records still reach the file.
+    pub fn flush_if_older(&mut self, age: Duration) -> Result<()> {
+        match self.pending_since {
+            Some(since) if since.elapsed() >= age => self.flush_chunk(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Emits the pending records as a chunk now (nothing if none).
+    pub fn flush(&mut self) -> Result<()> {
+        self.flush_chunk()
+    }
+
+    fn check_open(&self) -> Result<()> {
+        match &self.closed {
+            Some(reason) => Err(Error::Closed {
+                path: self.path.clone(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn flush_chunk(&mut self) -> Result<()> {
+        self.check_open()?;
+        if self.pending_records == 0 {
+            return Ok(());
+        }
+        let entry = IndexEntry {
+            offset: self.offset,
+            record_count: self.pending_records,
+            first_seq: self.pending_first_seq,
+            last_seq: self.pending_last_seq,
+        };
+        let raw = std::mem::take(&mut self.pending);
+        let result = self.write_chunk(ChunkKind::Records, &raw, entry);
+        self.pending = raw;
+        self.pending.clear();
+        self.pending_records = 0;
+        self.pending_first_seq = NO_SEQ;
+        self.pending_last_seq = NO_SEQ;
+        self.pending_since = None;
+        self.index.push(entry);
+        result
+    }
+
+    fn write_chunk(&mut self, kind: ChunkKind, raw: &[u8], entry: IndexEntry) -> Result<()> {
+        let io = |path: &Path, source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let (codec, stored): (Codec, std::borrow::Cow<[u8]>) = match &mut self.compressor {
+            Some(c) => match c.compress(raw) {
+                Ok(z) if z.len() < raw.len() => (Codec::Zstd, z.into()),
+                Ok(_) => (Codec::Stored, raw.into()),
+                Err(e) => return Err(io(&self.path, e)),
+            },
+            None => (Codec::Stored, raw.into()),
+        };
+        let header = ChunkHeader {
+            kind,
+            codec,
+            stored_len: stored.len() as u32,
+            raw_len: raw.len() as u32,
+            record_count: entry.record_count,
+            first_seq: entry.first_seq,
+            last_seq: entry.last_seq,
+            payload_crc: crc32fast::hash(&stored),
+        };
+        let out = self.out.as_mut().expect("open writer has an output");
+        let res = out
+            .write_all(&header.encode())
+            .and_then(|()| out.write_all(&stored))
+            .and_then(|()| out.flush());
+        if let Err(e) = res {
+            self.closed = Some(format!("writing chunk {} failed: {e}", self.stats.chunks));
+            return Err(io(&self.path, e));
+        }
+        self.offset += header.total_len();
+        self.stats.chunks += 1;
+        self.stats.raw_bytes += raw.len() as u64;
+        self.stats.file_bytes += header.total_len();
+        Ok(())
+    }
+
+    /// Emits pending records, writes the trailer (index and totals) and the
+    /// footer, and returns the output and the final totals.
+    pub fn finish(mut self, end_time_ns: u64) -> Result<(W, WriterStats)> {
+        self.flush_chunk()?;
+        let trailer = Trailer {
+            chunks: std::mem::take(&mut self.index),
+            records: self.stats.records,
+            last_seq: self.last_seq,
+            lost_events: self.lost_events,
+            end_time_ns,
+        };
+        let raw = postcard::to_stdvec(&trailer).map_err(|e| Error::Encode {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        let trailer_offset = self.offset;
+        let entry = IndexEntry {
+            offset: trailer_offset,
+            record_count: 1,
+            first_seq: NO_SEQ,
+            last_seq: NO_SEQ,
+        };
+        self.write_chunk(ChunkKind::Trailer, &raw, entry)?;
+        let mut out = self.out.take().expect("open writer has an output");
+        let footer = encode_footer(trailer_offset);
+        out.write_all(&footer)
+            .and_then(|()| out.flush())
+            .map_err(|source| Error::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.stats.file_bytes += footer.len() as u64;
+        self.closed = Some("finished".into());
+        Ok((out, self.stats))
+    }
+}

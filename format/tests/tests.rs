@@ -1,0 +1,8 @@
+//! Integration tests of the trace format: one binary, one module per concern.
+
+mod common;
+mod errors;
+mod golden;
+mod roundtrip;
+mod truncation;
+mod writer;

@@ -1,0 +1,118 @@
+//! The writer's chunking bounds, interning and sizes.
+
+use std::time::Duration;
+
+use memwatch_format::*;
+
+use crate::common::*;
+
+#[test]
+fn max_age_zero_emits_a_chunk_per_record() {
+    let opts = WriterOptions {
+        max_age: Duration::ZERO,
+        ..WriterOptions::default()
+    };
+    let recs: Vec<Owned> = (0..5).map(|i| Owned::String(i + 1, format!("s{i}"))).collect();
+    let r = TraceReader::from_bytes(write_trace(&Meta::default(), &recs, opts, true), "m").unwrap();
+    assert_eq!(r.chunks().len(), 5);
+}
+
+#[test]
+fn flush_if_older_emits_pending_records() {
+    let mut w = TraceWriter::new(Vec::new(), "m", &Meta::default(), WriterOptions::default()).unwrap();
+    w.intern_str("pending").unwrap();
+    assert_eq!(w.stats().chunks, 0);
+    w.flush_if_older(Duration::from_secs(3600)).unwrap();
+    assert_eq!(w.stats().chunks, 0);
+    std::thread::sleep(Duration::from_millis(5));
+    w.flush_if_older(Duration::from_millis(1)).unwrap();
+    assert_eq!(w.stats().chunks, 1);
+}
+
+#[test]
+fn interning_writes_each_definition_once() {
+    let mut w = TraceWriter::new(Vec::new(), "m", &Meta::default(), WriterOptions::default()).unwrap();
+    let a = w.intern_frame("a.py", "f", 1).unwrap();
+    let b = w.intern_frame("a.py", "f", 2).unwrap();
+    assert_eq!(w.intern_frame("a.py", "f", 1).unwrap(), a);
+    let s1 = w.intern_stack(&[b, a]).unwrap();
+    assert_eq!(w.intern_stack(&[b, a]).unwrap(), s1);
+    assert_ne!(w.intern_stack(&[a, b]).unwrap(), s1);
+    assert_eq!(w.intern_str("a.py").unwrap(), 1);
+    // 2 strings, 2 frames, 2 stacks.
+    assert_eq!(w.stats().records, 6);
+    let (bytes, _) = w.finish(0).unwrap();
+    let got = read_all(&TraceReader::from_bytes(bytes, "m").unwrap()).unwrap();
+    assert_eq!(got[0], r#"String(StringDef { id: 1, value: "a.py" })"#);
+    assert_eq!(got[2], "Frame(FrameDef { id: 1, file: 1, function: 2, line: 1 })");
+}
+
+#[test]
+fn large_contents_are_split_into_pieces() {
+    let data: Vec<u8> = (0..(CONTENTS_PIECE * 2 + 10)).map(|i| (i % 251) as u8).collect();
+    let mut w = TraceWriter::new(Vec::new(), "m", &Meta::default(), WriterOptions::default()).unwrap();
+    w.append_contents(7, 1, &data).unwrap();
+    let (bytes, _) = w.finish(0).unwrap();
+    let r = TraceReader::from_bytes(bytes, "m").unwrap();
+    let mut rebuilt = vec![0u8; data.len()];
+    let mut pieces = 0;
+    r.for_each_record(|rec| {
+        if let Record::Contents(c) = rec {
+            assert!(c.data.len() <= CONTENTS_PIECE);
+            rebuilt[c.offset as usize..c.offset as usize + c.data.len()].copy_from_slice(c.data);
+            pieces += 1;
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    assert_eq!(pieces, 3);
+    assert_eq!(rebuilt, data);
+}
+
+/// 10,000 small change records (one 4-byte element each, as a training loop
+/// updating scattered float32 elements from a few lines), compressed.
+/// Prints bytes per record; fails if the encoding bloats.
+#[test]
+fn small_changes_cost_few_bytes_each() {
+    let mut w = TraceWriter::new(Vec::new(), "m", &Meta::default(), WriterOptions::default()).unwrap();
+    let main = w.intern_str("MainThread").unwrap();
+    let frames: Vec<Id> = (0..4)
+        .map(|l| w.intern_frame("train.py", "step", 50 + l).unwrap())
+        .collect();
+    let stacks: Vec<Id> = frames.iter().map(|f| w.intern_stack(&[*f]).unwrap()).collect();
+    let before = w.stats().file_bytes;
+    let mut x: u32 = 12345;
+    let mut value = 1.0f32;
+    for seq in 1..=10_000u64 {
+        x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        let old = value.to_le_bytes();
+        value -= 0.001;
+        let new = value.to_le_bytes();
+        let k = (seq % 4) as usize;
+        w.append(&Record::Change(Change {
+            seq,
+            ctx: Context {
+                time_ns: seq * 1_500,
+                thread: 4242,
+                thread_name: main,
+                frame: frames[k],
+                stack: stacks[k],
+            },
+            region: 1,
+            ranges: vec![ByteRange {
+                offset: ((x >> 8) % 65_536) as u64 * 4,
+                old: &old,
+                new: &new,
+            }],
+        }))
+        .unwrap();
+    }
+    let (_, stats) = w.finish(0).unwrap();
+    let bytes = stats.file_bytes - before;
+    let per = bytes as f64 / 10_000.0;
+    println!(
+        "10,000 small change records: {bytes} bytes in the file ({per:.2} bytes/record; raw {:.2})",
+        stats.raw_bytes as f64 / stats.records as f64
+    );
+    assert!(per < 20.0, "{per} bytes per record");
+}
