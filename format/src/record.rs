@@ -171,6 +171,17 @@ pub enum UnwatchReason {
     Collected,
 }
 
+impl UnwatchReason {
+    /// The lower-case name used in dumps and exports.
+    pub fn name(self) -> &'static str {
+        match self {
+            UnwatchReason::Explicit => "explicit",
+            UnwatchReason::Shutdown => "shutdown",
+            UnwatchReason::Collected => "collected",
+        }
+    }
+}
+
 // changing this struct means bumping FORMAT_VERSION
 /// A region stops being watched.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

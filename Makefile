@@ -1,0 +1,93 @@
+# memwatch: the two commands of the README, and their parts.
+#
+#   make demo   set up .venv, build, write a sample trace and dump it
+#   make test   set up, lint, and run every Rust and Python test on CPython 3.11, 3.12, 3.13
+#
+# Builds go to $(CARGO_TARGET_DIR), by default outside the clone so that a
+# fresh clone on the same machine reuses them. Nothing else is needed: each
+# target creates what it uses.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/memwatch/target
+export CARGO_TERM_COLOR ?= never
+PYENV_ROOT ?= $(HOME)/.pyenv
+
+PYTHON_VERSIONS := 3.11 3.12 3.13
+
+# The interpreter for version $(1): pyenv's newest 3.X, else python3.X on PATH.
+find_python = $(or $(lastword $(sort $(wildcard $(PYENV_ROOT)/versions/$(1).*/bin/python$(1)))),$(shell command -v python$(1) 2>/dev/null))
+
+# The venv of version $(1); 3.11 is also the demo's .venv.
+venv = $(if $(filter 3.11,$(1)),.venv,.venv-$(1))
+
+.PHONY: help demo test lint rust-test py-test $(addprefix py-test-,$(PYTHON_VERSIONS)) clean
+
+help:
+	@echo "make demo   build, write a sample trace and dump it (sets up .venv)"
+	@echo "make test   lint and run every test on CPython $(PYTHON_VERSIONS)"
+
+# --- virtual environments -------------------------------------------------
+
+# venv-rule VERSION: creates the venv with the test tools, once.
+define venv-rule
+$(call venv,$(1))/.tools: pyproject.toml
+	@py="$(call find_python,$(1))"; \
+	if [ -z "$$$$py" ]; then echo "make: CPython $(1) not found (looked in $(PYENV_ROOT)/versions and on PATH); install it with 'pyenv install $(1)'" >&2; exit 1; fi; \
+	echo "--- setting up $(call venv,$(1)) with $$$$py"; \
+	"$$$$py" -m venv --clear $(call venv,$(1)); \
+	$(call venv,$(1))/bin/python -m pip install -q --disable-pip-version-check 'maturin>=1.5,<2' 'pytest>=8' 'pytest-timeout>=2.3' 'numpy>=1.26'
+	@touch $$@
+endef
+$(foreach v,$(PYTHON_VERSIONS),$(eval $(call venv-rule,$(v))))
+
+# install VERSION: builds the package (the same way `pip install .` does)
+# and installs it into the venv; cargo makes this quick when nothing changed.
+define install
+	@echo "--- pip install . into $(call venv,$(1))"
+	@$(call venv,$(1))/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall .
+endef
+
+# --- demo -------------------------------------------------------------------
+
+demo: .venv/.tools
+	$(call install,3.11)
+	@mkdir -p demo-out
+	@echo "--- writing a synthetic sample trace with the format writer (the recorder lands in a later step)"
+	cargo run -q -p memwatch-format --example sample_trace -- demo-out/sample.mwt
+	@echo "--- memwatch dump demo-out/sample.mwt"
+	.venv/bin/memwatch dump demo-out/sample.mwt
+	@echo "--- the same trace cut short, as a killed program leaves it"
+	head -c 700 demo-out/sample.mwt > demo-out/killed.mwt
+	.venv/bin/memwatch dump demo-out/killed.mwt | tail -n 3
+	@echo "--- from Python"
+	.venv/bin/python -c 'import memwatch; i = memwatch.trace_info("demo-out/killed.mwt"); print(i["argv"], i["chunks"], "chunks,", i["tail"])'
+
+# --- tests ------------------------------------------------------------------
+
+test: lint rust-test py-test
+	@echo "make test: all passed"
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
+
+rust-test:
+	cargo test -q
+
+py-test: $(addprefix py-test-,$(PYTHON_VERSIONS))
+
+define py-test-rule
+py-test-$(1): $(call venv,$(1))/.tools
+	$(call install,$(1))
+	@echo "--- pytest on CPython $(1)"
+	$(call venv,$(1))/bin/python -m pytest -q
+endef
+$(foreach v,$(PYTHON_VERSIONS),$(eval $(call py-test-rule,$(v))))
+
+clean:
+	rm -rf .venv .venv-3.* demo-out dist
+	cargo clean

@@ -1,0 +1,32 @@
+//! Questions asked of a memwatch trace, offline.
+//!
+//! This crate owns everything that reads a trace for meaning rather than for
+//! bytes: resolving interned ids ([`Symbols`]), and in later steps filtering
+//! changes, rebuilding a region's state, blame and export. It does not own
+//! the file layout (`memwatch-format`) nor how results are printed (the
+//! `memwatch` CLI).
+//!
+//! ```
+//! use memwatch_analyzer::Symbols;
+//! use memwatch_format::{sample, TraceReader, TraceWriter, WriterOptions, Record, Error};
+//!
+//! let mut w = TraceWriter::new(Vec::new(), "s.mwt", &sample::sample_meta(), WriterOptions::default())?;
+//! sample::write_sample(&mut w)?;
+//! let trace = TraceReader::from_bytes(w.finish(0)?.0, "s.mwt")?;
+//! let mut syms = Symbols::default();
+//! let mut lines = Vec::new();
+//! trace.for_each_record(|rec| {
+//!     syms.learn(rec);
+//!     if let Record::Change(c) = rec {
+//!         let f = syms.frame(c.ctx.frame).unwrap();
+//!         lines.push(format!("{} {}:{}", syms.region(c.region).unwrap().tag, f.file, f.line));
+//!     }
+//!     Ok::<_, Error>(())
+//! })?;
+//! assert_eq!(lines[0], "layer1_weight samples/train.py:52");
+//! # Ok::<(), memwatch_format::Error>(())
+//! ```
+
+mod symbols;
+
+pub use symbols::{FrameInfo, RegionInfo, Symbols};

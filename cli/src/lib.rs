@@ -1,0 +1,82 @@
+//! The `memwatch` command line.
+//!
+//! One module per subcommand, each with its clap `Args` and a
+//! `run(args, out) -> anyhow::Result<u8>` (the exit status). [`run`] parses, dispatches
+//! and turns errors into messages and exit codes; it is the whole of
+//! `main`, and the Python package calls it too (`memwatch` installed by pip
+//! is a console script that calls this through the extension module), so
+//! one `pip install` gives both the library and the command.
+//!
+//! Exit codes: 0 success (also when stdout is closed early, as by `head`),
+//! 1 an error (the message names the file and what to do), 2 a usage error.
+//!
+//! ```
+//! let code = memwatch_cli::run(["memwatch", "dump", "/nonexistent.mwt"]);
+//! assert_eq!(code, 1);
+//! ```
+
+use std::ffi::OsString;
+use std::io::{self, Write};
+
+use clap::{Parser, Subcommand};
+
+pub mod dump;
+mod text;
+
+/// `memwatch`: record and replay memory changes in Python programs.
+#[derive(Debug, Parser)]
+#[command(name = "memwatch", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a trace's header and every record, one per line.
+    Dump(dump::Args),
+}
+
+/// Exit status for an error the user can act on.
+pub const EXIT_ERROR: u8 = 1;
+/// Exit status for a command line clap rejected.
+pub const EXIT_USAGE: u8 = 2;
+
+/// Runs the command line `args` (the first item is the program name) and
+/// returns the exit status.
+pub fn run<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_USAGE } else { 0 };
+        }
+    };
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    let result = match cli.command {
+        Command::Dump(args) => dump::run(&args, &mut out),
+    };
+    let result = result.and_then(|code| out.flush().map(|()| code).map_err(Into::into));
+    match result {
+        Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => 0,
+        Err(e) => {
+            drop(out);
+            eprintln!("memwatch: error: {e:#}");
+            EXIT_ERROR
+        }
+    }
+}
+
+/// True when the error chain ends in a closed stdout (`memwatch dump | head`).
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
+    })
+}

@@ -1,0 +1,37 @@
+"""Shared fixtures: paths into the repository and a runner for the installed command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "format" / "tests" / "data" / "v1-sample.mwt"
+GOLDEN_DUMP = ROOT / "cli" / "tests" / "data" / "v1-sample.dump"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def golden() -> Path:
+    return GOLDEN
+
+
+def run(args: list[str], **kw) -> subprocess.CompletedProcess[str]:
+    """Run a command with the venv's bin first on PATH, from the repository root."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, **kw)
+
+
+@pytest.fixture
+def memwatch_cmd():
+    """Runs the installed `memwatch` console script."""
+
+    def _run(*args: str) -> subprocess.CompletedProcess[str]:
+        return run([str(BIN / "memwatch"), *args])
+
+    return _run

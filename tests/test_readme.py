@@ -1,0 +1,40 @@
+"""The README's examples run as written."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from conftest import ROOT, run
+
+README = (ROOT / "README.md").read_text()
+
+
+def blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, re.S)
+
+
+def test_python_examples_run():
+    code = blocks("python")
+    assert code, "the README has Python examples"
+    for src in code:
+        r = run(["python", "-c", src])
+        assert r.returncode == 0, f"{src}\n{r.stderr}"
+        # Each `# value` comment after a print is the expected output.
+        for line in src.splitlines():
+            if line.startswith("print(") and "#" in line:
+                expected = line.split("#", 1)[1].strip()
+                assert expected in r.stdout, f"{expected!r} not in {r.stdout!r}"
+
+
+def test_memwatch_shell_examples_run():
+    lines = [ln.split("#", 1)[0].strip() for b in blocks("sh") for ln in b.splitlines()]
+    commands = [ln for ln in lines if ln.startswith("memwatch ")]
+    assert len(commands) >= 2
+    for cmd in commands:
+        r = run(["bash", "-o", "pipefail", "-c", cmd])
+        # `| head` may close the pipe early; memwatch treats that as success.
+        assert r.returncode == 0, f"{cmd}\n{r.stderr}"
+        assert r.stdout.strip(), cmd
+        if shlex.split(cmd)[1] == "dump" and "grep" in cmd:
+            assert all(ln.startswith("CHANGE ") for ln in r.stdout.splitlines())
