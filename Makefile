@@ -56,7 +56,7 @@ demo: .venv/.tools
 	$(call install,3.11)
 	@mkdir -p demo-out
 	@echo "--- writing a synthetic sample trace with the format writer (the recorder lands in a later step)"
-	cargo run -q -p memwatch-format --example sample_trace -- demo-out/sample.mwt
+	cargo run -q -p memwatch-format --example sample_trace -- demo-out/sample.mwt --chunk-bytes 256
 	@echo "--- memwatch dump demo-out/sample.mwt"
 	.venv/bin/memwatch dump demo-out/sample.mwt
 	@echo "--- the same trace cut short, as a killed program leaves it"

@@ -235,6 +235,19 @@ fn payload<'a>(stored: &'a [u8], h: &ChunkHeader) -> std::result::Result<Cow<'a,
             Ok(Cow::Borrowed(stored))
         }
         Codec::Zstd => {
+            // Check the frame's own size claim before allocating for it, so
+            // a damaged length cannot make us reserve gigabytes.
+            match zstd::zstd_safe::get_frame_content_size(stored) {
+                Ok(Some(n)) if n == u64::from(h.raw_len) => {}
+                Ok(Some(n)) => {
+                    return Err(format!(
+                        "zstd frame holds {n} bytes but the header says {}",
+                        h.raw_len
+                    ))
+                }
+                Ok(None) => return Err("zstd frame does not state its size".into()),
+                Err(_) => return Err("payload is not a zstd frame".into()),
+            }
             let raw = zstd::bulk::decompress(stored, h.raw_len as usize)
                 .map_err(|e| format!("zstd decompression failed: {e}"))?;
             if raw.len() != h.raw_len as usize {
