@@ -5,8 +5,9 @@ with the exact bytes, the line that made it and the variable, reports it live
 and records it to a compact trace (``.mwt``) that the ``memwatch`` command
 queries offline.
 
-This release ships the trace format, its reader and ``memwatch dump``; the
-recorder (``watch``, ``on_change``, ``start``) lands next.
+Watching buffers (``watch``, ``unwatch``, ``watching``, ``on_change``,
+``history``, ``start``/``stop``) works today; ``memwatch record`` and the
+offline queries come next.
 
 >>> import memwatch
 >>> memwatch.FORMAT_VERSION
@@ -15,26 +16,52 @@ recorder (``watch``, ``on_change``, ``start``) lands next.
 True
 """
 
+from memwatch._api import configure, on_change, start, stop, unwatch, watch, watching
 from memwatch._memwatch import (
     FORMAT_VERSION,
+    Change,
     MemwatchError,
     NotATraceError,
+    NotWatchedError,
     TraceCorruptError,
     TraceError,
     TraceTruncatedError,
     TraceVersionError,
+    UnsupportedError,
+    WatchHandle,
     __version__,
+    backend,
+    check,
+    clear_history,
+    history,
+    remove_callback,
     trace_info,
 )
 
 __all__ = [
     "FORMAT_VERSION",
+    "Change",
     "MemwatchError",
     "NotATraceError",
+    "NotWatchedError",
     "TraceCorruptError",
     "TraceError",
     "TraceTruncatedError",
     "TraceVersionError",
+    "UnsupportedError",
+    "WatchHandle",
     "__version__",
+    "backend",
+    "check",
+    "clear_history",
+    "configure",
+    "history",
+    "on_change",
+    "remove_callback",
+    "start",
+    "stop",
     "trace_info",
+    "unwatch",
+    "watch",
+    "watching",
 ]

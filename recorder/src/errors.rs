@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! MemwatchError(Exception)
+//! ├── NotWatchedError             unwatch() of something not watched
+//! ├── UnsupportedError            memory memwatch cannot watch (a CUDA tensor)
 //! └── TraceError                  a trace file cannot be read
 //!     ├── NotATraceError          bad magic
 //!     ├── TraceVersionError       written by a newer memwatch
@@ -40,6 +42,18 @@ create_exception!(
     TraceError,
     "The trace was written by a newer memwatch."
 );
+create_exception!(
+    memwatch,
+    NotWatchedError,
+    MemwatchError,
+    "unwatch() was given something that is not watched."
+);
+create_exception!(
+    memwatch,
+    UnsupportedError,
+    MemwatchError,
+    "memwatch cannot watch this kind of memory (yet)."
+);
 create_exception!(memwatch, TraceTruncatedError, TraceError, "The trace ends early.");
 create_exception!(memwatch, TraceCorruptError, TraceError, "The trace is damaged.");
 
@@ -47,6 +61,8 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("MemwatchError", py.get_type::<MemwatchError>())?;
     m.add("TraceError", py.get_type::<TraceError>())?;
+    m.add("NotWatchedError", py.get_type::<NotWatchedError>())?;
+    m.add("UnsupportedError", py.get_type::<UnsupportedError>())?;
     m.add("NotATraceError", py.get_type::<NotATraceError>())?;
     m.add("TraceVersionError", py.get_type::<TraceVersionError>())?;
     m.add("TraceTruncatedError", py.get_type::<TraceTruncatedError>())?;

@@ -1,10 +1,17 @@
 //! The in-process side of memwatch, and its Python module `memwatch._memwatch`.
 //!
-//! This crate owns what runs inside the watched program: the Python-facing
-//! API and (in later steps) the engine that catches writes to watched
-//! memory and appends them to a trace through `memwatch-format`. It does not
-//! own the file layout (`memwatch-format`) or offline analysis
-//! (`memwatch-analyzer`).
+//! This crate owns what runs inside the watched program: the engine that
+//! finds changes to watched memory ([`engine`], over the kernel mechanism in
+//! [`kernel`]), the line boundaries where it looks ([`monitor`]), the Python
+//! API that turns them into `memwatch.Change`s for callbacks, history and
+//! the live report ([`api`], [`change`]), and recording to a trace through
+//! `memwatch-format` ([`sink`]). It does not own the file layout
+//! (`memwatch-format`) or offline analysis (`memwatch-analyzer`).
+//!
+//! No code here runs in signal context: the kernel mechanism
+//! (userfaultfd `WP_ASYNC` with `PAGEMAP_SCAN`) needs no signal handler, so
+//! memwatch installs none and every SIGSEGV/SIGBUS reaches whatever handler
+//! the program had.
 //!
 //! The module also carries the `memwatch` command line (`_cli_main`, which
 //! calls [`memwatch_cli::run`]): maturin builds one extension module per
@@ -18,7 +25,13 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
+pub mod api;
+pub mod change;
+pub mod engine;
 pub mod errors;
+pub mod kernel;
+pub mod monitor;
+pub mod sink;
 
 use errors::trace_error;
 
@@ -71,5 +84,33 @@ fn _memwatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_function(wrap_pyfunction!(_cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(trace_info, m)?)?;
+    m.add_class::<change::Change>()?;
+    m.add_class::<api::WatchHandle>()?;
+    for f in [
+        wrap_pyfunction!(api::_watch, m)?,
+        wrap_pyfunction!(api::_unwatch, m)?,
+        wrap_pyfunction!(api::_regions, m)?,
+        wrap_pyfunction!(api::check, m)?,
+        wrap_pyfunction!(api::on_change, m)?,
+        wrap_pyfunction!(api::remove_callback, m)?,
+        wrap_pyfunction!(api::history, m)?,
+        wrap_pyfunction!(api::clear_history, m)?,
+        wrap_pyfunction!(api::_configure, m)?,
+        wrap_pyfunction!(api::_rescope, m)?,
+        wrap_pyfunction!(api::backend, m)?,
+        wrap_pyfunction!(api::_backend_problem, m)?,
+        wrap_pyfunction!(api::_start, m)?,
+        wrap_pyfunction!(api::_stop, m)?,
+        wrap_pyfunction!(api::_recording, m)?,
+        wrap_pyfunction!(api::_shutdown, m)?,
+        wrap_pyfunction!(api::_after_fork_child, m)?,
+        wrap_pyfunction!(monitor::_mon_py_start, m)?,
+        wrap_pyfunction!(monitor::_mon_line, m)?,
+        wrap_pyfunction!(monitor::_mon_py_return, m)?,
+        wrap_pyfunction!(monitor::_install_tracer, m)?,
+        wrap_pyfunction!(monitor::_thread_trace_hook, m)?,
+    ] {
+        m.add_function(f)?;
+    }
     Ok(())
 }

@@ -1,0 +1,319 @@
+"""The Python side of watching buffers: argument handling, names, and the
+small conveniences around the native recorder in ``memwatch._memwatch``."""
+
+from __future__ import annotations
+
+import ast
+import atexit
+import contextlib
+import linecache
+import mmap
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from memwatch import _memwatch, _scope
+from memwatch._memwatch import (
+    Change,
+    MemwatchError,
+    NotWatchedError,
+    UnsupportedError,
+    WatchHandle,
+)
+
+MODES = ("line",)
+
+
+def _root_name(expr: ast.expr | None) -> str | None:
+    """The variable an argument expression names: ``t.data_ptr()`` -> ``t``,
+    ``ctypes.addressof(buf)`` -> ``buf``, ``arr[::2]`` -> ``arr``,
+    ``self.w`` -> ``self.w``."""
+    while expr is not None:
+        if isinstance(expr, ast.Call):
+            if expr.args:
+                expr = expr.args[0]
+            elif isinstance(expr.func, ast.Attribute):
+                expr = expr.func.value
+            else:
+                return None
+        elif isinstance(expr, ast.Subscript | ast.Starred):
+            expr = expr.value
+        elif isinstance(expr, ast.Name | ast.Attribute):
+            try:
+                return ast.unparse(expr)
+            except Exception:  # pragma: no cover - unparse of odd nodes
+                return None
+        else:
+            return None
+    return None
+
+
+def _call_source(frame: Any) -> str | None:
+    """The source text of the call being made in ``frame``."""
+    code = frame.f_code
+    try:
+        positions = list(code.co_positions())[frame.f_lasti // 2]
+    except (AttributeError, IndexError):
+        return None
+    line, end_line, col, end_col = positions
+    if None in positions:
+        return None
+    lines = linecache.getlines(code.co_filename, frame.f_globals)
+    if not lines or end_line > len(lines):
+        return None
+    chunk = [ln.encode() for ln in lines[line - 1 : end_line]]
+    if len(chunk) == 1:
+        text = chunk[0][col:end_col]
+    else:
+        text = chunk[0][col:] + b"".join(chunk[1:-1]) + chunk[-1][:end_col]
+    return text.decode(errors="replace")
+
+
+def _variable_name(frame: Any, obj: Any, by_address: bool) -> str | None:
+    """The name in the caller's frame through which the buffer was passed."""
+    src = _call_source(frame)
+    if src:
+        try:
+            call = ast.parse(src.strip(), mode="eval").body
+        except SyntaxError:
+            call = None
+        if isinstance(call, ast.Call):
+            want = "buffer" if by_address else "obj"
+            expr = next((k.value for k in call.keywords if k.arg == want), None)
+            if expr is None and not by_address and call.args:
+                expr = call.args[0]
+            name = _root_name(expr)
+            if name:
+                return name
+    if obj is not None and not by_address:
+        for ns in (frame.f_locals, frame.f_globals):
+            for k, v in ns.items():
+                if v is obj and not k.startswith("__"):
+                    return k
+    return None
+
+
+def _is_torch_tensor(obj: Any) -> bool:
+    t = type(obj)
+    return t.__module__.startswith("torch") and hasattr(obj, "data_ptr") and hasattr(obj, "device")
+
+
+def _normalize_dtype(dtype: Any) -> str:
+    try:
+        import numpy as np
+    except ImportError:
+        np = None
+    if np is not None:
+        try:
+            return np.dtype(dtype).str
+        except TypeError as e:
+            raise ValueError(f"dtype {dtype!r} is not a numpy dtype: {e}") from None
+    return str(dtype)
+
+
+_auto_started = False
+
+
+def watch(
+    obj: Any = None,
+    name: str | None = None,
+    *,
+    mode: str = "line",
+    buffer: int | None = None,
+    size: int | None = None,
+    dtype: Any = None,
+    shape: tuple[int, ...] | None = None,
+    _frame: Any = None,
+) -> WatchHandle:
+    """Watch a buffer; every change to it becomes a :class:`memwatch.Change`.
+
+    ``obj`` is anything exporting a writable buffer: ``bytearray``,
+    ``array.array``, ``memoryview``, ``mmap.mmap``, a numpy array (contiguous
+    or a strided view, which reports only its own elements) or a torch CPU
+    tensor. For raw memory pass ``buffer=address, size=nbytes`` (and
+    optionally ``dtype=`` and ``shape=`` to get element values).
+
+    ``name`` is the tag; without it, the name of the variable passed in.
+    The object is pinned while watched: it cannot be freed, and a
+    ``bytearray`` cannot be resized (``BufferError``).
+
+    ``mode="line"`` (the default, and for now the only mode) reports the net
+    change of each executed line of in-scope code.
+    """
+    global _auto_started
+    if mode not in MODES:
+        raise ValueError(
+            f"mode must be one of {', '.join(map(repr, MODES))}, not {mode!r} "
+            "(per-store capture, mode='store', is not available yet)"
+        )
+    frame = _frame or sys._getframe(1)
+    keep: list[Any] = []
+    bytes_like = False
+    address: int | None = None
+    target: Any = None
+    if buffer is not None:
+        if obj is not None:
+            raise TypeError("pass either an object or buffer=address, not both")
+        try:
+            address = int(buffer)
+        except (TypeError, ValueError):
+            raise TypeError(f"buffer= must be an integer address, not {type(buffer).__name__}") from None
+        if size is None:
+            raise TypeError("watch(buffer=...) needs size=nbytes")
+        size = int(size)
+    elif obj is None:
+        raise TypeError("watch() needs an object with a buffer, or buffer=address and size=nbytes")
+    else:
+        target = obj
+        if _is_torch_tensor(obj):
+            if obj.device.type != "cpu":
+                raise UnsupportedError(
+                    f"cannot watch a tensor on {obj.device}: only CPU tensors are supported for now "
+                    "(copy it to the CPU, or watch a CPU tensor instead)"
+                )
+            keep.append(obj)
+            target = obj.detach().numpy()
+        elif isinstance(obj, bytearray | mmap.mmap) or (
+            isinstance(obj, memoryview) and obj.format in ("B", "b", "c") and not hasattr(obj.obj, "__array_interface__")
+        ):
+            bytes_like = True
+        if size is not None or dtype is not None or shape is not None:
+            raise TypeError("size=, dtype= and shape= are for raw memory (buffer=address) only")
+    dtype_str = _normalize_dtype(dtype) if dtype is not None else None
+    variable = _variable_name(frame, obj, buffer is not None)
+    tag = name if name is not None else variable
+    if tag is None:
+        raise ValueError("cannot tell which variable this buffer is; pass name=")
+    handle = _memwatch._watch(
+        target,
+        address,
+        size,
+        str(tag),
+        variable,
+        dtype_str,
+        list(shape) if shape is not None else None,
+        keep,
+        bytes_like,
+    )
+    trace_env = os.environ.get("MEMWATCH_TRACE")
+    if trace_env and not _auto_started and _memwatch._recording() is None:
+        _auto_started = True
+        start(trace=trace_env)
+    return handle
+
+
+def _resolve(target: Any, buffer: int | None) -> list[int]:
+    regions = _memwatch._regions()
+    if buffer is not None:
+        found = [r for r, _, addr, _, _ in regions if addr == int(buffer)]
+        what = f"buffer={int(buffer):#x}"
+    elif isinstance(target, WatchHandle):
+        found = [r for r, *_ in regions if r == target.region]
+        what = repr(target)
+    elif isinstance(target, str):
+        found = [r for r, tag, *_ in regions if tag == target]
+        what = f"name {target!r}"
+    elif target is None:
+        raise TypeError("unwatch() needs a handle, the watched object, its name, or buffer=address")
+    else:
+        found = [r for r, _, _, _, oid in regions if oid == id(target)]
+        what = f"this {type(target).__name__}"
+    if not found:
+        tags = ", ".join(repr(t) for _, t, *_ in regions) or "nothing"
+        raise NotWatchedError(f"{what} is not watched (watched: {tags})")
+    return found
+
+
+def unwatch(target: Any = None, *, buffer: int | None = None) -> None:
+    """Stop watching: pass the handle ``watch`` returned, the object, its
+    name, or ``buffer=address``. Changes made up to now are reported first."""
+    for region in _resolve(target, buffer):
+        _memwatch._unwatch(region)
+
+
+@contextlib.contextmanager
+def watching(obj: Any = None, name: str | None = None, **kwargs: Any) -> Iterator[WatchHandle]:
+    """``with memwatch.watching(arr, name="w"):`` watches for the block only."""
+    handle = watch(obj, name, _frame=sys._getframe(2), **kwargs)
+    try:
+        yield handle
+    finally:
+        if any(r == handle.region for r, *_ in _memwatch._regions()):
+            _memwatch._unwatch(handle.region)
+
+
+def configure(
+    *,
+    live: bool | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    max_history: int | None = None,
+) -> dict[str, Any]:
+    """Set options; ``None`` leaves one as it is. Returns them all.
+
+    - ``live``: print a ``[MEMWATCH]`` report per change to stderr when no
+      callback or trace takes it (default on; ``MEMWATCH_LIVE=0`` turns it off).
+    - ``include`` / ``exclude``: which code is in scope (paths or globs).
+    - ``max_history``: how many changes :func:`history` keeps (default 100,000).
+    """
+    if max_history is not None and max_history < 0:
+        raise ValueError("max_history must be >= 0")
+    for value, label in ((include, "include"), (exclude, "exclude")):
+        if value is not None and (isinstance(value, str | bytes) or not all(isinstance(p, str | os.PathLike) for p in value)):
+            raise TypeError(f"{label}= must be a list of paths or globs")
+    if include is not None or exclude is not None:
+        _scope.set_patterns(
+            [os.fspath(p) for p in include] if include is not None else None,
+            [os.fspath(p) for p in exclude] if exclude is not None else None,
+        )
+        _memwatch._rescope()
+    opts = dict(_memwatch._configure(live, max_history))
+    inc, exc = _scope.patterns()
+    opts["include"], opts["exclude"] = inc, exc
+    return opts
+
+
+def start(trace: str | os.PathLike[str] = "memwatch.mwt") -> None:
+    """Record every change of every watch to ``trace`` until :func:`stop`
+    (or interpreter exit). Regions already watched are recorded with their
+    current contents."""
+    path = Path(trace)
+    _memwatch._start(path, list(sys.argv), sys.version.split()[0])
+
+
+def stop() -> dict[str, Any] | None:
+    """Stop recording and close the trace. Returns ``{"path", "changes",
+    "bytes"}``, or ``None`` when nothing was recording."""
+    result = _memwatch._stop()
+    if result is None:
+        return None
+    path, changes, nbytes = result
+    return {"path": str(path), "changes": changes, "bytes": nbytes}
+
+
+def on_change(callback: Callable[[Change], Any]) -> Callable[[Change], Any]:
+    """Call ``callback(change)`` for every change (usable as a decorator).
+    While any callback is registered the live report is not printed."""
+    return _memwatch.on_change(callback)
+
+
+atexit.register(_memwatch._shutdown)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_memwatch._after_fork_child)
+
+__all__ = [
+    "Change",
+    "MemwatchError",
+    "NotWatchedError",
+    "UnsupportedError",
+    "WatchHandle",
+    "configure",
+    "on_change",
+    "start",
+    "stop",
+    "unwatch",
+    "watch",
+    "watching",
+]

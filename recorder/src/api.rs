@@ -1,0 +1,943 @@
+//! The Python-facing recorder: watching, checking at line boundaries,
+//! turning raw changes into `memwatch.Change`s, and handing them to
+//! callbacks, history, the live report and the trace.
+//!
+//! Locking: `STATE` guards the regions and everything around them and is
+//! never held while Python code runs (callbacks, reports, imports); the
+//! trace's [`SINK`] is only taken while holding `STATE` or alone, never
+//! the other way round.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use memwatch_format::{Meta, UnwatchReason};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use crate::change::{Change, FrameRef};
+use crate::engine::{view_mask, Engine, Layout, RawChange, Region, Tracking};
+use crate::errors::{MemwatchError, NotWatchedError};
+use crate::kernel::{gettid, is_mapped_writable, page_size};
+use crate::monitor::{self, guarded, Boundary, LAST};
+use crate::sink::{spawn_flusher, unix_ns, EventContext, TraceSink, SINK};
+
+/// A buffer export held for as long as a region is watched: it pins the
+/// exporting object's memory (a `bytearray` cannot resize, an array cannot
+/// be freed).
+struct Pinned(Box<ffi::Py_buffer>);
+
+// SAFETY: the Py_buffer is only created and released with the GIL held; in
+// between it is inert data.
+unsafe impl Send for Pinned {}
+
+struct Watch {
+    id: u32,
+    tag: Arc<str>,
+    variable: Option<Arc<str>>,
+    layout: Arc<Layout>,
+    pinned: Option<Pinned>,
+    /// The watched object and whatever else must stay alive (a tensor).
+    keepalive: Vec<Py<PyAny>>,
+    /// `id()` of the object passed to `watch`, for `unwatch(obj)`.
+    obj_id: Option<usize>,
+}
+
+struct State {
+    engine: Engine,
+    watches: Vec<Watch>,
+    next_region: u32,
+    seq: u64,
+    live: bool,
+    callbacks: Vec<Py<PyAny>>,
+    history: VecDeque<Py<Change>>,
+    max_history: usize,
+}
+
+static STATE: Mutex<Option<State>> = Mutex::new(None);
+
+fn state() -> MutexGuard<'static, Option<State>> {
+    STATE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn with_state<R>(f: impl FnOnce(&mut State) -> R) -> R {
+    let mut g = state();
+    let st = g.get_or_insert_with(|| State {
+        engine: Engine::default(),
+        watches: Vec::new(),
+        next_region: 1,
+        seq: 0,
+        live: std::env::var("MEMWATCH_LIVE").map(|v| v != "0").unwrap_or(true),
+        callbacks: Vec::new(),
+        history: VecDeque::new(),
+        max_history: 100_000,
+    });
+    f(st)
+}
+
+fn sink() -> MutexGuard<'static, Option<TraceSink>> {
+    SINK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// --- frames and attribution ---------------------------------------------------
+
+/// The calling thread's Python stack, innermost first, as (code address,
+/// frame). Only called with the GIL held.
+fn current_frames(py: Python<'_>) -> Vec<(usize, FrameRef)> {
+    let mut out = Vec::new();
+    // SAFETY: GIL held; PyEval_GetFrame returns a borrowed reference that
+    // we turn into an owned one at once.
+    let mut frame = unsafe {
+        let f = ffi::PyEval_GetFrame();
+        if f.is_null() {
+            return out;
+        }
+        Bound::<PyAny>::from_borrowed_ptr(py, f.cast())
+    };
+    loop {
+        let fp = frame.as_ptr() as *mut ffi::PyFrameObject;
+        // SAFETY: `fp` is a live frame; both calls return new references
+        // (or NULL for no back frame).
+        let (code, line, back) = unsafe {
+            let code = Bound::<PyAny>::from_owned_ptr(py, ffi::PyFrame_GetCode(fp).cast());
+            let line = ffi::PyFrame_GetLineNumber(fp);
+            let back = ffi::PyFrame_GetBack(fp);
+            (code, line, back)
+        };
+        let key = code.as_ptr() as usize;
+        let (file, function) = match monitor::known_code(key) {
+            Some(x) => x,
+            None => match monitor::code_info(py, &code) {
+                Ok((f, n, _)) => (f, n),
+                Err(_) => ("?".into(), "?".into()),
+            },
+        };
+        out.push((
+            key,
+            FrameRef {
+                file,
+                line: line.max(0) as u32,
+                function,
+            },
+        ));
+        if back.is_null() || out.len() >= 256 {
+            break;
+        }
+        // SAFETY: `back` is a new reference.
+        frame = unsafe { Bound::from_owned_ptr(py, back.cast()) };
+    }
+    out
+}
+
+/// The stack a change found now is attributed to: the last in-scope line
+/// this thread executed (`last`), with the frames around it.
+fn attributed_stack(py: Python<'_>, last: (usize, u32)) -> Vec<FrameRef> {
+    let frames = current_frames(py);
+    let (code, line) = last;
+    if code == 0 {
+        return frames.into_iter().map(|(_, f)| f).collect();
+    }
+    match frames.iter().position(|(k, _)| *k == code) {
+        Some(i) => {
+            let mut out: Vec<FrameRef> = frames[i..].iter().map(|(_, f)| f.clone()).collect();
+            out[0].line = line;
+            out
+        }
+        None => {
+            // The line's frame has returned: it goes on top of what is left.
+            let (file, function) = monitor::known_code(code).unwrap_or_else(|| ("?".into(), "?".into()));
+            let mut out = vec![FrameRef { file, line, function }];
+            out.extend(frames.into_iter().map(|(_, f)| f));
+            out
+        }
+    }
+}
+
+/// The innermost in-scope frame of the current stack, as `LAST` wants it.
+fn innermost_in_scope(py: Python<'_>, skip_current: bool) -> (usize, u32) {
+    let frames = current_frames(py);
+    let start = usize::from(skip_current);
+    for (key, f) in frames.into_iter().skip(start) {
+        if monitor::code_in_scope(key) {
+            return (key, f.line);
+        }
+    }
+    (0, 0)
+}
+
+// --- checking -----------------------------------------------------------------
+
+/// Called at every line boundary of in-scope code (and at returns): finds
+/// what changed since the last check and reports it, attributed to the line
+/// this thread ran before.
+pub fn at_boundary(py: Python<'_>, code: usize, line: u32, kind: Boundary) {
+    let last = LAST.with(|l| l.get());
+    check_and_emit(py, last);
+    match kind {
+        Boundary::Line => LAST.with(|l| l.set((code, line))),
+        Boundary::Return => {
+            let caller = innermost_in_scope(py, true);
+            LAST.with(|l| l.set(caller));
+        }
+    }
+}
+
+fn check_and_emit(py: Python<'_>, last: (usize, u32)) {
+    let raw = {
+        let mut g = state();
+        let Some(st) = g.as_mut() else { return };
+        if st.watches.is_empty() {
+            return;
+        }
+        let mut raw = Vec::new();
+        if let Err(e) = st.engine.check(&mut raw) {
+            drop(g);
+            PyErr::new::<MemwatchError, _>(format!("memwatch: checking watched memory failed: {e}"))
+                .write_unraisable(py, None);
+            return;
+        }
+        raw
+    };
+    if !raw.is_empty() {
+        emit(py, raw, last);
+    }
+}
+
+fn thread_name(py: Python<'_>) -> String {
+    guarded(|| {
+        py.import("threading")
+            .and_then(|t| t.getattr("current_thread")?.call0())
+            .and_then(|t| t.getattr("name")?.extract())
+            .unwrap_or_else(|_| "?".into())
+    })
+}
+
+fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32)) {
+    let stack = attributed_stack(py, last);
+    let tid = gettid();
+    let tname = thread_name(py);
+    let now = unix_ns();
+    let ev = EventContext {
+        thread: tid,
+        thread_name: &tname,
+        stack: &stack,
+    };
+    for rc in raw {
+        let made = with_state(|st| {
+            let w = st.watches.iter().find(|w| w.id == rc.region)?;
+            st.seq += 1;
+            let seq = st.seq;
+            let region = st.engine.regions.iter().find(|r| r.id == rc.region)?;
+            let mut sk = sink();
+            let tracing = sk.is_some();
+            if let Some(s) = sk.as_mut() {
+                s.change(seq, rc.region, &rc.ranges, &region.shadow, &ev);
+            }
+            let change = Change {
+                seq,
+                time_ns: now,
+                tag: w.tag.to_string(),
+                variable: w.variable.as_ref().map(|v| v.to_string()),
+                region_start: region.start,
+                ranges: rc.ranges,
+                layout: w.layout.clone(),
+                stack: stack.clone(),
+                thread_id: tid,
+                thread_name: tname.clone(),
+            };
+            let callbacks: Vec<Py<PyAny>> = st.callbacks.iter().map(|c| c.clone_ref(py)).collect();
+            Some((change, callbacks, tracing, st.live, st.max_history))
+        });
+        let Some((change, callbacks, tracing, live, max_history)) = made else {
+            continue;
+        };
+        let report = (callbacks.is_empty() && !tracing && live).then(|| change.report());
+        let obj = match Py::new(py, change) {
+            Ok(o) => o,
+            Err(e) => {
+                e.write_unraisable(py, None);
+                continue;
+            }
+        };
+        with_state(|st| {
+            if max_history > 0 {
+                if st.history.len() >= max_history {
+                    st.history.pop_front();
+                }
+                st.history.push_back(obj.clone_ref(py));
+            }
+        });
+        guarded(|| {
+            for cb in &callbacks {
+                if let Err(e) = cb.call1(py, (obj.clone_ref(py),)) {
+                    e.write_unraisable(py, Some(cb.bind(py)));
+                }
+            }
+            if let Some(text) = report {
+                let written = py
+                    .import("sys")
+                    .and_then(|s| s.getattr("stderr"))
+                    .and_then(|e| e.call_method1("write", (text,)).map(|_| ()));
+                if let Err(e) = written {
+                    e.write_unraisable(py, None);
+                }
+            }
+        });
+    }
+}
+
+// --- watching -----------------------------------------------------------------
+
+fn array_protocol_dtype(format: &str, itemsize: usize) -> Option<String> {
+    let (order, code) = match format.chars().next() {
+        Some(c @ ('<' | '>' | '=' | '@' | '!')) => (c, &format[1..]),
+        _ => ('@', format),
+    };
+    let big = order == '>' || order == '!';
+    let e = if big { '>' } else { '<' };
+    let (kind, size) = match code {
+        "f" => ('f', 4),
+        "d" => ('f', 8),
+        "e" => ('f', 2),
+        "b" => ('i', 1),
+        "B" => ('u', 1),
+        "h" => ('i', 2),
+        "H" => ('u', 2),
+        "i" => ('i', 4),
+        "I" => ('u', 4),
+        "l" | "q" => ('i', 8),
+        "L" | "Q" => ('u', 8),
+        "n" => ('i', std::mem::size_of::<isize>()),
+        "N" => ('u', std::mem::size_of::<usize>()),
+        "?" => ('b', 1),
+        "Zf" => ('c', 8),
+        "Zd" => ('c', 16),
+        _ => return None,
+    };
+    if size != itemsize {
+        return None;
+    }
+    let e = if size == 1 { '|' } else { e };
+    Some(format!("{e}{kind}{size}"))
+}
+
+/// Parses an array-protocol dtype string (`<f4`, `|u1`) into its item size.
+fn dtype_itemsize(dtype: &str) -> Option<u32> {
+    let mut chars = dtype.chars();
+    let first = chars.next()?;
+    let rest: &str = if matches!(first, '<' | '>' | '|' | '=') {
+        &dtype[1..]
+    } else {
+        dtype
+    };
+    let kind = rest.chars().next()?;
+    if !matches!(kind, 'f' | 'i' | 'u' | 'b' | 'c') {
+        return None;
+    }
+    rest[1..].parse().ok().filter(|n| [1, 2, 4, 8, 16].contains(n))
+}
+
+struct Span {
+    start: u64,
+    len: u64,
+    layout: Layout,
+}
+
+/// Exports `obj`'s buffer writable, or explains why it cannot.
+fn export(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Pinned> {
+    let mut view: Box<ffi::Py_buffer> = Box::new(unsafe { std::mem::zeroed() });
+    // SAFETY: GIL held; `view` is a valid, zeroed Py_buffer.
+    let rc = unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, ffi::PyBUF_RECORDS) };
+    if rc == 0 {
+        return Ok(Pinned(view));
+    }
+    let err = PyErr::fetch(py);
+    let tname = obj
+        .get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into());
+    // Is it a read-only buffer, or no buffer at all?
+    let mut ro: ffi::Py_buffer = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), &mut ro, ffi::PyBUF_RECORDS_RO) } == 0 {
+        // SAFETY: `ro` was filled by a successful export.
+        unsafe { ffi::PyBuffer_Release(&mut ro) };
+        return Err(PyValueError::new_err(format!(
+            "cannot watch a read-only {tname} buffer: memwatch only watches memory that can change \
+             (use a bytearray, a writable numpy array, or the like)"
+        )));
+    }
+    let _ = PyErr::take(py);
+    if err.is_instance_of::<pyo3::exceptions::PyTypeError>(py) {
+        return Err(PyTypeError::new_err(format!(
+            "cannot watch an object of type {tname}: it does not export a buffer; \
+             pass a bytearray, array.array, memoryview, mmap, numpy array or torch CPU tensor, \
+             use watch(buffer=address, size=n) for raw memory, or watch_object() for Python objects"
+        )));
+    }
+    Err(err)
+}
+
+fn span_of(view: &ffi::Py_buffer, bytes_like: bool) -> PyResult<Span> {
+    if !view.suboffsets.is_null() {
+        return Err(PyValueError::new_err(
+            "cannot watch a buffer with suboffsets (an indirect, PIL-style array)",
+        ));
+    }
+    let itemsize = view.itemsize.max(1) as u64;
+    let nd = view.ndim.max(0) as usize;
+    // SAFETY: shape and strides have `ndim` entries when requested with
+    // PyBUF_STRIDES (strides may be NULL for C-contiguous memory).
+    let shape: Vec<u64> = if nd == 0 || view.shape.is_null() {
+        vec![(view.len as u64) / itemsize]
+    } else {
+        (0..nd).map(|i| unsafe { *view.shape.add(i) } as u64).collect()
+    };
+    let strides: Vec<i64> = if nd == 0 || view.strides.is_null() {
+        vec![]
+    } else {
+        (0..nd).map(|i| unsafe { *view.strides.add(i) } as i64).collect()
+    };
+    let count: u64 = shape.iter().product();
+    if count == 0 || view.len == 0 {
+        return Err(PyValueError::new_err("cannot watch an empty buffer (size 0)"));
+    }
+    let buf = view.buf as u64;
+    let (mut lo, mut hi) = (0i64, 0i64);
+    for (d, s) in strides.iter().enumerate() {
+        let reach = (shape[d] as i64 - 1) * s;
+        if reach < 0 {
+            lo += reach;
+        } else {
+            hi += reach;
+        }
+    }
+    let start = (buf as i64 + lo) as u64;
+    let len = (hi - lo) as u64 + itemsize;
+    // C-contiguous strides carry no information.
+    let mut c = itemsize as i64;
+    let mut contiguous = !strides.is_empty();
+    for d in (0..strides.len()).rev() {
+        if shape[d] > 1 && strides[d] != c {
+            contiguous = false;
+        }
+        c *= shape[d] as i64;
+    }
+    let format = if view.format.is_null() {
+        "B".to_string()
+    } else {
+        // SAFETY: a non-NULL format is a NUL-terminated string.
+        unsafe { std::ffi::CStr::from_ptr(view.format) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    let dtype = if bytes_like && (format == "B" || format == "b" || format == "c") {
+        None
+    } else {
+        array_protocol_dtype(&format, itemsize as usize)
+    };
+    let (shape, itemsize) = if dtype.is_none() && bytes_like {
+        (vec![len], 1)
+    } else {
+        (shape, itemsize)
+    };
+    Ok(Span {
+        start,
+        len,
+        layout: Layout {
+            dtype,
+            itemsize: itemsize as u32,
+            shape,
+            strides: if contiguous || strides.is_empty() {
+                vec![]
+            } else {
+                strides
+            },
+            origin: (buf - start),
+        },
+    })
+}
+
+/// A watched region, as `watch` returns it.
+#[pyclass(module = "memwatch", frozen, name = "WatchHandle")]
+pub struct WatchHandle {
+    #[pyo3(get)]
+    pub region: u32,
+    #[pyo3(get)]
+    pub tag: String,
+    #[pyo3(get)]
+    pub variable: Option<String>,
+    /// Address of the first watched byte.
+    #[pyo3(get)]
+    pub address: u64,
+    #[pyo3(get)]
+    pub size: u64,
+    #[pyo3(get)]
+    pub dtype: Option<String>,
+    /// How changes are found: `"uffd-wp-async"` or `"compare"`.
+    #[pyo3(get)]
+    pub tracking: &'static str,
+    /// Why page tracking was not used, when it was wanted.
+    #[pyo3(get)]
+    pub tracking_note: Option<String>,
+}
+
+#[pymethods]
+impl WatchHandle {
+    fn __repr__(&self) -> String {
+        format!(
+            "<memwatch.WatchHandle tag={:?} address={:#x} size={} tracking={}>",
+            self.tag, self.address, self.size, self.tracking
+        )
+    }
+}
+
+/// Starts watching. Called by `memwatch.watch` after it resolved the
+/// arguments; see its docstring.
+#[pyfunction]
+#[pyo3(signature = (obj, address, size, tag, variable, dtype, shape, keepalive, bytes_like))]
+#[allow(clippy::too_many_arguments)]
+pub fn _watch(
+    py: Python<'_>,
+    obj: Option<&Bound<'_, PyAny>>,
+    address: Option<u64>,
+    size: Option<i64>,
+    tag: String,
+    variable: Option<String>,
+    dtype: Option<String>,
+    shape: Option<Vec<u64>>,
+    keepalive: Vec<Py<PyAny>>,
+    bytes_like: bool,
+) -> PyResult<WatchHandle> {
+    if tag.is_empty() {
+        return Err(PyValueError::new_err("name must not be empty"));
+    }
+    if with_state(|st| st.watches.iter().any(|w| &*w.tag == tag.as_str())) {
+        return Err(PyValueError::new_err(format!(
+            "a region named {tag:?} is already watched; pass another name= or unwatch it first"
+        )));
+    }
+    let (span, pinned) = match (obj, address) {
+        (Some(obj), _) => {
+            let pinned = export(py, obj)?;
+            match span_of(&pinned.0, bytes_like) {
+                Ok(s) => (s, Some(pinned)),
+                Err(e) => {
+                    let mut p = pinned;
+                    // SAFETY: releasing the export we just made, GIL held.
+                    unsafe { ffi::PyBuffer_Release(&mut *p.0) };
+                    return Err(e);
+                }
+            }
+        }
+        (None, Some(address)) => {
+            let size = size.ok_or_else(|| PyValueError::new_err("watch(buffer=...) needs size=nbytes"))?;
+            if size <= 0 {
+                return Err(PyValueError::new_err(format!(
+                    "size must be a positive number of bytes, got {size}"
+                )));
+            }
+            let size = size as u64;
+            if address == 0 {
+                return Err(PyValueError::new_err("buffer=0 is a null address"));
+            }
+            match is_mapped_writable(address, size) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(MemwatchError::new_err(format!(
+                        "[{address:#x}, {:#x}) is not writable memory mapped in this process; \
+                         pass the address and size of a live buffer",
+                        address + size
+                    )))
+                }
+                Err(e) => {
+                    return Err(MemwatchError::new_err(format!(
+                        "cannot read /proc/self/maps: {e}"
+                    )))
+                }
+            }
+            let (dtype, itemsize) = match dtype {
+                None => (None, 1),
+                Some(d) => {
+                    let n = dtype_itemsize(&d).ok_or_else(|| {
+                        PyValueError::new_err(format!(
+                            "dtype {d:?} is not a numeric array-protocol type like '<f4' or '|u1'"
+                        ))
+                    })?;
+                    (Some(d), n)
+                }
+            };
+            if size % u64::from(itemsize) != 0 {
+                return Err(PyValueError::new_err(format!(
+                    "size {size} is not a whole number of {itemsize}-byte elements"
+                )));
+            }
+            let shape = shape.unwrap_or_else(|| vec![size / u64::from(itemsize)]);
+            if shape.iter().product::<u64>() * u64::from(itemsize) != size {
+                return Err(PyValueError::new_err(format!(
+                    "shape {shape:?} of {itemsize}-byte elements does not cover size {size}"
+                )));
+            }
+            let layout = Layout {
+                dtype,
+                itemsize,
+                shape,
+                strides: vec![],
+                origin: 0,
+            };
+            (
+                Span {
+                    start: address,
+                    len: size,
+                    layout,
+                },
+                None,
+            )
+        }
+        (None, None) => {
+            return Err(PyTypeError::new_err(
+                "watch() needs an object with a buffer, or buffer=address and size=nbytes",
+            ))
+        }
+    };
+    let obj_id = obj.map(|o| o.as_ptr() as usize);
+    let mut keep = keepalive;
+    if let Some(o) = obj {
+        keep.push(o.clone().unbind());
+    }
+    let tag_arc: Arc<str> = tag.as_str().into();
+    let variable_arc: Option<Arc<str>> = variable.as_deref().map(Into::into);
+    let mask = view_mask(&span.layout, span.len);
+    let layout = Arc::new(span.layout.clone());
+    // Report what changed before this watch began (other regions), so the
+    // new region's baseline is this moment.
+    let last = LAST.with(|l| l.get());
+    check_and_emit(py, last);
+    let stack = attributed_stack(py, innermost_in_scope(py, false));
+    let tname = thread_name(py);
+    let handle = with_state(|st| {
+        let id = st.next_region;
+        st.next_region += 1;
+        let region = st.engine.add(Region {
+            id,
+            tag: tag_arc.clone(),
+            variable: variable_arc.clone(),
+            start: span.start,
+            len: span.len,
+            layout: span.layout,
+            mask,
+            shadow: Vec::new(),
+            tracking: Tracking::Compare,
+            tracking_note: None,
+        });
+        st.seq += 1;
+        let seq = st.seq;
+        if let Some(s) = sink().as_mut() {
+            let ev = EventContext {
+                thread: gettid(),
+                thread_name: &tname,
+                stack: &stack,
+            };
+            s.region_watched(seq, region, &ev);
+        }
+        let handle = WatchHandle {
+            region: id,
+            tag: tag.clone(),
+            variable: variable.clone(),
+            address: region.start,
+            size: region.len,
+            dtype: region.layout.dtype.clone(),
+            tracking: region.tracking.name(),
+            tracking_note: region.tracking_note.clone(),
+        };
+        st.watches.push(Watch {
+            id,
+            tag: tag_arc,
+            variable: variable_arc,
+            layout,
+            pinned,
+            keepalive: keep,
+            obj_id,
+        });
+        handle
+    });
+    if let Err(e) = monitor::start(py) {
+        let _ = unwatch_region(py, handle.region, UnwatchReason::Explicit);
+        return Err(e);
+    }
+    LAST.with(|l| l.set(innermost_in_scope(py, false)));
+    Ok(handle)
+}
+
+fn unwatch_region(py: Python<'_>, region: u32, reason: UnwatchReason) -> PyResult<()> {
+    let last = LAST.with(|l| l.get());
+    check_and_emit(py, last);
+    let stack = attributed_stack(py, innermost_in_scope(py, false));
+    let tname = thread_name(py);
+    let (watch, now_empty) = with_state(|st| {
+        let i = st.watches.iter().position(|w| w.id == region)?;
+        let w = st.watches.remove(i);
+        st.engine.remove(region);
+        st.seq += 1;
+        let seq = st.seq;
+        if let Some(s) = sink().as_mut() {
+            let ev = EventContext {
+                thread: gettid(),
+                thread_name: &tname,
+                stack: &stack,
+            };
+            s.region_unwatched(seq, region, reason, &ev);
+        }
+        Some((w, st.watches.is_empty()))
+    })
+    .ok_or_else(|| NotWatchedError::new_err(format!("region {region} is not watched")))?;
+    if let Some(mut p) = watch.pinned {
+        // SAFETY: releasing the export made in `_watch`, GIL held.
+        unsafe { ffi::PyBuffer_Release(&mut *p.0) };
+    }
+    drop(watch.keepalive);
+    if now_empty {
+        monitor::stop(py)?;
+    }
+    Ok(())
+}
+
+/// Stops watching region `region` (after reporting its last changes).
+#[pyfunction]
+pub fn _unwatch(py: Python<'_>, region: u32) -> PyResult<()> {
+    unwatch_region(py, region, UnwatchReason::Explicit)
+}
+
+/// `(region, tag, address, size, obj_id)` for every watched region.
+#[pyfunction]
+pub fn _regions() -> Vec<(u32, String, u64, u64, Option<usize>)> {
+    with_state(|st| {
+        st.watches
+            .iter()
+            .map(|w| {
+                let r = st.engine.regions.iter().find(|r| r.id == w.id);
+                (
+                    w.id,
+                    w.tag.to_string(),
+                    r.map(|r| r.start + r.layout.origin).unwrap_or(0),
+                    r.map(|r| r.len).unwrap_or(0),
+                    w.obj_id,
+                )
+            })
+            .collect()
+    })
+}
+
+/// Looks for changes now (attributed to the last in-scope line of this
+/// thread) instead of waiting for the next line boundary.
+#[pyfunction]
+pub fn check(py: Python<'_>) {
+    let last = LAST.with(|l| l.get());
+    check_and_emit(py, last);
+}
+
+/// Registers `callback(change)`, called for every change.
+#[pyfunction]
+pub fn on_change(callback: Bound<'_, PyAny>) -> PyResult<Bound<'_, PyAny>> {
+    if !callback.is_callable() {
+        return Err(PyTypeError::new_err("on_change() needs a callable"));
+    }
+    with_state(|st| st.callbacks.push(callback.clone().unbind()));
+    Ok(callback)
+}
+
+/// Unregisters a callback given to `on_change`.
+#[pyfunction]
+pub fn remove_callback(py: Python<'_>, callback: &Bound<'_, PyAny>) -> PyResult<()> {
+    let found = with_state(|st| {
+        let i = st.callbacks.iter().position(|c| c.bind(py).is(callback))?;
+        st.callbacks.remove(i);
+        Some(())
+    });
+    found.ok_or_else(|| PyValueError::new_err("that callback is not registered"))
+}
+
+/// The changes seen so far (all, or those of tag `name`), oldest first.
+#[pyfunction]
+#[pyo3(signature = (name=None))]
+pub fn history<'py>(py: Python<'py>, name: Option<&str>) -> PyResult<Bound<'py, PyList>> {
+    let items: Vec<Py<Change>> = with_state(|st| {
+        st.history
+            .iter()
+            .filter(|c| name.is_none_or(|n| c.get().tag == n))
+            .map(|c| c.clone_ref(py))
+            .collect()
+    });
+    PyList::new(py, items)
+}
+
+/// Forgets the history.
+#[pyfunction]
+pub fn clear_history() {
+    with_state(|st| st.history.clear());
+}
+
+/// Sets recorder options (`None` leaves one as it is); returns them all.
+#[pyfunction]
+#[pyo3(signature = (live=None, max_history=None))]
+pub fn _configure<'py>(
+    py: Python<'py>,
+    live: Option<bool>,
+    max_history: Option<usize>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let (live, max_history) = with_state(|st| {
+        if let Some(l) = live {
+            st.live = l;
+        }
+        if let Some(m) = max_history {
+            st.max_history = m;
+            while st.history.len() > m {
+                st.history.pop_front();
+            }
+        }
+        (st.live, st.max_history)
+    });
+    let d = PyDict::new(py);
+    d.set_item("live", live)?;
+    d.set_item("max_history", max_history)?;
+    Ok(d)
+}
+
+/// Re-evaluates scope decisions after include/exclude changed.
+#[pyfunction]
+pub fn _rescope(py: Python<'_>) -> PyResult<()> {
+    monitor::rescope(py)
+}
+
+/// The kernel mechanism large regions use, or `"compare"` where it is
+/// unavailable.
+#[pyfunction]
+pub fn backend() -> String {
+    with_state(|st| match st.engine.backend() {
+        Ok(b) => b.to_string(),
+        Err(_) => "compare".to_string(),
+    })
+}
+
+/// Why the kernel mechanism is unavailable, or `None`.
+#[pyfunction]
+pub fn _backend_problem() -> Option<String> {
+    with_state(|st| st.engine.backend().err())
+}
+
+/// Starts recording to `path`; regions already watched are written with
+/// their current contents.
+#[pyfunction]
+pub fn _start(
+    py: Python<'_>,
+    path: std::path::PathBuf,
+    argv: Vec<String>,
+    python_version: String,
+) -> PyResult<()> {
+    if let Some(s) = sink().as_ref() {
+        return Err(MemwatchError::new_err(format!(
+            "already recording to {}; call memwatch.stop() first",
+            s.path().display()
+        )));
+    }
+    let meta = Meta {
+        pid: std::process::id(),
+        argv,
+        python_version,
+        platform: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
+        page_size: page_size() as u32,
+        start_time_ns: unix_ns(),
+        writer: format!("memwatch {}", env!("CARGO_PKG_VERSION")),
+        properties: vec![("backend".into(), backend()), ("mode".into(), "line".into())],
+    };
+    let new = py
+        .detach(|| TraceSink::create(&path, meta))
+        .map_err(crate::errors::trace_error)?;
+    let last = LAST.with(|l| l.get());
+    check_and_emit(py, last);
+    let stack = attributed_stack(py, innermost_in_scope(py, false));
+    let tname = thread_name(py);
+    with_state(|st| {
+        let mut sk = sink();
+        *sk = Some(new);
+        let s = sk.as_mut().expect("just set");
+        for w in &st.watches {
+            if let Some(r) = st.engine.regions.iter().find(|r| r.id == w.id) {
+                st.seq += 1;
+                let ev = EventContext {
+                    thread: gettid(),
+                    thread_name: &tname,
+                    stack: &stack,
+                };
+                s.region_watched(st.seq, r, &ev);
+            }
+        }
+    });
+    spawn_flusher();
+    Ok(())
+}
+
+/// Stops recording: reports pending changes, writes the trailer. Returns
+/// `(path, changes, file_bytes)`, or `None` when nothing was recording.
+#[pyfunction]
+pub fn _stop(py: Python<'_>) -> PyResult<Option<(std::path::PathBuf, u64, u64)>> {
+    let last = LAST.with(|l| l.get());
+    check_and_emit(py, last);
+    let taken = {
+        let _st = state();
+        sink().take()
+    };
+    let Some(s) = taken else { return Ok(None) };
+    let path = s.path().to_path_buf();
+    let changes = s.changes;
+    match py.detach(|| s.finish()) {
+        Ok(bytes) => Ok(Some((path, changes, bytes))),
+        Err(msg) => Err(MemwatchError::new_err(format!("{}: {msg}", path.display()))),
+    }
+}
+
+/// Path of the active trace, or `None`.
+#[pyfunction]
+pub fn _recording() -> Option<std::path::PathBuf> {
+    sink().as_ref().map(|s| s.path().to_path_buf())
+}
+
+/// At interpreter exit: last check, close the trace, release every buffer.
+#[pyfunction]
+pub fn _shutdown(py: Python<'_>) -> PyResult<()> {
+    let ids: Vec<u32> = with_state(|st| st.watches.iter().map(|w| w.id).collect());
+    let last = LAST.with(|l| l.get());
+    check_and_emit(py, last);
+    for id in ids {
+        unwatch_region(py, id, UnwatchReason::Shutdown)?;
+    }
+    _stop(py)?;
+    Ok(())
+}
+
+/// In a fork child: forget every watch and the trace (the parent keeps
+/// them), without touching the parent's file.
+#[pyfunction]
+pub fn _after_fork_child(py: Python<'_>) {
+    if let Some(s) = sink().take() {
+        // The parent owns the file: writing pending records from here would
+        // interleave with it.
+        std::mem::forget(s);
+    }
+    let old = state().take();
+    if let Some(st) = old {
+        for w in st.watches {
+            if let Some(mut p) = w.pinned {
+                // SAFETY: GIL held in the child's only thread.
+                unsafe { ffi::PyBuffer_Release(&mut *p.0) };
+            }
+        }
+        // The child's userfaultfd registrations are gone with the fork; the
+        // engine's descriptor is simply dropped.
+        drop(st.engine);
+        drop(st.callbacks);
+    }
+    let _ = monitor::stop(py);
+}

@@ -1,0 +1,323 @@
+//! `memwatch.Change`: one change to one watched region, as Python sees it.
+
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyTuple};
+
+use crate::engine::Layout;
+
+/// A frame of a change's stack: file, line, function.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameRef {
+    pub file: Arc<str>,
+    pub line: u32,
+    pub function: Arc<str>,
+}
+
+/// One change to one watched region: the exact bytes that differ, their old
+/// and new values, and who changed them where.
+#[pyclass(module = "memwatch", frozen, name = "Change")]
+#[derive(Debug)]
+pub struct Change {
+    /// Position in the process's sequence of events, from 1.
+    #[pyo3(get)]
+    pub seq: u64,
+    /// When the change was seen, nanoseconds since the Unix epoch.
+    #[pyo3(get)]
+    pub time_ns: u64,
+    #[pyo3(get)]
+    pub tag: String,
+    /// The variable through which the buffer was passed to `watch`.
+    #[pyo3(get)]
+    pub variable: Option<String>,
+    /// Start address of the watched region.
+    pub region_start: u64,
+    pub ranges: Vec<(u64, Vec<u8>, Vec<u8>)>,
+    pub layout: Arc<Layout>,
+    /// Innermost first.
+    pub stack: Vec<FrameRef>,
+    #[pyo3(get)]
+    pub thread_id: u64,
+    #[pyo3(get)]
+    pub thread_name: String,
+}
+
+fn half_to_f64(h: u16) -> f64 {
+    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exp = (h >> 10) & 0x1f;
+    let frac = f64::from(h & 0x3ff);
+    match exp {
+        0 => sign * frac * 2f64.powi(-24),
+        31 if frac == 0.0 => sign * f64::INFINITY,
+        31 => f64::NAN,
+        e => sign * (1.0 + frac / 1024.0) * 2f64.powi(i32::from(e) - 15),
+    }
+}
+
+/// Decodes one element of dtype `dtype` (array-protocol string) from `b`.
+fn decode<'py>(py: Python<'py>, dtype: &str, b: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    let (order, rest) = dtype.split_at(1.min(dtype.len()));
+    let mut le = b.to_vec();
+    if order == ">" {
+        le.reverse();
+    }
+    let kind = rest.chars().next().unwrap_or('u');
+    let arr = |n: usize| -> [u8; 8] {
+        let mut a = [0u8; 8];
+        a[..n.min(8)].copy_from_slice(&le[..n.min(8)]);
+        a
+    };
+    let n = le.len();
+    Ok(match (kind, n) {
+        ('f', 2) => half_to_f64(u16::from_le_bytes([le[0], le[1]]))
+            .into_pyobject(py)?
+            .into_any(),
+        ('f', 4) => f64::from(f32::from_le_bytes(le[..4].try_into().expect("4")))
+            .into_pyobject(py)?
+            .into_any(),
+        ('f', 8) => f64::from_le_bytes(arr(8)).into_pyobject(py)?.into_any(),
+        ('c', 8) | ('c', 16) => {
+            let h = n / 2;
+            let part = |s: &[u8]| -> f64 {
+                if h == 4 {
+                    f64::from(f32::from_le_bytes(s.try_into().expect("4")))
+                } else {
+                    f64::from_le_bytes(s.try_into().expect("8"))
+                }
+            };
+            let builtins = py.import("builtins")?;
+            builtins
+                .getattr("complex")?
+                .call1((part(&le[..h]), part(&le[h..])))?
+        }
+        ('b', 1) => pyo3::types::PyBool::new(py, le[0] != 0).to_owned().into_any(),
+        ('i', 1..=8) => {
+            let shift = 64 - 8 * n as u32;
+            ((i64::from_le_bytes(arr(n)) << shift) >> shift)
+                .into_pyobject(py)?
+                .into_any()
+        }
+        _ => u64::from_le_bytes(arr(n)).into_pyobject(py)?.into_any(),
+    })
+}
+
+impl Change {
+    /// `(index, old, new)` for each changed element, in offset order.
+    fn elements(&self) -> Vec<(Vec<u64>, &[u8], &[u8])> {
+        let itemsize = self.layout.itemsize.max(1) as usize;
+        let mut out = Vec::new();
+        for (off, old, new) in &self.ranges {
+            let mut i = 0;
+            while i + itemsize <= old.len() {
+                let at = off + i as u64;
+                if let Some(idx) = self.layout.index_of(at) {
+                    out.push((idx, &old[i..i + itemsize], &new[i..i + itemsize]));
+                }
+                i += itemsize;
+            }
+        }
+        out
+    }
+
+    fn index_object<'py>(&self, py: Python<'py>, idx: &[u64]) -> PyResult<Bound<'py, PyAny>> {
+        if idx.len() == 1 {
+            Ok(idx[0].into_pyobject(py)?.into_any())
+        } else {
+            Ok(PyTuple::new(py, idx)?.into_any())
+        }
+    }
+
+    /// The report printed for this change when nobody else listens.
+    pub fn report(&self) -> String {
+        let sample = |b: &[u8]| -> String {
+            let shown = &b[..b.len().min(32)];
+            let mut s = String::from("b'");
+            for &x in shown {
+                match x {
+                    b'\\' => s.push_str("\\\\"),
+                    b'\'' => s.push_str("\\'"),
+                    0x20..=0x7e => s.push(x as char),
+                    _ => s.push_str(&format!("\\x{x:02x}")),
+                }
+            }
+            s.push('\'');
+            if b.len() > shown.len() {
+                s.push_str(&format!(" (+{} bytes)", b.len() - shown.len()));
+            }
+            s
+        };
+        let (off, old, new) = &self.ranges[0];
+        let changed: usize = self.ranges.iter().map(|r| r.1.len()).sum();
+        let mut s = format!(
+            "[MEMWATCH] Tag: {}\nAddress: {:#x}\nOld Value (sample): {}\nNew Value (sample): {}\n",
+            self.tag,
+            self.region_start + off,
+            sample(old),
+            sample(new)
+        );
+        if self.layout.dtype.is_some() {
+            Python::attach(|py| {
+                let els = self.elements();
+                let dtype = self.layout.dtype.as_deref().unwrap_or("|u1");
+                let shown: Vec<String> = els
+                    .iter()
+                    .take(4)
+                    .map(|(idx, o, n)| {
+                        let show = |b: &[u8]| {
+                            decode(py, dtype, b)
+                                .and_then(|v| v.repr().map(|r| r.to_string()))
+                                .unwrap_or_else(|_| "?".into())
+                        };
+                        let i: Vec<String> = idx.iter().map(|x| x.to_string()).collect();
+                        format!("[{}] {} -> {}", i.join(", "), show(o), show(n))
+                    })
+                    .collect();
+                let more = if els.len() > 4 {
+                    format!(" (+{} more)", els.len() - 4)
+                } else {
+                    String::new()
+                };
+                s.push_str(&format!("Elements: {}{more}\n", shown.join("; ")));
+            });
+        }
+        s.push_str(&format!(
+            "Python Variable: {}\n",
+            self.variable.as_deref().unwrap_or("<unknown>")
+        ));
+        match self.stack.first() {
+            Some(f) => s.push_str(&format!("Line: {}:{} in {}\n", f.file, f.line, f.function)),
+            None => s.push_str("Line: <unknown>\n"),
+        }
+        if changed > old.len() {
+            s.push_str(&format!(
+                "Changed: {changed} bytes in {} ranges\n",
+                self.ranges.len()
+            ));
+        }
+        s
+    }
+}
+
+#[pymethods]
+impl Change {
+    /// Address of the first changed byte.
+    #[getter]
+    fn address(&self) -> u64 {
+        self.region_start + self.ranges[0].0
+    }
+
+    /// Offset of the first changed byte within the region.
+    #[getter]
+    fn offset(&self) -> u64 {
+        self.ranges[0].0
+    }
+
+    /// Every changed run: `(offset, old bytes, new bytes)`.
+    #[getter]
+    fn ranges<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let items = self
+            .ranges
+            .iter()
+            .map(|(o, a, b)| (*o, PyBytes::new(py, a), PyBytes::new(py, b)));
+        PyList::new(py, items)
+    }
+
+    /// Old bytes of the first range.
+    #[getter]
+    fn old<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.ranges[0].1)
+    }
+
+    /// New bytes of the first range.
+    #[getter(new)]
+    fn new_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.ranges[0].2)
+    }
+
+    /// The region's dtype (`"<f4"`), or `None` for plain bytes.
+    #[getter]
+    fn dtype(&self) -> Option<String> {
+        self.layout.dtype.clone()
+    }
+
+    /// Indices of the changed elements (an int per element of a 1-D region,
+    /// a tuple for more dimensions); `None` without a dtype.
+    #[getter]
+    fn indices<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyList>>> {
+        if self.layout.dtype.is_none() {
+            return Ok(None);
+        }
+        let items: PyResult<Vec<_>> = self
+            .elements()
+            .iter()
+            .map(|(idx, _, _)| self.index_object(py, idx))
+            .collect();
+        Ok(Some(PyList::new(py, items?)?))
+    }
+
+    /// Old values of the changed elements; `None` without a dtype.
+    #[getter]
+    fn old_values<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyList>>> {
+        self.values(py, true)
+    }
+
+    /// New values of the changed elements; `None` without a dtype.
+    #[getter]
+    fn new_values<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyList>>> {
+        self.values(py, false)
+    }
+
+    /// File of the line the change is attributed to.
+    #[getter]
+    fn file(&self) -> Option<String> {
+        self.stack.first().map(|f| f.file.to_string())
+    }
+
+    #[getter]
+    fn line(&self) -> Option<u32> {
+        self.stack.first().map(|f| f.line)
+    }
+
+    #[getter]
+    fn function(&self) -> Option<String> {
+        self.stack.first().map(|f| f.function.to_string())
+    }
+
+    /// `(file, line, function)` per frame, innermost first.
+    #[getter]
+    fn stack<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let items = self
+            .stack
+            .iter()
+            .map(|f| (f.file.to_string(), f.line, f.function.to_string()));
+        PyList::new(py, items)
+    }
+
+    fn __repr__(&self) -> String {
+        let at = self
+            .stack
+            .first()
+            .map(|f| format!("{}:{}", f.file, f.line))
+            .unwrap_or_else(|| "?".into());
+        let n: usize = self.ranges.iter().map(|r| r.1.len()).sum();
+        format!(
+            "<memwatch.Change seq={} tag={:?} offset={} bytes={} at {}>",
+            self.seq, self.tag, self.ranges[0].0, n, at
+        )
+    }
+}
+
+impl Change {
+    fn values<'py>(&self, py: Python<'py>, old: bool) -> PyResult<Option<Bound<'py, PyList>>> {
+        let Some(dtype) = self.layout.dtype.as_deref() else {
+            return Ok(None);
+        };
+        let items: PyResult<Vec<_>> = self
+            .elements()
+            .iter()
+            .map(|(_, o, n)| decode(py, dtype, if old { o } else { n }))
+            .collect();
+        Ok(Some(PyList::new(py, items?)?))
+    }
+}

@@ -1,0 +1,576 @@
+//! Watched regions and the check that finds what changed in them.
+//!
+//! A region keeps a shadow copy of its bytes. [`Engine::check`] finds the
+//! bytes that differ from the shadow, reports them as [`RawChange`]s and
+//! updates the shadow. Two ways to find them:
+//!
+//! - **pages** (regions larger than [`COMPARE_MAX`]): the region's pages are
+//!   registered with the [`WriteTracker`] (userfaultfd `WP_ASYNC`); a check
+//!   asks the kernel which pages were written and diffs only those. Pages
+//!   are shared between regions by reference count, and every scan's dirty
+//!   pages are offered to every region overlapping them, so two regions in
+//!   one page stay independent.
+//! - **compare** (small regions, or memory the kernel cannot write-protect,
+//!   such as a file-backed `mmap`): the check compares the whole region with
+//!   its shadow. For a few KiB this is cheaper than a system call.
+//!
+//! Either way a change is the net difference since the previous check,
+//! from any writer: Python, native code, another thread, or the kernel.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::Arc;
+
+use crate::kernel::{page_size, WriteTracker};
+
+/// Regions up to this many bytes are checked by comparing them whole.
+pub const COMPARE_MAX: u64 = 16 * 1024;
+
+/// How a region lays out its elements.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// numpy array-protocol type string (`<f4`), or `None` for plain bytes.
+    pub dtype: Option<String>,
+    pub itemsize: u32,
+    pub shape: Vec<u64>,
+    /// Byte strides; empty means C-contiguous.
+    pub strides: Vec<i64>,
+    /// Offset of element `[0, ...]` from the region start.
+    pub origin: u64,
+}
+
+impl Layout {
+    /// The index of the element that holds byte `offset` of the region, if
+    /// any (numpy order, one entry per dimension).
+    pub fn index_of(&self, offset: u64) -> Option<Vec<u64>> {
+        let itemsize = u64::from(self.itemsize.max(1));
+        let rel = offset as i128 - self.origin as i128;
+        if self.shape.is_empty() {
+            return (rel >= 0).then(|| vec![rel as u64 / itemsize]);
+        }
+        if self.strides.is_empty() {
+            if rel < 0 {
+                return None;
+            }
+            let mut flat = rel as u64 / itemsize;
+            let mut idx = vec![0; self.shape.len()];
+            for (d, n) in self.shape.iter().enumerate().rev() {
+                let n = (*n).max(1);
+                idx[d] = flat % n;
+                flat /= n;
+            }
+            return (flat == 0).then_some(idx);
+        }
+        // Strided: peel dimensions from the largest |stride| down.
+        let mut order: Vec<usize> = (0..self.shape.len()).collect();
+        order.sort_by_key(|&d| std::cmp::Reverse(self.strides[d].unsigned_abs()));
+        let mut idx = vec![0u64; self.shape.len()];
+        let mut rest = rel;
+        for d in order {
+            let s = self.strides[d] as i128;
+            if s == 0 {
+                continue;
+            }
+            let i = rest.div_euclid(s);
+            let i = i.clamp(0, self.shape[d] as i128 - 1);
+            idx[d] = i as u64;
+            rest -= i * s;
+        }
+        (0..itemsize as i128).contains(&rest).then_some(idx)
+    }
+}
+
+/// How a region's changes are found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tracking {
+    /// Whole-region comparison at each check.
+    Compare,
+    /// Kernel write tracking of the region's pages.
+    Pages,
+}
+
+impl Tracking {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tracking::Compare => "compare",
+            Tracking::Pages => "uffd-wp-async",
+        }
+    }
+}
+
+/// One watched region.
+#[derive(Debug)]
+pub struct Region {
+    pub id: u32,
+    pub tag: Arc<str>,
+    pub variable: Option<Arc<str>>,
+    /// Address of the first byte of the span.
+    pub start: u64,
+    pub len: u64,
+    pub layout: Layout,
+    /// Bit per byte of the span: set where the byte belongs to an element
+    /// of the view; `None` when every byte does.
+    pub mask: Option<Vec<u64>>,
+    pub shadow: Vec<u8>,
+    pub tracking: Tracking,
+    /// Why page tracking was not used, when it was wanted.
+    pub tracking_note: Option<String>,
+}
+
+impl Region {
+    fn in_mask(&self, off: usize) -> bool {
+        match &self.mask {
+            None => true,
+            Some(m) => m[off / 64] >> (off % 64) & 1 == 1,
+        }
+    }
+
+    fn current(&self) -> &[u8] {
+        // SAFETY: the span is pinned by the buffer export the API layer
+        // holds for as long as the region exists (or, for raw memory, the
+        // user promised it stays mapped); concurrent writers may change
+        // bytes while we read them, which only makes this read one of the
+        // values they stored.
+        unsafe { std::slice::from_raw_parts(self.start as *const u8, self.len as usize) }
+    }
+}
+
+/// Changed runs of one region found by one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawChange {
+    pub region: u32,
+    /// `(offset, old, new)`, increasing offsets, not overlapping.
+    pub ranges: Vec<(u64, Vec<u8>, Vec<u8>)>,
+}
+
+/// All watched regions of the process.
+#[derive(Debug, Default)]
+pub struct Engine {
+    pub regions: Vec<Region>,
+    tracker: Option<WriteTracker>,
+    tracker_error: Option<String>,
+    /// Registered pages (page address → number of regions using it).
+    pages: BTreeMap<u64, u32>,
+    /// Maximal runs of registered pages, `[start, end)`.
+    spans: Vec<(u64, u64)>,
+    dirty: Vec<(u64, u64)>,
+}
+
+/// Builds the byte mask of a strided view over a span of `len` bytes.
+pub fn view_mask(layout: &Layout, len: u64) -> Option<Vec<u64>> {
+    if layout.strides.is_empty() {
+        return None;
+    }
+    let itemsize = layout.itemsize.max(1) as u64;
+    let count: u64 = layout.shape.iter().product();
+    if count * itemsize == len {
+        return None;
+    }
+    let mut mask = vec![0u64; (len as usize).div_ceil(64)];
+    let nd = layout.shape.len();
+    let mut idx = vec![0u64; nd];
+    for _ in 0..count {
+        let off = layout.origin as i64
+            + idx
+                .iter()
+                .zip(&layout.strides)
+                .map(|(i, s)| *i as i64 * s)
+                .sum::<i64>();
+        for b in off as u64..off as u64 + itemsize {
+            if b < len {
+                mask[b as usize / 64] |= 1 << (b % 64);
+            }
+        }
+        for d in (0..nd).rev() {
+            idx[d] += 1;
+            if idx[d] < layout.shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    Some(mask)
+}
+
+impl Engine {
+    /// Which kernel mechanism page tracking uses, or why it is unavailable.
+    pub fn backend(&mut self) -> Result<&'static str, String> {
+        self.tracker().map(|_| "uffd-wp-async")
+    }
+
+    fn tracker(&mut self) -> Result<&mut WriteTracker, String> {
+        if self.tracker.is_none() && self.tracker_error.is_none() {
+            match WriteTracker::new() {
+                Ok(t) => self.tracker = Some(t),
+                Err(e) => {
+                    self.tracker_error = Some(format!(
+                        "userfaultfd write-protect tracking is unavailable ({e}); it needs Linux 6.7 or newer"
+                    ))
+                }
+            }
+        }
+        match (&mut self.tracker, &self.tracker_error) {
+            (Some(t), _) => Ok(t),
+            (None, Some(e)) => Err(e.clone()),
+            (None, None) => unreachable!(),
+        }
+    }
+
+    /// Adds a region (its shadow is its current contents) and starts
+    /// tracking it. Returns a reference to it.
+    pub fn add(&mut self, mut region: Region) -> &Region {
+        region.shadow = region.current().to_vec();
+        if region.len > COMPARE_MAX {
+            match self.register_pages(region.start, region.len) {
+                Ok(()) => region.tracking = Tracking::Pages,
+                Err(note) => {
+                    region.tracking = Tracking::Compare;
+                    region.tracking_note = Some(note);
+                }
+            }
+        } else {
+            region.tracking = Tracking::Compare;
+        }
+        self.regions.push(region);
+        self.regions.last().expect("just pushed")
+    }
+
+    /// Stops tracking region `id` and returns it.
+    pub fn remove(&mut self, id: u32) -> Option<Region> {
+        let i = self.regions.iter().position(|r| r.id == id)?;
+        let region = self.regions.remove(i);
+        if region.tracking == Tracking::Pages {
+            self.unregister_pages(region.start, region.len);
+        }
+        Some(region)
+    }
+
+    fn page_range(start: u64, len: u64) -> (u64, u64) {
+        let ps = page_size();
+        (start / ps * ps, (start + len).div_ceil(ps) * ps)
+    }
+
+    fn register_pages(&mut self, start: u64, len: u64) -> Result<(), String> {
+        let ps = page_size();
+        let (first, end) = Self::page_range(start, len);
+        // Register only the pages nobody registered yet, run by run.
+        let mut new_runs: Vec<(u64, u64)> = Vec::new();
+        let mut p = first;
+        while p < end {
+            if !self.pages.contains_key(&p) {
+                match new_runs.last_mut() {
+                    Some((_, e)) if *e == p => *e += ps,
+                    _ => new_runs.push((p, p + ps)),
+                }
+            }
+            p += ps;
+        }
+        let tracker = self.tracker()?;
+        let mut done: Vec<(u64, u64)> = Vec::new();
+        for &(a, b) in &new_runs {
+            if let Err(e) = tracker.register(a, b - a) {
+                for &(a, b) in &done {
+                    let _ = tracker.unregister(a, b - a);
+                }
+                return Err(describe_register_error(&e));
+            }
+            done.push((a, b));
+        }
+        let mut p = first;
+        while p < end {
+            *self.pages.entry(p).or_insert(0) += 1;
+            p += ps;
+        }
+        self.rebuild_spans();
+        Ok(())
+    }
+
+    fn unregister_pages(&mut self, start: u64, len: u64) {
+        let ps = page_size();
+        let (first, end) = Self::page_range(start, len);
+        let mut freed: Vec<(u64, u64)> = Vec::new();
+        let mut p = first;
+        while p < end {
+            if let Some(n) = self.pages.get_mut(&p) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pages.remove(&p);
+                    match freed.last_mut() {
+                        Some((_, e)) if *e == p => *e += ps,
+                        _ => freed.push((p, p + ps)),
+                    }
+                }
+            }
+            p += ps;
+        }
+        if let Some(t) = self.tracker.as_ref() {
+            for (a, b) in freed {
+                let _ = t.unregister(a, b - a);
+            }
+        }
+        self.rebuild_spans();
+    }
+
+    fn rebuild_spans(&mut self) {
+        let ps = page_size();
+        self.spans.clear();
+        for &p in self.pages.keys() {
+            match self.spans.last_mut() {
+                Some((_, e)) if *e == p => *e += ps,
+                _ => self.spans.push((p, p + ps)),
+            }
+        }
+    }
+
+    /// Finds every change since the previous check, appends one
+    /// [`RawChange`] per changed region to `out`, and updates the shadows.
+    pub fn check(&mut self, out: &mut Vec<RawChange>) -> io::Result<()> {
+        for r in self
+            .regions
+            .iter_mut()
+            .filter(|r| r.tracking == Tracking::Compare)
+        {
+            if r.current() != r.shadow.as_slice() {
+                push_diff(r, 0, r.len as usize, out);
+            }
+        }
+        if self.spans.is_empty() {
+            return Ok(());
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.clear();
+        if let Some(t) = self.tracker.as_mut() {
+            for &(a, b) in &self.spans {
+                t.scan_written(a, b, |s, e| dirty.push((s, e)))?;
+            }
+        }
+        if !dirty.is_empty() {
+            for r in self.regions.iter_mut().filter(|r| r.tracking == Tracking::Pages) {
+                let (rs, re) = (r.start, r.start + r.len);
+                let mut ranges = Vec::new();
+                for &(s, e) in &dirty {
+                    let (s, e) = (s.max(rs), e.min(re));
+                    if s < e {
+                        diff_into(r, (s - rs) as usize, (e - rs) as usize, &mut ranges);
+                    }
+                }
+                if !ranges.is_empty() {
+                    merge_adjacent(&mut ranges);
+                    out.push(RawChange { region: r.id, ranges });
+                }
+            }
+        }
+        self.dirty = dirty;
+        Ok(())
+    }
+}
+
+fn describe_register_error(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EINVAL) => {
+            "the kernel cannot write-protect this memory (file-backed or special mapping)".into()
+        }
+        Some(libc::ENOMEM) => "too many memory mappings to write-protect it (vm.max_map_count)".into(),
+        _ => format!("write-protecting it failed: {e}"),
+    }
+}
+
+fn push_diff(r: &mut Region, from: usize, to: usize, out: &mut Vec<RawChange>) {
+    let mut ranges = Vec::new();
+    diff_into(r, from, to, &mut ranges);
+    if !ranges.is_empty() {
+        out.push(RawChange { region: r.id, ranges });
+    }
+}
+
+/// Appends the changed runs of bytes `[from, to)` of `r` (aligned out to
+/// element boundaries, limited to the view's bytes) and updates the shadow.
+fn diff_into(r: &mut Region, from: usize, to: usize, ranges: &mut Vec<(u64, Vec<u8>, Vec<u8>)>) {
+    // Copy the live bytes once: what we report is what we keep.
+    let now: Vec<u8> = r.current()[from..to].to_vec();
+    let itemsize = r.layout.itemsize.max(1) as usize;
+    let origin = r.layout.origin as usize % itemsize;
+    let len = r.len as usize;
+    let mut i = 0;
+    let n = now.len();
+    while i < n {
+        // Skip equal bytes quickly, 8 at a time.
+        while i + 8 <= n && now[i..i + 8] == r.shadow[from + i..from + i + 8] {
+            i += 8;
+        }
+        while i < n && now[i] == r.shadow[from + i] {
+            i += 1;
+        }
+        if i >= n {
+            break;
+        }
+        let mut j = i + 1;
+        while j < n && now[j] != r.shadow[from + j] {
+            j += 1;
+        }
+        // Align [from+i, from+j) out to whole elements.
+        let mut a = from + i;
+        let mut b = from + j;
+        if itemsize > 1 {
+            a = if a >= origin {
+                a - (a - origin) % itemsize
+            } else {
+                a
+            };
+            b = if b > origin {
+                (b - origin).div_ceil(itemsize) * itemsize + origin
+            } else {
+                b
+            };
+            b = b.min(len);
+        }
+        // Split by the view mask.
+        let mut k = a;
+        while k < b {
+            while k < b && !r.in_mask(k) {
+                k += 1;
+            }
+            let start = k;
+            while k < b && r.in_mask(k) {
+                k += 1;
+            }
+            if start < k {
+                let cur = r.current();
+                let new: Vec<u8> = (start..k)
+                    .map(|x| {
+                        if x >= from && x < to {
+                            now[x - from]
+                        } else {
+                            cur[x]
+                        }
+                    })
+                    .collect();
+                let old = r.shadow[start..k].to_vec();
+                if old != new {
+                    r.shadow[start..k].copy_from_slice(&new);
+                    ranges.push((start as u64, old, new));
+                }
+            }
+        }
+        i = b.max(from + j) - from;
+    }
+    merge_adjacent(ranges);
+}
+
+fn merge_adjacent(ranges: &mut Vec<(u64, Vec<u8>, Vec<u8>)>) {
+    ranges.sort_by_key(|r| r.0);
+    let mut out: Vec<(u64, Vec<u8>, Vec<u8>)> = Vec::with_capacity(ranges.len());
+    for (off, old, new) in ranges.drain(..) {
+        match out.last_mut() {
+            Some((o, po, pn)) if *o + po.len() as u64 == off => {
+                po.extend_from_slice(&old);
+                pn.extend_from_slice(&new);
+            }
+            _ => out.push((off, old, new)),
+        }
+    }
+    *ranges = out;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(buf: &mut [u8], itemsize: u32) -> Region {
+        Region {
+            id: 1,
+            tag: "t".into(),
+            variable: None,
+            start: buf.as_ptr() as u64,
+            len: buf.len() as u64,
+            layout: Layout {
+                dtype: None,
+                itemsize,
+                shape: vec![],
+                strides: vec![],
+                origin: 0,
+            },
+            mask: None,
+            shadow: vec![],
+            tracking: Tracking::Compare,
+            tracking_note: None,
+        }
+    }
+
+    #[test]
+    fn byte_changes_are_exact() {
+        let mut buf = vec![0u8; 100];
+        let mut e = Engine::default();
+        e.add(region(&mut buf, 1));
+        buf[3] = 1;
+        buf[4] = 2;
+        buf[50] = 9;
+        let mut out = Vec::new();
+        e.check(&mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            out[0].ranges,
+            vec![(3, vec![0, 0], vec![1, 2]), (50, vec![0], vec![9])]
+        );
+        out.clear();
+        e.check(&mut out).unwrap();
+        assert!(out.is_empty(), "a second check sees nothing new");
+    }
+
+    #[test]
+    fn changes_align_to_elements() {
+        let mut buf = vec![0u8; 16];
+        let mut e = Engine::default();
+        e.add(region(&mut buf, 4));
+        buf[5] = 0xff; // inside element 1
+        let mut out = Vec::new();
+        e.check(&mut out).unwrap();
+        assert_eq!(out[0].ranges, vec![(4, vec![0; 4], vec![0, 0xff, 0, 0])]);
+    }
+
+    #[test]
+    fn index_of_handles_c_order_and_strides() {
+        let l = Layout {
+            dtype: Some("<f4".into()),
+            itemsize: 4,
+            shape: vec![2, 3],
+            strides: vec![],
+            origin: 0,
+        };
+        assert_eq!(l.index_of(4 * 4), Some(vec![1, 1]));
+        // A view a[::2] of 10 float32: shape [5], stride 8.
+        let v = Layout {
+            strides: vec![8],
+            shape: vec![5],
+            ..l.clone()
+        };
+        assert_eq!(v.index_of(16), Some(vec![2]));
+        assert_eq!(v.index_of(20), None, "byte 20 belongs to no element of the view");
+        // Reversed: a[::-1] of 4 float32: origin 12, stride -4.
+        let r = Layout {
+            strides: vec![-4],
+            shape: vec![4],
+            origin: 12,
+            ..l
+        };
+        assert_eq!(r.index_of(0), Some(vec![3]));
+        assert_eq!(r.index_of(12), Some(vec![0]));
+    }
+
+    #[test]
+    fn masks_leave_out_gaps_of_a_strided_view() {
+        let l = Layout {
+            dtype: Some("<i2".into()),
+            itemsize: 2,
+            shape: vec![3],
+            strides: vec![4],
+            origin: 0,
+        };
+        let mask = view_mask(&l, 10).unwrap();
+        let bits: Vec<bool> = (0..10).map(|b| mask[0] >> b & 1 == 1).collect();
+        assert_eq!(
+            bits,
+            [true, true, false, false, true, true, false, false, true, true]
+        );
+    }
+}

@@ -1,0 +1,244 @@
+//! Recording changes to a trace file.
+//!
+//! One [`TraceSink`] per process at a time, behind [`SINK`]. Records are
+//! appended by the thread that found the change; a background thread
+//! flushes pending records at least every [`FLUSH_EVERY`], so a program that
+//! is killed loses at most that much. Checkpoints keep rebuilding any state
+//! cheap: a region gets one when the bytes changed since its last checkpoint
+//! reach its size (at least [`CHECKPOINT_MIN`]), so replaying to any point
+//! costs at most about one region's worth of changes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use memwatch_format::{
+    ByteRange, Change, Checkpoint, Context, Layout as FmtLayout, Lost, Meta, Record, RegionUnwatched,
+    RegionWatched, TraceWriter, UnwatchReason, WriterOptions,
+};
+
+use crate::change::FrameRef;
+use crate::engine::Region;
+
+/// How often the flusher thread pushes pending records to the file.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// Smallest change volume between two checkpoints of a region.
+pub const CHECKPOINT_MIN: u64 = 64 * 1024;
+
+/// The active trace, if any.
+pub static SINK: Mutex<Option<TraceSink>> = Mutex::new(None);
+
+/// Who and where, for one event, before interning.
+pub struct EventContext<'a> {
+    pub thread: u64,
+    pub thread_name: &'a str,
+    /// Innermost first; the first frame is the one the event is attributed to.
+    pub stack: &'a [FrameRef],
+}
+
+/// An open trace and what the recorder needs to keep writing it.
+pub struct TraceSink {
+    writer: TraceWriter,
+    path: PathBuf,
+    start: Instant,
+    pub start_unix_ns: u64,
+    since_checkpoint: HashMap<u32, u64>,
+    /// Set after a write error: recording stopped there.
+    pub failed: Option<String>,
+    lost: u64,
+    last_seq: u64,
+    pub changes: u64,
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl TraceSink {
+    /// Creates the trace file and writes its header.
+    pub fn create(path: &Path, meta: Meta) -> memwatch_format::Result<TraceSink> {
+        let start_unix_ns = meta.start_time_ns;
+        let writer = TraceWriter::create(path, &meta, WriterOptions::default())?;
+        Ok(TraceSink {
+            writer,
+            path: path.to_path_buf(),
+            start: Instant::now(),
+            start_unix_ns,
+            since_checkpoint: HashMap::new(),
+            failed: None,
+            lost: 0,
+            last_seq: 0,
+            changes: 0,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn ctx(&mut self, ev: &EventContext<'_>) -> memwatch_format::Result<Context> {
+        let thread_name = self.writer.intern_str(ev.thread_name)?;
+        let mut frames = Vec::with_capacity(ev.stack.len());
+        for f in ev.stack {
+            frames.push(self.writer.intern_frame(&f.file, &f.function, f.line)?);
+        }
+        let stack = if frames.is_empty() {
+            0
+        } else {
+            self.writer.intern_stack(&frames)?
+        };
+        Ok(Context {
+            time_ns: self.start.elapsed().as_nanos() as u64,
+            thread: ev.thread,
+            thread_name,
+            frame: frames.first().copied().unwrap_or(0),
+            stack,
+        })
+    }
+
+    /// Runs `f`; after a write error, counts the event as lost instead.
+    fn guarded(&mut self, seq: u64, f: impl FnOnce(&mut Self) -> memwatch_format::Result<()>) {
+        if self.failed.is_some() {
+            self.lost += 1;
+            return;
+        }
+        match f(self) {
+            Ok(()) => self.last_seq = seq,
+            Err(e) => {
+                self.failed = Some(e.to_string());
+                self.lost += 1;
+            }
+        }
+    }
+
+    /// A region starts being watched: its description and initial contents.
+    pub fn region_watched(&mut self, seq: u64, region: &Region, ev: &EventContext<'_>) {
+        self.guarded(seq, |s| {
+            let ctx = s.ctx(ev)?;
+            s.writer.append(&Record::RegionWatched(RegionWatched {
+                seq,
+                ctx,
+                region: region.id,
+                tag: &region.tag,
+                variable: region.variable.as_deref(),
+                address: region.start,
+                len: region.len,
+                layout: FmtLayout {
+                    dtype: region.layout.dtype.as_deref(),
+                    itemsize: region.layout.itemsize,
+                    shape: region.layout.shape.clone(),
+                    strides: region.layout.strides.clone(),
+                    origin: region.layout.origin,
+                },
+            }))?;
+            s.writer.append_contents(region.id, seq, &region.shadow)?;
+            s.since_checkpoint.insert(region.id, 0);
+            Ok(())
+        });
+    }
+
+    /// A change; `shadow` is the region's contents after it (for checkpoints).
+    pub fn change(
+        &mut self,
+        seq: u64,
+        region: u32,
+        ranges: &[(u64, Vec<u8>, Vec<u8>)],
+        shadow: &[u8],
+        ev: &EventContext<'_>,
+    ) {
+        self.guarded(seq, |s| {
+            let ctx = s.ctx(ev)?;
+            s.writer.append(&Record::Change(Change {
+                seq,
+                ctx,
+                region,
+                ranges: ranges
+                    .iter()
+                    .map(|(offset, old, new)| ByteRange {
+                        offset: *offset,
+                        old,
+                        new,
+                    })
+                    .collect(),
+            }))?;
+            s.changes += 1;
+            let changed: u64 = ranges.iter().map(|r| r.1.len() as u64).sum();
+            let acc = s.since_checkpoint.entry(region).or_insert(0);
+            *acc += changed;
+            if *acc >= (shadow.len() as u64).max(CHECKPOINT_MIN) {
+                *acc = 0;
+                s.writer
+                    .append(&Record::Checkpoint(Checkpoint { region, at_seq: seq }))?;
+                s.writer.append_contents(region, seq, shadow)?;
+            }
+            Ok(())
+        });
+    }
+
+    pub fn region_unwatched(&mut self, seq: u64, region: u32, reason: UnwatchReason, ev: &EventContext<'_>) {
+        self.guarded(seq, |s| {
+            let ctx = s.ctx(ev)?;
+            s.writer.append(&Record::RegionUnwatched(RegionUnwatched {
+                seq,
+                ctx,
+                region,
+                reason,
+            }))
+        });
+    }
+
+    /// Pushes pending records to the file if they are older than `age`.
+    pub fn flush_if_older(&mut self, age: Duration) {
+        if self.failed.is_none() {
+            if let Err(e) = self.writer.flush_if_older(age) {
+                self.failed = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Writes any loss report and the trailer. Returns the file size.
+    pub fn finish(mut self) -> Result<u64, String> {
+        if self.lost > 0 && self.failed.is_none() {
+            let reason = "events after the trace writer stopped";
+            let _ = self.writer.append(&Record::Lost(Lost {
+                after_seq: self.last_seq,
+                events: self.lost,
+                reason,
+            }));
+        }
+        if let Some(f) = self.failed {
+            return Err(format!(
+                "recording stopped early: {f}; {} events were not recorded",
+                self.lost
+            ));
+        }
+        let end = self.start.elapsed().as_nanos() as u64;
+        self.writer
+            .finish(end)
+            .map(|(_, stats)| stats.file_bytes)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Starts the thread that flushes the active trace periodically; it ends
+/// when no trace is active.
+pub fn spawn_flusher() {
+    let _ = std::thread::Builder::new()
+        .name("memwatch-flush".into())
+        .spawn(|| loop {
+            std::thread::sleep(FLUSH_EVERY);
+            let mut guard = match SINK.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            match guard.as_mut() {
+                Some(s) => s.flush_if_older(FLUSH_EVERY),
+                None => return,
+            }
+        });
+}
