@@ -35,3 +35,25 @@ def memwatch_cmd():
         return run([str(BIN / "memwatch"), *args])
 
     return _run
+
+
+def here() -> int:
+    """The caller's current line number (put it on the line under test: `x[0] = 1; line = here()`)."""
+    return sys._getframe(1).f_lineno
+
+
+@pytest.fixture
+def changes():
+    """Collects every change seen during the test; unwatches everything after."""
+    import memwatch
+
+    seen: list = []
+    collect = seen.append
+    memwatch.clear_history()
+    memwatch.on_change(collect)
+    yield seen
+    memwatch.remove_callback(collect)
+    for region, *_ in memwatch._memwatch._regions():
+        memwatch._memwatch._unwatch(region)
+    memwatch.clear_history()
+    memwatch.configure(include=[], exclude=[])

@@ -10,6 +10,7 @@ import linecache
 import mmap
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,15 @@ from memwatch._memwatch import (
 MODES = ("line",)
 
 
-def _root_name(expr: ast.expr | None) -> str | None:
+def _root_name(expr: ast.expr | None, address: bool = False) -> str | None:
     """The variable an argument expression names: ``t.data_ptr()`` -> ``t``,
     ``ctypes.addressof(buf)`` -> ``buf``, ``arr[::2]`` -> ``arr``,
-    ``self.w`` -> ``self.w``."""
+    ``self.w`` -> ``self.w``; for an address (``buffer=``), the object it
+    was taken from: ``a.ctypes.data`` -> ``a``."""
     while expr is not None:
+        if address and isinstance(expr, ast.Attribute):
+            expr = expr.value
+            continue
         if isinstance(expr, ast.Call):
             if expr.args:
                 expr = expr.args[0]
@@ -84,7 +89,7 @@ def _variable_name(frame: Any, obj: Any, by_address: bool) -> str | None:
             expr = next((k.value for k in call.keywords if k.arg == want), None)
             if expr is None and not by_address and call.args:
                 expr = call.args[0]
-            name = _root_name(expr)
+            name = _root_name(expr, address=by_address)
             if name:
                 return name
     if obj is not None and not by_address:
@@ -299,6 +304,7 @@ def on_change(callback: Callable[[Change], Any]) -> Callable[[Change], Any]:
     return _memwatch.on_change(callback)
 
 
+_memwatch._set_hooks(_scope.in_scope, threading.current_thread, sys)
 atexit.register(_memwatch._shutdown)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_memwatch._after_fork_child)

@@ -74,9 +74,15 @@ def patterns() -> tuple[list[str], list[str]]:
 def in_scope(filename: str) -> bool:
     """True if code from ``filename`` (a code object's ``co_filename``) is in scope."""
     if filename.startswith("<"):
-        # <stdin>, <string> (python -c), <ipython-input-...> are the user's;
-        # <frozen importlib._bootstrap> and the like are the interpreter's.
-        return not filename.startswith("<frozen") and not _include
+        # <stdin> and <ipython-input-...> are the user's, and so is <string>
+        # when it is `python -c` code; <string> is otherwise code that
+        # libraries generate with exec (namedtuple, dataclasses), and
+        # <frozen ...> is the interpreter's.
+        if _include or filename.startswith("<frozen"):
+            return False
+        if filename == "<string>":
+            return bool(sys.argv) and sys.argv[0] == "-c"
+        return True
     path = os.path.realpath(filename)
     if _include:
         return _matches(path, _include) and not _matches(path, _exclude)

@@ -206,8 +206,8 @@ fn check_and_emit(py: Python<'_>, last: (usize, u32)) {
 
 fn thread_name(py: Python<'_>) -> String {
     guarded(|| {
-        py.import("threading")
-            .and_then(|t| t.getattr("current_thread")?.call0())
+        monitor::hooks()
+            .and_then(|h| h.current_thread.bind(py).call0())
             .and_then(|t| t.getattr("name")?.extract())
             .unwrap_or_else(|_| "?".into())
     })
@@ -275,9 +275,8 @@ fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32)) {
                 }
             }
             if let Some(text) = report {
-                let written = py
-                    .import("sys")
-                    .and_then(|s| s.getattr("stderr"))
+                let written = monitor::hooks()
+                    .and_then(|h| h.sys.bind(py).getattr("stderr"))
                     .and_then(|e| e.call_method1("write", (text,)).map(|_| ()));
                 if let Err(e) = written {
                     e.write_unraisable(py, None);

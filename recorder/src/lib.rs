@@ -104,6 +104,7 @@ fn _memwatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(api::_recording, m)?,
         wrap_pyfunction!(api::_shutdown, m)?,
         wrap_pyfunction!(api::_after_fork_child, m)?,
+        wrap_pyfunction!(monitor::_set_hooks, m)?,
         wrap_pyfunction!(monitor::_mon_py_start, m)?,
         wrap_pyfunction!(monitor::_mon_line, m)?,
         wrap_pyfunction!(monitor::_mon_py_return, m)?,

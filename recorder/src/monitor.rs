@@ -27,6 +27,34 @@ use std::sync::{Arc, Mutex, OnceLock};
 use pyo3::ffi;
 use pyo3::prelude::*;
 
+/// Python functions the hot paths call, handed over once by the Python
+/// package at import (`_set_hooks`). Callbacks must never import: the
+/// frame they run in may have no `__builtins__` (code made by `exec`).
+pub struct Hooks {
+    pub in_scope: Py<PyAny>,
+    pub current_thread: Py<PyAny>,
+    pub sys: Py<PyAny>,
+}
+
+pub static HOOKS: OnceLock<Hooks> = OnceLock::new();
+
+/// Receives the hooks from `memwatch._api`.
+#[pyfunction]
+pub fn _set_hooks(in_scope: Py<PyAny>, current_thread: Py<PyAny>, sys: Py<PyAny>) {
+    let _ = HOOKS.set(Hooks {
+        in_scope,
+        current_thread,
+        sys,
+    });
+}
+
+/// The hooks, or an error if the Python package did not set them.
+pub fn hooks() -> PyResult<&'static Hooks> {
+    HOOKS
+        .get()
+        .ok_or_else(|| crate::errors::MemwatchError::new_err("memwatch._api was not imported"))
+}
+
 /// What we know about a code object.
 pub struct CodeInfo {
     /// Keeps the code object (and so the map's key) alive.
@@ -72,12 +100,7 @@ pub fn code_info(py: Python<'_>, code: &Bound<'_, PyAny>) -> PyResult<(Arc<str>,
         .getattr("co_qualname")
         .or_else(|_| code.getattr("co_name"))?
         .extract()?;
-    let in_scope = guarded(|| -> PyResult<bool> {
-        py.import("memwatch._scope")?
-            .getattr("in_scope")?
-            .call1((&file,))?
-            .extract()
-    })?;
+    let in_scope = guarded(|| -> PyResult<bool> { hooks()?.in_scope.bind(py).call1((&file,))?.extract() })?;
     let info = CodeInfo {
         code: code.clone().unbind(),
         file: file.into(),
@@ -116,7 +139,7 @@ pub fn rescope(py: Python<'_>) -> PyResult<()> {
                 .collect()
         })
         .unwrap_or_default();
-    let scope = py.import("memwatch._scope")?.getattr("in_scope")?;
+    let scope = hooks()?.in_scope.bind(py);
     for (key, code, file, was) in entries {
         let now: bool = guarded(|| scope.call1((&*file,)).and_then(|v| v.extract()))?;
         if now != was {
