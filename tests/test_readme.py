@@ -20,11 +20,20 @@ def test_python_examples_run():
     for src in code:
         r = run(["python", "-c", src])
         assert r.returncode == 0, f"{src}\n{r.stderr}"
-        # Each `# value` comment after a print is the expected output.
-        for line in src.splitlines():
+        # A `# value` comment after a print is its expected output, and so
+        # are the comment lines that end a block.
+        lines = src.splitlines()
+        for line in lines:
             if line.startswith("print(") and "#" in line:
                 expected = line.split("#", 1)[1].strip()
                 assert expected in r.stdout, f"{expected!r} not in {r.stdout!r}"
+        tail = []
+        for line in reversed(lines):
+            if not line.startswith("# "):
+                break
+            tail.insert(0, line[2:])
+        if tail:
+            assert r.stdout.splitlines() == tail
 
 
 def test_memwatch_shell_examples_run():

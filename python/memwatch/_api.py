@@ -92,11 +92,24 @@ def _variable_name(frame: Any, obj: Any, by_address: bool) -> str | None:
             name = _root_name(expr, address=by_address)
             if name:
                 return name
-    if obj is not None and not by_address:
-        for ns in (frame.f_locals, frame.f_globals):
-            for k, v in ns.items():
-                if v is obj and not k.startswith("__"):
-                    return k
+    for ns in (frame.f_locals, frame.f_globals):
+        for k, v in ns.items():
+            if k.startswith("__"):
+                continue
+            if (v is obj) if not by_address else _data_address(v) == obj:
+                return k
+    return None
+
+
+def _data_address(v: Any) -> int | None:
+    """Where an array's or tensor's data starts, if ``v`` is one."""
+    try:
+        if hasattr(v, "__array_interface__"):
+            return v.__array_interface__["data"][0]
+        if _is_torch_tensor(v):
+            return v.data_ptr()
+    except Exception:
+        return None
     return None
 
 
@@ -187,7 +200,7 @@ def watch(
         if size is not None or dtype is not None or shape is not None:
             raise TypeError("size=, dtype= and shape= are for raw memory (buffer=address) only")
     dtype_str = _normalize_dtype(dtype) if dtype is not None else None
-    variable = _variable_name(frame, obj, buffer is not None)
+    variable = _variable_name(frame, address if buffer is not None else obj, buffer is not None)
     tag = name if name is not None else variable
     if tag is None:
         raise ValueError("cannot tell which variable this buffer is; pass name=")

@@ -515,7 +515,7 @@ pub fn _watch(
     }
     if with_state(|st| st.watches.iter().any(|w| &*w.tag == tag.as_str())) {
         return Err(PyValueError::new_err(format!(
-            "a region named {tag:?} is already watched; pass another name= or unwatch it first"
+            "a region named '{tag}' is already watched; pass another name= or unwatch it first"
         )));
     }
     let (span, pinned) = match (obj, address) {
