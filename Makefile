@@ -75,8 +75,13 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
 
+# The recorder's unit tests link libpython: build them against the 3.11
+# interpreter and let the loader find its shared library.
 rust-test:
 	cargo test -q
+	@py="$(call find_python,3.11)"; libdir=$$("$$py" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))'); \
+	echo "cargo test -p memwatch-recorder --lib (libpython from $$libdir)"; \
+	PYO3_PYTHON="$$py" LD_LIBRARY_PATH="$$libdir$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" cargo test -q -p memwatch-recorder --lib
 
 py-test: $(addprefix py-test-,$(PYTHON_VERSIONS))
 

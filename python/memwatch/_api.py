@@ -268,6 +268,7 @@ def configure(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     max_history: int | None = None,
+    max_history_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Set options; ``None`` leaves one as it is. Returns them all.
 
@@ -275,9 +276,13 @@ def configure(
       callback or trace takes it (default on; ``MEMWATCH_LIVE=0`` turns it off).
     - ``include`` / ``exclude``: which code is in scope (paths or globs).
     - ``max_history``: how many changes :func:`history` keeps (default 100,000).
+    - ``max_history_bytes``: how many bytes of old and new values it keeps
+      (default 64 MiB); the oldest changes go first, and a change larger
+      than this is not kept.
     """
-    if max_history is not None and max_history < 0:
-        raise ValueError("max_history must be >= 0")
+    for value, label in ((max_history, "max_history"), (max_history_bytes, "max_history_bytes")):
+        if value is not None and value < 0:
+            raise ValueError(f"{label} must be >= 0")
     for value, label in ((include, "include"), (exclude, "exclude")):
         if value is not None and (isinstance(value, str | bytes) or not all(isinstance(p, str | os.PathLike) for p in value)):
             raise TypeError(f"{label}= must be a list of paths or globs")
@@ -287,7 +292,7 @@ def configure(
             [os.fspath(p) for p in exclude] if exclude is not None else None,
         )
         _memwatch._rescope()
-    opts = dict(_memwatch._configure(live, max_history))
+    opts = dict(_memwatch._configure(live, max_history, max_history_bytes))
     inc, exc = _scope.patterns()
     opts["include"], opts["exclude"] = inc, exc
     return opts

@@ -53,6 +53,9 @@ struct State {
     callbacks: Vec<Py<PyAny>>,
     history: VecDeque<Py<Change>>,
     max_history: usize,
+    /// Bytes of old and new values held by `history`.
+    history_bytes: usize,
+    max_history_bytes: usize,
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
@@ -72,6 +75,8 @@ fn with_state<R>(f: impl FnOnce(&mut State) -> R) -> R {
         callbacks: Vec::new(),
         history: VecDeque::new(),
         max_history: 100_000,
+        history_bytes: 0,
+        max_history_bytes: 64 << 20,
     });
     f(st)
 }
@@ -213,6 +218,10 @@ fn thread_name(py: Python<'_>) -> String {
     })
 }
 
+fn change_bytes(c: &Change) -> usize {
+    c.ranges.iter().map(|r| r.1.len() + r.2.len()).sum()
+}
+
 fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32)) {
     let stack = attributed_stack(py, last);
     let tid = gettid();
@@ -261,11 +270,16 @@ fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32)) {
             }
         };
         with_state(|st| {
-            if max_history > 0 {
-                if st.history.len() >= max_history {
-                    st.history.pop_front();
-                }
+            let size = change_bytes(obj.get());
+            if max_history > 0 && size <= st.max_history_bytes {
                 st.history.push_back(obj.clone_ref(py));
+                st.history_bytes += size;
+                while st.history.len() > max_history || st.history_bytes > st.max_history_bytes {
+                    match st.history.pop_front() {
+                        Some(old) => st.history_bytes -= change_bytes(old.get()),
+                        None => break,
+                    }
+                }
             }
         });
         guarded(|| {
@@ -775,32 +789,43 @@ pub fn history<'py>(py: Python<'py>, name: Option<&str>) -> PyResult<Bound<'py, 
 /// Forgets the history.
 #[pyfunction]
 pub fn clear_history() {
-    with_state(|st| st.history.clear());
+    with_state(|st| {
+        st.history.clear();
+        st.history_bytes = 0;
+    });
 }
 
 /// Sets recorder options (`None` leaves one as it is); returns them all.
 #[pyfunction]
-#[pyo3(signature = (live=None, max_history=None))]
+#[pyo3(signature = (live=None, max_history=None, max_history_bytes=None))]
 pub fn _configure<'py>(
     py: Python<'py>,
     live: Option<bool>,
     max_history: Option<usize>,
+    max_history_bytes: Option<usize>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let (live, max_history) = with_state(|st| {
+    let (live, max_history, max_history_bytes) = with_state(|st| {
         if let Some(l) = live {
             st.live = l;
         }
         if let Some(m) = max_history {
             st.max_history = m;
-            while st.history.len() > m {
-                st.history.pop_front();
+        }
+        if let Some(m) = max_history_bytes {
+            st.max_history_bytes = m;
+        }
+        while st.history.len() > st.max_history || st.history_bytes > st.max_history_bytes {
+            match st.history.pop_front() {
+                Some(old) => st.history_bytes -= change_bytes(old.get()),
+                None => break,
             }
         }
-        (st.live, st.max_history)
+        (st.live, st.max_history, st.max_history_bytes)
     });
     let d = PyDict::new(py);
     d.set_item("live", live)?;
     d.set_item("max_history", max_history)?;
+    d.set_item("max_history_bytes", max_history_bytes)?;
     Ok(d)
 }
 

@@ -111,8 +111,11 @@ impl Change {
             let mut i = 0;
             while i + itemsize <= old.len() {
                 let at = off + i as u64;
-                if let Some(idx) = self.layout.index_of(at) {
-                    out.push((idx, &old[i..i + itemsize], &new[i..i + itemsize]));
+                let (o, n) = (&old[i..i + itemsize], &new[i..i + itemsize]);
+                if o != n {
+                    if let Some(idx) = self.layout.index_of(at) {
+                        out.push((idx, o, n));
+                    }
                 }
                 i += itemsize;
             }

@@ -383,78 +383,143 @@ fn push_diff(r: &mut Region, from: usize, to: usize, out: &mut Vec<RawChange>) {
     }
 }
 
-/// Appends the changed runs of bytes `[from, to)` of `r` (aligned out to
-/// element boundaries, limited to the view's bytes) and updates the shadow.
+/// Appends the changed runs of bytes `[from, to)` of `r` (whole elements,
+/// limited to the view's bytes) and updates the shadow.
+///
+/// Finds differing 32-byte blocks first (a memcmp each), then splits each
+/// run of them into exact runs of differing elements, so unchanged memory
+/// costs one comparison per block and changed memory one per element.
 fn diff_into(r: &mut Region, from: usize, to: usize, ranges: &mut Vec<(u64, Vec<u8>, Vec<u8>)>) {
-    // Copy the live bytes once: what we report is what we keep.
-    let now: Vec<u8> = r.current()[from..to].to_vec();
     let itemsize = r.layout.itemsize.max(1) as usize;
-    let origin = r.layout.origin as usize % itemsize;
+    let phase = r.layout.origin as usize % itemsize;
     let len = r.len as usize;
-    let mut i = 0;
-    let n = now.len();
-    while i < n {
-        // Skip equal bytes quickly, 8 at a time.
-        while i + 8 <= n && now[i..i + 8] == r.shadow[from + i..from + i + 8] {
-            i += 8;
+    let down = |x: usize| if x >= phase { x - (x - phase) % itemsize } else { 0 };
+    let up = |x: usize| {
+        if x > phase {
+            ((x - phase).div_ceil(itemsize) * itemsize + phase).min(len)
+        } else {
+            x.min(len)
         }
-        while i < n && now[i] == r.shadow[from + i] {
-            i += 1;
+    };
+    let (from, to) = (down(from), up(to));
+    // SAFETY: as in `Region::current`; a separate borrow so the shadow can
+    // be updated while reading.
+    let cur: &[u8] = unsafe { std::slice::from_raw_parts(r.start as *const u8, len) };
+    let blk = itemsize * 32usize.div_ceil(itemsize);
+    let mut i = from;
+    while i < to {
+        let e = (i + blk).min(to);
+        if cur[i..e] == r.shadow[i..e] {
+            i = e;
+            continue;
         }
-        if i >= n {
-            break;
+        // Extend over following differing blocks.
+        let mut j = e;
+        while j < to {
+            let e2 = (j + blk).min(to);
+            if cur[j..e2] == r.shadow[j..e2] {
+                break;
+            }
+            j = e2;
         }
-        let mut j = i + 1;
-        while j < n && now[j] != r.shadow[from + j] {
-            j += 1;
+        for (a, b) in element_runs(&cur[i..j], &r.shadow[i..j], itemsize) {
+            push_run(r, cur, i + a, i + b, ranges);
         }
-        // Align [from+i, from+j) out to whole elements.
-        let mut a = from + i;
-        let mut b = from + j;
-        if itemsize > 1 {
-            a = if a >= origin {
-                a - (a - origin) % itemsize
-            } else {
-                a
-            };
-            b = if b > origin {
-                (b - origin).div_ceil(itemsize) * itemsize + origin
-            } else {
-                b
-            };
-            b = b.min(len);
-        }
-        // Split by the view mask.
-        let mut k = a;
-        while k < b {
-            while k < b && !r.in_mask(k) {
+        i = j;
+    }
+}
+
+/// Maximal runs `[a, b)` of elements that differ between `x` and `y`.
+fn element_runs(x: &[u8], y: &[u8], itemsize: usize) -> Vec<(usize, usize)> {
+    fn runs<const N: usize>(x: &[u8], y: &[u8]) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        let n = x.len() / N;
+        // Fixed-size array compares compile to plain loads, not memcmp calls.
+        let el = |s: &[u8], k: usize| -> [u8; N] { s[k * N..k * N + N].try_into().expect("N bytes") };
+        let mut k = 0;
+        while k < n {
+            if el(x, k) == el(y, k) {
                 k += 1;
+                continue;
             }
             let start = k;
-            while k < b && r.in_mask(k) {
+            while k < n && el(x, k) != el(y, k) {
                 k += 1;
             }
-            if start < k {
-                let cur = r.current();
-                let new: Vec<u8> = (start..k)
-                    .map(|x| {
-                        if x >= from && x < to {
-                            now[x - from]
-                        } else {
-                            cur[x]
-                        }
-                    })
-                    .collect();
-                let old = r.shadow[start..k].to_vec();
-                if old != new {
-                    r.shadow[start..k].copy_from_slice(&new);
-                    ranges.push((start as u64, old, new));
-                }
+            out.push((start * N, k * N));
+        }
+        // A partial element at the end (a span that is not a whole number
+        // of elements) counts as one.
+        let tail = n * N;
+        if tail < x.len() && x[tail..] != y[tail..] {
+            match out.last_mut() {
+                Some((_, b)) if *b == tail => *b = x.len(),
+                _ => out.push((tail, x.len())),
             }
         }
-        i = b.max(from + j) - from;
+        out
     }
-    merge_adjacent(ranges);
+    match itemsize {
+        1 => runs::<1>(x, y),
+        2 => runs::<2>(x, y),
+        4 => runs::<4>(x, y),
+        8 => runs::<8>(x, y),
+        16 => runs::<16>(x, y),
+        n => {
+            let mut out: Vec<(usize, usize)> = Vec::new();
+            let mut a = 0;
+            while a < x.len() {
+                let b = (a + n).min(x.len());
+                if x[a..b] != y[a..b] {
+                    match out.last_mut() {
+                        Some((_, e)) if *e == a => *e = b,
+                        _ => out.push((a, b)),
+                    }
+                }
+                a = b;
+            }
+            out
+        }
+    }
+}
+
+/// Records bytes `[a, b)` as changed (split by the view mask), updating
+/// the shadow with exactly the bytes reported.
+fn push_run(r: &mut Region, cur: &[u8], a: usize, b: usize, ranges: &mut Vec<(u64, Vec<u8>, Vec<u8>)>) {
+    let mut emit = |r: &mut Region, s: usize, e: usize| {
+        let new = cur[s..e].to_vec();
+        if new[..] != r.shadow[s..e] {
+            let old = r.shadow[s..e].to_vec();
+            r.shadow[s..e].copy_from_slice(&new);
+            match ranges.last_mut() {
+                Some((o, po, pn)) if *o as usize + po.len() == s => {
+                    po.extend_from_slice(&old);
+                    pn.extend_from_slice(&new);
+                }
+                _ => ranges.push((s as u64, old, new)),
+            }
+        }
+    };
+    if r.mask.is_none() {
+        emit(r, a, b);
+        return;
+    }
+    let mut k = a;
+    while k < b {
+        while k < b && !r.in_mask(k) {
+            // Bytes between a view's elements are not its own: keep the
+            // shadow in step so they are not looked at again.
+            r.shadow[k] = cur[k];
+            k += 1;
+        }
+        let s = k;
+        while k < b && r.in_mask(k) {
+            k += 1;
+        }
+        if s < k {
+            emit(r, s, k);
+        }
+    }
 }
 
 fn merge_adjacent(ranges: &mut Vec<(u64, Vec<u8>, Vec<u8>)>) {
@@ -526,6 +591,44 @@ mod tests {
         let mut out = Vec::new();
         e.check(&mut out).unwrap();
         assert_eq!(out[0].ranges, vec![(4, vec![0; 4], vec![0, 0xff, 0, 0])]);
+    }
+
+    #[test]
+    fn runs_are_exact_elements_even_inside_a_changed_block() {
+        let mut buf = vec![0u8; 4096];
+        let mut e = Engine::default();
+        e.add(region(&mut buf, 4));
+        // Every element changes but element 2 and the last one.
+        for (i, x) in buf.chunks_exact_mut(4).enumerate() {
+            if i != 2 && i != 1023 {
+                x.copy_from_slice(&(i as u32 + 1).to_le_bytes());
+            }
+        }
+        let mut out = Vec::new();
+        e.check(&mut out).unwrap();
+        let spans: Vec<(u64, usize)> = out[0].ranges.iter().map(|r| (r.0, r.1.len())).collect();
+        assert_eq!(spans, vec![(0, 8), (12, 4092 - 12)]);
+        assert_eq!(&out[0].ranges[1].2[..4], &4u32.to_le_bytes());
+    }
+
+    #[test]
+    fn strided_regions_ignore_their_gaps() {
+        let mut buf = vec![0u8; 40];
+        let mut r = region(&mut buf, 4);
+        r.layout.shape = vec![5];
+        r.layout.strides = vec![8];
+        r.mask = view_mask(&r.layout, 36);
+        r.len = 36;
+        let mut e = Engine::default();
+        e.add(r);
+        buf[4] = 1; // gap
+        buf[9] = 2; // element 1
+        let mut out = Vec::new();
+        e.check(&mut out).unwrap();
+        assert_eq!(out[0].ranges, vec![(8, vec![0; 4], vec![0, 2, 0, 0])]);
+        out.clear();
+        e.check(&mut out).unwrap();
+        assert!(out.is_empty());
     }
 
     #[test]
