@@ -641,7 +641,8 @@ pub fn _watch(
             len: span.len,
             layout: span.layout,
             mask,
-            shadow: Vec::new(),
+            shadow: Arc::new(Vec::new()),
+            spare: None,
             tracking: Tracking::Compare,
             tracking_note: None,
         });

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
-use crate::engine::Layout;
+use crate::engine::{ChangedRange, Layout};
 
 /// A frame of a change's stack: file, line, function.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +33,7 @@ pub struct Change {
     pub variable: Option<String>,
     /// Start address of the watched region.
     pub region_start: u64,
-    pub ranges: Vec<(u64, Vec<u8>, Vec<u8>)>,
+    pub ranges: Vec<ChangedRange>,
     pub layout: Arc<Layout>,
     /// Innermost first.
     pub stack: Vec<FrameRef>,
@@ -150,7 +150,7 @@ impl Change {
             }
             s
         };
-        let (off, old, new) = &self.ranges[0];
+        let (off, old, new) = (&self.ranges[0].0, &self.ranges[0].1[..], &self.ranges[0].2[..]);
         let changed: usize = self.ranges.iter().map(|r| r.1.len()).sum();
         let mut s = format!(
             "[MEMWATCH] Tag: {}\nAddress: {:#x}\nOld Value (sample): {}\nNew Value (sample): {}\n",
@@ -222,7 +222,7 @@ impl Change {
         let items = self
             .ranges
             .iter()
-            .map(|(o, a, b)| (*o, PyBytes::new(py, a), PyBytes::new(py, b)));
+            .map(|(o, a, b)| (*o, PyBytes::new(py, &a[..]), PyBytes::new(py, &b[..])));
         PyList::new(py, items)
     }
 

@@ -23,6 +23,46 @@ use std::sync::Arc;
 
 use crate::kernel::{page_size, WriteTracker};
 
+/// Regions at least this large whose dirty pages cover half of them are
+/// diffed through a whole snapshot (see [`Engine::check`]).
+pub const BULK_MIN: u64 = 1 << 20;
+
+/// Bytes of a change: owned, or a slice of a shadow snapshot shared with
+/// the region (large rewrites report slices of the old and new snapshots
+/// instead of copying them again).
+#[derive(Clone)]
+pub enum Bytes {
+    Owned(Vec<u8>),
+    Shared(Arc<Vec<u8>>, usize, usize),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Owned(v) => v,
+            Bytes::Shared(a, s, e) => &a[*s..*e],
+        }
+    }
+}
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+impl PartialEq for Bytes {
+    fn eq(&self, other: &Bytes) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Bytes {}
+
+/// One changed run: `(offset, old, new)`.
+pub type ChangedRange = (u64, Bytes, Bytes);
+
 /// Regions up to this many bytes are checked by comparing them whole.
 pub const COMPARE_MAX: u64 = 16 * 1024;
 
@@ -111,20 +151,17 @@ pub struct Region {
     /// Bit per byte of the span: set where the byte belongs to an element
     /// of the view; `None` when every byte does.
     pub mask: Option<Vec<u64>>,
-    pub shadow: Vec<u8>,
+    /// The region's contents as of the last check.
+    pub shadow: Arc<Vec<u8>>,
+    /// The snapshot before the last bulk diff, reused for the next one once
+    /// no change refers to it any more.
+    pub spare: Option<Arc<Vec<u8>>>,
     pub tracking: Tracking,
     /// Why page tracking was not used, when it was wanted.
     pub tracking_note: Option<String>,
 }
 
 impl Region {
-    fn in_mask(&self, off: usize) -> bool {
-        match &self.mask {
-            None => true,
-            Some(m) => m[off / 64] >> (off % 64) & 1 == 1,
-        }
-    }
-
     fn current(&self) -> &[u8] {
         // SAFETY: the span is pinned by the buffer export the API layer
         // holds for as long as the region exists (or, for raw memory, the
@@ -135,12 +172,19 @@ impl Region {
     }
 }
 
+fn in_mask(mask: &Option<Vec<u64>>, off: usize) -> bool {
+    match mask {
+        None => true,
+        Some(m) => m[off / 64] >> (off % 64) & 1 == 1,
+    }
+}
+
 /// Changed runs of one region found by one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawChange {
     pub region: u32,
     /// `(offset, old, new)`, increasing offsets, not overlapping.
-    pub ranges: Vec<(u64, Vec<u8>, Vec<u8>)>,
+    pub ranges: Vec<ChangedRange>,
 }
 
 /// All watched regions of the process.
@@ -219,7 +263,7 @@ impl Engine {
     /// Adds a region (its shadow is its current contents) and starts
     /// tracking it. Returns a reference to it.
     pub fn add(&mut self, mut region: Region) -> &Region {
-        region.shadow = region.current().to_vec();
+        region.shadow = Arc::new(region.current().to_vec());
         if region.len > COMPARE_MAX {
             match self.register_pages(region.start, region.len) {
                 Ok(()) => region.tracking = Tracking::Pages,
@@ -347,15 +391,26 @@ impl Engine {
         if !dirty.is_empty() {
             for r in self.regions.iter_mut().filter(|r| r.tracking == Tracking::Pages) {
                 let (rs, re) = (r.start, r.start + r.len);
+                let spans: Vec<(usize, usize)> = dirty
+                    .iter()
+                    .map(|&(s, e)| (s.max(rs), e.min(re)))
+                    .filter(|(s, e)| s < e)
+                    .map(|(s, e)| ((s - rs) as usize, (e - rs) as usize))
+                    .collect();
+                if spans.is_empty() {
+                    continue;
+                }
+                let dirty_bytes: usize = spans.iter().map(|(s, e)| e - s).sum();
                 let mut ranges = Vec::new();
-                for &(s, e) in &dirty {
-                    let (s, e) = (s.max(rs), e.min(re));
-                    if s < e {
-                        diff_into(r, (s - rs) as usize, (e - rs) as usize, &mut ranges);
+                if r.len >= BULK_MIN && r.mask.is_none() && dirty_bytes as u64 * 2 >= r.len {
+                    bulk_diff(r, &spans, &mut ranges);
+                } else {
+                    for (s, e) in spans {
+                        diff_into(r, s, e, &mut ranges);
                     }
+                    merge_adjacent(&mut ranges);
                 }
                 if !ranges.is_empty() {
-                    merge_adjacent(&mut ranges);
                     out.push(RawChange { region: r.id, ranges });
                 }
             }
@@ -389,7 +444,7 @@ fn push_diff(r: &mut Region, from: usize, to: usize, out: &mut Vec<RawChange>) {
 /// Finds differing 32-byte blocks first (a memcmp each), then splits each
 /// run of them into exact runs of differing elements, so unchanged memory
 /// costs one comparison per block and changed memory one per element.
-fn diff_into(r: &mut Region, from: usize, to: usize, ranges: &mut Vec<(u64, Vec<u8>, Vec<u8>)>) {
+fn diff_into(r: &mut Region, from: usize, to: usize, ranges: &mut Vec<ChangedRange>) {
     let itemsize = r.layout.itemsize.max(1) as usize;
     let phase = r.layout.origin as usize % itemsize;
     let len = r.len as usize;
@@ -485,49 +540,125 @@ fn element_runs(x: &[u8], y: &[u8], itemsize: usize) -> Vec<(usize, usize)> {
 
 /// Records bytes `[a, b)` as changed (split by the view mask), updating
 /// the shadow with exactly the bytes reported.
-fn push_run(r: &mut Region, cur: &[u8], a: usize, b: usize, ranges: &mut Vec<(u64, Vec<u8>, Vec<u8>)>) {
-    let mut emit = |r: &mut Region, s: usize, e: usize| {
+fn push_run(r: &mut Region, cur: &[u8], a: usize, b: usize, ranges: &mut Vec<ChangedRange>) {
+    let mask = &r.mask;
+    let shadow = Arc::make_mut(&mut r.shadow);
+    let mut emit = |shadow: &mut Vec<u8>, s: usize, e: usize| {
         let new = cur[s..e].to_vec();
-        if new[..] != r.shadow[s..e] {
-            let old = r.shadow[s..e].to_vec();
-            r.shadow[s..e].copy_from_slice(&new);
+        if new[..] != shadow[s..e] {
+            let old = shadow[s..e].to_vec();
+            shadow[s..e].copy_from_slice(&new);
             match ranges.last_mut() {
-                Some((o, po, pn)) if *o as usize + po.len() == s => {
+                Some((o, Bytes::Owned(po), Bytes::Owned(pn))) if *o as usize + po.len() == s => {
                     po.extend_from_slice(&old);
                     pn.extend_from_slice(&new);
                 }
-                _ => ranges.push((s as u64, old, new)),
+                _ => ranges.push((s as u64, Bytes::Owned(old), Bytes::Owned(new))),
             }
         }
     };
-    if r.mask.is_none() {
-        emit(r, a, b);
+    if mask.is_none() {
+        emit(shadow, a, b);
         return;
     }
     let mut k = a;
     while k < b {
-        while k < b && !r.in_mask(k) {
+        while k < b && !in_mask(mask, k) {
             // Bytes between a view's elements are not its own: keep the
             // shadow in step so they are not looked at again.
-            r.shadow[k] = cur[k];
+            shadow[k] = cur[k];
             k += 1;
         }
         let s = k;
-        while k < b && r.in_mask(k) {
+        while k < b && in_mask(mask, k) {
             k += 1;
         }
         if s < k {
-            emit(r, s, k);
+            emit(shadow, s, k);
         }
     }
 }
 
-fn merge_adjacent(ranges: &mut Vec<(u64, Vec<u8>, Vec<u8>)>) {
+/// Diffs a region most of which was written: builds the next snapshot (the
+/// live bytes of the dirty spans, the old shadow elsewhere) in a reused
+/// buffer, and reports slices of the old and new snapshots, so a large
+/// rewrite costs one copy of the written memory and one comparison.
+fn bulk_diff(r: &mut Region, spans: &[(usize, usize)], ranges: &mut Vec<ChangedRange>) {
+    let len = r.len as usize;
+    let itemsize = r.layout.itemsize.max(1) as usize;
+    let phase = r.layout.origin as usize % itemsize;
+    let down = |x: usize| if x >= phase { x - (x - phase) % itemsize } else { 0 };
+    let up = |x: usize| {
+        if x > phase {
+            ((x - phase).div_ceil(itemsize) * itemsize + phase).min(len)
+        } else {
+            x.min(len)
+        }
+    };
+    // SAFETY: as in `Region::current`.
+    let cur: &[u8] = unsafe { std::slice::from_raw_parts(r.start as *const u8, len) };
+    let mut next = match r.spare.take().map(Arc::try_unwrap) {
+        Some(Ok(mut v)) => {
+            v.clear();
+            v
+        }
+        _ => Vec::with_capacity(len),
+    };
+    let old = r.shadow.clone();
+    let mut aligned: Vec<(usize, usize)> = Vec::with_capacity(spans.len());
+    for &(s, e) in spans {
+        let (s, e) = (down(s), up(e));
+        match aligned.last_mut() {
+            Some((_, pe)) if *pe >= s => *pe = (*pe).max(e),
+            _ => aligned.push((s, e)),
+        }
+    }
+    let mut pos = 0;
+    for &(s, e) in &aligned {
+        next.extend_from_slice(&old[pos..s]);
+        next.extend_from_slice(&cur[s..e]);
+        pos = e;
+    }
+    next.extend_from_slice(&old[pos..len]);
+    let next = Arc::new(next);
+    let blk = itemsize * 32usize.div_ceil(itemsize);
+    for &(from, to) in &aligned {
+        let mut i = from;
+        while i < to {
+            let e = (i + blk).min(to);
+            if next[i..e] == old[i..e] {
+                i = e;
+                continue;
+            }
+            let mut j = e;
+            while j < to {
+                let e2 = (j + blk).min(to);
+                if next[j..e2] == old[j..e2] {
+                    break;
+                }
+                j = e2;
+            }
+            for (a, b) in element_runs(&next[i..j], &old[i..j], itemsize) {
+                let (a, b) = (i + a, i + b);
+                ranges.push((
+                    a as u64,
+                    Bytes::Shared(old.clone(), a, b),
+                    Bytes::Shared(next.clone(), a, b),
+                ));
+            }
+            i = j;
+        }
+    }
+    r.shadow = next;
+    r.spare = Some(old);
+}
+
+fn merge_adjacent(ranges: &mut Vec<ChangedRange>) {
     ranges.sort_by_key(|r| r.0);
-    let mut out: Vec<(u64, Vec<u8>, Vec<u8>)> = Vec::with_capacity(ranges.len());
+    let mut out: Vec<ChangedRange> = Vec::with_capacity(ranges.len());
     for (off, old, new) in ranges.drain(..) {
         match out.last_mut() {
-            Some((o, po, pn)) if *o + po.len() as u64 == off => {
+            Some((o, Bytes::Owned(po), Bytes::Owned(pn))) if *o + po.len() as u64 == off => {
                 po.extend_from_slice(&old);
                 pn.extend_from_slice(&new);
             }
@@ -556,10 +687,15 @@ mod tests {
                 origin: 0,
             },
             mask: None,
-            shadow: vec![],
+            shadow: Arc::new(vec![]),
+            spare: None,
             tracking: Tracking::Compare,
             tracking_note: None,
         }
+    }
+
+    fn plain(r: &[ChangedRange]) -> Vec<(u64, Vec<u8>, Vec<u8>)> {
+        r.iter().map(|(o, a, b)| (*o, a.to_vec(), b.to_vec())).collect()
     }
 
     #[test]
@@ -574,7 +710,7 @@ mod tests {
         e.check(&mut out).unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(
-            out[0].ranges,
+            plain(&out[0].ranges),
             vec![(3, vec![0, 0], vec![1, 2]), (50, vec![0], vec![9])]
         );
         out.clear();
@@ -590,7 +726,7 @@ mod tests {
         buf[5] = 0xff; // inside element 1
         let mut out = Vec::new();
         e.check(&mut out).unwrap();
-        assert_eq!(out[0].ranges, vec![(4, vec![0; 4], vec![0, 0xff, 0, 0])]);
+        assert_eq!(plain(&out[0].ranges), vec![(4, vec![0; 4], vec![0, 0xff, 0, 0])]);
     }
 
     #[test]
@@ -612,6 +748,62 @@ mod tests {
     }
 
     #[test]
+    fn large_rewrites_go_through_snapshots_and_small_writes_after_them_still_count() {
+        let mut buf = vec![1u8; 4 << 20];
+        let mut e = Engine::default();
+        let tracking = e.add(region(&mut buf, 4)).tracking;
+        if e.backend().is_err() {
+            return; // no userfaultfd write-protect here: covered by the compare path
+        }
+        assert_eq!(tracking, Tracking::Pages);
+        for (i, x) in buf.iter_mut().enumerate() {
+            if i % 4096 != 0 {
+                *x = 2;
+            }
+        }
+        let mut out = Vec::new();
+        e.check(&mut out).unwrap();
+        let r = &out[0].ranges;
+        assert!(
+            matches!(r[0].1, Bytes::Shared(..)),
+            "a bulk diff shares the snapshots"
+        );
+        assert_eq!(
+            (r[0].0, r[0].1[0], r[0].2[0]),
+            (0, 1, 1),
+            "element 0 keeps byte 0 but changes"
+        );
+        assert_eq!(&r[0].2[1..4], &[2, 2, 2]);
+        let changed: usize = r.iter().map(|x| x.1.len()).sum();
+        assert_eq!(changed, 4 << 20);
+        // While the change is alive, a small write copies the shared shadow.
+        buf[8] = 9;
+        let mut out2 = Vec::new();
+        e.check(&mut out2).unwrap();
+        assert_eq!(
+            plain(&out2[0].ranges),
+            vec![(8, vec![2, 2, 2, 2], vec![9, 2, 2, 2])]
+        );
+        assert_eq!(
+            out[0].ranges[0].2[8], 2,
+            "the earlier change still shows its own new bytes"
+        );
+        drop(out);
+        for x in buf.iter_mut() {
+            *x = 3;
+        }
+        let mut out3 = Vec::new();
+        e.check(&mut out3).unwrap();
+        let changed: usize = out3[0].ranges.iter().map(|x| x.1.len()).sum();
+        assert_eq!(changed, 4 << 20);
+        assert!(out3[0]
+            .ranges
+            .iter()
+            .all(|(_, a, b)| a.iter().all(|&v| v != 3) && b.iter().all(|&v| v == 3)));
+        e.remove(1);
+    }
+
+    #[test]
     fn strided_regions_ignore_their_gaps() {
         let mut buf = vec![0u8; 40];
         let mut r = region(&mut buf, 4);
@@ -625,7 +817,7 @@ mod tests {
         buf[9] = 2; // element 1
         let mut out = Vec::new();
         e.check(&mut out).unwrap();
-        assert_eq!(out[0].ranges, vec![(8, vec![0; 4], vec![0, 2, 0, 0])]);
+        assert_eq!(plain(&out[0].ranges), vec![(8, vec![0; 4], vec![0, 2, 0, 0])]);
         out.clear();
         e.check(&mut out).unwrap();
         assert!(out.is_empty());

@@ -147,7 +147,7 @@ impl TraceSink {
         &mut self,
         seq: u64,
         region: u32,
-        ranges: &[(u64, Vec<u8>, Vec<u8>)],
+        ranges: &[crate::engine::ChangedRange],
         shadow: &[u8],
         ev: &EventContext<'_>,
     ) {
