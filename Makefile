@@ -1,6 +1,6 @@
 # memwatch: the two commands of the README, and their parts.
 #
-#   make demo   set up .venv, build, write a sample trace and dump it
+#   make demo   set up .venv, build, record samples/train.py, query the trace
 #   make test   set up, lint, and run every Rust and Python test on CPython 3.11, 3.12, 3.13
 #
 # Builds go to $(CARGO_TARGET_DIR), by default outside the clone so that a
@@ -26,7 +26,7 @@ venv = $(if $(filter 3.11,$(1)),.venv,.venv-$(1))
 .PHONY: help demo test lint rust-test py-test $(addprefix py-test-,$(PYTHON_VERSIONS)) clean
 
 help:
-	@echo "make demo   build, write a sample trace and dump it (sets up .venv)"
+	@echo "make demo   build, record samples/train.py and query the trace (sets up .venv)"
 	@echo "make test   lint and run every test on CPython $(PYTHON_VERSIONS)"
 
 # --- virtual environments -------------------------------------------------
@@ -54,16 +54,23 @@ endef
 
 demo: .venv/.tools
 	$(call install,3.11)
-	@mkdir -p demo-out
-	@echo "--- writing a synthetic sample trace with the format writer (the recorder lands in a later step)"
-	cargo run -q -p memwatch-format --example sample_trace -- demo-out/sample.mwt --chunk-bytes 256
-	@echo "--- memwatch dump demo-out/sample.mwt"
-	.venv/bin/memwatch dump demo-out/sample.mwt
-	@echo "--- the same trace cut short, as a killed program leaves it"
-	head -c 700 demo-out/sample.mwt > demo-out/killed.mwt
-	.venv/bin/memwatch dump demo-out/killed.mwt | tail -n 3
-	@echo "--- from Python"
-	.venv/bin/python -c 'import memwatch; i = memwatch.trace_info("demo-out/killed.mwt"); print(i["argv"], i["chunks"], "chunks,", i["tail"])'
+	@rm -rf demo-out && mkdir -p demo-out
+	@echo "--- memwatch record python samples/train.py (in demo-out/)"
+	cd demo-out && ../.venv/bin/memwatch record -o train.mwt ../.venv/bin/python ../samples/train.py
+	@echo "--- memwatch query train.mwt --tag layer1_weight --limit 5"
+	.venv/bin/memwatch query demo-out/train.mwt --tag layer1_weight --limit 5
+	@echo "--- memwatch state at the middle of the run, rebuilt from checkpoints"
+	@seq=$$(.venv/bin/memwatch query demo-out/train.mwt --tag layer1_weight --format csv | awk -F, 'NR == 22 {print $$1}'); \
+	echo ".venv/bin/memwatch state demo-out/train.mwt --tag layer1_weight --at $$seq --format values | head -4"; \
+	.venv/bin/memwatch state demo-out/train.mwt --tag layer1_weight --at $$seq --format values | head -4; \
+	.venv/bin/memwatch state demo-out/train.mwt --tag layer1_weight --at $$seq --format npy -o demo-out/w1_mid.npy
+	@echo "--- memwatch blame train.mwt --tag layer1_weight --index 0,0"
+	.venv/bin/memwatch blame demo-out/train.mwt --tag layer1_weight --index 0,0
+	@echo "--- memwatch summary train.mwt"
+	.venv/bin/memwatch summary demo-out/train.mwt
+	@echo "--- export: every change as CSV (Parquet export is not there yet), read back with Python"
+	.venv/bin/memwatch query demo-out/train.mwt --format csv > demo-out/changes.csv
+	.venv/bin/python -c 'import csv, numpy as np; rows = list(csv.DictReader(open("demo-out/changes.csv"))); print(len(rows), "changes in demo-out/changes.csv; the rebuilt middle state equals the saved one:", np.array_equal(np.load("demo-out/w1_mid.npy"), np.load("demo-out/train_w1_mid.npy")))'
 
 # --- tests ------------------------------------------------------------------
 

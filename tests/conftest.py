@@ -20,11 +20,12 @@ def golden() -> Path:
     return GOLDEN
 
 
-def run(args: list[str], **kw) -> subprocess.CompletedProcess[str]:
+def run(args: list[str], cwd_override: Path | None = None, **kw) -> subprocess.CompletedProcess[str]:
     """Run a command with the venv's bin first on PATH, from the repository root."""
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, **kw)
+    cwd = cwd_override or ROOT
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, **kw)
 
 
 @pytest.fixture

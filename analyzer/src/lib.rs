@@ -1,10 +1,11 @@
 //! Questions asked of a memwatch trace, offline.
 //!
 //! This crate owns everything that reads a trace for meaning rather than for
-//! bytes: resolving interned ids ([`Symbols`]), and in later steps filtering
-//! changes, rebuilding a region's state, blame and export. It does not own
-//! the file layout (`memwatch-format`) nor how results are printed (the
-//! `memwatch` CLI).
+//! bytes: resolving interned ids ([`Symbols`]), streaming changes through a
+//! [`Filter`] ([`for_each_change`]), rebuilding a region's exact contents at
+//! any point from its snapshots ([`state()`]), and finding who wrote a byte
+//! ([`writes_to`]). It does not own the file layout (`memwatch-format`) nor
+//! how results are printed (the `memwatch` CLI).
 //!
 //! ```
 //! use memwatch_analyzer::Symbols;
@@ -27,6 +28,12 @@
 //! # Ok::<(), memwatch_format::Error>(())
 //! ```
 
+mod error;
+mod query;
+mod state;
 mod symbols;
 
+pub use error::{Error, Result};
+pub use query::{for_each_change, ChangeRow, Filter, What};
+pub use state::{element_bytes, seq_bounds, state, writes_to, State};
 pub use symbols::{FrameInfo, RegionInfo, Symbols};

@@ -23,6 +23,8 @@ pub struct RegionInfo {
     pub itemsize: u32,
     pub shape: Vec<u64>,
     pub strides: Vec<i64>,
+    /// Offset of element `[0, ...]` from the region start.
+    pub origin: u64,
     /// The seq of its `RegionWatched` record.
     pub watched_seq: u64,
     /// The seq of its `RegionUnwatched` record, once seen.
@@ -39,6 +41,7 @@ pub struct Symbols {
     frames: HashMap<Id, FrameInfo>,
     stacks: HashMap<Id, Vec<Id>>,
     regions: HashMap<u32, RegionInfo>,
+    object_tags: std::collections::BTreeSet<String>,
 }
 
 impl Symbols {
@@ -70,10 +73,18 @@ impl Symbols {
                     itemsize: r.layout.itemsize,
                     shape: r.layout.shape.clone(),
                     strides: r.layout.strides.clone(),
+                    origin: r.layout.origin,
                     watched_seq: r.seq,
                     unwatched_seq: None,
                 };
                 self.regions.insert(r.region, info);
+            }
+            Record::ObjectChange(o) => {
+                if let Some(t) = self.strings.get(&o.tag) {
+                    if !self.object_tags.contains(&**t) {
+                        self.object_tags.insert(t.to_string());
+                    }
+                }
             }
             Record::RegionUnwatched(u) => {
                 if let Some(r) = self.regions.get_mut(&u.region) {
@@ -113,6 +124,15 @@ impl Symbols {
 
     pub fn region(&self, region: u32) -> Option<&RegionInfo> {
         self.regions.get(&region)
+    }
+
+    /// Every tag seen so far (regions and objects), sorted, without repeats.
+    pub fn tags(&self) -> Vec<String> {
+        let mut t: Vec<String> = self.regions.values().map(|r| r.tag.to_string()).collect();
+        t.extend(self.object_tags.iter().cloned());
+        t.sort();
+        t.dedup();
+        t
     }
 
     /// Every region seen so far, in region id order.

@@ -20,7 +20,12 @@ use std::io::{self, Write};
 
 use clap::{Parser, Subcommand};
 
+pub mod blame;
 pub mod dump;
+pub mod query;
+pub mod record;
+pub mod state;
+pub mod summary;
 mod text;
 
 /// `memwatch`: record and replay memory changes in Python programs.
@@ -33,6 +38,16 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run a program and record every change to the memory it watches.
+    Record(record::Args),
+    /// List the changes of a trace, filtered.
+    Query(query::Args),
+    /// Print a region's exact contents after a given seq.
+    State(state::Args),
+    /// Show the last change that wrote a byte or element.
+    Blame(blame::Args),
+    /// Summarize a trace per tag and per line.
+    Summary(summary::Args),
     /// Print a trace's header and every record, one per line.
     Dump(dump::Args),
 }
@@ -59,6 +74,21 @@ where
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
     let result = match cli.command {
+        Command::Record(args) => {
+            drop(out);
+            let mut so = io::stdout();
+            return match record::run(&args, &mut so) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("memwatch: error: {}", message(&e));
+                    EXIT_ERROR
+                }
+            };
+        }
+        Command::Query(args) => query::run(&args, &mut out),
+        Command::State(args) => state::run(&args, &mut out),
+        Command::Blame(args) => blame::run(&args, &mut out),
+        Command::Summary(args) => summary::run(&args, &mut out),
         Command::Dump(args) => dump::run(&args, &mut out),
     };
     let result = result.and_then(|code| out.flush().map(|()| code).map_err(Into::into));
@@ -67,10 +97,26 @@ where
         Err(e) if is_broken_pipe(&e) => 0,
         Err(e) => {
             drop(out);
-            eprintln!("memwatch: error: {e:#}");
+            eprintln!("memwatch: error: {}", message(&e));
             EXIT_ERROR
         }
     }
+}
+
+/// The error and its causes, each cause once (our errors often include
+/// their cause's text already).
+pub fn message(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+    }
+    msg
 }
 
 /// True when the error chain ends in a closed stdout (`memwatch dump | head`).

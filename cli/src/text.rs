@@ -80,3 +80,107 @@ mod tests {
         assert_eq!(utc(951_782_400_000_000_001), "2000-02-29T00:00:00.000000001Z");
     }
 }
+
+/// One element of array-protocol dtype `dtype` (`<f4`, `|u1`, `>i2`) as
+/// text, or `None` when the dtype is not a plain number.
+pub fn element(dtype: &str, b: &[u8]) -> Option<String> {
+    let (order, rest) = dtype.split_at(1);
+    let mut le = b.to_vec();
+    if order == ">" {
+        le.reverse();
+    }
+    let kind = rest.chars().next()?;
+    let n = le.len();
+    let mut a = [0u8; 8];
+    a[..n.min(8)].copy_from_slice(&le[..n.min(8)]);
+    Some(match (kind, n) {
+        ('f', 4) => {
+            // Shortest text that reads back as the same float32, as numpy prints it.
+            let x = f32::from_le_bytes(le[..4].try_into().ok()?);
+            if x.is_finite() && x != x.trunc() {
+                format!("{x}")
+            } else {
+                fmt_float(f64::from(x))
+            }
+        }
+        ('f', 8) => fmt_float(f64::from_le_bytes(a)),
+        ('f', 2) => {
+            let h = u16::from_le_bytes([le[0], le[1]]);
+            let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+            let (e, f) = ((h >> 10) & 0x1f, f64::from(h & 0x3ff));
+            fmt_float(match e {
+                0 => sign * f * 2f64.powi(-24),
+                31 if f == 0.0 => sign * f64::INFINITY,
+                31 => f64::NAN,
+                e => sign * (1.0 + f / 1024.0) * 2f64.powi(i32::from(e) - 15),
+            })
+        }
+        ('i', 1..=8) => {
+            let shift = 64 - 8 * n as u32;
+            ((i64::from_le_bytes(a) << shift) >> shift).to_string()
+        }
+        ('u', 1..=8) => u64::from_le_bytes(a).to_string(),
+        ('b', 1) => (le[0] != 0).to_string(),
+        _ => return None,
+    })
+}
+
+/// A float the way Python prints it (`0.5`, `1.0`, `nan`, `inf`).
+pub fn fmt_float(x: f64) -> String {
+    if x.is_nan() {
+        "nan".into()
+    } else if x.is_infinite() {
+        if x > 0.0 { "inf" } else { "-inf" }.into()
+    } else if x == x.trunc() && x.abs() < 1e16 {
+        format!("{x:.1}")
+    } else {
+        format!("{x}")
+    }
+}
+
+/// Parses `A..B` (either end may be left out) into an inclusive range.
+pub fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("expected A..B (like 10..20, 10.. or ..20), got {s:?}"))?;
+    let num = |x: &str, default: u64| -> Result<u64, String> {
+        if x.is_empty() {
+            Ok(default)
+        } else {
+            x.parse().map_err(|_| format!("{x:?} is not a number"))
+        }
+    };
+    let (a, b) = (num(a, 0)?, num(b, u64::MAX)?);
+    if a > b {
+        return Err(format!("the range {s:?} is empty (start after end)"));
+    }
+    Ok((a, b))
+}
+
+#[cfg(test)]
+mod element_tests {
+    use super::*;
+
+    #[test]
+    fn elements_decode_like_python_prints_them() {
+        assert_eq!(element("<f4", &0.5f32.to_le_bytes()).unwrap(), "0.5");
+        assert_eq!(element("<f4", &0.1f32.to_le_bytes()).unwrap(), "0.1");
+        assert_eq!(element("<f4", &3.0f32.to_le_bytes()).unwrap(), "3.0");
+        assert_eq!(element("<f8", &2.0f64.to_le_bytes()).unwrap(), "2.0");
+        assert_eq!(element("<i2", &(-3i16).to_le_bytes()).unwrap(), "-3");
+        assert_eq!(element("|u1", &[200]).unwrap(), "200");
+        assert_eq!(element(">i4", &7i32.to_be_bytes()).unwrap(), "7");
+        assert_eq!(element("<f4", &f32::NAN.to_le_bytes()).unwrap(), "nan");
+        assert_eq!(element("|b1", &[1]).unwrap(), "true");
+        assert_eq!(element("<c8", &[0; 8]), None);
+    }
+
+    #[test]
+    fn ranges_parse_with_open_ends() {
+        assert_eq!(parse_range("3..9"), Ok((3, 9)));
+        assert_eq!(parse_range("..9"), Ok((0, 9)));
+        assert_eq!(parse_range("3.."), Ok((3, u64::MAX)));
+        assert!(parse_range("9..3").is_err());
+        assert!(parse_range("x").is_err());
+    }
+}

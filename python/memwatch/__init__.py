@@ -6,8 +6,9 @@ and records it to a compact trace (``.mwt``) that the ``memwatch`` command
 queries offline.
 
 Watching buffers (``watch``, ``unwatch``, ``watching``, ``on_change``,
-``history``, ``start``/``stop``) works today; ``memwatch record`` and the
-offline queries come next.
+``history``, ``start``/``stop``) and reading traces back (``open_trace``,
+and the ``memwatch`` command: ``record``, ``query``, ``state``, ``blame``,
+``summary``, ``dump``) work today.
 
 >>> import memwatch
 >>> memwatch.FORMAT_VERSION
@@ -33,7 +34,9 @@ from memwatch._memwatch import (
     backend,
     check,
     clear_history,
+    Trace,
     history,
+    open_trace,
     remove_callback,
     trace_info,
 )
@@ -55,8 +58,10 @@ __all__ = [
     "check",
     "clear_history",
     "configure",
+    "Trace",
     "history",
     "on_change",
+    "open_trace",
     "remove_callback",
     "start",
     "stop",

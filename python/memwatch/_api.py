@@ -216,7 +216,9 @@ def watch(
         bytes_like,
     )
     trace_env = os.environ.get("MEMWATCH_TRACE")
-    if trace_env and not _auto_started and _memwatch._recording() is None:
+    parent = os.environ.get("MEMWATCH_TRACE_PARENT")
+    mine = parent is None or parent == str(os.getppid())  # `memwatch record` records its own child only
+    if trace_env and mine and not _auto_started and _memwatch._recording() is None:
         _auto_started = True
         start(trace=trace_env)
     return handle
@@ -322,8 +324,17 @@ def on_change(callback: Callable[[Change], Any]) -> Callable[[Change], Any]:
     return _memwatch.on_change(callback)
 
 
+def _shutdown() -> None:
+    """At exit: report what is pending, close the trace, release buffers.
+    Problems are one line on stderr, never a traceback."""
+    try:
+        _memwatch._shutdown()
+    except Exception as e:  # noqa: BLE001 - exit must go on
+        print(f"memwatch: {e}", file=sys.stderr)
+
+
 _memwatch._set_hooks(_scope.in_scope, threading.current_thread, sys)
-atexit.register(_memwatch._shutdown)
+atexit.register(_shutdown)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_memwatch._after_fork_child)
 

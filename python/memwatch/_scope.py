@@ -67,6 +67,16 @@ def set_patterns(include: list[str] | None, exclude: list[str] | None) -> None:
         _exclude = [_norm(str(p)) for p in exclude]
 
 
+def _from_env() -> None:
+    """`memwatch record --include/--exclude` hand their patterns over here."""
+    inc = os.environ.get("MEMWATCH_INCLUDE")
+    exc = os.environ.get("MEMWATCH_EXCLUDE")
+    set_patterns(
+        [p for p in inc.split(":") if p] if inc else None,
+        [p for p in exc.split(":") if p] if exc else None,
+    )
+
+
 def patterns() -> tuple[list[str], list[str]]:
     return list(_include), list(_exclude)
 
@@ -89,3 +99,6 @@ def in_scope(filename: str) -> bool:
     if _matches(path, _exclude):
         return False
     return not _matches(path, _DEFAULT_EXCLUDED)
+
+
+_from_env()

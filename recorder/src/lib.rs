@@ -31,6 +31,7 @@ pub mod engine;
 pub mod errors;
 pub mod kernel;
 pub mod monitor;
+pub mod reader;
 pub mod sink;
 
 use errors::trace_error;
@@ -49,6 +50,14 @@ fn trace_info<'py>(py: Python<'py>, path: std::path::PathBuf) -> PyResult<Bound<
     let reader = py
         .detach(|| memwatch_format::TraceReader::open(&path))
         .map_err(trace_error)?;
+    trace_info_dict(py, &reader)
+}
+
+/// The dict `trace_info` and `Trace.meta` return.
+pub(crate) fn trace_info_dict<'py>(
+    py: Python<'py>,
+    reader: &memwatch_format::TraceReader,
+) -> PyResult<Bound<'py, PyDict>> {
     let h = reader.header();
     let d = PyDict::new(py);
     d.set_item("path", reader.path().to_string_lossy())?;
@@ -86,7 +95,9 @@ fn _memwatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(trace_info, m)?)?;
     m.add_class::<change::Change>()?;
     m.add_class::<api::WatchHandle>()?;
+    m.add_class::<reader::Trace>()?;
     for f in [
+        wrap_pyfunction!(reader::open_trace, m)?,
         wrap_pyfunction!(api::_watch, m)?,
         wrap_pyfunction!(api::_unwatch, m)?,
         wrap_pyfunction!(api::_regions, m)?,

@@ -95,7 +95,7 @@ pub fn code_info(py: Python<'_>, code: &Bound<'_, PyAny>) -> PyResult<(Arc<str>,
     if let Some(i) = codes().as_ref().and_then(|m| m.get(&key)) {
         return Ok((i.file.clone(), i.function.clone(), i.in_scope));
     }
-    let file: String = code.getattr("co_filename")?.extract()?;
+    let file = normalize(&code.getattr("co_filename")?.extract::<String>()?);
     let function: String = code
         .getattr("co_qualname")
         .or_else(|_| code.getattr("co_name"))?
@@ -110,6 +110,25 @@ pub fn code_info(py: Python<'_>, code: &Bound<'_, PyAny>) -> PyResult<(Arc<str>,
     let out = (info.file.clone(), info.function.clone(), info.in_scope);
     codes().get_or_insert_with(HashMap::new).insert(key, info);
     Ok(out)
+}
+
+/// `a/b/../c` -> `a/c`, lexically, for absolute paths (what a program run as
+/// `python ../train.py` from another folder records).
+fn normalize(file: &str) -> String {
+    if !file.starts_with('/') || !(file.contains("/./") || file.contains("/../")) {
+        return file.to_string();
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for p in file.split('/') {
+        match p {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    format!("/{}", parts.join("/"))
 }
 
 /// File and function of a code object we already know, by address.

@@ -1,0 +1,238 @@
+//! Rebuilding a region's contents at any point, and who last wrote a byte.
+
+use std::ops::ControlFlow;
+
+use memwatch_format::{Record, TraceReader, NO_SEQ};
+
+use crate::error::{Error, Result};
+use crate::query::{for_each_change, ChangeRow, Filter, What};
+use crate::symbols::{RegionInfo, Symbols};
+
+/// A region's exact contents after event `at_seq`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct State {
+    pub region: RegionInfo,
+    pub at_seq: u64,
+    pub data: Vec<u8>,
+    /// The snapshot the state was rebuilt from (the region's initial
+    /// contents or a checkpoint) and how many changes were replayed on it.
+    pub from_snapshot: u64,
+    pub replayed: u64,
+}
+
+/// The first and last seq of the trace's events, if it has any.
+pub fn seq_bounds(reader: &TraceReader) -> Option<(u64, u64)> {
+    let mut bounds: Option<(u64, u64)> = None;
+    for c in reader.chunks() {
+        let h = &c.header;
+        if h.first_seq == NO_SEQ {
+            continue;
+        }
+        bounds = Some(match bounds {
+            None => (h.first_seq, h.last_seq),
+            Some((a, b)) => (a.min(h.first_seq), b.max(h.last_seq)),
+        });
+    }
+    bounds
+}
+
+/// Finds the region watched under `tag` (the first one), reading from the
+/// start only as far as needed. Returns it, the symbols learned so far and
+/// the index of the chunk that holds its `RegionWatched`.
+fn find_region(reader: &TraceReader, tag: &str) -> Result<(RegionInfo, Symbols, usize)> {
+    let mut syms = Symbols::default();
+    for (k, info) in reader.chunks().iter().enumerate() {
+        let chunk = reader.decode_chunk(info)?;
+        for rec in chunk.records() {
+            let rec = rec?;
+            syms.learn(&rec);
+            if let Record::RegionWatched(r) = &rec {
+                if r.tag == tag {
+                    let region = syms.region(r.region).expect("just learned").clone();
+                    return Ok((region, syms, k));
+                }
+            }
+        }
+    }
+    Err(Error::UnknownTag {
+        tag: tag.to_string(),
+        known: syms.tags(),
+    })
+}
+
+/// The contents of the region tagged `tag` after event `at` (default: the
+/// last event of the trace).
+///
+/// The cost does not grow with the number of changes before `at`: the
+/// reader walks back from the chunk holding `at` to the nearest snapshot of
+/// the region (a checkpoint, or the initial contents), then replays only the
+/// changes after it. Checkpoints are written whenever a region's changes
+/// since the last one reach its size, so that replay is at most about one
+/// region's worth of changes.
+pub fn state(reader: &TraceReader, tag: &str, at: Option<u64>) -> Result<State> {
+    let (region, _, first_chunk) = find_region(reader, tag)?;
+    let (lo, hi) = seq_bounds(reader).unwrap_or((region.watched_seq, region.watched_seq));
+    let target = at.unwrap_or(hi);
+    if target > hi {
+        return Err(Error::SeqOutOfRange {
+            seq: target,
+            what: format!("the trace's events run from seq {lo} to {hi}"),
+        });
+    }
+    if target < region.watched_seq {
+        return Err(Error::SeqOutOfRange {
+            seq: target,
+            what: format!("{tag:?} was first watched at seq {}", region.watched_seq),
+        });
+    }
+    let chunks = reader.chunks();
+    // The last chunk that starts at or before the target.
+    let mut k = first_chunk;
+    for (i, c) in chunks.iter().enumerate().skip(first_chunk) {
+        if c.header.first_seq != NO_SEQ && c.header.first_seq > target {
+            break;
+        }
+        k = i;
+    }
+    // Walk back to the nearest snapshot at or before the target.
+    let mut snapshot: Option<(usize, u64)> = None;
+    let mut j = k;
+    loop {
+        let chunk = reader.decode_chunk(&chunks[j])?;
+        let mut best: Option<u64> = None;
+        for rec in chunk.records() {
+            let s = match rec? {
+                Record::Checkpoint(c) if c.region == region.region => c.at_seq,
+                Record::RegionWatched(r) if r.region == region.region => r.seq,
+                _ => continue,
+            };
+            if s <= target {
+                best = Some(best.map_or(s, |b: u64| b.max(s)));
+            }
+        }
+        if let Some(s) = best {
+            snapshot = Some((j, s));
+            break;
+        }
+        if j == first_chunk {
+            break;
+        }
+        j -= 1;
+    }
+    let (start, snap_seq) = snapshot.unwrap_or((first_chunk, region.watched_seq));
+    let mut data = vec![0u8; region.len as usize];
+    let mut replayed = 0;
+    'chunks: for info in &chunks[start..] {
+        let chunk = reader.decode_chunk(info)?;
+        for rec in chunk.records() {
+            match rec? {
+                Record::Contents(c) if c.region == region.region && c.at_seq == snap_seq => {
+                    let off = c.offset as usize;
+                    let end = (off + c.data.len()).min(data.len());
+                    if off < end {
+                        data[off..end].copy_from_slice(&c.data[..end - off]);
+                    }
+                }
+                Record::Change(c) if c.region == region.region => {
+                    if c.seq > target {
+                        break 'chunks;
+                    }
+                    if c.seq > snap_seq {
+                        for r in &c.ranges {
+                            let off = r.offset as usize;
+                            let end = (off + r.new.len()).min(data.len());
+                            if off < end {
+                                data[off..end].copy_from_slice(&r.new[..end - off]);
+                            }
+                        }
+                        replayed += 1;
+                    }
+                }
+                rec => {
+                    if rec.seq().is_some_and(|s| s > target) {
+                        break 'chunks;
+                    }
+                }
+            }
+        }
+    }
+    Ok(State {
+        region,
+        at_seq: target,
+        data,
+        from_snapshot: snap_seq,
+        replayed,
+    })
+}
+
+/// The byte range of element `index` (one entry per dimension, or one flat
+/// index) of `region`.
+pub fn element_bytes(region: &RegionInfo, index: &[u64]) -> Result<(u64, u64)> {
+    let itemsize = u64::from(region.itemsize.max(1));
+    let shape = if region.shape.is_empty() {
+        vec![region.len / itemsize]
+    } else {
+        region.shape.clone()
+    };
+    let bad = |what: String| Error::OutOfRegion { what };
+    let idx: Vec<u64> = if index.len() == 1 && shape.len() > 1 {
+        // A flat index into a C-ordered array.
+        let mut flat = index[0];
+        let mut v = vec![0; shape.len()];
+        for (d, n) in shape.iter().enumerate().rev() {
+            v[d] = flat % n.max(&1);
+            flat /= n.max(&1);
+        }
+        if flat != 0 {
+            return Err(bad(format!("flat index {} is outside shape {shape:?}", index[0])));
+        }
+        v
+    } else {
+        index.to_vec()
+    };
+    if idx.len() != shape.len() || idx.iter().zip(&shape).any(|(i, n)| i >= n) {
+        return Err(bad(format!("index {idx:?} is outside shape {shape:?}")));
+    }
+    let strides: Vec<i64> = if region.strides.is_empty() {
+        let mut s = vec![0i64; shape.len()];
+        let mut acc = itemsize as i64;
+        for d in (0..shape.len()).rev() {
+            s[d] = acc;
+            acc *= shape[d] as i64;
+        }
+        s
+    } else {
+        region.strides.clone()
+    };
+    let off = region.origin as i64 + idx.iter().zip(&strides).map(|(i, s)| *i as i64 * s).sum::<i64>();
+    Ok((off as u64, off as u64 + itemsize))
+}
+
+/// Every change to bytes `[start, end)` of the region tagged `tag` up to
+/// event `at`, oldest first (the last one is the blame).
+pub fn writes_to(
+    reader: &TraceReader,
+    tag: &str,
+    start: u64,
+    end: u64,
+    at: Option<u64>,
+) -> Result<Vec<ChangeRow>> {
+    let filter = Filter {
+        tag: Some(tag.to_string()),
+        seq: at.map(|a| (0, a)),
+        ..Filter::default()
+    };
+    let mut out = Vec::new();
+    for_each_change(reader, &filter, |row| {
+        if let What::Bytes { ranges, .. } = &row.what {
+            if ranges
+                .iter()
+                .any(|(off, old, _)| *off < end && off + old.len() as u64 > start)
+            {
+                out.push(row.clone());
+            }
+        }
+        ControlFlow::Continue(())
+    })?;
+    Ok(out)
+}

@@ -1,0 +1,122 @@
+//! `memwatch blame`: who last wrote a byte or an element.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use memwatch_analyzer::{element_bytes, state, writes_to};
+use memwatch_format::TraceReader;
+
+use memwatch_analyzer::{ChangeRow, What};
+
+use crate::text::{element, hex};
+
+/// Old -> new of bytes `[start, end)` in this change.
+fn blamed_text(row: &ChangeRow, start: u64, end: u64) -> String {
+    let What::Bytes { ranges, .. } = &row.what else {
+        return String::new();
+    };
+    let mut old = Vec::new();
+    let mut new = Vec::new();
+    for b in start..end {
+        for (off, o, n) in ranges {
+            if (*off..off + o.len() as u64).contains(&b) {
+                old.push(o[(b - off) as usize]);
+                new.push(n[(b - off) as usize]);
+            }
+        }
+    }
+    let dtype = row.region.as_ref().and_then(|r| r.dtype.as_deref());
+    match dtype.filter(|_| old.len() as u64 == end - start && end - start > 1) {
+        Some(d) => match (element(d, &old), element(d, &new)) {
+            (Some(a), Some(b)) => format!("{a} -> {b}"),
+            _ => format!("{} -> {}", hex(&old, 0), hex(&new, 0)),
+        },
+        None => format!("{} -> {}", hex(&old, 0), hex(&new, 0)),
+    }
+}
+
+const AFTER_HELP: &str = "\
+Prints the last change that wrote the byte or element before the point
+(default: the end of the trace): its seq, line, function, thread and
+old -> new. --all lists every write to it, oldest first.
+
+Examples:
+  memwatch blame run.mwt --tag layer1_weight --index 3,1
+  memwatch blame run.mwt --tag step --offset 0 --all";
+
+/// Show the last change that wrote a byte or element.
+#[derive(Debug, clap::Args)]
+#[command(after_help = AFTER_HELP)]
+pub struct Args {
+    /// The trace file (.mwt).
+    pub trace: PathBuf,
+    /// The region's tag.
+    #[arg(long)]
+    pub tag: String,
+    /// A byte offset within the region.
+    #[arg(long, conflicts_with = "index", required_unless_present = "index")]
+    pub offset: Option<u64>,
+    /// An element index (one number per dimension, comma-separated, or one flat index).
+    #[arg(long, value_delimiter = ',')]
+    pub index: Option<Vec<u64>>,
+    /// Only changes up to this seq.
+    #[arg(long)]
+    pub at: Option<u64>,
+    /// List every write, not only the last.
+    #[arg(long)]
+    pub all: bool,
+}
+
+pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
+    let reader = TraceReader::open(&args.trace)?;
+    // Resolves the tag (and checks --at) before scanning everything.
+    let st = state(&reader, &args.tag, args.at)?;
+    let region = &st.region;
+    let (start, end, what) = match (&args.offset, &args.index) {
+        (Some(o), _) => {
+            if *o >= region.len {
+                bail!("offset {o} is outside {:?} ({} bytes)", region.tag, region.len);
+            }
+            (*o, o + 1, format!("byte {o}"))
+        }
+        (None, Some(idx)) => {
+            let (a, b) = element_bytes(region, idx)?;
+            let i: Vec<String> = idx.iter().map(u64::to_string).collect();
+            (a, b, format!("element [{}]", i.join(", ")))
+        }
+        (None, None) => bail!("give --offset or --index"),
+    };
+    let writes = writes_to(&reader, &args.tag, start, end, args.at)?;
+    let shown: Vec<_> = if args.all {
+        writes.iter().collect()
+    } else {
+        writes.last().into_iter().collect()
+    };
+    if shown.is_empty() {
+        writeln!(
+            out,
+            "{} of {} was never written after it was watched (seq {})",
+            what, args.tag, region.watched_seq
+        )?;
+        return Ok(0);
+    }
+    for row in shown {
+        let f = row.frame.as_ref();
+        writeln!(
+            out,
+            "{what} of {}: seq {} at {}:{} in {} (thread {}): {}",
+            args.tag,
+            row.seq,
+            f.map(|f| f.file.to_string()).unwrap_or_else(|| "?".into()),
+            f.map(|f| f.line).unwrap_or(0),
+            f.map(|f| f.function.to_string()).unwrap_or_else(|| "?".into()),
+            row.thread_name
+                .as_deref()
+                .map(String::from)
+                .unwrap_or_else(|| row.thread.to_string()),
+            blamed_text(row, start, end),
+        )?;
+    }
+    Ok(0)
+}

@@ -1,0 +1,355 @@
+//! `memwatch query`: the changes of a trace, filtered, as a table, JSON
+//! lines or CSV.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use memwatch_analyzer::{for_each_change, ChangeRow, Filter, What};
+use memwatch_format::TraceReader;
+
+use crate::text::{element, hex, parse_range};
+
+const AFTER_HELP: &str = "\
+Columns: seq, time (ms since the trace started), tag, variable, the line the
+change is attributed to (file:line), function, thread, what changed (bytes,
+or elements for a known dtype, or the kind of an object change) and a sample
+of old -> new (the first changed element or bytes).
+
+Examples:
+  memwatch query run.mwt --tag layer1_weight
+  memwatch query run.mwt --file train.py --line 52 --format jsonl
+  memwatch query run.mwt --seq 100..200 --thread MainThread --limit 20
+  memwatch query run.mwt --format csv > changes.csv";
+
+/// Output formats of `memwatch query`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Jsonl,
+    Csv,
+}
+
+/// List the changes of a trace, filtered.
+#[derive(Debug, clap::Args)]
+#[command(after_help = AFTER_HELP)]
+pub struct Args {
+    /// The trace file (.mwt).
+    pub trace: PathBuf,
+    /// Only this tag.
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// Only changes attributed to this file (a path or its end: train.py).
+    #[arg(long)]
+    pub file: Option<String>,
+    /// Only changes attributed to this line.
+    #[arg(long)]
+    pub line: Option<u32>,
+    /// Only changes attributed to this function (qualified or plain name).
+    #[arg(long)]
+    pub function: Option<String>,
+    /// Only changes made by this thread (OS thread id or name).
+    #[arg(long)]
+    pub thread: Option<String>,
+    /// Only seqs in A..B (inclusive; either end may be left out).
+    #[arg(long, value_name = "A..B", value_parser = parse_range)]
+    pub seq: Option<(u64, u64)>,
+    /// Only changes made between A and B nanoseconds after the trace started.
+    #[arg(long, value_name = "A..B", value_parser = parse_range)]
+    pub time: Option<(u64, u64)>,
+    /// Stop after this many changes.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+impl Args {
+    fn filter(&self) -> Filter {
+        Filter {
+            tag: self.tag.clone(),
+            file: self.file.clone(),
+            line: self.line,
+            function: self.function.clone(),
+            thread: self.thread.clone(),
+            seq: self.seq,
+            time: self.time,
+        }
+    }
+}
+
+/// What changed, in a few words: `3 elements`, `5 bytes`, `setattr`.
+pub fn changed_text(row: &ChangeRow) -> String {
+    match &row.what {
+        What::Bytes { ranges, .. } => {
+            let bytes: usize = ranges.iter().map(|r| r.1.len()).sum();
+            match row
+                .region
+                .as_ref()
+                .and_then(|r| r.dtype.as_ref().map(|_| r.itemsize))
+            {
+                Some(size) if size > 1 => {
+                    let els = ranges
+                        .iter()
+                        .flat_map(|(_, o, n)| o.chunks(size as usize).zip(n.chunks(size as usize)))
+                        .filter(|(a, b)| a != b)
+                        .count();
+                    format!("{els} element{}", if els == 1 { "" } else { "s" })
+                }
+                _ => format!("{bytes} byte{}", if bytes == 1 { "" } else { "s" }),
+            }
+        }
+        What::Object { kind, key, .. } => match key {
+            Some(k) => format!("{} {k}", kind.name()),
+            None => kind.name().to_string(),
+        },
+    }
+}
+
+/// The first changed element or bytes, `old -> new`.
+pub fn sample_text(row: &ChangeRow) -> String {
+    match &row.what {
+        What::Bytes { ranges, .. } => {
+            let Some((_, old, new)) = ranges.first() else {
+                return String::new();
+            };
+            let region = row.region.as_ref();
+            if let Some((dtype, size)) =
+                region.and_then(|r| r.dtype.as_deref().map(|d| (d, r.itemsize as usize)))
+            {
+                let pair = old
+                    .chunks(size)
+                    .zip(new.chunks(size))
+                    .find(|(a, b)| a != b)
+                    .and_then(|(a, b)| Some((element(dtype, a)?, element(dtype, b)?)));
+                if let Some((a, b)) = pair {
+                    return format!("{a} -> {b}");
+                }
+            }
+            format!("{} -> {}", hex(old, 8), hex(new, 8))
+        }
+        What::Object { old, new, .. } => {
+            format!(
+                "{} -> {}",
+                old.as_deref().unwrap_or("-"),
+                new.as_deref().unwrap_or("-")
+            )
+        }
+    }
+}
+
+fn at_text(row: &ChangeRow) -> String {
+    row.frame
+        .as_ref()
+        .map(|f| format!("{}:{}", f.file, f.line))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn json_opt(s: Option<&str>) -> String {
+    s.map(json_str).unwrap_or_else(|| "null".into())
+}
+
+/// One change as a JSON object (no trailing newline).
+pub fn json_row(row: &ChangeRow) -> String {
+    let f = row.frame.as_ref();
+    let mut s = format!(
+        "{{\"seq\":{},\"time_ns\":{},\"tag\":{},\"variable\":{},\"file\":{},\"line\":{},\"function\":{},\"thread\":{},\"thread_name\":{}",
+        row.seq,
+        row.time_ns,
+        json_str(&row.tag),
+        json_opt(row.variable.as_deref()),
+        json_opt(f.map(|f| &*f.file)),
+        f.map(|f| f.line.to_string()).unwrap_or_else(|| "null".into()),
+        json_opt(f.map(|f| &*f.function)),
+        row.thread,
+        json_opt(row.thread_name.as_deref()),
+    );
+    match &row.what {
+        What::Bytes { region, ranges } => {
+            let rs: Vec<String> = ranges
+                .iter()
+                .map(|(o, a, b)| {
+                    format!(
+                        "{{\"offset\":{o},\"old\":\"{}\",\"new\":\"{}\"}}",
+                        hex(a, 0),
+                        hex(b, 0)
+                    )
+                })
+                .collect();
+            s.push_str(&format!(
+                ",\"kind\":\"bytes\",\"region\":{region},\"bytes_changed\":{},\"ranges\":[{}]",
+                row.bytes_changed(),
+                rs.join(",")
+            ));
+        }
+        What::Object { kind, key, old, new } => s.push_str(&format!(
+            ",\"kind\":\"{}\",\"key\":{},\"old\":{},\"new\":{}",
+            kind.name(),
+            json_opt(key.as_deref()),
+            json_opt(old.as_deref()),
+            json_opt(new.as_deref())
+        )),
+    }
+    let stack: Vec<String> = row
+        .stack
+        .iter()
+        .map(|f| format!("[{},{},{}]", json_str(&f.file), f.line, json_str(&f.function)))
+        .collect();
+    s.push_str(&format!(",\"stack\":[{}]}}", stack.join(",")));
+    s
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
+    let reader = TraceReader::open(&args.trace)?;
+    let filter = args.filter();
+    let limit = args.limit.unwrap_or(usize::MAX);
+    let mut rows: Vec<[String; 9]> = Vec::new();
+    let mut n = 0usize;
+    let mut io_err: Option<std::io::Error> = None;
+    if args.format == Format::Csv {
+        writeln!(
+            out,
+            "seq,time_ns,tag,variable,file,line,function,thread,thread_name,kind,changed,sample"
+        )?;
+    }
+    for_each_change(&reader, &filter, |row| {
+        if n >= limit {
+            return ControlFlow::Break(());
+        }
+        n += 1;
+        let res = match args.format {
+            Format::Table => {
+                rows.push([
+                    row.seq.to_string(),
+                    format!("{:.3}", row.time_ns as f64 / 1e6),
+                    row.tag.to_string(),
+                    row.variable.as_deref().unwrap_or("-").to_string(),
+                    at_text(row),
+                    row.frame
+                        .as_ref()
+                        .map(|f| f.function.to_string())
+                        .unwrap_or_default(),
+                    row.thread_name
+                        .as_deref()
+                        .map(String::from)
+                        .unwrap_or_else(|| row.thread.to_string()),
+                    changed_text(row),
+                    sample_text(row),
+                ]);
+                Ok(())
+            }
+            Format::Jsonl => writeln!(out, "{}", json_row(row)),
+            Format::Csv => {
+                let f = row.frame.as_ref();
+                let kind = match &row.what {
+                    What::Bytes { .. } => "bytes",
+                    What::Object { kind, .. } => kind.name(),
+                };
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{},{},{},{},{},{},{}",
+                    row.seq,
+                    row.time_ns,
+                    csv_field(&row.tag),
+                    csv_field(row.variable.as_deref().unwrap_or("")),
+                    csv_field(f.map(|f| &*f.file).unwrap_or("")),
+                    f.map(|f| f.line.to_string()).unwrap_or_default(),
+                    csv_field(f.map(|f| &*f.function).unwrap_or("")),
+                    row.thread,
+                    csv_field(row.thread_name.as_deref().unwrap_or("")),
+                    kind,
+                    csv_field(&changed_text(row)),
+                    csv_field(&sample_text(row)),
+                )
+            }
+        };
+        match res {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                io_err = Some(e);
+                ControlFlow::Break(())
+            }
+        }
+    })?;
+    if let Some(e) = io_err {
+        return Err(e.into());
+    }
+    if args.format == Format::Table {
+        write_table(out, &rows)?;
+        if rows.is_empty() {
+            writeln!(out, "(no changes match)")?;
+        }
+    }
+    if let Some(msg) = reader.tail_message() {
+        out.flush()?;
+        eprintln!("memwatch: note: {}: {msg}", reader.path().display());
+    }
+    Ok(0)
+}
+
+fn write_table(out: &mut dyn Write, rows: &[[String; 9]]) -> std::io::Result<()> {
+    const HEAD: [&str; 9] = [
+        "seq",
+        "time_ms",
+        "tag",
+        "variable",
+        "at",
+        "function",
+        "thread",
+        "changed",
+        "old -> new",
+    ];
+    let mut width = HEAD.map(str::len);
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count().min(60));
+        }
+    }
+    let line = |cells: &[&str]| -> String {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(width)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                if i == cells.len() - 1 {
+                    c.to_string()
+                } else {
+                    format!("{c:<w$}")
+                }
+            })
+            .collect();
+        parts.join("  ").trim_end().to_string()
+    };
+    writeln!(out, "{}", line(&HEAD))?;
+    for r in rows {
+        let cells: Vec<&str> = r.iter().map(String::as_str).collect();
+        writeln!(out, "{}", line(&cells))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! `memwatch record`: run a program with recording on.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use memwatch_analyzer::{for_each_change, Filter};
+use memwatch_format::TraceReader;
+
+const AFTER_HELP: &str = "\
+Runs COMMAND with recording on: every change to a buffer the program
+watches (memwatch.watch) goes to the trace, from the first watch until the
+program ends. The program needs no other change. Only the Python process
+that COMMAND starts records; processes it starts in turn do not.
+
+The exit status is COMMAND's; a program killed by a signal is reported and
+memwatch exits with 128 + the signal number. A program that crashes or is
+killed still leaves a readable trace of everything recorded before.
+
+Examples:
+  memwatch record python train.py
+  memwatch record -o run.mwt --exclude tests/ -- python -m mypkg.train --epochs 2";
+
+/// Granularity of recorded changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// One change per executed line per watched region.
+    Line,
+    /// One change per store instruction (not available yet).
+    Store,
+}
+
+/// Run a program and record every change to the memory it watches.
+#[derive(Debug, clap::Args)]
+#[command(after_help = AFTER_HELP)]
+pub struct Args {
+    /// Where to write the trace (default: `<script stem>.mwt` here).
+    #[arg(short = 'o', long)]
+    pub output: Option<PathBuf>,
+    /// Only this code is in scope (a path, directory or glob; repeatable).
+    #[arg(long)]
+    pub include: Vec<String>,
+    /// Take this code out of scope (a path, directory or glob; repeatable).
+    #[arg(long)]
+    pub exclude: Vec<String>,
+    #[arg(long, value_enum, default_value_t = Mode::Line)]
+    pub mode: Mode,
+    /// Also print a `[MEMWATCH]` report per change while recording.
+    #[arg(long)]
+    pub live: bool,
+    /// The program and its arguments.
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
+    pub command: Vec<OsString>,
+}
+
+/// The trace name for a command line: the script's stem, the module's last
+/// component, or the program's name.
+pub fn default_output(command: &[OsString]) -> PathBuf {
+    let args: Vec<String> = command.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let mut stem = None;
+    let mut i = 1;
+    while i < args.len() {
+        let a = &args[i];
+        if a == "-m" {
+            stem = args
+                .get(i + 1)
+                .map(|m| m.rsplit('.').next().unwrap_or(m).to_string());
+            break;
+        }
+        if a.ends_with(".py") {
+            stem = Path::new(a).file_stem().map(|s| s.to_string_lossy().into_owned());
+            break;
+        }
+        if !a.starts_with('-') {
+            break;
+        }
+        i += 1;
+    }
+    let stem = stem.unwrap_or_else(|| {
+        args.first()
+            .map(|p| {
+                Path::new(p)
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "memwatch".into())
+    });
+    PathBuf::from(format!("{stem}.mwt"))
+}
+
+static PENDING: AtomicI32 = AtomicI32::new(0);
+
+// Runs in signal context: one atomic store, nothing else.
+extern "C" fn remember_signal(sig: libc::c_int) {
+    PENDING.store(sig, Ordering::SeqCst);
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGQUIT => "SIGQUIT",
+        _ => "signal",
+    }
+}
+
+pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
+    if args.mode == Mode::Store {
+        bail!("--mode store is not available yet; use --mode line (the default)");
+    }
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| default_output(&args.command));
+    let output =
+        std::path::absolute(&output).with_context(|| format!("bad output path {}", output.display()))?;
+    // Find out now, before the program runs, whether the trace can be written.
+    std::fs::File::create(&output).with_context(|| {
+        format!(
+            "cannot write the trace to {}; pass -o with a writable path",
+            output.display()
+        )
+    })?;
+    let sep = ":";
+    let mut cmd = Command::new(&args.command[0]);
+    cmd.args(&args.command[1..])
+        .env("MEMWATCH_TRACE", &output)
+        .env("MEMWATCH_TRACE_PARENT", std::process::id().to_string())
+        .env("MEMWATCH_LIVE", if args.live { "1" } else { "0" });
+    if !args.include.is_empty() {
+        cmd.env("MEMWATCH_INCLUDE", args.include.join(sep));
+    }
+    if !args.exclude.is_empty() {
+        cmd.env("MEMWATCH_EXCLUDE", args.exclude.join(sep));
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", args.command[0].to_string_lossy()))?;
+    let pid = child.id() as libc::pid_t;
+    // Forward the signals someone sends us; a terminal's Ctrl-C already
+    // reaches the child (same process group), so that one is not resent.
+    let handler = remember_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    for sig in [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+    ] {
+        // SAFETY: installing a handler that only stores to an atomic.
+        unsafe { libc::signal(sig, handler) };
+    }
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        let sig = PENDING.swap(0, Ordering::SeqCst);
+        if sig != 0 {
+            // SAFETY: plain syscalls.
+            let from_terminal = sig == libc::SIGINT && unsafe { libc::tcgetpgrp(0) == libc::getpgrp() };
+            if !from_terminal {
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(pid, sig) };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    use std::os::unix::process::ExitStatusExt;
+    let code = match (status.code(), status.signal()) {
+        (Some(c), _) => c.clamp(0, 255) as u8,
+        (None, Some(sig)) => {
+            eprintln!(
+                "memwatch: the program was killed by signal {sig} ({})",
+                signal_name(sig)
+            );
+            (128 + sig).clamp(0, 255) as u8
+        }
+        _ => 1,
+    };
+    report(&output, out)?;
+    Ok(code)
+}
+
+/// The one-line summary printed after the program ends.
+fn report(output: &Path, _out: &mut dyn Write) -> Result<()> {
+    let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    if size == 0 {
+        let _ = std::fs::remove_file(output);
+        eprintln!("memwatch: nothing recorded: the program never called memwatch.watch()");
+        return Ok(());
+    }
+    let reader = match TraceReader::open(output) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("memwatch: the trace cannot be read: {e}");
+            return Ok(());
+        }
+    };
+    let (mut changes, mut bytes) = (0u64, 0u64);
+    let mut tags = std::collections::BTreeSet::new();
+    let counted = for_each_change(&reader, &Filter::default(), |row| {
+        changes += 1;
+        bytes += row.bytes_changed();
+        tags.insert(row.tag.to_string());
+        ControlFlow::Continue(())
+    });
+    let regions = counted.map(|s| s.tags().len()).unwrap_or(tags.len());
+    eprintln!(
+        "memwatch: recorded {changes} change{} to {regions} tag{} ({bytes} bytes changed) in {} ({size} bytes)",
+        if changes == 1 { "" } else { "s" },
+        if regions == 1 { "" } else { "s" },
+        output.display()
+    );
+    if let Some(msg) = reader.tail_message() {
+        eprintln!("memwatch: note: {msg}");
+    }
+    Ok(())
+}

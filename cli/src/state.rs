@@ -1,0 +1,159 @@
+//! `memwatch state`: a region's exact contents at any point.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use memwatch_analyzer::{element_bytes, state, RegionInfo};
+use memwatch_format::TraceReader;
+
+use crate::text::element;
+
+const AFTER_HELP: &str = "\
+The contents are rebuilt from the region's nearest snapshot (its initial
+contents or a checkpoint) and the changes after it, so any point is quick
+to reach however long the trace is.
+
+Formats: hex (offset and bytes, 16 a line), raw (the bytes as they were in
+memory), npy (a numpy .npy file with the recorded dtype and shape; load it
+with numpy.load), values (one element per line: index and value).
+
+Examples:
+  memwatch state run.mwt --tag layer1_weight --at 120 --format values
+  memwatch state run.mwt --tag layer1_weight --format npy -o w.npy";
+
+/// Output formats of `memwatch state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Hex,
+    Raw,
+    Npy,
+    Values,
+}
+
+/// Print a region's exact contents after a given seq.
+#[derive(Debug, clap::Args)]
+#[command(after_help = AFTER_HELP)]
+pub struct Args {
+    /// The trace file (.mwt).
+    pub trace: PathBuf,
+    /// The region's tag.
+    #[arg(long)]
+    pub tag: String,
+    /// The state after this seq (default: the end of the trace).
+    #[arg(long)]
+    pub at: Option<u64>,
+    #[arg(long, value_enum, default_value_t = Format::Hex)]
+    pub format: Format,
+    /// Write to this file instead of stdout.
+    #[arg(short = 'o', long)]
+    pub output: Option<PathBuf>,
+}
+
+/// Every element's index and bytes, in C order, for regions with a shape.
+fn elements<'a>(region: &RegionInfo, data: &'a [u8]) -> Vec<(Vec<u64>, &'a [u8])> {
+    let shape = if region.shape.is_empty() {
+        vec![region.len / u64::from(region.itemsize.max(1))]
+    } else {
+        region.shape.clone()
+    };
+    let count: u64 = shape.iter().product();
+    let mut out = Vec::with_capacity(count as usize);
+    let mut idx = vec![0u64; shape.len()];
+    for _ in 0..count {
+        if let Ok((a, b)) = element_bytes(region, &idx) {
+            if (b as usize) <= data.len() {
+                out.push((idx.clone(), &data[a as usize..b as usize]));
+            }
+        }
+        for d in (0..shape.len()).rev() {
+            idx[d] += 1;
+            if idx[d] < shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    out
+}
+
+/// A `.npy` (version 1.0) file of the region's elements in C order.
+pub fn npy(region: &RegionInfo, data: &[u8]) -> Vec<u8> {
+    let (descr, shape): (String, Vec<u64>) = match &region.dtype {
+        Some(d) => (
+            d.to_string(),
+            if region.shape.is_empty() {
+                vec![region.len / u64::from(region.itemsize.max(1))]
+            } else {
+                region.shape.clone()
+            },
+        ),
+        None => ("|u1".into(), vec![region.len]),
+    };
+    let shape_txt = match shape.len() {
+        1 => format!("({},)", shape[0]),
+        _ => format!(
+            "({})",
+            shape.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+        ),
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_txt}, }}");
+    let total = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - total % 64) % 64));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + data.len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    if region.dtype.is_some() {
+        for (_, b) in elements(region, data) {
+            out.extend_from_slice(b);
+        }
+    } else {
+        out.extend_from_slice(data);
+    }
+    out
+}
+
+pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
+    let reader = TraceReader::open(&args.trace)?;
+    let st = state(&reader, &args.tag, args.at)?;
+    let mut buf: Vec<u8> = Vec::new();
+    match args.format {
+        Format::Raw => buf = st.data.clone(),
+        Format::Npy => buf = npy(&st.region, &st.data),
+        Format::Hex => {
+            writeln!(
+                buf,
+                "# {} after seq {}: {} bytes at {:#x} (rebuilt from the snapshot at seq {} and {} changes)",
+                st.region.tag, st.at_seq, st.region.len, st.region.address, st.from_snapshot, st.replayed
+            )?;
+            for (i, line) in st.data.chunks(16).enumerate() {
+                let hex: Vec<String> = line.iter().map(|b| format!("{b:02x}")).collect();
+                writeln!(buf, "{:08x}  {}", i * 16, hex.join(" "))?;
+            }
+        }
+        Format::Values => {
+            let Some(dtype) = st.region.dtype.as_deref() else {
+                anyhow::bail!(
+                    "{:?} has no dtype (plain bytes): use --format hex or raw",
+                    st.region.tag
+                );
+            };
+            for (idx, b) in elements(&st.region, &st.data) {
+                let i: Vec<String> = idx.iter().map(u64::to_string).collect();
+                writeln!(
+                    buf,
+                    "[{}] {}",
+                    i.join(", "),
+                    element(dtype, b).unwrap_or_else(|| format!("0x{}", crate::text::hex(b, 0)))
+                )?;
+            }
+        }
+    }
+    match &args.output {
+        Some(p) => std::fs::write(p, &buf).with_context(|| format!("cannot write {}", p.display()))?,
+        None => out.write_all(&buf)?,
+    }
+    Ok(0)
+}

@@ -1,0 +1,137 @@
+//! `memwatch summary`: per tag and per line, and anything suspicious.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use memwatch_analyzer::{for_each_change, Filter, What};
+use memwatch_format::TraceReader;
+
+const AFTER_HELP: &str = "\
+For each tag: changes, bytes changed, first and last seq, and the lines that
+changed it most. Then anything suspicious: NaN or Inf appearing in a float
+region, writes from threads other than the main one.
+
+Example:
+  memwatch summary run.mwt";
+
+/// Summarize a trace per tag and per line.
+#[derive(Debug, clap::Args)]
+#[command(after_help = AFTER_HELP)]
+pub struct Args {
+    /// The trace file (.mwt).
+    pub trace: PathBuf,
+    /// How many lines to show per tag.
+    #[arg(long, default_value_t = 5)]
+    pub top: usize,
+}
+
+#[derive(Default)]
+struct TagStats {
+    changes: u64,
+    bytes: u64,
+    first: u64,
+    last: u64,
+    lines: BTreeMap<String, (u64, u64)>,
+}
+
+fn non_finite(dtype: &str, b: &[u8]) -> bool {
+    match (dtype.get(1..), b.len()) {
+        (Some("f4"), 4) => !f32::from_le_bytes(b.try_into().expect("4")).is_finite(),
+        (Some("f8"), 8) => !f64::from_le_bytes(b.try_into().expect("8")).is_finite(),
+        _ => false,
+    }
+}
+
+pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
+    let reader = TraceReader::open(&args.trace)?;
+    let mut tags: BTreeMap<String, TagStats> = BTreeMap::new();
+    let mut warnings: Vec<String> = Vec::new();
+    let mut main_thread: Option<u64> = None;
+    let mut other_threads: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for_each_change(&reader, &Filter::default(), |row| {
+        let t = tags.entry(row.tag.to_string()).or_default();
+        if t.changes == 0 {
+            t.first = row.seq;
+        }
+        t.changes += 1;
+        t.last = row.seq;
+        t.bytes += row.bytes_changed();
+        let at = row
+            .frame
+            .as_ref()
+            .map(|f| format!("{}:{} ({})", f.file, f.line, f.function))
+            .unwrap_or_else(|| "?".into());
+        let e = t.lines.entry(at.clone()).or_default();
+        e.0 += 1;
+        e.1 += row.bytes_changed();
+        if row.thread_name.as_deref() == Some("MainThread") {
+            main_thread.get_or_insert(row.thread);
+        } else {
+            let name = row
+                .thread_name
+                .as_deref()
+                .map(String::from)
+                .unwrap_or_else(|| row.thread.to_string());
+            *other_threads.entry((row.tag.to_string(), name)).or_default() += 1;
+        }
+        if let (What::Bytes { ranges, .. }, Some(region)) = (&row.what, &row.region) {
+            if let Some(d) = region.dtype.as_deref() {
+                let size = region.itemsize as usize;
+                let introduced = ranges.iter().any(|(_, o, n)| {
+                    o.chunks(size)
+                        .zip(n.chunks(size))
+                        .any(|(a, b)| !non_finite(d, a) && non_finite(d, b))
+                });
+                if introduced {
+                    warnings.push(format!(
+                        "NaN or Inf written into {} at seq {} by {at}",
+                        row.tag, row.seq
+                    ));
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    })?;
+    if tags.is_empty() {
+        writeln!(out, "no changes recorded")?;
+    }
+    for (tag, t) in &tags {
+        writeln!(
+            out,
+            "{tag}: {} change{}, {} bytes changed, seq {}..{}",
+            t.changes,
+            if t.changes == 1 { "" } else { "s" },
+            t.bytes,
+            t.first,
+            t.last
+        )?;
+        let mut lines: Vec<_> = t.lines.iter().collect();
+        lines.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then(a.0.cmp(b.0)));
+        for (at, (n, bytes)) in lines.into_iter().take(args.top) {
+            writeln!(out, "  {n:>8} changes  {bytes:>12} bytes  {at}")?;
+        }
+    }
+    for ((tag, thread), n) in &other_threads {
+        warnings.push(format!(
+            "{tag} was written by thread {thread} ({n} change{})",
+            if *n == 1 { "" } else { "s" }
+        ));
+    }
+    if !warnings.is_empty() {
+        writeln!(out, "suspicious:")?;
+        for w in warnings.iter().take(50) {
+            writeln!(out, "  {w}")?;
+        }
+        if warnings.len() > 50 {
+            writeln!(out, "  ... and {} more", warnings.len() - 50)?;
+        }
+    }
+    if let Some(msg) = reader.tail_message() {
+        out.flush()?;
+        eprintln!("memwatch: note: {}: {msg}", reader.path().display());
+    }
+    Ok(0)
+}

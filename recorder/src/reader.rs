@@ -1,0 +1,222 @@
+//! `memwatch.open_trace`: reading a recorded trace from Python, with the
+//! same `memwatch.Change` objects the live recorder produces.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use memwatch_analyzer::{self as analyzer, ChangeRow, Filter, RegionInfo, What};
+use memwatch_format::TraceReader;
+use pyo3::exceptions::{PyKeyError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+
+use crate::change::{Change, FrameRef};
+use crate::engine::{Bytes, Layout};
+use crate::errors::{trace_error, MemwatchError};
+
+fn analyzer_error(e: analyzer::Error) -> PyErr {
+    match e {
+        analyzer::Error::Format(f) => trace_error(f),
+        e @ analyzer::Error::UnknownTag { .. } => PyKeyError::new_err(e.to_string()),
+        e @ (analyzer::Error::SeqOutOfRange { .. } | analyzer::Error::OutOfRegion { .. }) => {
+            PyValueError::new_err(e.to_string())
+        }
+        e => MemwatchError::new_err(e.to_string()),
+    }
+}
+
+fn layout_of(r: &RegionInfo) -> Layout {
+    Layout {
+        dtype: r.dtype.as_deref().map(String::from),
+        itemsize: r.itemsize,
+        shape: r.shape.clone(),
+        strides: r.strides.clone(),
+        origin: r.origin,
+    }
+}
+
+/// A recorded trace, opened for reading.
+#[pyclass(module = "memwatch", frozen, name = "Trace")]
+pub struct Trace {
+    reader: TraceReader,
+    #[pyo3(get)]
+    path: PathBuf,
+}
+
+impl Trace {
+    fn change_object(&self, row: &ChangeRow) -> Option<Change> {
+        let What::Bytes { ranges, .. } = &row.what else {
+            return None;
+        };
+        let region = row.region.as_ref()?;
+        Some(Change {
+            seq: row.seq,
+            time_ns: self.reader.header().meta.start_time_ns + row.time_ns,
+            tag: row.tag.to_string(),
+            variable: row.variable.as_deref().map(String::from),
+            region_start: region.address,
+            ranges: ranges
+                .iter()
+                .map(|(o, a, b)| (*o, Bytes::Owned(a.clone()), Bytes::Owned(b.clone())))
+                .collect(),
+            layout: Arc::new(layout_of(region)),
+            stack: row
+                .stack
+                .iter()
+                .map(|f| FrameRef {
+                    file: f.file.clone(),
+                    line: f.line,
+                    function: f.function.clone(),
+                })
+                .collect(),
+            thread_id: row.thread,
+            thread_name: row.thread_name.as_deref().unwrap_or("").to_string(),
+        })
+    }
+}
+
+#[pymethods]
+impl Trace {
+    /// Every tag in the trace, sorted.
+    #[getter]
+    fn tags(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        let syms = py
+            .detach(|| {
+                analyzer::for_each_change(&self.reader, &Filter::default(), |_| ControlFlow::Continue(()))
+            })
+            .map_err(analyzer_error)?;
+        Ok(syms.tags())
+    }
+
+    /// The recorded process's metadata, and how the file ends.
+    #[getter]
+    fn meta<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        crate::trace_info_dict(py, &self.reader)
+    }
+
+    /// The byte changes matching every given filter, in seq order.
+    #[pyo3(signature = (tag=None, file=None, line=None, function=None, thread=None, seq=None, limit=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn changes<'py>(
+        &self,
+        py: Python<'py>,
+        tag: Option<String>,
+        file: Option<String>,
+        line: Option<u32>,
+        function: Option<String>,
+        thread: Option<String>,
+        seq: Option<(u64, u64)>,
+        limit: Option<usize>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let filter = Filter {
+            tag,
+            file,
+            line,
+            function,
+            thread,
+            seq,
+            time: None,
+        };
+        let limit = limit.unwrap_or(usize::MAX);
+        let mut rows: Vec<Change> = Vec::new();
+        py.detach(|| {
+            analyzer::for_each_change(&self.reader, &filter, |row| {
+                if rows.len() >= limit {
+                    return ControlFlow::Break(());
+                }
+                if let Some(c) = self.change_object(row) {
+                    rows.push(c);
+                }
+                ControlFlow::Continue(())
+            })
+        })
+        .map_err(analyzer_error)?;
+        let objs: PyResult<Vec<Py<Change>>> = rows.into_iter().map(|c| Py::new(py, c)).collect();
+        PyList::new(py, objs?)
+    }
+
+    /// The region's contents after event `at` (default: the end), as a
+    /// numpy array with the recorded dtype and shape (`bytes` when the
+    /// region has no dtype or numpy is missing).
+    #[pyo3(signature = (tag, at=None))]
+    fn state<'py>(&self, py: Python<'py>, tag: &str, at: Option<u64>) -> PyResult<Bound<'py, PyAny>> {
+        let st = py
+            .detach(|| analyzer::state(&self.reader, tag, at))
+            .map_err(analyzer_error)?;
+        let raw = PyBytes::new(py, &st.data);
+        let Some(dtype) = st.region.dtype.as_deref() else {
+            return Ok(raw.into_any());
+        };
+        let Ok(np) = py.import("numpy") else {
+            return Ok(raw.into_any());
+        };
+        let itemsize = st.region.itemsize.max(1) as i64;
+        let shape: Vec<u64> = if st.region.shape.is_empty() {
+            vec![st.region.len / itemsize as u64]
+        } else {
+            st.region.shape.clone()
+        };
+        let flat = np.getattr("frombuffer")?.call1((raw, dtype))?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("shape", shape.clone())?;
+        kwargs.set_item("offset", st.region.origin)?;
+        if !st.region.strides.is_empty() {
+            kwargs.set_item("strides", st.region.strides.clone())?;
+        }
+        kwargs.set_item("dtype", dtype)?;
+        kwargs.set_item("buffer", flat.call_method0("tobytes")?)?;
+        let arr = np.getattr("ndarray")?.call((), Some(&kwargs))?;
+        // A compact, writable copy that owns its memory.
+        arr.call_method0("copy")
+    }
+
+    /// The last change (up to `at`) that wrote element `index` (an int or a
+    /// tuple) or byte `offset` of the region; `None` if nothing did.
+    #[pyo3(signature = (tag, index=None, offset=None, at=None))]
+    fn blame(
+        &self,
+        py: Python<'_>,
+        tag: &str,
+        index: Option<Bound<'_, PyAny>>,
+        offset: Option<u64>,
+        at: Option<u64>,
+    ) -> PyResult<Option<Py<Change>>> {
+        let st = py
+            .detach(|| analyzer::state(&self.reader, tag, at))
+            .map_err(analyzer_error)?;
+        let (start, end) = match (index, offset) {
+            (Some(i), None) => {
+                let idx: Vec<u64> = match i.extract::<u64>() {
+                    Ok(n) => vec![n],
+                    Err(_) => i.extract()?,
+                };
+                analyzer::element_bytes(&st.region, &idx).map_err(analyzer_error)?
+            }
+            (None, Some(o)) => (o, o + 1),
+            _ => {
+                return Err(PyValueError::new_err(
+                    "blame() needs exactly one of index= or offset=",
+                ))
+            }
+        };
+        let writes = py
+            .detach(|| analyzer::writes_to(&self.reader, tag, start, end, at))
+            .map_err(analyzer_error)?;
+        match writes.last().and_then(|r| self.change_object(r)) {
+            Some(c) => Ok(Some(Py::new(py, c)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<memwatch.Trace {:?}>", self.path)
+    }
+}
+
+/// Opens a trace for reading.
+#[pyfunction]
+pub fn open_trace(py: Python<'_>, path: PathBuf) -> PyResult<Trace> {
+    let reader = py.detach(|| TraceReader::open(&path)).map_err(trace_error)?;
+    Ok(Trace { reader, path })
+}

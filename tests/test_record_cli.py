@@ -1,0 +1,207 @@
+"""`memwatch record` and the analyzer, end to end: the rebuilt state equals
+what the program really held, byte for byte."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import memwatch
+from conftest import BIN, ROOT
+
+TRAIN = ROOT / "samples" / "train.py"
+STEPS = 8
+
+
+def mw(*args: str, cwd: Path, check: bool = True, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    r = subprocess.run([str(BIN / "memwatch"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """samples/train.py recorded once for the module's tests."""
+    d = tmp_path_factory.mktemp("train")
+    r = mw("record", sys.executable, str(TRAIN), str(STEPS), cwd=d)
+    return d, r
+
+
+def test_record_writes_the_default_trace_and_a_summary(recorded):
+    d, r = recorded
+    assert (d / "train.mwt").exists()
+    assert "final loss" in r.stdout
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"memwatch: recorded {2 * STEPS} changes to 2 tags (")
+    assert last.endswith(f"in {d / 'train.mwt'} ({(d / 'train.mwt').stat().st_size} bytes)")
+    assert memwatch.trace_info(d / "train.mwt")["tail"] == "closed"
+
+
+def test_state_at_the_end_equals_the_real_final_array(recorded):
+    d, _ = recorded
+    mw("state", "train.mwt", "--tag", "layer1_weight", "--format", "npy", "-o", "w1.npy", cwd=d)
+    final = np.load(d / "train_w1_final.npy")
+    got = np.load(d / "w1.npy")
+    assert got.dtype == final.dtype and got.shape == final.shape
+    assert got.tobytes() == final.tobytes()
+
+
+def test_state_at_an_earlier_seq_equals_the_copy_saved_then(recorded):
+    d, _ = recorded
+    rows = [json.loads(x) for x in mw("query", "train.mwt", "--tag", "layer1_weight", "--format", "jsonl", cwd=d).stdout.splitlines()]
+    assert len(rows) == STEPS
+    mid_seq = rows[STEPS // 2]["seq"]  # the program saved w1 after update number STEPS // 2 + 1
+    mw("state", "train.mwt", "--tag", "layer1_weight", "--at", str(mid_seq), "--format", "npy", "-o", "mid.npy", cwd=d)
+    assert np.load(d / "mid.npy").tobytes() == np.load(d / "train_w1_mid.npy").tobytes()
+    # The same through the Python reader.
+    t = memwatch.open_trace(d / "train.mwt")
+    assert t.state("layer1_weight", at=mid_seq).tobytes() == np.load(d / "train_w1_mid.npy").tobytes()
+    assert t.state("step").tolist() == [STEPS]
+
+
+def test_query_filters_and_formats(recorded):
+    d, _ = recorded
+    src = TRAIN.read_text().splitlines()
+    w_line = next(i for i, s in enumerate(src, 1) if s.strip() == "w1 -= lr * grad_w1")
+    table = mw("query", "train.mwt", "--tag", "layer1_weight", cwd=d).stdout.splitlines()
+    assert table[0].split()[:4] == ["seq", "time_ms", "tag", "variable"]
+    assert len(table) == 1 + STEPS
+    assert all(f"train.py:{w_line}" in row and " w1 " in row and "128 elements" in row for row in table[1:])
+    by_line = mw("query", "train.mwt", "--file", "train.py", "--line", str(w_line), "--format", "jsonl", cwd=d).stdout
+    rows = [json.loads(x) for x in by_line.splitlines()]
+    assert {r["tag"] for r in rows} == {"layer1_weight"}
+    assert rows[0]["function"] == "<module>" and rows[0]["thread_name"] == "MainThread"
+    assert rows[0]["bytes_changed"] == 512
+    csv = mw("query", "train.mwt", "--tag", "step", "--format", "csv", "--limit", "2", cwd=d).stdout.splitlines()
+    assert csv[0].startswith("seq,time_ns,tag,")
+    assert len(csv) == 3 and csv[1].split(",")[-1] == "0 -> 1"
+    seqs = [r["seq"] for r in rows]
+    some = mw("query", "train.mwt", "--seq", f"{seqs[1]}..{seqs[2]}", "--format", "jsonl", cwd=d).stdout.splitlines()
+    assert [json.loads(x)["seq"] for x in some][0] == seqs[1]
+
+
+def test_blame_and_summary(recorded):
+    d, _ = recorded
+    rows = [json.loads(x) for x in mw("query", "train.mwt", "--tag", "layer1_weight", "--format", "jsonl", cwd=d).stdout.splitlines()]
+    out = mw("blame", "train.mwt", "--tag", "layer1_weight", "--index", "0,0", cwd=d).stdout.strip()
+    assert out.startswith(f"element [0, 0] of layer1_weight: seq {rows[-1]['seq']} at ")
+    final = np.load(d / "train_w1_final.npy")
+    assert out.endswith(f" -> {final[0, 0]!r}".replace("np.float32(", "").rstrip(")"))
+    every = mw("blame", "train.mwt", "--tag", "step", "--offset", "0", "--all", cwd=d).stdout.splitlines()
+    assert len(every) == STEPS and every[-1].endswith(f"{STEPS - 1:02x} -> {STEPS:02x}")
+    summary = mw("summary", "train.mwt", cwd=d).stdout
+    assert f"layer1_weight: {STEPS} changes, {STEPS * 512} bytes changed" in summary
+    assert f"step: {STEPS} changes, {STEPS * 8} bytes changed" in summary
+    t = memwatch.open_trace(d / "train.mwt")
+    assert t.blame("layer1_weight", index=(0, 0)).seq == rows[-1]["seq"]
+    assert t.tags == ["layer1_weight", "step"]
+
+
+def test_errors_name_what_is_wrong(recorded, tmp_path):
+    d, _ = recorded
+    r = mw("query", "train.mwt", "--tag", "nope", cwd=d, check=False)
+    assert r.returncode == 1
+    assert r.stderr.strip() == 'memwatch: error: the trace has no tag "nope"; its tags are: layer1_weight, step'
+    r = mw("state", "train.mwt", "--tag", "step", "--at", "999999", cwd=d, check=False)
+    assert r.returncode == 1 and "seq 999999 is out of range" in r.stderr
+    r = mw("blame", "train.mwt", "--tag", "layer1_weight", "--index", "9,9", cwd=d, check=False)
+    assert r.returncode == 1 and "outside shape [8, 16]" in r.stderr
+    r = mw("query", "missing.mwt", cwd=d, check=False)
+    assert r.returncode == 1 and "missing.mwt: No such file or directory" in r.stderr
+    (tmp_path / "x.txt").write_text("hi")
+    r = mw("summary", "x.txt", cwd=tmp_path, check=False)
+    assert r.returncode == 1 and "not a memwatch trace" in r.stderr
+    for sub in ("record", "query", "state", "blame", "summary"):
+        h = mw(sub, "--help", cwd=d)
+        assert "Example" in h.stdout, sub
+    with pytest.raises(KeyError, match="no tag"):
+        memwatch.open_trace(d / "train.mwt").state("nope")
+
+
+def script(tmp_path: Path, body: str) -> Path:
+    p = tmp_path / "prog.py"
+    p.write_text(textwrap.dedent(body))
+    return p
+
+
+def test_exit_code_and_signals_are_passed_through(tmp_path):
+    p = script(tmp_path, "import sys\nsys.exit(3)\n")
+    r = mw("record", sys.executable, str(p), cwd=tmp_path, check=False)
+    assert r.returncode == 3
+    assert "nothing recorded: the program never called memwatch.watch()" in r.stderr
+    assert not (tmp_path / "prog.mwt").exists()
+    p = script(tmp_path, "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n")
+    r = mw("record", sys.executable, str(p), cwd=tmp_path, check=False)
+    assert r.returncode == 128 + 15
+    assert "killed by signal 15 (SIGTERM)" in r.stderr
+
+
+def test_unwritable_output_fails_before_the_program_runs(tmp_path):
+    marker = tmp_path / "ran"
+    p = script(tmp_path, f"open({str(marker)!r}, 'w').close()\n")
+    r = mw("record", "-o", "/nonexistent/dir/t.mwt", sys.executable, str(p), cwd=tmp_path, check=False)
+    assert r.returncode == 1
+    assert "cannot write the trace to /nonexistent/dir/t.mwt" in r.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "ending, tail",
+    [
+        ("os._exit(0)", "unclosed"),
+        ("raise RuntimeError('boom')", "closed"),
+        ("import ctypes; ctypes.string_at(0)", "unclosed"),
+        ("os.kill(os.getpid(), signal.SIGKILL)", "unclosed"),
+    ],
+    ids=["os._exit", "exception", "segfault", "sigkill"],
+)
+def test_a_bad_ending_keeps_everything_recorded_before(tmp_path, ending, tail):
+    p = script(
+        tmp_path,
+        f"""
+        import os, signal, time, memwatch
+        buf = bytearray(16)
+        memwatch.watch(buf, name="buf")
+        for i in range(5):
+            buf[i] = i + 1
+        time.sleep(0.6)  # the recorder flushes pending records every 200 ms
+        {ending}
+        """,
+    )
+    r = mw("record", sys.executable, str(p), cwd=tmp_path, check=False)
+    assert r.returncode != 0 or ending.startswith("os._exit")
+    trace = tmp_path / "prog.mwt"
+    assert memwatch.trace_info(trace)["tail"] == tail
+    rows = [json.loads(x) for x in mw("query", str(trace), "--format", "jsonl", cwd=tmp_path).stdout.splitlines()]
+    assert [r["ranges"][0]["new"] for r in rows] == ["01", "02", "03", "04", "05"]
+    if tail != "closed":
+        assert "not closed cleanly" in r.stderr or "truncated" in r.stderr
+
+
+def test_summary_flags_nan_and_other_threads(tmp_path):
+    p = script(
+        tmp_path,
+        """
+        import threading, numpy as np, memwatch
+        a = np.ones(4, dtype=np.float32)
+        memwatch.watch(a, name="a")
+        a[2] = np.nan
+        def w():
+            a[0] = 2.0
+        t = threading.Thread(target=w, name="helper"); t.start(); t.join()
+        """,
+    )
+    mw("record", "-o", "t.mwt", sys.executable, str(p), cwd=tmp_path)
+    s = mw("summary", "t.mwt", cwd=tmp_path).stdout
+    assert "suspicious:" in s
+    assert "NaN or Inf written into a at seq" in s
+    assert "a was written by thread helper (1 change)" in s
