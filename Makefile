@@ -38,7 +38,7 @@ $(call venv,$(1))/.tools: pyproject.toml
 	if [ -z "$$$$py" ]; then echo "make: CPython $(1) not found (looked in $(PYENV_ROOT)/versions and on PATH); install it with 'pyenv install $(1)'" >&2; exit 1; fi; \
 	echo "--- setting up $(call venv,$(1)) with $$$$py"; \
 	"$$$$py" -m venv --clear $(call venv,$(1)); \
-	$(call venv,$(1))/bin/python -m pip install -q --disable-pip-version-check 'maturin>=1.5,<2' 'pytest>=8' 'pytest-timeout>=2.3' 'numpy>=1.26'
+	$(call venv,$(1))/bin/python -m pip install -q --disable-pip-version-check 'maturin>=1.5,<2' 'pytest>=8' 'pytest-timeout>=2.3' 'numpy>=1.26' 'pandas>=2' 'pyarrow>=15'
 	@touch $$@
 endef
 $(foreach v,$(PYTHON_VERSIONS),$(eval $(call venv-rule,$(v))))
@@ -68,9 +68,10 @@ demo: .venv/.tools
 	.venv/bin/memwatch blame demo-out/train.mwt --tag layer1_weight --index 0,0
 	@echo "--- memwatch summary train.mwt"
 	.venv/bin/memwatch summary demo-out/train.mwt
-	@echo "--- export: every change as CSV (Parquet export is not there yet), read back with Python"
-	.venv/bin/memwatch query demo-out/train.mwt --format csv > demo-out/changes.csv
-	.venv/bin/python -c 'import csv, numpy as np; rows = list(csv.DictReader(open("demo-out/changes.csv"))); print(len(rows), "changes in demo-out/changes.csv; the rebuilt middle state equals the saved one:", np.array_equal(np.load("demo-out/w1_mid.npy"), np.load("demo-out/train_w1_mid.npy")))'
+	@echo "--- memwatch export train.mwt -o changes.parquet, read back with pandas"
+	.venv/bin/memwatch export demo-out/train.mwt -o demo-out/changes.parquet
+	.venv/bin/memwatch export demo-out/train.mwt -o demo-out/elements.parquet --elements --tag layer1_weight
+	.venv/bin/python -c 'import numpy as np, pandas as pd; df = pd.read_parquet("demo-out/changes.parquet"); el = pd.read_parquet("demo-out/elements.parquet"); print(df.groupby(["tag", "line"]).size().to_string()); print(el[["seq", "index", "old_value", "new_value"]].head(3).to_string(index=False)); print("the rebuilt middle state equals the one the program saved:", np.array_equal(np.load("demo-out/w1_mid.npy"), np.load("demo-out/train_w1_mid.npy")))'
 
 # --- tests ------------------------------------------------------------------
 

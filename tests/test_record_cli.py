@@ -205,3 +205,43 @@ def test_summary_flags_nan_and_other_threads(tmp_path):
     assert "suspicious:" in s
     assert "NaN or Inf written into a at seq" in s
     assert "a was written by thread helper (1 change)" in s
+
+
+def test_export_parquet_loads_in_pandas_with_the_recorded_values(recorded):
+    pd = pytest.importorskip("pandas")
+    d, _ = recorded
+    out = mw("export", "train.mwt", "-o", "changes.parquet", cwd=d).stdout.strip()
+    assert out == f"wrote {2 * STEPS} rows to changes.parquet"
+    df = pd.read_parquet(d / "changes.parquet")
+    assert list(df.columns) == [
+        "seq", "time_ns", "wall_time_ns", "tag", "variable", "kind", "file", "line", "function", "thread",
+        "thread_name", "address", "offset", "bytes_changed", "ranges", "index", "old", "new", "old_value",
+        "new_value", "key", "old_repr", "new_repr",
+    ]
+    assert (df.groupby("tag").size() == STEPS).all()
+    step_rows = df[df.tag == "step"].sort_values("seq")
+    assert [int.from_bytes(b, "little") for b in step_rows.new] == list(range(1, STEPS + 1))
+    assert set(df.kind) == {"bytes"} and set(df.thread_name) == {"MainThread"}
+    assert (df[df.tag == "layer1_weight"].bytes_changed == 512).all()
+    # One row per changed element: the last step's values are the final array.
+    mw("export", "train.mwt", "-o", "el.parquet", "--elements", "--tag", "layer1_weight", cwd=d)
+    el = pd.read_parquet(d / "el.parquet")
+    last = el[el.seq == el.seq.max()]
+    final = np.load(d / "train_w1_final.npy")
+    got = {tuple(int(i) for i in ix.split(",")): v for ix, v in zip(last["index"], last.new_value)}
+    assert len(got) == final.size
+    assert all(np.float32(v) == final[ix] for ix, v in got.items())
+    # CSV and JSON lines carry the same columns.
+    mw("export", "train.mwt", "-o", "changes.csv", cwd=d)
+    assert (d / "changes.csv").read_text().splitlines()[0].startswith("seq,time_ns,wall_time_ns,tag,")
+    mw("export", "train.mwt", "-o", "changes.jsonl", "--tag", "step", cwd=d)
+    first = json.loads((d / "changes.jsonl").read_text().splitlines()[0])
+    assert (first["tag"], first["new"], first["line"]) == ("step", "0100000000000000", rows_line("step += 1"))
+    # And from Python.
+    t = memwatch.open_trace(d / "train.mwt")
+    assert len(t.to_pandas()) == 2 * STEPS
+    assert len(t.to_pandas(elements=True, tag="step")) == STEPS
+
+
+def rows_line(text: str) -> int:
+    return next(i for i, s in enumerate(TRAIN.read_text().splitlines(), 1) if s.strip() == text)

@@ -13,6 +13,10 @@ pub enum Error {
     #[error("seq {seq} is out of range: {what}")]
     SeqOutOfRange { seq: u64, what: String },
 
+    /// Writing an export failed (polars' message).
+    #[error("export failed: {0}")]
+    Export(String),
+
     /// An element index or byte offset outside the region.
     #[error("{what}")]
     OutOfRegion { what: String },

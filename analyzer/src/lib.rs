@@ -4,8 +4,9 @@
 //! bytes: resolving interned ids ([`Symbols`]), streaming changes through a
 //! [`Filter`] ([`for_each_change`]), rebuilding a region's exact contents at
 //! any point from its snapshots ([`state()`]), and finding who wrote a byte
-//! ([`writes_to`]). It does not own the file layout (`memwatch-format`) nor
-//! how results are printed (the `memwatch` CLI).
+//! ([`writes_to`]), and exporting changes as Parquet (through polars), CSV
+//! or JSON lines ([`export()`]). It does not own the file layout
+//! (`memwatch-format`) nor how results are printed (the `memwatch` CLI).
 //!
 //! ```
 //! use memwatch_analyzer::Symbols;
@@ -29,11 +30,13 @@
 //! ```
 
 mod error;
+mod export;
 mod query;
 mod state;
 mod symbols;
 
 pub use error::{Error, Result};
-pub use query::{for_each_change, ChangeRow, Filter, What};
+pub use export::{element_f64, export, ExportFormat, Granularity, COLUMNS};
+pub use query::{for_each_change, for_each_change_progress, ChangeRow, Filter, What};
 pub use state::{element_bytes, seq_bounds, state, writes_to, State};
 pub use symbols::{FrameInfo, RegionInfo, Symbols};

@@ -118,12 +118,25 @@ impl Filter {
 pub fn for_each_change(
     reader: &TraceReader,
     filter: &Filter,
+    f: impl FnMut(&ChangeRow) -> ControlFlow<()>,
+) -> Result<Symbols> {
+    for_each_change_progress(reader, filter, &mut |_, _| {}, f)
+}
+
+/// [`for_each_change`], calling `progress(chunks_done, chunks_total)`
+/// before each chunk.
+pub fn for_each_change_progress(
+    reader: &TraceReader,
+    filter: &Filter,
+    progress: &mut dyn FnMut(usize, usize),
     mut f: impl FnMut(&ChangeRow) -> ControlFlow<()>,
 ) -> Result<Symbols> {
     let mut syms = Symbols::default();
     let mut seen_tag = filter.tag.is_none();
     let mut complete = true;
-    for info in reader.chunks() {
+    let total = reader.chunks().len();
+    for (done, info) in reader.chunks().iter().enumerate() {
+        progress(done, total);
         let h = &info.header;
         // Chunks after the seq range hold nothing wanted.
         if let Some((_, b)) = filter.seq {

@@ -22,6 +22,7 @@ use clap::{Parser, Subcommand};
 
 pub mod blame;
 pub mod dump;
+pub mod export;
 pub mod query;
 pub mod record;
 pub mod state;
@@ -48,6 +49,8 @@ pub enum Command {
     Blame(blame::Args),
     /// Summarize a trace per tag and per line.
     Summary(summary::Args),
+    /// Export the changes of a trace as a Parquet, CSV or JSON-lines table.
+    Export(export::Args),
     /// Print a trace's header and every record, one per line.
     Dump(dump::Args),
 }
@@ -89,6 +92,7 @@ where
         Command::State(args) => state::run(&args, &mut out),
         Command::Blame(args) => blame::run(&args, &mut out),
         Command::Summary(args) => summary::run(&args, &mut out),
+        Command::Export(args) => export::run(&args, &mut out),
         Command::Dump(args) => dump::run(&args, &mut out),
     };
     let result = result.and_then(|code| out.flush().map(|()| code).map_err(Into::into));

@@ -209,6 +209,53 @@ impl Trace {
         }
     }
 
+    /// Every change as a pandas DataFrame (the columns of `memwatch
+    /// export`, docs/export.md); `elements=True` gives a row per changed
+    /// element. Needs pandas and pyarrow.
+    #[pyo3(signature = (elements=false, tag=None))]
+    fn to_pandas<'py>(
+        &self,
+        py: Python<'py>,
+        elements: bool,
+        tag: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let pd = py.import("pandas").map_err(|_| {
+            pyo3::exceptions::PyImportError::new_err(
+                "Trace.to_pandas() needs pandas and pyarrow: pip install pandas pyarrow",
+            )
+        })?;
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let tmp = std::env::temp_dir().join(format!(
+            "memwatch-{}-{}.parquet",
+            std::process::id(),
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let filter = Filter {
+            tag,
+            ..Filter::default()
+        };
+        let granularity = if elements {
+            analyzer::Granularity::Element
+        } else {
+            analyzer::Granularity::Change
+        };
+        let written = py.detach(|| {
+            analyzer::export(
+                &self.reader,
+                &tmp,
+                analyzer::ExportFormat::Parquet,
+                granularity,
+                &filter,
+                &mut |_, _| {},
+            )
+        });
+        let result = written
+            .map_err(analyzer_error)
+            .and_then(|_| pd.getattr("read_parquet")?.call1((&tmp,)));
+        let _ = std::fs::remove_file(&tmp);
+        result
+    }
+
     fn __repr__(&self) -> String {
         format!("<memwatch.Trace {:?}>", self.path)
     }
