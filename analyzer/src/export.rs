@@ -12,7 +12,7 @@ use polars::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::query::{for_each_change_progress, ChangeRow, Filter, What};
-use crate::state::element_bytes;
+use crate::state::{c_order, element_bytes, shape_of};
 
 /// File formats of an export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,14 +230,10 @@ impl Columns {
 /// `3` or `1,2` for the element holding byte `at` of the region.
 fn element_index(region: &crate::RegionInfo, at: u64) -> Option<String> {
     let itemsize = u64::from(region.itemsize.max(1));
-    let shape = if region.shape.is_empty() {
-        vec![region.len / itemsize]
-    } else {
-        region.shape.clone()
-    };
-    // Walk the C-order indices of the element whose bytes start at `at`.
-    // Contiguous regions: a division; strided: search by strides.
+    let shape = shape_of(region);
+    let text = |idx: &[u64]| idx.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
     if region.strides.is_empty() {
+        // Contiguous: a division.
         let mut flat = at.checked_sub(region.origin)? / itemsize;
         let mut idx = vec![0u64; shape.len()];
         for d in (0..shape.len()).rev() {
@@ -245,30 +241,20 @@ fn element_index(region: &crate::RegionInfo, at: u64) -> Option<String> {
             idx[d] = flat % n;
             flat /= n;
         }
-        return Some(idx.iter().map(u64::to_string).collect::<Vec<_>>().join(","));
+        return Some(text(&idx));
     }
-    let count: u64 = shape.iter().product();
-    let mut idx = vec![0u64; shape.len()];
-    for _ in 0..count {
-        if element_bytes(region, &idx).ok()?.0 == at {
-            return Some(idx.iter().map(u64::to_string).collect::<Vec<_>>().join(","));
-        }
-        for d in (0..shape.len()).rev() {
-            idx[d] += 1;
-            if idx[d] < shape[d] {
-                break;
-            }
-            idx[d] = 0;
-        }
-    }
-    None
+    // Strided: the element whose bytes start there.
+    let found = c_order(&shape).find(|idx| element_bytes(region, idx).is_ok_and(|(a, _)| a == at));
+    found.map(|idx| text(&idx))
 }
 
-fn hex(b: &[u8]) -> String {
+/// Lower-case hex.
+pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn csv_cell(s: &str) -> String {
+/// A CSV cell, quoted when it must be.
+pub fn csv_cell(s: &str) -> String {
     if s.contains([',', '"', '\n']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
@@ -276,7 +262,8 @@ fn csv_cell(s: &str) -> String {
     }
 }
 
-fn json_str(s: &str) -> String {
+/// A JSON string literal.
+pub fn json_str(s: &str) -> String {
     let mut o = String::from("\"");
     for c in s.chars() {
         match c {

@@ -165,6 +165,32 @@ pub fn state(reader: &TraceReader, tag: &str, at: Option<u64>) -> Result<State> 
     })
 }
 
+/// Every index of an array of `shape`, in C order (last dimension fastest).
+pub fn c_order(shape: &[u64]) -> impl Iterator<Item = Vec<u64>> + '_ {
+    let count: u64 = shape.iter().product();
+    let mut idx = vec![0u64; shape.len()];
+    (0..count).map(move |_| {
+        let out = idx.clone();
+        for d in (0..shape.len()).rev() {
+            idx[d] += 1;
+            if idx[d] < shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+        out
+    })
+}
+
+/// The shape of a region, treating a flat one as 1-D.
+pub fn shape_of(region: &RegionInfo) -> Vec<u64> {
+    if region.shape.is_empty() {
+        vec![region.len / u64::from(region.itemsize.max(1))]
+    } else {
+        region.shape.clone()
+    }
+}
+
 /// The byte range of element `index` (one entry per dimension, or one flat
 /// index) of `region`.
 pub fn element_bytes(region: &RegionInfo, index: &[u64]) -> Result<(u64, u64)> {

@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use memwatch_analyzer::{for_each_change, ChangeRow, Filter, What};
+use memwatch_analyzer::{csv_cell, for_each_change, json_str, ChangeRow, Filter, What};
 use memwatch_format::TraceReader;
 
 use crate::text::{element, hex, parse_range};
@@ -147,22 +147,6 @@ fn at_text(row: &ChangeRow) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-fn json_str(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            '\n' => o.push_str("\\n"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
 fn json_opt(s: Option<&str>) -> String {
     s.map(json_str).unwrap_or_else(|| "null".into())
 }
@@ -217,14 +201,6 @@ pub fn json_row(row: &ChangeRow) -> String {
     s
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     let reader = TraceReader::open(&args.trace)?;
     let filter = args.filter();
@@ -276,16 +252,16 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
                     "{},{},{},{},{},{},{},{},{},{},{},{}",
                     row.seq,
                     row.time_ns,
-                    csv_field(&row.tag),
-                    csv_field(row.variable.as_deref().unwrap_or("")),
-                    csv_field(f.map(|f| &*f.file).unwrap_or("")),
+                    csv_cell(&row.tag),
+                    csv_cell(row.variable.as_deref().unwrap_or("")),
+                    csv_cell(f.map(|f| &*f.file).unwrap_or("")),
                     f.map(|f| f.line.to_string()).unwrap_or_default(),
-                    csv_field(f.map(|f| &*f.function).unwrap_or("")),
+                    csv_cell(f.map(|f| &*f.function).unwrap_or("")),
                     row.thread,
-                    csv_field(row.thread_name.as_deref().unwrap_or("")),
+                    csv_cell(row.thread_name.as_deref().unwrap_or("")),
                     kind,
-                    csv_field(&changed_text(row)),
-                    csv_field(&sample_text(row)),
+                    csv_cell(&changed_text(row)),
+                    csv_cell(&sample_text(row)),
                 )
             }
         };

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use memwatch_analyzer::{element_bytes, state, RegionInfo};
+use memwatch_analyzer::{c_order, element_bytes, shape_of, state, RegionInfo};
 use memwatch_format::TraceReader;
 
 use crate::text::element;
@@ -50,44 +50,21 @@ pub struct Args {
     pub output: Option<PathBuf>,
 }
 
-/// Every element's index and bytes, in C order, for regions with a shape.
+/// Every element's index and bytes, in C order.
 fn elements<'a>(region: &RegionInfo, data: &'a [u8]) -> Vec<(Vec<u64>, &'a [u8])> {
-    let shape = if region.shape.is_empty() {
-        vec![region.len / u64::from(region.itemsize.max(1))]
-    } else {
-        region.shape.clone()
-    };
-    let count: u64 = shape.iter().product();
-    let mut out = Vec::with_capacity(count as usize);
-    let mut idx = vec![0u64; shape.len()];
-    for _ in 0..count {
-        if let Ok((a, b)) = element_bytes(region, &idx) {
-            if (b as usize) <= data.len() {
-                out.push((idx.clone(), &data[a as usize..b as usize]));
-            }
-        }
-        for d in (0..shape.len()).rev() {
-            idx[d] += 1;
-            if idx[d] < shape[d] {
-                break;
-            }
-            idx[d] = 0;
-        }
-    }
-    out
+    let shape = shape_of(region);
+    c_order(&shape)
+        .filter_map(|idx| {
+            let (a, b) = element_bytes(region, &idx).ok()?;
+            ((b as usize) <= data.len()).then(|| (idx, &data[a as usize..b as usize]))
+        })
+        .collect()
 }
 
 /// A `.npy` (version 1.0) file of the region's elements in C order.
 pub fn npy(region: &RegionInfo, data: &[u8]) -> Vec<u8> {
     let (descr, shape): (String, Vec<u64>) = match &region.dtype {
-        Some(d) => (
-            d.to_string(),
-            if region.shape.is_empty() {
-                vec![region.len / u64::from(region.itemsize.max(1))]
-            } else {
-                region.shape.clone()
-            },
-        ),
+        Some(d) => (d.to_string(), shape_of(region)),
         None => ("|u1".into(), vec![region.len]),
     };
     let shape_txt = match shape.len() {

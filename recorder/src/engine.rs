@@ -438,6 +438,42 @@ fn push_diff(r: &mut Region, from: usize, to: usize, out: &mut Vec<RawChange>) {
     }
 }
 
+/// Where a region's element boundaries fall.
+struct ElementGrid {
+    itemsize: usize,
+    phase: usize,
+    len: usize,
+}
+
+impl ElementGrid {
+    fn of(r: &Region) -> ElementGrid {
+        let itemsize = r.layout.itemsize.max(1) as usize;
+        ElementGrid {
+            itemsize,
+            phase: r.layout.origin as usize % itemsize,
+            len: r.len as usize,
+        }
+    }
+
+    /// The element boundary at or before byte `x`.
+    fn down(&self, x: usize) -> usize {
+        if x >= self.phase {
+            x - (x - self.phase) % self.itemsize
+        } else {
+            0
+        }
+    }
+
+    /// The element boundary at or after byte `x` (at most the region's end).
+    fn up(&self, x: usize) -> usize {
+        if x > self.phase {
+            ((x - self.phase).div_ceil(self.itemsize) * self.itemsize + self.phase).min(self.len)
+        } else {
+            x.min(self.len)
+        }
+    }
+}
+
 /// Appends the changed runs of bytes `[from, to)` of `r` (whole elements,
 /// limited to the view's bytes) and updates the shadow.
 ///
@@ -445,17 +481,9 @@ fn push_diff(r: &mut Region, from: usize, to: usize, out: &mut Vec<RawChange>) {
 /// run of them into exact runs of differing elements, so unchanged memory
 /// costs one comparison per block and changed memory one per element.
 fn diff_into(r: &mut Region, from: usize, to: usize, ranges: &mut Vec<ChangedRange>) {
-    let itemsize = r.layout.itemsize.max(1) as usize;
-    let phase = r.layout.origin as usize % itemsize;
-    let len = r.len as usize;
-    let down = |x: usize| if x >= phase { x - (x - phase) % itemsize } else { 0 };
-    let up = |x: usize| {
-        if x > phase {
-            ((x - phase).div_ceil(itemsize) * itemsize + phase).min(len)
-        } else {
-            x.min(len)
-        }
-    };
+    let grid = ElementGrid::of(r);
+    let (itemsize, len) = (grid.itemsize, grid.len);
+    let (down, up) = (|x: usize| grid.down(x), |x: usize| grid.up(x));
     let (from, to) = (down(from), up(to));
     // SAFETY: as in `Region::current`; a separate borrow so the shadow can
     // be updated while reading.
@@ -584,17 +612,9 @@ fn push_run(r: &mut Region, cur: &[u8], a: usize, b: usize, ranges: &mut Vec<Cha
 /// buffer, and reports slices of the old and new snapshots, so a large
 /// rewrite costs one copy of the written memory and one comparison.
 fn bulk_diff(r: &mut Region, spans: &[(usize, usize)], ranges: &mut Vec<ChangedRange>) {
-    let len = r.len as usize;
-    let itemsize = r.layout.itemsize.max(1) as usize;
-    let phase = r.layout.origin as usize % itemsize;
-    let down = |x: usize| if x >= phase { x - (x - phase) % itemsize } else { 0 };
-    let up = |x: usize| {
-        if x > phase {
-            ((x - phase).div_ceil(itemsize) * itemsize + phase).min(len)
-        } else {
-            x.min(len)
-        }
-    };
+    let grid = ElementGrid::of(r);
+    let (itemsize, len) = (grid.itemsize, grid.len);
+    let (down, up) = (|x: usize| grid.down(x), |x: usize| grid.up(x));
     // SAFETY: as in `Region::current`.
     let cur: &[u8] = unsafe { std::slice::from_raw_parts(r.start as *const u8, len) };
     let mut next = match r.spare.take().map(Arc::try_unwrap) {

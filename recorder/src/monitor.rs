@@ -280,6 +280,12 @@ fn start_monitoring(py: Python<'_>) -> PyResult<()> {
     mon.getattr("set_events")?.call1((tool, py_start))?;
     // Code objects seen in an earlier watching period had PY_START disabled;
     // turn their line events back on directly.
+    set_in_scope_events(py, true)?;
+    Ok(())
+}
+
+/// Turns line events on or off for every in-scope code object seen so far.
+fn set_in_scope_events(py: Python<'_>, on: bool) -> PyResult<()> {
     let in_scope: Vec<Py<PyAny>> = codes()
         .as_ref()
         .map(|m| {
@@ -290,7 +296,7 @@ fn start_monitoring(py: Python<'_>) -> PyResult<()> {
         })
         .unwrap_or_default();
     for code in in_scope {
-        set_code_events(py, code.bind(py), true)?;
+        set_code_events(py, code.bind(py), on)?;
     }
     Ok(())
 }
@@ -301,18 +307,7 @@ fn stop_monitoring(py: Python<'_>) -> PyResult<()> {
     };
     let mon = py.import("sys")?.getattr("monitoring")?;
     mon.getattr("set_events")?.call1((tool, 0))?;
-    let in_scope: Vec<Py<PyAny>> = codes()
-        .as_ref()
-        .map(|m| {
-            m.values()
-                .filter(|i| i.in_scope)
-                .map(|i| i.code.clone_ref(py))
-                .collect()
-        })
-        .unwrap_or_default();
-    for code in in_scope {
-        set_code_events(py, code.bind(py), false)?;
-    }
+    set_in_scope_events(py, false)?;
     Ok(())
 }
 
