@@ -245,3 +245,29 @@ def test_export_parquet_loads_in_pandas_with_the_recorded_values(recorded):
 
 def rows_line(text: str) -> int:
     return next(i for i, s in enumerate(TRAIN.read_text().splitlines(), 1) if s.strip() == text)
+
+
+def test_a_full_disk_stops_recording_but_not_the_program(tmp_path):
+    # RLIMIT_FSIZE makes writes past 1.5 MB fail (EFBIG), as a full disk would.
+    p = script(
+        tmp_path,
+        """
+        import resource, signal, numpy as np, memwatch
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_500_000, 1_500_000))
+        a = np.zeros(64 * 1024, dtype=np.uint8)
+        memwatch.watch(a, name="a")
+        for i in range(60):
+            a[:] = np.random.default_rng(i).integers(0, 255, a.size, dtype=np.uint8)
+        print("program finished")
+        """,
+    )
+    r = mw("record", "-o", "t.mwt", sys.executable, str(p), cwd=tmp_path, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "program finished"
+    assert "recording stopped early" in r.stderr and "events were not recorded" in r.stderr
+    info = memwatch.trace_info(tmp_path / "t.mwt")
+    assert info["tail"] == "unclosed" and info["chunks"] >= 1  # clean up to the last whole chunk
+    rows = [json.loads(x) for x in mw("query", "t.mwt", "--format", "jsonl", cwd=tmp_path).stdout.splitlines()]
+    seqs = [row["seq"] for row in rows]
+    assert 0 < len(seqs) < 60 and seqs == list(range(seqs[0], seqs[0] + len(seqs)))

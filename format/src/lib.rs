@@ -60,4 +60,4 @@ pub use record::{
     ByteRange, Change, Checkpoint, Contents, Context, FrameDef, Id, Layout, Lost, ObjectChange,
     ObjectChangeKind, Record, RegionUnwatched, RegionWatched, StackDef, StringDef, UnwatchReason, NO_ID,
 };
-pub use writer::{TraceWriter, WriterOptions, WriterStats, CONTENTS_PIECE};
+pub use writer::{Output, TraceWriter, WriterOptions, WriterStats, CONTENTS_PIECE};

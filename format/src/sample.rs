@@ -6,11 +6,9 @@
 //! `layer1_weight` updated over three steps, a `step` counter and a
 //! `config` object.
 
-use std::io::Write;
-
 use crate::{
-    ByteRange, Change, Checkpoint, Context, Layout, Lost, Meta, ObjectChange, ObjectChangeKind, Record,
-    RegionUnwatched, RegionWatched, Result, TraceWriter, UnwatchReason,
+    ByteRange, Change, Checkpoint, Context, Layout, Lost, Meta, ObjectChange, ObjectChangeKind, Output,
+    Record, RegionUnwatched, RegionWatched, Result, TraceWriter, UnwatchReason,
 };
 
 /// The metadata of the sample trace.
@@ -36,7 +34,7 @@ fn f32s(v: &[f32]) -> Vec<u8> {
 
 /// Writes the sample trace's records to `w` (it does not call `finish`).
 /// Returns the number of seq-bearing events written.
-pub fn write_sample<W: Write>(w: &mut TraceWriter<W>) -> Result<u64> {
+pub fn write_sample<W: Output>(w: &mut TraceWriter<W>) -> Result<u64> {
     let main = w.intern_str("MainThread")?;
     let worker = w.intern_str("loader-1")?;
     let train_main = w.intern_frame("samples/train.py", "<module>", 60)?;

@@ -2,11 +2,13 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::chunk::{encode_footer, ChunkHeader, ChunkKind, Codec, IndexEntry, Trailer, NO_SEQ};
+use crate::chunk::{
+    encode_footer, ChunkHeader, ChunkKind, Codec, IndexEntry, Trailer, CHUNK_HEADER_LEN, NO_SEQ,
+};
 use crate::error::{Error, Result};
 use crate::header::{encode_header, Meta};
 use crate::record::{FrameDef, Id, Record, StackDef, StringDef};
@@ -14,6 +16,33 @@ use crate::record::{FrameDef, Id, Record, StackDef, StringDef};
 /// Largest piece a writer puts in one [`Record::Contents`](crate::Record::Contents):
 /// region contents are split so no single record dominates a chunk.
 pub const CONTENTS_PIECE: usize = 1 << 20;
+
+/// Where a trace goes. Besides writing, an output can be cut back to a
+/// length: after a failed write (a full disk) the writer cuts the file back
+/// to the end of its last whole chunk, so the trace stays clean up to there.
+pub trait Output: Write {
+    /// Cuts the output back to `len` bytes; the default cannot.
+    fn truncate_to(&mut self, _len: u64) -> std::io::Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "this output cannot be truncated",
+        ))
+    }
+}
+
+impl Output for File {
+    fn truncate_to(&mut self, len: u64) -> std::io::Result<()> {
+        self.set_len(len)?;
+        self.seek(SeekFrom::Start(len)).map(|_| ())
+    }
+}
+
+impl Output for Vec<u8> {
+    fn truncate_to(&mut self, len: u64) -> std::io::Result<()> {
+        self.truncate(len as usize);
+        Ok(())
+    }
+}
 
 /// When a chunk is emitted, and how it is compressed.
 #[derive(Debug, Clone, Copy)]
@@ -58,7 +87,7 @@ pub struct WriterStats {
 /// The writer also interns strings, frames and stacks: the `intern_*`
 /// methods write a definition the first time they see a value and return its
 /// id every time.
-pub struct TraceWriter<W: Write = BufWriter<File>> {
+pub struct TraceWriter<W: Output = File> {
     out: Option<W>,
     path: PathBuf,
     opts: WriterOptions,
@@ -79,7 +108,7 @@ pub struct TraceWriter<W: Write = BufWriter<File>> {
     closed: Option<String>,
 }
 
-impl TraceWriter<BufWriter<File>> {
+impl TraceWriter<File> {
     /// Creates (or truncates) the file at `path` and writes the header.
     pub fn create(path: impl AsRef<Path>, meta: &Meta, opts: WriterOptions) -> Result<Self> {
         let path = path.as_ref();
@@ -87,11 +116,12 @@ impl TraceWriter<BufWriter<File>> {
             path: path.to_path_buf(),
             source,
         })?;
-        TraceWriter::new(BufWriter::with_capacity(64 << 10, file), path, meta, opts)
+        // Unbuffered: every chunk is one write of header and payload.
+        TraceWriter::new(file, path, meta, opts)
     }
 }
 
-impl<W: Write> TraceWriter<W> {
+impl<W: Output> TraceWriter<W> {
     /// Writes the header for `meta` to `out`. `path` names the output in
     /// error messages.
     pub fn new(mut out: W, path: impl Into<PathBuf>, meta: &Meta, opts: WriterOptions) -> Result<Self> {
@@ -321,12 +351,20 @@ impl<W: Write> TraceWriter<W> {
             payload_crc: crc32fast::hash(&stored),
         };
         let out = self.out.as_mut().expect("open writer has an output");
-        let res = out
-            .write_all(&header.encode())
-            .and_then(|()| out.write_all(&stored))
-            .and_then(|()| out.flush());
+        // One write per chunk: a process killed mid-way leaves at most one
+        // partial chunk, which readers skip.
+        let mut frame = Vec::with_capacity(CHUNK_HEADER_LEN + stored.len());
+        frame.extend_from_slice(&header.encode());
+        frame.extend_from_slice(&stored);
+        let res = out.write_all(&frame).and_then(|()| out.flush());
         if let Err(e) = res {
-            self.closed = Some(format!("writing chunk {} failed: {e}", self.stats.chunks));
+            // Cut back to the last whole chunk so the trace reads cleanly
+            // up to where recording stopped.
+            let cut = match out.truncate_to(self.offset) {
+                Ok(()) => format!("the trace ends after chunk {}", self.stats.chunks),
+                Err(_) => "the trace ends in a partial chunk".to_string(),
+            };
+            self.closed = Some(format!("writing chunk {} failed: {e}; {cut}", self.stats.chunks));
             return Err(io(&self.path, e));
         }
         self.offset += header.total_len();
@@ -334,6 +372,12 @@ impl<W: Write> TraceWriter<W> {
         self.stats.raw_bytes += raw.len() as u64;
         self.stats.file_bytes += header.total_len();
         Ok(())
+    }
+
+    /// Gives the output back as it is, without emitting pending records or a
+    /// trailer (what a killed process leaves behind).
+    pub fn into_output(mut self) -> W {
+        self.out.take().expect("open writer has an output")
     }
 
     /// Emits pending records, writes the trailer (index and totals) and the

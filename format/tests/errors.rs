@@ -144,6 +144,65 @@ fn strict_reading_of_an_unclosed_trace_is_truncated() {
 }
 
 #[test]
+fn a_full_disk_leaves_a_trace_clean_up_to_its_last_whole_chunk() {
+    // A Vec that refuses to grow past a limit, as a full disk would.
+    struct Disk {
+        data: Vec<u8>,
+        limit: usize,
+    }
+    impl std::io::Write for Disk {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let room = self.limit.saturating_sub(self.data.len());
+            if room == 0 {
+                return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            let n = room.min(b.len());
+            self.data.extend_from_slice(&b[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Output for Disk {
+        fn truncate_to(&mut self, len: u64) -> std::io::Result<()> {
+            self.data.truncate(len as usize);
+            Ok(())
+        }
+    }
+    let opts = WriterOptions {
+        chunk_bytes: 64,
+        zstd_level: 0,
+        ..WriterOptions::default()
+    };
+    let disk = Disk {
+        data: Vec::new(),
+        limit: 1000,
+    };
+    let mut w = TraceWriter::new(disk, "full.mwt", &Meta::default(), opts).unwrap();
+    let mut failed = None;
+    for i in 0..200 {
+        if let Err(e) = w.intern_str(&format!("a string long enough to fill chunks quickly {i}")) {
+            failed = Some((i, e));
+            break;
+        }
+    }
+    let (i, err) = failed.expect("the disk fills up");
+    assert!(err.to_string().contains("No space left on device"), "{err}");
+    let again = w.intern_str("more").unwrap_err();
+    assert!(
+        again.to_string().contains("the trace ends after chunk"),
+        "{again}"
+    );
+    // What reached the disk reads cleanly: whole chunks, no partial one.
+    let Disk { data, .. } = w.into_output();
+    let r = TraceReader::from_bytes(data, "full.mwt").unwrap();
+    assert_eq!(r.tail(), Tail::Unclosed);
+    let got = read_all(&r).unwrap();
+    assert!(!got.is_empty() && got.len() < i + 1);
+}
+
+#[test]
 fn writer_refuses_use_after_an_io_error() {
     struct Full(usize);
     impl std::io::Write for Full {
@@ -158,6 +217,7 @@ fn writer_refuses_use_after_an_io_error() {
             Ok(())
         }
     }
+    impl Output for Full {}
     let opts = WriterOptions {
         chunk_bytes: 1,
         ..WriterOptions::default()

@@ -301,14 +301,8 @@ pub fn write_trace(meta: &Meta, recs: &[Owned], opts: WriterOptions, close: bool
         w.finish(7).unwrap().0
     } else {
         w.flush().unwrap();
-        // Take the bytes without a trailer, as a killed process leaves them.
-        let (mut bytes, _) = w.finish(7).unwrap();
-        let trailer_at = {
-            let footer = &bytes[bytes.len() - 16..];
-            u64::from_le_bytes(footer[0..8].try_into().unwrap()) as usize
-        };
-        bytes.truncate(trailer_at);
-        bytes
+        // The bytes without a trailer, as a killed process leaves them.
+        w.into_output()
     }
 }
 
