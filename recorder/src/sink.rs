@@ -5,8 +5,9 @@
 //! flushes pending records at least every [`FLUSH_EVERY`], so a program that
 //! is killed loses at most that much. Checkpoints keep rebuilding any state
 //! cheap: a region gets one when the bytes changed since its last checkpoint
-//! reach its size (at least [`CHECKPOINT_MIN`]), so replaying to any point
-//! costs at most about one region's worth of changes.
+//! reach its size (at least [`CHECKPOINT_MIN`]), or after
+//! [`CHECKPOINT_EVERY`] changes, so replaying to any point costs at most
+//! about one region's worth of change bytes and that many changes.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,9 @@ use crate::engine::Region;
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// Smallest change volume between two checkpoints of a region.
 pub const CHECKPOINT_MIN: u64 = 64 * 1024;
+/// Most changes of a region between two of its checkpoints (replaying this
+/// many takes a fraction of a second).
+pub const CHECKPOINT_EVERY: u64 = 1_000_000;
 
 /// The active trace, if any.
 pub static SINK: Mutex<Option<TraceSink>> = Mutex::new(None);
@@ -43,7 +47,8 @@ pub struct TraceSink {
     path: PathBuf,
     start: Instant,
     pub start_unix_ns: u64,
-    since_checkpoint: HashMap<u32, u64>,
+    /// Per region: bytes changed and changes since its last snapshot.
+    since_checkpoint: HashMap<u32, (u64, u64)>,
     /// Set after a write error: recording stopped there.
     pub failed: Option<String>,
     lost: u64,
@@ -137,7 +142,7 @@ impl TraceSink {
                 },
             }))?;
             s.writer.append_contents(region.id, seq, &region.shadow)?;
-            s.since_checkpoint.insert(region.id, 0);
+            s.since_checkpoint.insert(region.id, (0, 0));
             Ok(())
         });
     }
@@ -168,10 +173,11 @@ impl TraceSink {
             }))?;
             s.changes += 1;
             let changed: u64 = ranges.iter().map(|r| r.1.len() as u64).sum();
-            let acc = s.since_checkpoint.entry(region).or_insert(0);
-            *acc += changed;
-            if *acc >= (shadow.len() as u64).max(CHECKPOINT_MIN) {
-                *acc = 0;
+            let acc = s.since_checkpoint.entry(region).or_insert((0, 0));
+            acc.0 += changed;
+            acc.1 += 1;
+            if acc.0 >= (shadow.len() as u64).max(CHECKPOINT_MIN) || acc.1 >= CHECKPOINT_EVERY {
+                *acc = (0, 0);
                 s.writer
                     .append(&Record::Checkpoint(Checkpoint { region, at_seq: seq }))?;
                 s.writer.append_contents(region, seq, shadow)?;
