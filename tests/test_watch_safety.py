@@ -56,6 +56,8 @@ def test_empty_and_bad_sizes():
     refused(TypeError, r"needs size=nbytes", memwatch.watch, buffer=addr, name="x")
     refused(ValueError, r"not a whole number of 8-byte elements", memwatch.watch, buffer=addr, size=12, dtype="f8", name="x")
     refused(ValueError, r"does not cover size", memwatch.watch, buffer=addr, size=32, dtype="f8", shape=(3,), name="x")
+    # (2**61 + 4) * 8 wraps around to 32 in 64-bit arithmetic: still refused.
+    refused(ValueError, r"does not cover size", memwatch.watch, buffer=addr, size=32, dtype="f8", shape=(2**61 + 4,), name="x")
 
 
 def test_unmapped_raw_address():

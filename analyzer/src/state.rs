@@ -167,7 +167,9 @@ pub fn state(reader: &TraceReader, tag: &str, at: Option<u64>) -> Result<State> 
 
 /// Every index of an array of `shape`, in C order (last dimension fastest).
 pub fn c_order(shape: &[u64]) -> impl Iterator<Item = Vec<u64>> + '_ {
-    let count: u64 = shape.iter().product();
+    // Saturating: a damaged trace's shape must not overflow (it only makes
+    // the walk long).
+    let count: u64 = shape.iter().fold(1u64, |a, n| a.saturating_mul(*n));
     let mut idx = vec![0u64; shape.len()];
     (0..count).map(move |_| {
         let out = idx.clone();

@@ -588,7 +588,10 @@ pub fn _watch(
                 )));
             }
             let shape = shape.unwrap_or_else(|| vec![size / u64::from(itemsize)]);
-            if shape.iter().product::<u64>() * u64::from(itemsize) != size {
+            let covered = shape
+                .iter()
+                .try_fold(u64::from(itemsize), |acc, n| acc.checked_mul(*n));
+            if covered != Some(size) {
                 return Err(PyValueError::new_err(format!(
                     "shape {shape:?} of {itemsize}-byte elements does not cover size {size}"
                 )));
@@ -649,11 +652,7 @@ pub fn _watch(
         st.seq += 1;
         let seq = st.seq;
         if let Some(s) = sink().as_mut() {
-            let ev = EventContext {
-                thread: gettid(),
-                thread_name: &tname,
-                stack: &stack,
-            };
+            let ev = EventContext::here(&tname, &stack);
             s.region_watched(seq, region, &ev);
         }
         let handle = WatchHandle {
@@ -697,11 +696,7 @@ fn unwatch_region(py: Python<'_>, region: u32, reason: UnwatchReason) -> PyResul
         st.seq += 1;
         let seq = st.seq;
         if let Some(s) = sink().as_mut() {
-            let ev = EventContext {
-                thread: gettid(),
-                thread_name: &tname,
-                stack: &stack,
-            };
+            let ev = EventContext::here(&tname, &stack);
             s.region_unwatched(seq, region, reason, &ev);
         }
         Some((w, st.watches.is_empty()))
@@ -891,11 +886,7 @@ pub fn _start(
         for w in &st.watches {
             if let Some(r) = st.engine.regions.iter().find(|r| r.id == w.id) {
                 st.seq += 1;
-                let ev = EventContext {
-                    thread: gettid(),
-                    thread_name: &tname,
-                    stack: &stack,
-                };
+                let ev = EventContext::here(&tname, &stack);
                 s.region_watched(st.seq, r, &ev);
             }
         }

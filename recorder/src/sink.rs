@@ -41,6 +41,17 @@ pub struct EventContext<'a> {
     pub stack: &'a [FrameRef],
 }
 
+impl<'a> EventContext<'a> {
+    /// The context of an event on the calling thread.
+    pub fn here(thread_name: &'a str, stack: &'a [FrameRef]) -> EventContext<'a> {
+        EventContext {
+            thread: crate::kernel::gettid(),
+            thread_name,
+            stack,
+        }
+    }
+}
+
 /// An open trace and what the recorder needs to keep writing it.
 pub struct TraceSink {
     writer: TraceWriter,
