@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,29 @@ def changes():
         memwatch._memwatch._unwatch(region)
     memwatch.clear_history()
     memwatch.configure(include=[], exclude=[])
+
+
+def run_py(code: str, *args: str, env: dict | None = None, prefix: list[str] | None = None):
+    """Run Python code (dedented) in a fresh interpreter of this venv, from the repository root."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(
+        [*(prefix or []), sys.executable, *args, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=full_env,
+        cwd=ROOT,
+    )
+
+
+def unprivileged_prefix() -> list[str] | None:
+    """How to run a command without CAP_SYS_PTRACE and friends: as is when
+    not root; as root in a new user namespace (capabilities there do not
+    count for userfaultfd, which checks the initial namespace)."""
+    if os.geteuid() != 0:
+        return []
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None
+    probe = subprocess.run([unshare, "--user", "--map-root-user", "true"], capture_output=True)
+    return [unshare, "--user", "--map-root-user"] if probe.returncode == 0 else None

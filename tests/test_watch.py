@@ -152,6 +152,17 @@ def test_array_array_memoryview_and_mmap(changes):
     m.close()
 
 
+def test_ctypes_array_covers_all_its_elements(changes):
+    # ctypes exports its arrays with no strides (C-contiguous): the whole
+    # array is watched, not its first element.
+    arr = (ctypes.c_int32 * 16)()
+    h = memwatch.watch(arr, name="arr")
+    assert (h.size, h.dtype) == (64, "<i4")
+    arr[15] = -3; line = here()  # noqa: E702
+    c = only(changes)
+    assert (c.line, c.indices, c.old_values, c.new_values) == (line, [15], [0], [-3])
+
+
 def test_raw_buffer_with_dtype_and_variable_name(changes):
     data = np.zeros(4, dtype=np.int32)
     h = memwatch.watch(buffer=data.ctypes.data, size=data.nbytes, name="raw", dtype="int32")
@@ -314,12 +325,6 @@ def test_unwatch_by_object_name_and_handle_reports_pending_changes(changes):
     memwatch.unwatch(b)
     memwatch.unwatch("c")
     assert [ch.tag for ch in changes] == ["a"]
-    assert memwatch._memwatch._regions() == []
-
-
-def test_store_mode_is_refused_clearly():
-    with pytest.raises(ValueError, match="mode='store', is not available yet"):
-        memwatch.watch(bytearray(4), name="x", mode="store")
     assert memwatch._memwatch._regions() == []
 
 

@@ -4,17 +4,13 @@ pinned; memwatch never breaks the program (crashes, forks, other users)."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import textwrap
 import types
 
 import numpy as np
 import pytest
 
 import memwatch
-from conftest import ROOT
+from conftest import ROOT, run_py, unprivileged_prefix
 
 
 def regions():
@@ -78,7 +74,7 @@ def test_duplicate_tag_and_unknown_mode():
     a, b = bytearray(4), bytearray(4)
     memwatch.watch(a, name="same")
     refused(ValueError, r"'same' is already watched", memwatch.watch, b, name="same")
-    refused(ValueError, r"mode must be one of 'line'", memwatch.watch, b, name="other", mode="fast")
+    refused(ValueError, r"mode must be one of 'line', 'store', not 'fast'", memwatch.watch, b, name="other", mode="fast")
 
 
 def test_unwatching_what_is_not_watched():
@@ -104,18 +100,6 @@ def test_watched_bytearray_is_pinned_until_unwatched():
     memwatch.unwatch(buf)
     buf.extend(b"more")
     assert len(buf) == 12
-
-
-def run_py(code: str, *args: str, env: dict | None = None, prefix: list[str] | None = None):
-    full_env = dict(os.environ, **(env or {}))
-    return subprocess.run(
-        [*(prefix or []), sys.executable, *args, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=full_env,
-        cwd=ROOT,
-    )
 
 
 def test_a_genuine_segfault_still_crashes_with_signal_11():
@@ -180,19 +164,6 @@ UNPRIVILEGED_SCENARIO = """
     t.start(); t.join()
     print(memwatch.backend(), h.tracking, n, [(c.thread_name, c.ranges) for c in seen])
 """
-
-
-def unprivileged_prefix() -> list[str] | None:
-    """How to run a command without CAP_SYS_PTRACE and friends: as is when
-    not root; as root in a new user namespace (capabilities there do not
-    count for userfaultfd, which checks the initial namespace)."""
-    if os.geteuid() != 0:
-        return []
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return None
-    probe = subprocess.run([unshare, "--user", "--map-root-user", "true"], capture_output=True)
-    return [unshare, "--user", "--map-root-user"] if probe.returncode == 0 else None
 
 
 def test_kernel_writes_and_threads_work_unprivileged():

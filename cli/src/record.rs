@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use memwatch_analyzer::{for_each_change, Filter};
 use memwatch_format::TraceReader;
 
@@ -24,14 +24,16 @@ killed still leaves a readable trace of everything recorded before.
 
 Examples:
   memwatch record python train.py
-  memwatch record -o run.mwt --exclude tests/ -- python -m mypkg.train --epochs 2";
+  memwatch record -o run.mwt --exclude tests/ -- python -m mypkg.train --epochs 2
+  memwatch record --mode store python counter.py";
 
 /// Granularity of recorded changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
     /// One change per executed line per watched region.
     Line,
-    /// One change per store instruction (not available yet).
+    /// One change per store instruction, for watches that do not choose
+    /// a mode themselves (memwatch.watch(..., mode=...)).
     Store,
 }
 
@@ -48,6 +50,7 @@ pub struct Args {
     /// Take this code out of scope (a path, directory or glob; repeatable).
     #[arg(long)]
     pub exclude: Vec<String>,
+    /// The mode of every watch that does not pass mode= itself.
     #[arg(long, value_enum, default_value_t = Mode::Line)]
     pub mode: Mode,
     /// Also print a `[MEMWATCH]` report per change while recording.
@@ -122,9 +125,6 @@ fn signal_name(sig: i32) -> &'static str {
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
-    if args.mode == Mode::Store {
-        bail!("--mode store is not available yet; use --mode line (the default)");
-    }
     let output = args
         .output
         .clone()
@@ -143,7 +143,14 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     cmd.args(&args.command[1..])
         .env("MEMWATCH_TRACE", &output)
         .env("MEMWATCH_TRACE_PARENT", std::process::id().to_string())
-        .env("MEMWATCH_LIVE", if args.live { "1" } else { "0" });
+        .env("MEMWATCH_LIVE", if args.live { "1" } else { "0" })
+        .env(
+            "MEMWATCH_MODE",
+            match args.mode {
+                Mode::Line => "line",
+                Mode::Store => "store",
+            },
+        );
     if !args.include.is_empty() {
         cmd.env("MEMWATCH_INCLUDE", args.include.join(sep));
     }

@@ -1,6 +1,6 @@
 //! `memwatch dump` on the golden trace, damaged traces and bad input.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 fn memwatch(args: &[&str]) -> Output {
@@ -10,8 +10,17 @@ fn memwatch(args: &[&str]) -> Output {
         .expect("run memwatch")
 }
 
+/// This crate's directory. Read at run time (cargo sets it for `cargo
+/// test`), since a test binary reused from a shared target dir may have
+/// been compiled in another checkout.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 fn golden_trace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../format/tests/data/v1-sample.mwt")
+    manifest_dir().join("../format/tests/data/v1-sample.mwt")
 }
 
 fn text(b: &[u8]) -> String {
@@ -32,7 +41,7 @@ fn dump_of_golden_trace_matches_expected_text() {
     let out = memwatch(&["dump", golden_trace().to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stderr), "");
-    let expected_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/v1-sample.dump");
+    let expected_path = manifest_dir().join("tests/data/v1-sample.dump");
     if std::env::var_os("MEMWATCH_BLESS").is_some() {
         std::fs::write(&expected_path, &out.stdout).unwrap();
     }

@@ -1,16 +1,23 @@
 //! Golden traces written by earlier builds must keep reading. See
 //! `format/tests/data/README.md` for how each was made.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use memwatch_format::*;
 
 use crate::common::*;
 
-fn data(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(name)
+/// This crate's directory. Read at run time (cargo sets it for `cargo
+/// test`), since a test binary reused from a shared target dir may have
+/// been compiled in another checkout.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+fn data(name: &str) -> PathBuf {
+    manifest_dir().join("tests/data").join(name)
 }
 
 #[test]

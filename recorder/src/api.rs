@@ -186,6 +186,9 @@ pub fn at_boundary(py: Python<'_>, code: usize, line: u32, kind: Boundary) {
             LAST.with(|l| l.set(caller));
         }
     }
+    if crate::store::active() {
+        note_thread_line(py, LAST.with(|l| l.get()));
+    }
 }
 
 fn check_and_emit(py: Python<'_>, last: (usize, u32)) {
@@ -222,17 +225,79 @@ fn change_bytes(c: &Change) -> usize {
     c.ranges.iter().map(|r| r.1.len() + r.2.len()).sum()
 }
 
+/// Where each thread was last seen in in-scope code, for stores caught in
+/// one thread and reported at a line boundary of another (store mode).
+struct Seen {
+    last: (usize, u32),
+    name: Arc<str>,
+}
+
+static THREADS_SEEN: Mutex<Option<std::collections::HashMap<u64, Seen>>> = Mutex::new(None);
+
+fn threads_seen() -> MutexGuard<'static, Option<std::collections::HashMap<u64, Seen>>> {
+    THREADS_SEEN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Notes the line this thread runs (only while store-mode regions exist).
+fn note_thread_line(py: Python<'_>, last: (usize, u32)) {
+    let tid = gettid();
+    let known = threads_seen()
+        .as_mut()
+        .and_then(|m| m.get_mut(&tid))
+        .map(|s| s.last = last)
+        .is_some();
+    if !known {
+        let name: Arc<str> = thread_name(py).into();
+        threads_seen()
+            .get_or_insert_with(Default::default)
+            .insert(tid, Seen { last, name });
+    }
+}
+
+/// The stack and thread name a store caught in thread `tid` is attributed
+/// to: where that thread was last seen in in-scope code, or, for a thread
+/// never seen there (a native worker), the reporting thread's line.
+fn other_thread_context(tid: u64, own: &[FrameRef]) -> (Vec<FrameRef>, String) {
+    let seen = threads_seen()
+        .as_ref()
+        .and_then(|m| m.get(&tid))
+        .map(|s| (s.last, s.name.clone()));
+    match seen {
+        Some(((code, line), name)) if code != 0 => {
+            let (file, function) = monitor::known_code(code).unwrap_or_else(|| ("?".into(), "?".into()));
+            (vec![FrameRef { file, line, function }], name.to_string())
+        }
+        other => {
+            let name = match other {
+                Some((_, name)) => name.to_string(),
+                None => std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+                    .map(|s| s.trim_end().to_string())
+                    .unwrap_or_else(|_| format!("thread {tid}")),
+            };
+            (own.to_vec(), name)
+        }
+    }
+}
+
 fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32)) {
     let stack = attributed_stack(py, last);
     let tid = gettid();
     let tname = thread_name(py);
     let now = unix_ns();
-    let ev = EventContext {
-        thread: tid,
-        thread_name: &tname,
-        stack: &stack,
-    };
     for rc in raw {
+        let (stack, tname, tid, now) = match rc.writer {
+            Some(w) if w.tid != tid => {
+                let (s, n) = other_thread_context(w.tid, &stack);
+                (s, n, w.tid, w.time_ns)
+            }
+            Some(w) => (stack.clone(), tname.clone(), tid, w.time_ns),
+            None => (stack.clone(), tname.clone(), tid, now),
+        };
+        let ev = EventContext {
+            thread: tid,
+            thread_name: &tname,
+            stack: &stack,
+        };
         let made = with_state(|st| {
             let w = st.watches.iter().find(|w| w.id == rc.region)?;
             st.seq += 1;
@@ -427,8 +492,12 @@ fn span_of(view: &ffi::Py_buffer, bytes_like: bool) -> PyResult<Span> {
             hi += reach;
         }
     }
-    let start = (buf as i64 + lo) as u64;
-    let len = (hi - lo) as u64 + itemsize;
+    // NULL strides (ctypes arrays) mean C-contiguous: the span is `len`.
+    let (start, len) = if strides.is_empty() {
+        (buf, view.len as u64)
+    } else {
+        ((buf as i64 + lo) as u64, (hi - lo) as u64 + itemsize)
+    };
     // C-contiguous strides carry no information.
     let mut c = itemsize as i64;
     let mut contiguous = !strides.is_empty();
@@ -507,10 +576,27 @@ impl WatchHandle {
     }
 }
 
+/// Counters of store mode since the process started: faults stepped over,
+/// faults let through (kernel writes), stores recorded, pages left open for
+/// the next check, and `SIGTRAP`s handed on to the program's handler.
+#[pyfunction]
+pub fn _store_stats() -> std::collections::HashMap<&'static str, u64> {
+    use std::sync::atomic::Ordering::Relaxed;
+    [
+        ("stepped", crate::store::STEPPED.load(Relaxed)),
+        ("let_through", crate::store::LET_THROUGH.load(Relaxed)),
+        ("events", crate::signals::EVENTS.load(Relaxed)),
+        ("overflows", crate::signals::OVERFLOWS.load(Relaxed)),
+        ("foreign_traps", crate::signals::FOREIGN_TRAPS.load(Relaxed)),
+    ]
+    .into_iter()
+    .collect()
+}
+
 /// Starts watching. Called by `memwatch.watch` after it resolved the
 /// arguments; see its docstring.
 #[pyfunction]
-#[pyo3(signature = (obj, address, size, tag, variable, dtype, shape, keepalive, bytes_like))]
+#[pyo3(signature = (obj, address, size, tag, variable, dtype, shape, keepalive, bytes_like, mode="line"))]
 #[allow(clippy::too_many_arguments)]
 pub fn _watch(
     py: Python<'_>,
@@ -523,7 +609,17 @@ pub fn _watch(
     shape: Option<Vec<u64>>,
     keepalive: Vec<Py<PyAny>>,
     bytes_like: bool,
+    mode: &str,
 ) -> PyResult<WatchHandle> {
+    let store = match mode {
+        "line" => false,
+        "store" => true,
+        _ => {
+            return Err(PyValueError::new_err(format!(
+                "mode must be 'line' or 'store', not {mode:?}"
+            )))
+        }
+    };
     if tag.is_empty() {
         return Err(PyValueError::new_err("name must not be empty"));
     }
@@ -532,7 +628,7 @@ pub fn _watch(
             "a region named '{tag}' is already watched; pass another name= or unwatch it first"
         )));
     }
-    let (span, pinned) = match (obj, address) {
+    let (span, mut pinned) = match (obj, address) {
         (Some(obj), _) => {
             let pinned = export(py, obj)?;
             match span_of(&pinned.0, bytes_like) {
@@ -635,8 +731,7 @@ pub fn _watch(
     let tname = thread_name(py);
     let handle = with_state(|st| {
         let id = st.next_region;
-        st.next_region += 1;
-        let region = st.engine.add(Region {
+        let region = Region {
             id,
             tag: tag_arc.clone(),
             variable: variable_arc.clone(),
@@ -648,7 +743,15 @@ pub fn _watch(
             spare: None,
             tracking: Tracking::Compare,
             tracking_note: None,
-        });
+        };
+        let region = if store {
+            st.engine
+                .add_store(region)
+                .map_err(|why| MemwatchError::new_err(format!("cannot watch '{tag}' in store mode: {why}")))?
+        } else {
+            st.engine.add(region)
+        };
+        st.next_region += 1;
         st.seq += 1;
         let seq = st.seq;
         if let Some(s) = sink().as_mut() {
@@ -670,12 +773,22 @@ pub fn _watch(
             tag: tag_arc,
             variable: variable_arc,
             layout,
-            pinned,
-            keepalive: keep,
+            pinned: pinned.take(),
+            keepalive: std::mem::take(&mut keep),
             obj_id,
         });
-        handle
+        Ok(handle)
     });
+    let handle = match handle {
+        Ok(h) => h,
+        Err(e) => {
+            if let Some(mut p) = pinned.take() {
+                // SAFETY: releasing the export made above, GIL held.
+                unsafe { ffi::PyBuffer_Release(&mut *p.0) };
+            }
+            return Err(e);
+        }
+    };
     if let Err(e) = monitor::start(py) {
         let _ = unwatch_region(py, handle.region, UnwatchReason::Explicit);
         return Err(e);
@@ -870,7 +983,13 @@ pub fn _start(
         page_size: page_size() as u32,
         start_time_ns: unix_ns(),
         writer: format!("memwatch {}", env!("CARGO_PKG_VERSION")),
-        properties: vec![("backend".into(), backend()), ("mode".into(), "line".into())],
+        properties: vec![
+            ("backend".into(), backend()),
+            (
+                "mode".into(),
+                std::env::var("MEMWATCH_MODE").unwrap_or_else(|_| "line".into()),
+            ),
+        ],
     };
     let new = py
         .detach(|| TraceSink::create(&path, meta))

@@ -16,12 +16,20 @@
 //!
 //! Either way a change is the net difference since the previous check,
 //! from any writer: Python, native code, another thread, or the kernel.
+//!
+//! - **store** (`mode="store"`): the region's pages are registered with the
+//!   [`StoreTracker`], which catches each store instruction; a check turns
+//!   each caught store into its own change, carrying the writing thread and
+//!   the time of the store, then diffs the pages that were let through
+//!   (kernel writes) as a net change.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
 
 use crate::kernel::{page_size, WriteTracker};
+use crate::signals::Event;
+use crate::store::StoreTracker;
 
 /// Regions at least this large whose dirty pages cover half of them are
 /// diffed through a whole snapshot (see [`Engine::check`]).
@@ -127,6 +135,8 @@ pub enum Tracking {
     Compare,
     /// Kernel write tracking of the region's pages.
     Pages,
+    /// One change per store instruction (`mode="store"`).
+    Store,
 }
 
 impl Tracking {
@@ -134,6 +144,7 @@ impl Tracking {
         match self {
             Tracking::Compare => "compare",
             Tracking::Pages => "uffd-wp-async",
+            Tracking::Store => "uffd-wp-step",
         }
     }
 }
@@ -185,6 +196,16 @@ pub struct RawChange {
     pub region: u32,
     /// `(offset, old, new)`, increasing offsets, not overlapping.
     pub ranges: Vec<ChangedRange>,
+    /// For one caught store: who stored it, and when.
+    pub writer: Option<Writer>,
+}
+
+/// The thread and time of one caught store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Writer {
+    pub tid: u64,
+    /// Unix time of the store, nanoseconds.
+    pub time_ns: u64,
 }
 
 /// All watched regions of the process.
@@ -198,6 +219,9 @@ pub struct Engine {
     /// Maximal runs of registered pages, `[start, end)`.
     spans: Vec<(u64, u64)>,
     dirty: Vec<(u64, u64)>,
+    store: Option<StoreTracker>,
+    /// Pages registered for store mode (page address → regions using it).
+    store_pages: BTreeMap<u64, u32>,
 }
 
 /// Builds the byte mask of a strided view over a span of `len` bytes.
@@ -264,7 +288,11 @@ impl Engine {
     /// tracking it. Returns a reference to it.
     pub fn add(&mut self, mut region: Region) -> &Region {
         region.shadow = Arc::new(region.current().to_vec());
-        if region.len > COMPARE_MAX {
+        let (first, end) = Self::page_range(region.start, region.len);
+        if region.len > COMPARE_MAX && self.store_pages.range(first..end).next().is_some() {
+            region.tracking = Tracking::Compare;
+            region.tracking_note = Some("it shares a page with a store-mode region".into());
+        } else if region.len > COMPARE_MAX {
             match self.register_pages(region.start, region.len) {
                 Ok(()) => region.tracking = Tracking::Pages,
                 Err(note) => {
@@ -279,12 +307,82 @@ impl Engine {
         self.regions.last().expect("just pushed")
     }
 
+    /// Adds a region caught store by store (`mode="store"`), or says why
+    /// it cannot be.
+    pub fn add_store(&mut self, mut region: Region) -> Result<&Region, String> {
+        let (first, end) = Self::page_range(region.start, region.len);
+        if let Some(other) = self
+            .regions
+            .iter()
+            .find(|r| r.tracking == Tracking::Pages && r.start < end && first < r.start + r.len)
+        {
+            return Err(format!(
+                "its pages are shared with '{}', which is watched in line mode with page tracking; \
+                 watch both in the same mode",
+                other.tag
+            ));
+        }
+        if self.store.is_none() {
+            let t = StoreTracker::new().map_err(|e| format!("store mode is unavailable: {e}"))?;
+            self.store = Some(t);
+        }
+        let tracker = self.store.as_ref().expect("just made");
+        let ps = page_size();
+        let mut p = first;
+        while p < end {
+            if !self.store_pages.contains_key(&p) {
+                if let Err(e) = tracker.register(p, ps) {
+                    let done = p;
+                    let mut q = first;
+                    while q < done {
+                        if !self.store_pages.contains_key(&q) {
+                            let _ = tracker.unregister(q, ps);
+                        }
+                        q += ps;
+                    }
+                    return Err(describe_register_error(&e));
+                }
+            }
+            p += ps;
+        }
+        let mut p = first;
+        while p < end {
+            *self.store_pages.entry(p).or_insert(0) += 1;
+            p += ps;
+        }
+        region.shadow = Arc::new(region.current().to_vec());
+        region.tracking = Tracking::Store;
+        region.tracking_note = tracker.kernel_note.clone();
+        crate::store::REGIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.regions.push(region);
+        Ok(self.regions.last().expect("just pushed"))
+    }
+
     /// Stops tracking region `id` and returns it.
     pub fn remove(&mut self, id: u32) -> Option<Region> {
         let i = self.regions.iter().position(|r| r.id == id)?;
         let region = self.regions.remove(i);
-        if region.tracking == Tracking::Pages {
-            self.unregister_pages(region.start, region.len);
+        match region.tracking {
+            Tracking::Pages => self.unregister_pages(region.start, region.len),
+            Tracking::Store => {
+                crate::store::REGIONS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                let (first, end) = Self::page_range(region.start, region.len);
+                let ps = page_size();
+                let mut p = first;
+                while p < end {
+                    if let Some(n) = self.store_pages.get_mut(&p) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.store_pages.remove(&p);
+                            if let Some(t) = self.store.as_ref() {
+                                let _ = t.unregister(p, ps);
+                            }
+                        }
+                    }
+                    p += ps;
+                }
+            }
+            Tracking::Compare => {}
         }
         Some(region)
     }
@@ -369,6 +467,7 @@ impl Engine {
     /// Finds every change since the previous check, appends one
     /// [`RawChange`] per changed region to `out`, and updates the shadows.
     pub fn check(&mut self, out: &mut Vec<RawChange>) -> io::Result<()> {
+        self.check_stores(out);
         for r in self
             .regions
             .iter_mut()
@@ -411,13 +510,121 @@ impl Engine {
                     merge_adjacent(&mut ranges);
                 }
                 if !ranges.is_empty() {
-                    out.push(RawChange { region: r.id, ranges });
+                    out.push(RawChange {
+                        region: r.id,
+                        ranges,
+                        writer: None,
+                    });
                 }
             }
         }
         self.dirty = dirty;
         Ok(())
     }
+}
+
+impl Engine {
+    /// Reports each store caught since the last check as its own change,
+    /// in the order they happened, then the net change of the pages that
+    /// were let through (kernel writes, a full ring), and protects those
+    /// pages again.
+    fn check_stores(&mut self, out: &mut Vec<RawChange>) {
+        let Some(tracker) = self.store.as_ref() else {
+            return;
+        };
+        let mut events: Vec<Event> = Vec::new();
+        let mut open: Vec<u64> = Vec::new();
+        let all = tracker.take(&mut events, &mut open);
+        if all {
+            open = self.store_pages.keys().copied().collect();
+        }
+        for ev in &events {
+            let (ea, ee) = (ev.addr, ev.addr + u64::from(ev.len));
+            let writer = Some(Writer {
+                tid: ev.tid,
+                time_ns: ev.time_ns,
+            });
+            for r in self.regions.iter_mut().filter(|r| r.tracking == Tracking::Store) {
+                if ee <= r.start || r.start + r.len <= ea {
+                    continue;
+                }
+                let ranges = store_diff(r, ev);
+                if !ranges.is_empty() {
+                    out.push(RawChange {
+                        region: r.id,
+                        ranges,
+                        writer,
+                    });
+                }
+            }
+        }
+        if open.is_empty() {
+            return;
+        }
+        let ps = page_size();
+        for r in self.regions.iter_mut().filter(|r| r.tracking == Tracking::Store) {
+            let (rs, re) = (r.start, r.start + r.len);
+            let mut ranges = Vec::new();
+            for &p in open.iter().filter(|&&p| p < re && rs < p + ps) {
+                let (s, e) = (p.max(rs) - rs, (p + ps).min(re) - rs);
+                diff_into(r, s as usize, e as usize, &mut ranges);
+            }
+            merge_adjacent(&mut ranges);
+            if !ranges.is_empty() {
+                out.push(RawChange {
+                    region: r.id,
+                    ranges,
+                    writer: None,
+                });
+            }
+        }
+        for p in open {
+            if self.store_pages.contains_key(&p) {
+                tracker.protect(p);
+            }
+        }
+    }
+}
+
+/// The changed elements of region `r` in one caught store: the store's
+/// window before and after, on top of the shadow for the bytes of a
+/// straddling element outside the window. Updates the shadow.
+fn store_diff(r: &mut Region, ev: &Event) -> Vec<ChangedRange> {
+    let grid = ElementGrid::of(r);
+    let (ea, ee) = (ev.addr, ev.addr + u64::from(ev.len));
+    let a = (ea.max(r.start) - r.start) as usize;
+    let b = (ee.min(r.start + r.len) - r.start) as usize;
+    let (from, to) = (grid.down(a), grid.up(b));
+    let mut old = r.shadow[from..to].to_vec();
+    let mut new = old.clone();
+    for k in a..b {
+        let w = (r.start + k as u64 - ea) as usize;
+        old[k - from] = ev.old[w];
+        new[k - from] = ev.new[w];
+    }
+    let mut ranges: Vec<ChangedRange> = Vec::new();
+    let shadow = Arc::make_mut(&mut r.shadow);
+    for (x, y) in element_runs(&new, &old, grid.itemsize) {
+        let mut k = x;
+        while k < y {
+            while k < y && !in_mask(&r.mask, from + k) {
+                k += 1;
+            }
+            let s = k;
+            while k < y && in_mask(&r.mask, from + k) {
+                k += 1;
+            }
+            if s < k {
+                shadow[from + s..from + k].copy_from_slice(&new[s..k]);
+                ranges.push((
+                    (from + s) as u64,
+                    Bytes::Owned(old[s..k].to_vec()),
+                    Bytes::Owned(new[s..k].to_vec()),
+                ));
+            }
+        }
+    }
+    ranges
 }
 
 fn describe_register_error(e: &io::Error) -> String {
@@ -434,7 +641,11 @@ fn push_diff(r: &mut Region, from: usize, to: usize, out: &mut Vec<RawChange>) {
     let mut ranges = Vec::new();
     diff_into(r, from, to, &mut ranges);
     if !ranges.is_empty() {
-        out.push(RawChange { region: r.id, ranges });
+        out.push(RawChange {
+            region: r.id,
+            ranges,
+            writer: None,
+        });
     }
 }
 
@@ -712,6 +923,48 @@ mod tests {
             tracking: Tracking::Compare,
             tracking_note: None,
         }
+    }
+
+    fn event(addr: u64, old: &[u8], new: &[u8]) -> Event {
+        let mut e = Event {
+            order: 1,
+            time_ns: 0,
+            tid: 1,
+            addr,
+            len: crate::signals::WINDOW as u32,
+            old: [0; crate::signals::WINDOW],
+            new: [0; crate::signals::WINDOW],
+        };
+        e.old.copy_from_slice(old);
+        e.new.copy_from_slice(new);
+        e
+    }
+
+    #[test]
+    fn a_store_window_straddling_the_region_reports_exactly_its_bytes() {
+        // The window starts 0x30 bytes before the region and ends past it.
+        let mut buf = vec![0u8; 64];
+        let mut r = region(&mut buf, 1);
+        r.shadow = Arc::new(vec![0; 64]);
+        let base = r.start;
+        let (old, mut new) = (vec![0u8; 128], vec![0u8; 128]);
+        new[0x30..0x33].copy_from_slice(&[0xab; 3]);
+        new[0x10] = 9; // outside the region: ignored
+        let got = store_diff(&mut r, &event(base - 0x30, &old, &new));
+        assert_eq!(plain(&got), vec![(0, vec![0; 3], vec![0xab; 3])]);
+        assert_eq!(&r.shadow[..4], &[0xab, 0xab, 0xab, 0]);
+        // An element straddling the window's end takes its other bytes
+        // from the shadow.
+        let mut big = vec![0u8; 256];
+        let mut r4 = region(&mut big, 4);
+        let mut shadow = vec![0u8; 256];
+        shadow[130] = 7;
+        r4.shadow = Arc::new(shadow);
+        let (old, mut new) = (vec![0u8; 128], vec![0u8; 128]);
+        new[127] = 1; // region byte 129, in element 128..132
+        let ev = event(r4.start + 2, &old, &new);
+        let got = store_diff(&mut r4, &ev);
+        assert_eq!(plain(&got), vec![(128, vec![0, 0, 7, 0], vec![0, 1, 7, 0])]);
     }
 
     fn plain(r: &[ChangedRange]) -> Vec<(u64, Vec<u8>, Vec<u8>)> {

@@ -8,10 +8,12 @@
 //! `memwatch-format` ([`sink`]). It does not own the file layout
 //! (`memwatch-format`) or offline analysis (`memwatch-analyzer`).
 //!
-//! No code here runs in signal context: the kernel mechanism
-//! (userfaultfd `WP_ASYNC` with `PAGEMAP_SCAN`) needs no signal handler, so
-//! memwatch installs none and every SIGSEGV/SIGBUS reaches whatever handler
-//! the program had.
+//! Signal context: only [`signals`], and only once a region is watched
+//! with `mode="store"` ([`store`]): a real-time signal of its own and
+//! `SIGTRAP` (single-stepping), handed on when not memwatch's. Line mode
+//! (userfaultfd `WP_ASYNC` with `PAGEMAP_SCAN`) needs no signal handler.
+//! memwatch never installs a SIGSEGV or SIGBUS handler, so those reach
+//! whatever handler the program had.
 //!
 //! The module also carries the `memwatch` command line (`_cli_main`, which
 //! calls [`memwatch_cli::run`]): maturin builds one extension module per
@@ -32,7 +34,9 @@ pub mod errors;
 pub mod kernel;
 pub mod monitor;
 pub mod reader;
+pub mod signals;
 pub mod sink;
+pub mod store;
 
 use errors::trace_error;
 
@@ -109,6 +113,7 @@ fn _memwatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(api::_configure, m)?,
         wrap_pyfunction!(api::_rescope, m)?,
         wrap_pyfunction!(api::backend, m)?,
+        wrap_pyfunction!(api::_store_stats, m)?,
         wrap_pyfunction!(api::_backend_problem, m)?,
         wrap_pyfunction!(api::_start, m)?,
         wrap_pyfunction!(api::_stop, m)?,

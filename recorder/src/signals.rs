@@ -1,0 +1,426 @@
+//! The only code of memwatch that runs in signal context: the two handlers
+//! of `mode="store"` and the lock-free per-thread state they share with the
+//! rest of the recorder.
+//!
+//! How one store is caught (see `store.rs` for the thread side):
+//! 1. A store-mode page is write-protected through a synchronous
+//!    userfaultfd. A user-mode store to it blocks the thread in the kernel
+//!    and wakes memwatch's fault thread, which puts the fault address in the
+//!    thread's [`Slot`] and sends the thread [`step_signal`].
+//! 2. `on_step` (signal context) copies the page, lifts the protection of
+//!    that page and sets the trap flag; the handler returns, the store runs.
+//! 3. The CPU traps after that one instruction: `on_trap` (signal context)
+//!    compares the page with the copy, pushes an [`Event`] with the old and
+//!    new bytes of the changed window to the thread's ring, protects the
+//!    page again and clears the trap flag.
+//!
+//! Rules for everything reachable from `on_step` and `on_trap`: no
+//! allocation, no locks, no thread-locals (a `dlopen`ed library's TLS can
+//! allocate on first use), no Python. They may use atomics, plain memory
+//! copies and compares of the static buffers below, and these system calls:
+//! `gettid`, `ioctl(UFFDIO_WRITEPROTECT)`, `clock_gettime`, `write` (to an
+//! eventfd), `sigaction` and `tgkill` (to hand a trap that is not ours to
+//! the handler that was there before). Every function in this module that
+//! runs in signal context says so in its doc comment.
+
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+
+/// The page size this module is built for (x86_64 Linux).
+pub const PAGE: usize = 4096;
+/// Threads that can be caught storing at once (slots are reused when their
+/// thread has ended).
+pub const MAX_THREADS: usize = 256;
+/// Bytes of old and new contents kept per store: wide enough for any
+/// single store instruction (at most 64 bytes) wherever it starts.
+pub const WINDOW: usize = 128;
+/// Events a thread can have waiting before its stores are caught per page
+/// instead of per store (see [`Slot::overflow`]).
+pub const RING: usize = 64;
+
+const TF: i64 = 0x100;
+const TRAP_TRACE: i32 = 2;
+const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+
+/// One caught store: the changed window of one page, before and after.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct Event {
+    /// Global order of the event among all events of the process.
+    pub order: u64,
+    /// CLOCK_REALTIME, nanoseconds.
+    pub time_ns: u64,
+    pub tid: u64,
+    /// Address of the first byte of the window.
+    pub addr: u64,
+    pub len: u32,
+    pub old: [u8; WINDOW],
+    pub new: [u8; WINDOW],
+}
+
+impl Event {
+    const EMPTY: Event = Event {
+        order: 0,
+        time_ns: 0,
+        tid: 0,
+        addr: 0,
+        len: 0,
+        old: [0; WINDOW],
+        new: [0; WINDOW],
+    };
+}
+
+/// Per-thread state of store capture. A slot belongs to one thread (`tid`)
+/// from the moment the fault thread claims it for that thread.
+pub struct Slot {
+    /// The owning thread, 0 when free.
+    pub tid: AtomicU64,
+    /// Fault address the fault thread wants stepped, 0 when none.
+    pub pending: AtomicU64,
+    /// The open page and the fault address in it, 0 when none.
+    open_page: AtomicU64,
+    open_fault: AtomicU64,
+    /// The open page as it was before the store.
+    copy: UnsafeCell<[u8; PAGE]>,
+    /// A page left unprotected because the ring was full or the store
+    /// changed more than a window: the next check diffs it. 0 when none.
+    pub overflow: AtomicU64,
+    /// Ring of events: the thread's trap handler produces at `head`, one
+    /// consumer (holding the store tracker's lock) takes at `tail`.
+    pub head: AtomicU64,
+    pub tail: AtomicU64,
+    ring: UnsafeCell<[Event; RING]>,
+}
+
+// SAFETY: `copy` is only touched by the owning thread's handlers; `ring`
+// entries are written by the owning thread before `head` is published
+// (Release) and read by the single consumer after it observed `head`
+// (Acquire), and only written again after the consumer advanced `tail`.
+unsafe impl Sync for Slot {}
+
+impl Slot {
+    const fn new() -> Slot {
+        Slot {
+            tid: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            open_page: AtomicU64::new(0),
+            open_fault: AtomicU64::new(0),
+            copy: UnsafeCell::new([0; PAGE]),
+            overflow: AtomicU64::new(0),
+            head: AtomicU64::new(0),
+            tail: AtomicU64::new(0),
+            ring: UnsafeCell::new([Event::EMPTY; RING]),
+        }
+    }
+
+    /// Takes every waiting event, oldest first. Must only be called by one
+    /// consumer at a time (the store tracker holds its lock).
+    pub fn drain(&self, out: &mut Vec<Event>) {
+        let head = self.head.load(Ordering::Acquire);
+        let mut tail = self.tail.load(Ordering::Relaxed);
+        while tail < head {
+            // SAFETY: entries in [tail, head) were published by the producer
+            // and are not rewritten until `tail` moves past them.
+            out.push(unsafe { (*self.ring.get())[(tail % RING as u64) as usize] });
+            tail += 1;
+        }
+        self.tail.store(tail, Ordering::Release);
+    }
+
+    /// Forgets the slot's thread (the consumer calls this once the thread
+    /// has ended and its events were drained).
+    pub fn release(&self) {
+        self.pending.store(0, Ordering::Relaxed);
+        self.overflow.store(0, Ordering::Relaxed);
+        self.tid.store(0, Ordering::Release);
+    }
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const SLOT: Slot = Slot::new();
+/// One slot per thread that stores to store-mode pages.
+pub static SLOTS: [Slot; MAX_THREADS] = [SLOT; MAX_THREADS];
+/// The synchronous userfaultfd of store mode, -1 when none.
+pub static UFFD: AtomicI32 = AtomicI32::new(-1);
+/// An eventfd the trap handler writes when a ring fills up, -1 when none.
+pub static WAKE: AtomicI32 = AtomicI32::new(-1);
+/// Next event order.
+static ORDER: AtomicU64 = AtomicU64::new(1);
+/// Stores recorded as events, and pages left open for the next check
+/// (a full ring, a second page, more changed than one store writes).
+pub static EVENTS: AtomicU64 = AtomicU64::new(0);
+pub static OVERFLOWS: AtomicU64 = AtomicU64::new(0);
+/// Traps that were not ours (handed on).
+pub static FOREIGN_TRAPS: AtomicU64 = AtomicU64::new(0);
+
+struct PrevAction(UnsafeCell<libc::sigaction>);
+// SAFETY: written once by `install` before the handler is installed, read
+// only afterwards.
+unsafe impl Sync for PrevAction {}
+// SAFETY: an all-zero sigaction is SIG_DFL with no flags.
+static PREV_TRAP: PrevAction = PrevAction(UnsafeCell::new(unsafe { std::mem::zeroed() }));
+static STEP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// The real-time signal the fault thread sends to a thread that must step
+/// over a store (0 before [`install`]).
+pub fn step_signal() -> i32 {
+    STEP_SIGNAL.load(Ordering::Relaxed)
+}
+
+/// Installs the handlers (once per process). Picks the highest real-time
+/// signal nobody handles. Not signal context.
+pub fn install() -> std::io::Result<i32> {
+    let sig = STEP_SIGNAL.load(Ordering::Acquire);
+    if sig != 0 {
+        return Ok(sig);
+    }
+    // SAFETY: querying and setting signal actions with valid pointers.
+    unsafe {
+        let mut sig = 0;
+        for s in (libc::SIGRTMIN() + 4..=libc::SIGRTMAX()).rev() {
+            let mut cur: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(s, std::ptr::null(), &mut cur) == 0 && cur.sa_sigaction == libc::SIG_DFL {
+                sig = s;
+                break;
+            }
+        }
+        if sig == 0 {
+            return Err(std::io::Error::other(
+                "every real-time signal already has a handler",
+            ));
+        }
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        sa.sa_sigaction = on_step as *const () as usize;
+        if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        sa.sa_sigaction = on_trap as *const () as usize;
+        if libc::sigaction(libc::SIGTRAP, &sa, PREV_TRAP.0.get()) != 0 {
+            let err = std::io::Error::last_os_error();
+            libc::signal(sig, libc::SIG_DFL);
+            return Err(err);
+        }
+        STEP_SIGNAL.store(sig, Ordering::Release);
+        Ok(sig)
+    }
+}
+
+/// One past the highest slot ever claimed: slots above it are free.
+pub static HIGH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The slots that may be in use. Signal context.
+pub fn used_slots() -> &'static [Slot] {
+    &SLOTS[..HIGH.load(Ordering::Acquire).min(MAX_THREADS)]
+}
+
+/// The slot of thread `tid`, if it has one. Signal context.
+pub fn slot_of(tid: u64) -> Option<&'static Slot> {
+    used_slots().iter().find(|s| s.tid.load(Ordering::Acquire) == tid)
+}
+
+/// First and last index where `a` and `b` differ (same length, a multiple
+/// of 64). Signal context: plain compares only.
+fn differing(a: &[u8], b: &[u8]) -> Option<(usize, usize)> {
+    let first_block = (0..a.len()).step_by(64).find(|&i| a[i..i + 64] != b[i..i + 64])?;
+    let last_block = (first_block..a.len())
+        .step_by(64)
+        .rev()
+        .find(|&i| a[i..i + 64] != b[i..i + 64])
+        .unwrap_or(first_block);
+    let first = (first_block..first_block + 64).find(|&i| a[i] != b[i])?;
+    let last = (last_block..last_block + 64).rev().find(|&i| a[i] != b[i])?;
+    Some((first, last))
+}
+
+/// Write-protects (`on`) or opens one page. Signal context.
+fn protect(page: u64, on: bool) -> bool {
+    #[repr(C)]
+    struct Wp {
+        start: u64,
+        len: u64,
+        mode: u64,
+    }
+    let mut wp = Wp {
+        start: page,
+        len: PAGE as u64,
+        mode: if on { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+    };
+    let fd = UFFD.load(Ordering::Relaxed);
+    // SAFETY: a plain ioctl with a valid argument struct; a closed fd fails.
+    fd >= 0 && unsafe { libc::ioctl(fd, UFFDIO_WRITEPROTECT, &mut wp as *mut Wp) } == 0
+}
+
+fn gettid() -> u64 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() as u64 }
+}
+
+/// Signal context: the handler of [`step_signal`]. Opens the page the
+/// fault thread named and arms the trap flag.
+extern "C" fn on_step(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    let Some(slot) = slot_of(gettid()) else { return };
+    let addr = slot.pending.swap(0, Ordering::AcqRel);
+    if addr == 0 {
+        return;
+    }
+    let page = addr & !(PAGE as u64 - 1);
+    if slot.open_page.load(Ordering::Relaxed) != 0 {
+        // A store spanning two pages faulted on its second page while the
+        // first is open: open this one too and let the next check diff it.
+        set_overflow(slot, page);
+        protect(page, false);
+        return;
+    }
+    // SAFETY: the page is mapped (the thread just faulted writing it) and
+    // `copy` belongs to this thread.
+    unsafe { std::ptr::copy_nonoverlapping(page as *const u8, (*slot.copy.get()).as_mut_ptr(), PAGE) };
+    slot.open_page.store(page, Ordering::Relaxed);
+    slot.open_fault.store(addr, Ordering::Relaxed);
+    if !protect(page, false) {
+        slot.open_page.store(0, Ordering::Relaxed);
+        return;
+    }
+    // SAFETY: `uc` is the ucontext the kernel passed to this SA_SIGINFO handler.
+    unsafe { (*(uc as *mut libc::ucontext_t)).uc_mcontext.gregs[libc::REG_EFL as usize] |= TF };
+}
+
+/// Signal context: marks `page` as left open for the next check.
+fn set_overflow(slot: &Slot, page: u64) {
+    OVERFLOWS.fetch_add(1, Ordering::Relaxed);
+    if slot
+        .overflow
+        .compare_exchange(0, page, Ordering::AcqRel, Ordering::Relaxed)
+        .is_err()
+        && slot.overflow.load(Ordering::Relaxed) != page
+    {
+        OVERFLOW_ALL.store(true, Ordering::Release);
+    }
+}
+
+/// Set when more pages were left open than the slots can name: the next
+/// check diffs every store-mode page.
+pub static OVERFLOW_ALL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Signal context: `SIGTRAP`. If this thread is stepping over a store,
+/// records it and closes the page; otherwise hands the trap on.
+extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    let tid = gettid();
+    // SAFETY: the kernel passes a valid siginfo to SA_SIGINFO handlers.
+    let code = unsafe { (*info).si_code };
+    let slot = match slot_of(tid) {
+        Some(s) if code == TRAP_TRACE && s.open_page.load(Ordering::Relaxed) != 0 => s,
+        _ => return hand_on(sig, info, uc),
+    };
+    let page = slot.open_page.load(Ordering::Relaxed);
+    let fault = slot.open_fault.load(Ordering::Relaxed);
+    // SAFETY: `copy` belongs to this thread; the page is mapped.
+    let (before, now) = unsafe {
+        (
+            &*slot.copy.get(),
+            std::slice::from_raw_parts(page as *const u8, PAGE),
+        )
+    };
+    let mut reprotect = true;
+    if let Some((first, last)) = differing(before, now) {
+        // The window starts at the 64-byte line of the first changed byte
+        // (or of the fault address if that is lower in the page) and stays
+        // inside the page.
+        let start = (first.min((fault - page) as usize) & !63).min(PAGE - WINDOW);
+        if last >= start + WINDOW {
+            // More changed than one store writes (another thread wrote the
+            // page while it was open): leave it to the next check.
+            set_overflow(slot, page);
+            reprotect = false;
+        } else if !push(
+            slot,
+            tid,
+            page + start as u64,
+            &before[start..start + WINDOW],
+            &now[start..start + WINDOW],
+        ) {
+            set_overflow(slot, page);
+            reprotect = false;
+        }
+    }
+    if reprotect {
+        protect(page, true);
+    }
+    slot.open_page.store(0, Ordering::Relaxed);
+    // SAFETY: as in on_step.
+    unsafe { (*(uc as *mut libc::ucontext_t)).uc_mcontext.gregs[libc::REG_EFL as usize] &= !TF };
+}
+
+/// Signal context: appends one event to the thread's ring; false when full.
+fn push(slot: &Slot, tid: u64, addr: u64, old: &[u8], new: &[u8]) -> bool {
+    let head = slot.head.load(Ordering::Relaxed);
+    let tail = slot.tail.load(Ordering::Acquire);
+    if head - tail >= RING as u64 {
+        wake();
+        return false;
+    }
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime with a valid pointer (vDSO, no locks).
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    // SAFETY: entry `head` is not visible to the consumer until `head` is
+    // published below, and the consumer is done with it (checked above).
+    let e = unsafe { &mut (*slot.ring.get())[(head % RING as u64) as usize] };
+    e.order = ORDER.fetch_add(1, Ordering::Relaxed);
+    e.time_ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    e.tid = tid;
+    e.addr = addr;
+    e.len = WINDOW as u32;
+    e.old.copy_from_slice(old);
+    e.new.copy_from_slice(new);
+    slot.head.store(head + 1, Ordering::Release);
+    EVENTS.fetch_add(1, Ordering::Relaxed);
+    if head + 1 - tail >= RING as u64 / 2 {
+        wake();
+    }
+    true
+}
+
+/// Signal context: pokes the drain thread.
+fn wake() {
+    let fd = WAKE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) of 8 bytes to an eventfd.
+        unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+}
+
+/// Signal context: gives a trap that is not ours to the previous handler,
+/// or, if that was the default action, restores it and raises the signal
+/// again so that it takes effect when this handler returns.
+fn hand_on(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    FOREIGN_TRAPS.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: PREV_TRAP is immutable after install; calling the previous
+    // handler with the arguments we got is what it was installed to expect.
+    unsafe {
+        let prev = &*PREV_TRAP.0.get();
+        match prev.sa_sigaction {
+            libc::SIG_IGN => {}
+            libc::SIG_DFL => {
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+                libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), sig);
+            }
+            h if prev.sa_flags & libc::SA_SIGINFO != 0 => {
+                let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                    std::mem::transmute(h);
+                f(sig, info, uc);
+            }
+            h => {
+                let f: extern "C" fn(libc::c_int) = std::mem::transmute(h);
+                f(sig);
+            }
+        }
+    }
+}
