@@ -217,6 +217,27 @@ def test_write_from_a_thread_is_attributed_to_that_thread(changes):
     assert (c.thread_name, c.thread_id) == ("writer-1", t.native_id)
 
 
+def test_a_thread_started_before_watching_is_attributed_to_it(changes):
+    # On 3.11 this thread's tracing is switched on from the outside, in the
+    # middle of its frame.
+    buf = bytearray(16)
+    go, lines = threading.Event(), []
+
+    def writer():
+        go.wait()
+        buf[3] = 7; lines.append(here())  # noqa: E702
+        lines.append(here())
+
+    t = threading.Thread(target=writer, name="early")
+    t.start()
+    memwatch.watch(buf, name="buf")
+    go.set()
+    t.join()
+    c = only(changes)
+    assert c.ranges == [(3, b"\x00", b"\x07")]
+    assert (c.line, c.thread_name) == (lines[0], "early")
+
+
 @pytest.mark.parametrize("size", [4096, 256 * 1024], ids=["compare", "pages"])
 def test_readinto_is_a_kernel_write_that_succeeds_and_is_recorded(changes, tmp_path, size):
     data = os.urandom(size)

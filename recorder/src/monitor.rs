@@ -9,13 +9,14 @@
 //!   is enabled globally; its callback decides once per code object whether
 //!   it is in scope, enables `LINE` and `PY_RETURN` on that code object only,
 //!   and returns `DISABLE` so `PY_START` never fires for it again.
-//! - CPython 3.11: a C-level trace function (`PyEval_SetTrace`) on each
-//!   thread, installed for new threads through `threading.settrace`. Call
-//!   events decide scope; out-of-scope frames get `f_trace_lines = False`.
-//!   The interpreter still runs its tracing loop for every frame, so on 3.11
-//!   out-of-scope code is slower while something is watched; threads that
-//!   were already running when watching began are not traced (3.11 has no
-//!   API to reach them).
+//! - CPython 3.11: a C-level trace function on each thread: on every
+//!   thread that exists when watching starts (through the interpreter's
+//!   `_PyEval_SetTrace`, found at run time), and on new threads through
+//!   `threading.settrace`. Call events decide scope; out-of-scope frames get
+//!   `f_trace_lines = False` (frames that were already running get it at
+//!   their first line event). The interpreter still runs its tracing loop
+//!   for every frame, so on 3.11 out-of-scope code is slower while something
+//!   is watched.
 //!
 //! Nothing here runs in signal context.
 
@@ -390,6 +391,16 @@ extern "C" fn trace_func(
                 let code = Bound::<PyAny>::from_owned_ptr(py, ffi::PyFrame_GetCode(frame).cast());
                 (code, ffi::PyFrame_GetLineNumber(frame))
             };
+            if !code_in_scope(code.as_ptr() as usize) && !matches!(code_info(py, &code), Ok((_, _, true))) {
+                // A frame that was running before tracing began (no call
+                // event decided its scope): no more line events for it.
+                // SAFETY: `frame` is a live frame object.
+                let f = unsafe { Bound::<PyAny>::from_borrowed_ptr(py, frame.cast()) };
+                if let Err(e) = f.setattr("f_trace_lines", false) {
+                    e.write_unraisable(py, None);
+                }
+                return 0;
+            }
             crate::api::at_boundary(py, code.as_ptr() as usize, line.max(0) as u32, Boundary::Line);
         }
         ffi::PyTrace_RETURN => {
@@ -433,14 +444,51 @@ fn start_tracing(py: Python<'_>) -> PyResult<()> {
         ))?;
     }
     _install_tracer();
+    set_other_threads_trace(Some(trace_func));
     let hook = py.import("memwatch._memwatch")?.getattr("_thread_trace_hook")?;
     py.import("threading")?.getattr("settrace")?.call1((hook,))?;
     Ok(())
 }
 
+extern "C" {
+    fn PyInterpreterState_Get() -> *mut ffi::PyInterpreterState;
+    fn PyInterpreterState_ThreadHead(interp: *mut ffi::PyInterpreterState) -> *mut ffi::PyThreadState;
+    fn PyThreadState_Next(tstate: *mut ffi::PyThreadState) -> *mut ffi::PyThreadState;
+}
+
+type SetTraceFor = unsafe extern "C" fn(*mut ffi::PyThreadState, Option<ffi::Py_tracefunc>, *mut ffi::PyObject) -> c_int;
+
+/// Sets (or clears) the trace function of every thread of the interpreter
+/// but the calling one, as 3.12's `PyEval_SetTraceAllThreads` does. Uses
+/// the interpreter's `_PyEval_SetTrace`, looked up at run time; does
+/// nothing where it is missing. Called with the GIL held.
+fn set_other_threads_trace(func: Option<ffi::Py_tracefunc>) {
+    // SAFETY: dlsym with a NUL-terminated name; the symbol, when present,
+    // has the signature of CPython 3.11's `_PyEval_SetTrace`.
+    let set: Option<SetTraceFor> = unsafe {
+        let p = libc::dlsym(libc::RTLD_DEFAULT, c"_PyEval_SetTrace".as_ptr());
+        (!p.is_null()).then(|| std::mem::transmute::<*mut libc::c_void, SetTraceFor>(p))
+    };
+    let Some(set) = set else { return };
+    // SAFETY: GIL held: the thread list cannot change while we walk it, and
+    // setting another thread's trace function is what CPython itself does
+    // for `PyEval_SetTraceAllThreads`.
+    unsafe {
+        let me = ffi::PyThreadState_Get();
+        let mut ts = PyInterpreterState_ThreadHead(PyInterpreterState_Get());
+        while !ts.is_null() {
+            if ts != me && set(ts, func, std::ptr::null_mut()) < 0 {
+                ffi::PyErr_Clear();
+            }
+            ts = PyThreadState_Next(ts);
+        }
+    }
+}
+
 fn stop_tracing(py: Python<'_>) -> PyResult<()> {
     // SAFETY: GIL held.
     unsafe { ffi::PyEval_SetTrace(None, std::ptr::null_mut()) };
+    set_other_threads_trace(None);
     py.import("threading")?.getattr("settrace")?.call1((py.None(),))?;
     Ok(())
 }
