@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 use memwatch_format::{Record, TraceReader, NO_SEQ};
 
 use crate::error::{Error, Result};
-use crate::query::{for_each_change, ChangeRow, Filter, What};
+use crate::query::{for_each_change, ChangeRow, Filter, WhatRef};
 use crate::symbols::{RegionInfo, Symbols};
 
 /// A region's exact contents after event `at_seq`.
@@ -252,12 +252,12 @@ pub fn writes_to(
     };
     let mut out = Vec::new();
     for_each_change(reader, &filter, |row| {
-        if let What::Bytes { ranges, .. } = &row.what {
+        if let WhatRef::Bytes { ranges, .. } = &row.what {
             if ranges
                 .iter()
-                .any(|(off, old, _)| *off < end && off + old.len() as u64 > start)
+                .any(|r| r.offset < end && r.offset + r.old.len() as u64 > start)
             {
-                out.push(row.clone());
+                out.push(row.to_row());
             }
         }
         ControlFlow::Continue(())

@@ -110,32 +110,48 @@ impl ExactSizeIterator for RangesIter<'_> {}
 struct Cursor<'a>(&'a [u8]);
 
 impl<'a> Cursor<'a> {
-    fn varint(&mut self, max_bytes: usize, bits: u32) -> Option<u64> {
+    /// A varint of at most `MAX` bytes holding a `BITS`-bit integer; most
+    /// are one byte, which is checked first.
+    #[inline(always)]
+    fn varint<const MAX: usize, const BITS: u32>(&mut self) -> Option<u64> {
+        match self.0.split_first() {
+            Some((&b, rest)) if b < 0x80 => {
+                self.0 = rest;
+                Some(u64::from(b))
+            }
+            _ => self.varint_long::<MAX, BITS>(),
+        }
+    }
+
+    #[inline(never)]
+    fn varint_long<const MAX: usize, const BITS: u32>(&mut self) -> Option<u64> {
         let mut out = 0u64;
-        for i in 0..max_bytes {
-            let (&b, rest) = self.0.split_first()?;
-            self.0 = rest;
+        let bytes = self.0;
+        for (i, &b) in bytes.iter().take(MAX).enumerate() {
             out |= u64::from(b & 0x7f) << (7 * i);
             if b & 0x80 == 0 {
                 // The last possible byte may only hold the bits that are left.
-                let last_max = (1u64 << (bits - 7 * (max_bytes as u32 - 1))) - 1;
-                if i == max_bytes - 1 && u64::from(b) > last_max {
+                if i == MAX - 1 && u64::from(b) >> (BITS - 7 * (MAX as u32 - 1)) != 0 {
                     return None;
                 }
+                self.0 = &bytes[i + 1..];
                 return Some(out);
             }
         }
         None
     }
 
+    #[inline(always)]
     fn u32(&mut self) -> Option<u32> {
-        self.varint(5, 32).map(|v| v as u32)
+        self.varint::<5, 32>().map(|v| v as u32)
     }
 
+    #[inline(always)]
     fn u64(&mut self) -> Option<u64> {
-        self.varint(10, 64)
+        self.varint::<10, 64>()
     }
 
+    #[inline(always)]
     fn bytes(&mut self) -> Option<&'a [u8]> {
         let n = usize::try_from(self.u64()?).ok()?;
         if n > self.0.len() {
@@ -147,6 +163,7 @@ impl<'a> Cursor<'a> {
     }
 }
 
+#[inline(always)]
 fn take_range<'a>(cur: &mut Cursor<'a>) -> Option<ByteRange<'a>> {
     Some(ByteRange {
         offset: cur.u64()?,
@@ -155,6 +172,7 @@ fn take_range<'a>(cur: &mut Cursor<'a>) -> Option<ByteRange<'a>> {
     })
 }
 
+#[inline]
 fn take_change<'a>(cur: &mut Cursor<'a>) -> Option<ChangeView<'a>> {
     let seq = cur.u64()?;
     let ctx = Context {
