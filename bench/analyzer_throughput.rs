@@ -200,7 +200,11 @@ fn main() {
         println!(
             "export to {name}: {:.2} M rows/s over {rows} rows{}, {:.2} M per CPU-second; load {}",
             rate(rows, exp),
-            if format == ExportFormat::Parquet { " (target >= 5)" } else { "" },
+            if format == ExportFormat::Parquet {
+                " (target >= 5)"
+            } else {
+                ""
+            },
             rate(rows, exp_cpu),
             load()
         );

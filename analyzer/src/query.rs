@@ -444,8 +444,12 @@ mod tests {
         w.append_contents(1, 1, &[0; 4096]).unwrap();
         let tag = w.intern_str("obj").unwrap();
         for seq in 2..3002u64 {
-            let frame = w.intern_frame("train.py", "step", 10 + (seq / 500) as u32).unwrap();
-            let thread_name = w.intern_str(if seq % 7 == 0 { "worker" } else { "MainThread" }).unwrap();
+            let frame = w
+                .intern_frame("train.py", "step", 10 + (seq / 500) as u32)
+                .unwrap();
+            let thread_name = w
+                .intern_str(if seq % 7 == 0 { "worker" } else { "MainThread" })
+                .unwrap();
             let ctx = Context {
                 time_ns: seq * 10,
                 thread: 1 + u64::from(seq % 7 == 0),

@@ -99,7 +99,10 @@ mod tests {
         m.insert(4_000_000_000, "far");
         m.insert(9000, "beyond");
         assert_eq!(m.dense.len(), 4);
-        assert_eq!((m.get(3), m.get(4_000_000_000), m.get(9000)), (Some(&"a"), Some(&"far"), Some(&"beyond")));
+        assert_eq!(
+            (m.get(3), m.get(4_000_000_000), m.get(9000)),
+            (Some(&"a"), Some(&"far"), Some(&"beyond"))
+        );
         // The dense part grows past an id first stored sparsely.
         for id in 0..10_000 {
             if id != 9000 {

@@ -9,7 +9,7 @@ use anyhow::Result;
 use memwatch_analyzer::{csv_cell, for_each_change, json_str, ChangeRef, Filter, WhatRef};
 use memwatch_format::TraceReader;
 
-use crate::text::{element, hex, parse_range};
+use crate::text::{element, hex, parse_range, parse_time_range};
 
 const AFTER_HELP: &str = "\
 Columns: seq, time (ms since the trace started), tag, variable, the line the
@@ -21,6 +21,7 @@ Examples:
   memwatch query run.mwt --tag layer1_weight
   memwatch query run.mwt --file train.py --line 52 --format jsonl
   memwatch query run.mwt --seq 100..200 --thread MainThread --limit 20
+  memwatch query run.mwt --time 1.5s..2s --tag step
   memwatch query run.mwt --format csv > changes.csv";
 
 /// Output formats of `memwatch query`.
@@ -55,8 +56,9 @@ pub struct Args {
     /// Only seqs in A..B (inclusive; either end may be left out).
     #[arg(long, value_name = "A..B", value_parser = parse_range)]
     pub seq: Option<(u64, u64)>,
-    /// Only changes made between A and B nanoseconds after the trace started.
-    #[arg(long, value_name = "A..B", value_parser = parse_range)]
+    /// Only changes made between times A and B after the trace started
+    /// (inclusive): 1.5s..2s, 150ms.., ..20us; a plain number is nanoseconds.
+    #[arg(long, value_name = "A..B", value_parser = parse_time_range)]
     pub time: Option<(u64, u64)>,
     /// Stop after this many changes.
     #[arg(long)]

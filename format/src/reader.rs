@@ -224,7 +224,11 @@ impl TraceReader {
     }
 }
 
-fn payload<'a>(stored: &'a [u8], h: &ChunkHeader, mut buf: Vec<u8>) -> std::result::Result<Cow<'a, [u8]>, String> {
+fn payload<'a>(
+    stored: &'a [u8],
+    h: &ChunkHeader,
+    mut buf: Vec<u8>,
+) -> std::result::Result<Cow<'a, [u8]>, String> {
     let crc = crc32fast::hash(stored);
     if crc != h.payload_crc {
         return Err(format!(

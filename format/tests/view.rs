@@ -56,7 +56,10 @@ fn views_of_the_sample_are_its_records() {
         let chunk = reader.decode_chunk_with(info, buf).unwrap();
         let records: Vec<Record<'_>> = chunk.records().map(Result::unwrap).collect();
         let views: Vec<RecordView<'_>> = chunk.views().map(Result::unwrap).collect();
-        assert_eq!(views.iter().map(RecordView::to_record).collect::<Vec<_>>(), records);
+        assert_eq!(
+            views.iter().map(RecordView::to_record).collect::<Vec<_>>(),
+            records
+        );
         for v in &views {
             if let RecordView::Change(c) = v {
                 changes += 1;
