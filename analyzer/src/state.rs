@@ -242,8 +242,14 @@ pub fn duration_text(ns: u64) -> String {
 }
 
 /// The contents of the region tagged `tag` after event `at` (default: the
-/// last event of the trace); see [`region_at`] for which region when the
-/// tag was watched more than once.
+/// last event of the trace).
+///
+/// A tag watched, unwatched and watched again is several regions: the one
+/// rebuilt is the latest watched at or before `at` and not unwatched before
+/// it (a region is still watched at its own unwatch); with no `at`, the
+/// last one watched, at the end of the trace or at its unwatch if earlier.
+/// When no region is watched under `tag` at `at`, the error says when it
+/// was.
 ///
 /// The cost does not grow with the number of changes before `at`: the
 /// reader walks back from the chunk holding `at` to the nearest snapshot of
