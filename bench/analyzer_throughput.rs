@@ -11,6 +11,13 @@
 //! - scanning every change through `for_each_change` (records/s),
 //! - exporting 2,000,000 of them to Parquet (rows/s),
 //! - rebuilding the region's state at the middle seq (seconds).
+//!
+//! Next to each wall-clock rate it prints the rate per CPU-second of the
+//! whole process (user + system time from `/proc/self/stat`) and the load
+//! average: on a shared machine the wall-clock rate follows the load, the
+//! CPU rate much less. The scan is also compared with a baseline measured
+//! in the same run: checking and decompressing every chunk on one thread,
+//! with nothing decoded.
 
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
@@ -23,6 +30,41 @@ const REGION: usize = 100 << 20;
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
+}
+
+/// User + system CPU time of this process so far.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ")".
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line (11 and 12 after the
+    // name), in clock ticks.
+    let tick = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = tick(11) + tick(12);
+    Duration::from_secs_f64(ticks as f64 / 100.0)
+}
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().next().unwrap_or("?").to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Runs `f` 3 times; the median wall time and the median CPU time.
+fn timed(mut f: impl FnMut()) -> (Duration, Duration) {
+    let (mut wall, mut cpu) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let (t, c) = (Instant::now(), cpu_time());
+        f();
+        wall.push(t.elapsed());
+        cpu.push(cpu_time().saturating_sub(c));
+    }
+    (median(wall), median(cpu))
+}
+
+fn rate(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64().max(1e-9) / 1e6
 }
 
 fn main() {
@@ -107,49 +149,66 @@ fn main() {
     );
 
     let reader = TraceReader::open(&path).unwrap();
-    let mut scans = Vec::new();
-    for _ in 0..3 {
-        let t = Instant::now();
+    let (base, base_cpu) = timed(|| {
+        let mut buf = Vec::new();
+        for info in reader.chunks() {
+            buf = reader.decode_chunk_with(info, buf).unwrap().into_buffer();
+        }
+    });
+    let (scan, scan_cpu) = timed(|| {
         let mut count = 0u64;
         for_each_change(&reader, &Filter::default(), |_| {
             count += 1;
             ControlFlow::Continue(())
         })
         .unwrap();
-        scans.push(t.elapsed());
         assert_eq!(count, n);
-    }
-    let scan = median(scans);
+    });
     println!(
-        "scan (for_each_change): {:.2} M records/s (target >= 20)",
-        n as f64 / scan.as_secs_f64() / 1e6
+        "scan (for_each_change): {:.2} M records/s (target >= 20), {:.2} M per CPU-second; \
+         baseline (decompress only, one thread): {:.2} M records/s; ratio {:.2}; load {}",
+        rate(n, scan),
+        rate(n, scan_cpu),
+        rate(n, base),
+        base.as_secs_f64() / scan.as_secs_f64(),
+        load()
     );
+    let _ = base_cpu;
 
     let rows = n.min(2_000_000);
     let filter = Filter {
         seq: Some((2, rows + 1)),
         ..Filter::default()
     };
-    let mut exports = Vec::new();
-    for _ in 0..3 {
-        let t = Instant::now();
-        let got = export(
-            &reader,
-            &dir.join("c.parquet"),
-            ExportFormat::Parquet,
-            Granularity::Change,
-            &filter,
-            &mut |_, _| {},
-        )
-        .unwrap();
-        exports.push(t.elapsed());
-        assert_eq!(got, rows);
+    for (format, name) in [
+        (ExportFormat::Parquet, "Parquet"),
+        (ExportFormat::Csv, "CSV"),
+        (ExportFormat::Jsonl, "JSON lines"),
+    ] {
+        let (exp, exp_cpu) = timed(|| {
+            let got = export(
+                &reader,
+                &dir.join("c.out"),
+                format,
+                Granularity::Change,
+                &filter,
+                &mut |_, _| {},
+            )
+            .unwrap();
+            assert_eq!(got, rows);
+        });
+        println!(
+            "export to {name}: {:.2} M rows/s over {rows} rows{}, {:.2} M per CPU-second; load {}",
+            rate(rows, exp),
+            if format == ExportFormat::Parquet {
+                " (target >= 5)"
+            } else {
+                ""
+            },
+            rate(rows, exp_cpu),
+            load()
+        );
     }
-    let exp = median(exports);
-    println!(
-        "export to Parquet: {:.2} M rows/s over {rows} rows (target >= 5)",
-        rows as f64 / exp.as_secs_f64() / 1e6
-    );
 
     let mid = n / 2 + 1;
     let mut states = Vec::new();

@@ -13,6 +13,10 @@ pub enum Error {
     #[error("seq {seq} is out of range: {what}")]
     SeqOutOfRange { seq: u64, what: String },
 
+    /// A time before the trace's first event.
+    #[error("time {} is out of range: {what}", crate::state::duration_text(*time_ns))]
+    TimeOutOfRange { time_ns: u64, what: String },
+
     /// Writing an export failed (polars' message).
     #[error("export failed: {0}")]
     Export(String),

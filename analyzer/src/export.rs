@@ -9,9 +9,12 @@ use std::path::Path;
 
 use memwatch_format::TraceReader;
 use polars::prelude::*;
+use polars_arrow::array::{Utf8ViewArray, View};
+use polars_arrow::bitmap::Bitmap;
+use polars_buffer::Buffer;
 
 use crate::error::{Error, Result};
-use crate::query::{for_each_change_progress, ChangeRow, Filter, What};
+use crate::query::{for_each_change_progress, ChangeRef, Filter, WhatRef};
 use crate::state::{c_order, element_bytes, shape_of};
 
 /// File formats of an export.
@@ -29,32 +32,180 @@ pub enum Granularity {
     Element,
 }
 
-/// The columns, in order, as built up row by row.
+/// A string column built from few distinct values: each row holds an
+/// index into a table of the values seen, so that no row allocates (the
+/// values of a trace's string columns are its interned strings, or few).
+#[derive(Default)]
+struct StrCol {
+    rows: Vec<u32>,
+    values: Vec<String>,
+    index: std::collections::HashMap<String, u32>,
+    /// The value of the last row (rows mostly repeat it).
+    last: u32,
+}
+
+impl StrCol {
+    const NULL: u32 = u32::MAX;
+
+    #[inline]
+    fn push(&mut self, v: Option<&str>) {
+        let id = match v {
+            None => Self::NULL,
+            Some(v) if self.values.get(self.last as usize).is_some_and(|l| l == v) => self.last,
+            Some(v) => {
+                let id = match self.index.get(v) {
+                    Some(&id) => id,
+                    None => {
+                        let id = self.values.len() as u32;
+                        self.values.push(v.to_string());
+                        self.index.insert(v.to_string(), id);
+                        id
+                    }
+                };
+                self.last = id;
+                id
+            }
+        };
+        self.rows.push(id);
+    }
+
+    fn get(&self, i: usize) -> Option<&str> {
+        self.values.get(self.rows[i] as usize).map(String::as_str)
+    }
+
+    /// The column as arrow string views of one buffer holding each
+    /// distinct value once: building it copies 16 bytes a row.
+    fn column(&self, name: &str) -> Column {
+        if self.values.is_empty() {
+            return Column::full_null(name.into(), self.rows.len(), &DataType::String);
+        }
+        let mut buffer = Vec::new();
+        let mut value_views = Vec::with_capacity(self.values.len());
+        for v in &self.values {
+            value_views.push(View::new_from_bytes(v.as_bytes(), 0, buffer.len() as u32));
+            buffer.extend_from_slice(v.as_bytes());
+        }
+        let mut total = 0usize;
+        let views: Vec<View> = self
+            .rows
+            .iter()
+            .map(|&id| match value_views.get(id as usize) {
+                Some(v) => {
+                    total += v.length as usize;
+                    *v
+                }
+                None => View::default(),
+            })
+            .collect();
+        let validity = self
+            .rows
+            .contains(&Self::NULL)
+            .then(|| Bitmap::from_iter(self.rows.iter().map(|&id| id != Self::NULL)));
+        let buffer_len = buffer.len();
+        // SAFETY: every view is of a whole `String` (valid UTF-8) in
+        // `buffer`, buffer 0, at the offset it was copied to; null rows are
+        // masked by `validity`.
+        let array = unsafe {
+            Utf8ViewArray::new_unchecked(
+                ArrowDataType::Utf8View,
+                views.into(),
+                vec![Buffer::from(buffer)].into(),
+                validity,
+                Some(total),
+                buffer_len,
+            )
+        };
+        StringChunked::with_chunk(name.into(), array).into_column()
+    }
+}
+
+/// A binary column: every row's bytes one after another, with where each
+/// row ends (rows without bytes are null).
+#[derive(Default)]
+struct BinCol {
+    data: Vec<u8>,
+    ends: Vec<usize>,
+    valid: Vec<bool>,
+}
+
+impl BinCol {
+    #[inline]
+    fn push(&mut self, v: Option<&[u8]>) {
+        if let Some(b) = v {
+            self.data.extend_from_slice(b);
+        }
+        self.ends.push(self.data.len());
+        self.valid.push(v.is_some());
+    }
+
+    fn get(&self, i: usize) -> Option<&[u8]> {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        self.valid[i].then(|| &self.data[start..self.ends[i]])
+    }
+
+    fn column(&self, name: &str) -> Column {
+        if !self.valid.contains(&true) {
+            return Column::full_null(name.into(), self.valid.len(), &DataType::Binary);
+        }
+        BinaryChunked::from_iter_options(name.into(), (0..self.ends.len()).map(|i| self.get(i))).into_column()
+    }
+}
+
+/// The columns, in order, as built up row by row: numbers in typed
+/// vectors, strings through [`StrCol`], bytes through [`BinCol`].
 #[derive(Default)]
 struct Columns {
     seq: Vec<u64>,
     time_ns: Vec<u64>,
-    wall_time_ns: Vec<u64>,
-    tag: Vec<String>,
-    variable: Vec<Option<String>>,
-    kind: Vec<String>,
-    file: Vec<Option<String>>,
+    tag: StrCol,
+    variable: StrCol,
+    kind: StrCol,
+    file: StrCol,
     line: Vec<Option<u32>>,
-    function: Vec<Option<String>>,
+    function: StrCol,
     thread: Vec<u64>,
-    thread_name: Vec<Option<String>>,
+    thread_name: StrCol,
     address: Vec<Option<u64>>,
     offset: Vec<Option<u64>>,
     bytes_changed: Vec<u64>,
     ranges: Vec<u32>,
     index: Vec<Option<String>>,
-    old: Vec<Option<Vec<u8>>>,
-    new: Vec<Option<Vec<u8>>>,
+    old: BinCol,
+    new: BinCol,
     old_value: Vec<Option<f64>>,
     new_value: Vec<Option<f64>>,
-    key: Vec<Option<String>>,
-    old_repr: Vec<Option<String>>,
-    new_repr: Vec<Option<String>>,
+    key: StrCol,
+    old_repr: StrCol,
+    new_repr: StrCol,
+    /// Added to `time_ns` for `wall_time_ns`.
+    start_ns: u64,
+}
+
+/// What one row says beyond the change's own fields.
+struct RowParts<'a> {
+    address: Option<u64>,
+    offset: Option<u64>,
+    bytes_changed: u64,
+    ranges: u32,
+    index: Option<String>,
+    old: Option<&'a [u8]>,
+    new: Option<&'a [u8]>,
+    values: (Option<f64>, Option<f64>),
+    object: (Option<&'a str>, Option<&'a str>, Option<&'a str>),
+}
+
+impl RowParts<'_> {
+    const NONE: RowParts<'static> = RowParts {
+        address: None,
+        offset: None,
+        bytes_changed: 0,
+        ranges: 0,
+        index: None,
+        old: None,
+        new: None,
+        values: (None, None),
+        object: (None, None, None),
+    };
 }
 
 /// A numeric element as f64 (ints beyond 2^53 lose precision).
@@ -85,110 +236,85 @@ impl Columns {
         self.seq.len()
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn push(
-        &mut self,
-        row: &ChangeRow,
-        start_ns: u64,
-        kind: &str,
-        address: Option<u64>,
-        offset: Option<u64>,
-        bytes_changed: u64,
-        ranges: u32,
-        index: Option<String>,
-        old: Option<Vec<u8>>,
-        new: Option<Vec<u8>>,
-        values: (Option<f64>, Option<f64>),
-        object: (Option<String>, Option<String>, Option<String>),
-    ) {
-        let f = row.frame.as_ref();
+    fn push(&mut self, row: &ChangeRef<'_>, kind: &str, p: RowParts<'_>) {
+        let f = row.frame;
         self.seq.push(row.seq);
         self.time_ns.push(row.time_ns);
-        self.wall_time_ns.push(start_ns + row.time_ns);
-        self.tag.push(row.tag.to_string());
-        self.variable.push(row.variable.as_deref().map(String::from));
-        self.kind.push(kind.to_string());
-        self.file.push(f.map(|f| f.file.to_string()));
+        self.tag.push(Some(row.tag));
+        self.variable.push(row.variable);
+        self.kind.push(Some(kind));
+        self.file.push(f.map(|f| &*f.file));
         self.line.push(f.map(|f| f.line));
-        self.function.push(f.map(|f| f.function.to_string()));
+        self.function.push(f.map(|f| &*f.function));
         self.thread.push(row.thread);
-        self.thread_name
-            .push(row.thread_name.as_deref().map(String::from));
-        self.address.push(address);
-        self.offset.push(offset);
-        self.bytes_changed.push(bytes_changed);
-        self.ranges.push(ranges);
-        self.index.push(index);
-        self.old.push(old);
-        self.new.push(new);
-        self.old_value.push(values.0);
-        self.new_value.push(values.1);
-        self.key.push(object.0);
-        self.old_repr.push(object.1);
-        self.new_repr.push(object.2);
+        self.thread_name.push(row.thread_name);
+        self.address.push(p.address);
+        self.offset.push(p.offset);
+        self.bytes_changed.push(p.bytes_changed);
+        self.ranges.push(p.ranges);
+        self.index.push(p.index);
+        self.old.push(p.old);
+        self.new.push(p.new);
+        self.old_value.push(p.values.0);
+        self.new_value.push(p.values.1);
+        self.key.push(p.object.0);
+        self.old_repr.push(p.object.1);
+        self.new_repr.push(p.object.2);
     }
 
-    fn add(&mut self, row: &ChangeRow, start_ns: u64, granularity: Granularity) {
-        match &row.what {
-            What::Object { kind, key, old, new } => self.push(
+    fn add(&mut self, row: &ChangeRef<'_>, granularity: Granularity) {
+        match row.what {
+            WhatRef::Object { kind, key, old, new } => self.push(
                 row,
-                start_ns,
                 kind.name(),
-                None,
-                None,
-                0,
-                0,
-                None,
-                None,
-                None,
-                (None, None),
-                (key.clone(), old.clone(), new.clone()),
+                RowParts {
+                    object: (key, old, new),
+                    ..RowParts::NONE
+                },
             ),
-            What::Bytes { ranges, .. } => {
-                let region = row.region.as_ref();
+            WhatRef::Bytes { ranges, .. } => {
+                let region = row.region;
                 let base = region.map(|r| r.address).unwrap_or(0);
-                if granularity == Granularity::Change || region.and_then(|r| r.dtype.as_ref()).is_none() {
-                    let (off, old, new) = &ranges[0];
+                let dtype = region.and_then(|r| r.dtype.as_deref());
+                let (Granularity::Element, Some(region), Some(dtype)) = (granularity, region, dtype) else {
+                    let first = ranges.first();
+                    let off = first.as_ref().map_or(0, |r| r.offset);
                     self.push(
                         row,
-                        start_ns,
                         "bytes",
-                        Some(base + off),
-                        Some(*off),
-                        row.bytes_changed(),
-                        ranges.len() as u32,
-                        None,
-                        Some(old.clone()),
-                        Some(new.clone()),
-                        (None, None),
-                        (None, None, None),
+                        RowParts {
+                            address: Some(base + off),
+                            offset: Some(off),
+                            bytes_changed: ranges.bytes_changed(),
+                            ranges: ranges.len() as u32,
+                            old: Some(first.as_ref().map_or(&[][..], |r| r.old)),
+                            new: Some(first.as_ref().map_or(&[][..], |r| r.new)),
+                            ..RowParts::NONE
+                        },
                     );
                     return;
-                }
-                let region = region.expect("checked above");
-                let dtype = region.dtype.as_deref().unwrap_or("|u1");
+                };
                 let size = region.itemsize.max(1) as usize;
-                for (off, old, new) in ranges {
-                    for k in 0..old.len() / size {
-                        let (o, n) = (&old[k * size..(k + 1) * size], &new[k * size..(k + 1) * size]);
+                for r in ranges {
+                    for (k, (o, n)) in r.old.chunks_exact(size).zip(r.new.chunks_exact(size)).enumerate() {
                         if o == n {
                             continue;
                         }
-                        let at = off + (k * size) as u64;
-                        let index = element_index(region, at);
+                        let at = r.offset + (k * size) as u64;
                         self.push(
                             row,
-                            start_ns,
                             "bytes",
-                            Some(base + at),
-                            Some(at),
-                            size as u64,
-                            1,
-                            index,
-                            Some(o.to_vec()),
-                            Some(n.to_vec()),
-                            (element_f64(dtype, o), element_f64(dtype, n)),
-                            (None, None, None),
+                            RowParts {
+                                address: Some(base + at),
+                                offset: Some(at),
+                                bytes_changed: size as u64,
+                                ranges: 1,
+                                index: element_index(region, at),
+                                old: Some(o),
+                                new: Some(n),
+                                values: (element_f64(dtype, o), element_f64(dtype, n)),
+                                object: (None, None, None),
+                            },
                         );
                     }
                 }
@@ -196,32 +322,57 @@ impl Columns {
         }
     }
 
-    fn frame(self) -> PolarsResult<DataFrame> {
-        let bin = |v: Vec<Option<Vec<u8>>>| -> Vec<Option<Vec<u8>>> { v };
+    /// A nullable column, built directly when every row is null (element
+    /// and object columns of a change export).
+    fn opt_column<T>(name: &str, v: &[Option<T>], dtype: DataType, make: impl FnOnce() -> Column) -> Column {
+        if v.iter().all(Option::is_none) {
+            Column::full_null(name.into(), v.len(), &dtype)
+        } else {
+            make()
+        }
+    }
+
+    fn wall_time_ns(&self) -> Vec<u64> {
+        self.time_ns.iter().map(|t| self.start_ns + t).collect()
+    }
+
+    fn frame(&self) -> PolarsResult<DataFrame> {
         let cols: Vec<Column> = vec![
-            Column::new("seq".into(), self.seq),
-            Column::new("time_ns".into(), self.time_ns),
-            Column::new("wall_time_ns".into(), self.wall_time_ns),
-            Column::new("tag".into(), self.tag),
-            Column::new("variable".into(), self.variable),
-            Column::new("kind".into(), self.kind),
-            Column::new("file".into(), self.file),
-            Column::new("line".into(), self.line),
-            Column::new("function".into(), self.function),
-            Column::new("thread".into(), self.thread),
-            Column::new("thread_name".into(), self.thread_name),
-            Column::new("address".into(), self.address),
-            Column::new("offset".into(), self.offset),
-            Column::new("bytes_changed".into(), self.bytes_changed),
-            Column::new("ranges".into(), self.ranges),
-            Column::new("index".into(), self.index),
-            Column::new("old".into(), bin(self.old)),
-            Column::new("new".into(), bin(self.new)),
-            Column::new("old_value".into(), self.old_value),
-            Column::new("new_value".into(), self.new_value),
-            Column::new("key".into(), self.key),
-            Column::new("old_repr".into(), self.old_repr),
-            Column::new("new_repr".into(), self.new_repr),
+            UInt64Chunked::from_slice("seq".into(), &self.seq).into_column(),
+            UInt64Chunked::from_slice("time_ns".into(), &self.time_ns).into_column(),
+            UInt64Chunked::from_vec("wall_time_ns".into(), self.wall_time_ns()).into_column(),
+            self.tag.column("tag"),
+            self.variable.column("variable"),
+            self.kind.column("kind"),
+            self.file.column("file"),
+            Self::opt_column("line", &self.line, DataType::UInt32, || {
+                Column::new("line".into(), &self.line)
+            }),
+            self.function.column("function"),
+            UInt64Chunked::from_slice("thread".into(), &self.thread).into_column(),
+            self.thread_name.column("thread_name"),
+            Self::opt_column("address", &self.address, DataType::UInt64, || {
+                Column::new("address".into(), &self.address)
+            }),
+            Self::opt_column("offset", &self.offset, DataType::UInt64, || {
+                Column::new("offset".into(), &self.offset)
+            }),
+            UInt64Chunked::from_slice("bytes_changed".into(), &self.bytes_changed).into_column(),
+            UInt32Chunked::from_slice("ranges".into(), &self.ranges).into_column(),
+            Self::opt_column("index", &self.index, DataType::String, || {
+                Column::new("index".into(), &self.index)
+            }),
+            self.old.column("old"),
+            self.new.column("new"),
+            Self::opt_column("old_value", &self.old_value, DataType::Float64, || {
+                Column::new("old_value".into(), &self.old_value)
+            }),
+            Self::opt_column("new_value", &self.new_value, DataType::Float64, || {
+                Column::new("new_value".into(), &self.new_value)
+            }),
+            self.key.column("key"),
+            self.old_repr.column("old_repr"),
+            self.new_repr.column("new_repr"),
         ];
         DataFrame::new_infer_height(cols)
     }
@@ -307,32 +458,32 @@ pub const COLUMNS: [&str; 23] = [
 impl Columns {
     /// Cells of row `i` as text (`None` for null); bytes as hex.
     fn cells(&self, i: usize) -> [Option<String>; 23] {
-        let s = |x: &Option<String>| x.clone();
+        let s = |c: &StrCol| c.get(i).map(String::from);
         let n = |x: Option<u64>| x.map(|v| v.to_string());
         [
             Some(self.seq[i].to_string()),
             Some(self.time_ns[i].to_string()),
-            Some(self.wall_time_ns[i].to_string()),
-            Some(self.tag[i].clone()),
-            s(&self.variable[i]),
-            Some(self.kind[i].clone()),
-            s(&self.file[i]),
+            Some((self.start_ns + self.time_ns[i]).to_string()),
+            s(&self.tag),
+            s(&self.variable),
+            s(&self.kind),
+            s(&self.file),
             self.line[i].map(|v| v.to_string()),
-            s(&self.function[i]),
+            s(&self.function),
             Some(self.thread[i].to_string()),
-            s(&self.thread_name[i]),
+            s(&self.thread_name),
             n(self.address[i]),
             n(self.offset[i]),
             Some(self.bytes_changed[i].to_string()),
             Some(self.ranges[i].to_string()),
-            s(&self.index[i]),
-            self.old[i].as_deref().map(hex),
-            self.new[i].as_deref().map(hex),
+            self.index[i].clone(),
+            self.old.get(i).map(hex),
+            self.new.get(i).map(hex),
             self.old_value[i].map(|v| v.to_string()),
             self.new_value[i].map(|v| v.to_string()),
-            s(&self.key[i]),
-            s(&self.old_repr[i]),
-            s(&self.new_repr[i]),
+            s(&self.key),
+            s(&self.old_repr),
+            s(&self.new_repr),
         ]
     }
 }
@@ -347,10 +498,12 @@ pub fn export(
     filter: &Filter,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<u64> {
-    let start_ns = reader.header().meta.start_time_ns;
-    let mut cols = Columns::default();
+    let mut cols = Columns {
+        start_ns: reader.header().meta.start_time_ns,
+        ..Columns::default()
+    };
     for_each_change_progress(reader, filter, progress, |row| {
-        cols.add(row, start_ns, granularity);
+        cols.add(row, granularity);
         ControlFlow::Continue(())
     })?;
     let rows = cols.len() as u64;

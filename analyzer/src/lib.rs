@@ -32,11 +32,14 @@
 mod error;
 mod export;
 mod query;
+mod scan;
 mod state;
 mod symbols;
 
 pub use error::{Error, Result};
 pub use export::{csv_cell, element_f64, export, hex, json_str, ExportFormat, Granularity, COLUMNS};
-pub use query::{for_each_change, for_each_change_progress, ChangeRow, Filter, What};
-pub use state::{c_order, element_bytes, seq_bounds, shape_of, state, writes_to, State};
+pub use query::{for_each_change, for_each_change_progress, ChangeRef, ChangeRow, Filter, What, WhatRef};
+pub use state::{
+    c_order, duration_text, element_bytes, seq_at_time, seq_bounds, shape_of, state, writes_to, State,
+};
 pub use symbols::{FrameInfo, RegionInfo, Symbols};

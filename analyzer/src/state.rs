@@ -2,10 +2,12 @@
 
 use std::ops::ControlFlow;
 
+use std::collections::{HashMap, HashSet};
+
 use memwatch_format::{Record, TraceReader, NO_SEQ};
 
 use crate::error::{Error, Result};
-use crate::query::{for_each_change, ChangeRow, Filter, What};
+use crate::query::{for_each_change, ChangeRow, Filter, WhatRef};
 use crate::symbols::{RegionInfo, Symbols};
 
 /// A region's exact contents after event `at_seq`.
@@ -60,8 +62,194 @@ fn find_region(reader: &TraceReader, tag: &str) -> Result<(RegionInfo, Symbols, 
     })
 }
 
+/// The region tagged `tag` that is watched at event `at`, the seq to
+/// rebuild it at, and the index of the chunk holding its `RegionWatched`.
+///
+/// A tag can be watched, unwatched and watched again: each watch is its
+/// own region. The one picked is the latest watched at or before `at` and
+/// not unwatched before it (a region is still watched at its own
+/// `RegionUnwatched`). With no `at` (the end of the trace), the last region
+/// watched under `tag` is picked, at the end or at its unwatch if earlier.
+///
+/// It walks back from the chunk holding `at` until it finds the region: for
+/// a tag watched once, only as far back as the region's nearest checkpoint.
+fn region_at(reader: &TraceReader, tag: &str, at: Option<u64>) -> Result<(RegionInfo, u64, usize)> {
+    let (first, _, first_chunk) = find_region(reader, tag)?;
+    let (lo, hi) = seq_bounds(reader).unwrap_or((first.watched_seq, first.watched_seq));
+    let target = at.unwrap_or(hi);
+    if target > hi {
+        return Err(Error::SeqOutOfRange {
+            seq: target,
+            what: format!("the trace's events run from seq {lo} to {hi}"),
+        });
+    }
+    if target < first.watched_seq {
+        return Err(Error::SeqOutOfRange {
+            seq: target,
+            what: format!("{tag:?} was first watched at seq {}", first.watched_seq),
+        });
+    }
+    let chunks = reader.chunks();
+    let mut k = first_chunk;
+    for (i, c) in chunks.iter().enumerate().skip(first_chunk) {
+        if c.header.first_seq != NO_SEQ && c.header.first_seq > target {
+            break;
+        }
+        k = i;
+    }
+    // What the walk has seen at or before the target, by region id.
+    let mut watched: HashMap<u32, (RegionInfo, usize)> = HashMap::new();
+    let mut unwatched: HashMap<u32, u64> = HashMap::new();
+    let mut checkpointed: HashSet<u32> = HashSet::new();
+    let mut j = k;
+    loop {
+        let chunk = reader.decode_chunk(&chunks[j])?;
+        for rec in chunk.records() {
+            match rec? {
+                Record::RegionWatched(r) if r.tag == tag && r.seq <= target => {
+                    let mut syms = Symbols::default();
+                    syms.learn(&Record::RegionWatched(r.clone()));
+                    let info = syms.region(r.region).expect("just learned").clone();
+                    watched.insert(r.region, (info, j));
+                }
+                Record::RegionUnwatched(u) if u.seq <= target => {
+                    unwatched.insert(u.region, u.seq);
+                }
+                Record::Checkpoint(c) if c.at_seq <= target => {
+                    checkpointed.insert(c.region);
+                }
+                _ => {}
+            }
+        }
+        // The latest watch of the tag seen: nothing watched it later up to
+        // the target, since the walk has covered everything since.
+        let latest = watched.values().max_by_key(|(r, _)| r.watched_seq).cloned();
+        let found = match latest {
+            Some(found) => Some(found),
+            // The first region, still checkpointed (so still watched) in the
+            // part walked, or unwatched in it.
+            None if checkpointed.contains(&first.region)
+                || unwatched.contains_key(&first.region)
+                || j == first_chunk =>
+            {
+                Some((first.clone(), first_chunk))
+            }
+            None => None,
+        };
+        if let Some((mut region, chunk)) = found {
+            let Some(&gone) = unwatched.get(&region.region).filter(|&&g| g < target) else {
+                return Ok((region, target, chunk));
+            };
+            region.unwatched_seq = Some(gone);
+            if at.is_none() {
+                return Ok((region, gone, chunk));
+            }
+            return Err(Error::SeqOutOfRange {
+                seq: target,
+                what: format!(
+                    "{tag:?} was not watched then: it was watched at seq {} and unwatched at seq {gone}, \
+                     and not watched again before seq {target}",
+                    region.watched_seq
+                ),
+            });
+        }
+        j -= 1;
+    }
+}
+
+/// The seq of the last event at or before `time_ns` nanoseconds after the
+/// trace started (events are in time order as in seq order).
+///
+/// Finds the chunk by a binary search on the time of each chunk's first
+/// event, so it decodes a handful of chunks however long the trace is.
+pub fn seq_at_time(reader: &TraceReader, time_ns: u64) -> Result<u64> {
+    let chunks: Vec<_> = reader
+        .chunks()
+        .iter()
+        .filter(|c| c.header.first_seq != NO_SEQ)
+        .collect();
+    let first_event = |i: usize| -> Result<u64> {
+        let chunk = reader.decode_chunk(chunks[i])?;
+        for rec in chunk.records() {
+            if let Some(t) = event_time(&rec?) {
+                return Ok(t);
+            }
+        }
+        Ok(u64::MAX)
+    };
+    // The last chunk whose first event is at or before the time.
+    let (mut lo, mut hi) = (0usize, chunks.len());
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if first_event(mid)? <= time_ns {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    let Some(i) = lo.checked_sub(1) else {
+        let first = if chunks.is_empty() {
+            None
+        } else {
+            Some(first_event(0)?)
+        };
+        return Err(Error::TimeOutOfRange {
+            time_ns,
+            what: match first {
+                Some(t) => format!("the first event is at {}", duration_text(t)),
+                None => "the trace has no events".to_string(),
+            },
+        });
+    };
+    let chunk = reader.decode_chunk(chunks[i])?;
+    let mut best = None;
+    for rec in chunk.records() {
+        let rec = rec?;
+        if let (Some(t), Some(seq)) = (event_time(&rec), rec.seq()) {
+            if t <= time_ns {
+                best = Some(best.map_or(seq, |b: u64| b.max(seq)));
+            }
+        }
+    }
+    Ok(best.unwrap_or(chunks[i].header.first_seq))
+}
+
+fn event_time(rec: &Record<'_>) -> Option<u64> {
+    match rec {
+        Record::RegionWatched(r) => Some(r.ctx.time_ns),
+        Record::RegionUnwatched(r) => Some(r.ctx.time_ns),
+        Record::Change(r) => Some(r.ctx.time_ns),
+        Record::ObjectChange(r) => Some(r.ctx.time_ns),
+        _ => None,
+    }
+}
+
+/// `2.5s`, `150ms`, `20us` or `100ns`: the shortest exact text for a time.
+pub fn duration_text(ns: u64) -> String {
+    for (unit, per) in [("s", 1_000_000_000u64), ("ms", 1_000_000), ("us", 1_000)] {
+        if ns >= per {
+            let whole = ns / per;
+            let frac = ns % per;
+            if frac == 0 {
+                return format!("{whole}{unit}");
+            }
+            let width = per.ilog10() as usize;
+            let text = format!("{whole}.{frac:0width$}");
+            return format!("{}{unit}", text.trim_end_matches('0'));
+        }
+    }
+    format!("{ns}ns")
+}
+
 /// The contents of the region tagged `tag` after event `at` (default: the
 /// last event of the trace).
+///
+/// A tag watched, unwatched and watched again is several regions: the one
+/// rebuilt is the latest watched at or before `at` and not unwatched before
+/// it (a region is still watched at its own unwatch); with no `at`, the
+/// last one watched, at the end of the trace or at its unwatch if earlier.
+/// When no region is watched under `tag` at `at`, the error says when it
+/// was.
 ///
 /// The cost does not grow with the number of changes before `at`: the
 /// reader walks back from the chunk holding `at` to the nearest snapshot of
@@ -70,21 +258,7 @@ fn find_region(reader: &TraceReader, tag: &str) -> Result<(RegionInfo, Symbols, 
 /// since the last one reach its size, so that replay is at most about one
 /// region's worth of changes.
 pub fn state(reader: &TraceReader, tag: &str, at: Option<u64>) -> Result<State> {
-    let (region, _, first_chunk) = find_region(reader, tag)?;
-    let (lo, hi) = seq_bounds(reader).unwrap_or((region.watched_seq, region.watched_seq));
-    let target = at.unwrap_or(hi);
-    if target > hi {
-        return Err(Error::SeqOutOfRange {
-            seq: target,
-            what: format!("the trace's events run from seq {lo} to {hi}"),
-        });
-    }
-    if target < region.watched_seq {
-        return Err(Error::SeqOutOfRange {
-            seq: target,
-            what: format!("{tag:?} was first watched at seq {}", region.watched_seq),
-        });
-    }
+    let (region, target, first_chunk) = region_at(reader, tag, at)?;
     let chunks = reader.chunks();
     // The last chunk that starts at or before the target.
     let mut k = first_chunk;
@@ -237,7 +411,8 @@ pub fn element_bytes(region: &RegionInfo, index: &[u64]) -> Result<(u64, u64)> {
 }
 
 /// Every change to bytes `[start, end)` of the region tagged `tag` up to
-/// event `at`, oldest first (the last one is the blame).
+/// event `at`, oldest first (the last one is the blame). The region is the
+/// one [`state`] rebuilds at `at`.
 pub fn writes_to(
     reader: &TraceReader,
     tag: &str,
@@ -245,19 +420,23 @@ pub fn writes_to(
     end: u64,
     at: Option<u64>,
 ) -> Result<Vec<ChangeRow>> {
+    let (region, target, _) = region_at(reader, tag, at)?;
     let filter = Filter {
         tag: Some(tag.to_string()),
-        seq: at.map(|a| (0, a)),
+        seq: Some((region.watched_seq, target)),
         ..Filter::default()
     };
     let mut out = Vec::new();
     for_each_change(reader, &filter, |row| {
-        if let What::Bytes { ranges, .. } = &row.what {
+        if let WhatRef::Bytes { ranges, region: id } = &row.what {
+            if *id != region.region {
+                return ControlFlow::Continue(());
+            }
             if ranges
                 .iter()
-                .any(|(off, old, _)| *off < end && off + old.len() as u64 > start)
+                .any(|r| r.offset < end && r.offset + r.old.len() as u64 > start)
             {
-                out.push(row.clone());
+                out.push(row.to_row());
             }
         }
         ControlFlow::Continue(())

@@ -31,16 +31,104 @@ pub struct RegionInfo {
     pub unwatched_seq: Option<u64>,
 }
 
+/// A map from ids to values that is a plain vector for the small, dense ids
+/// a writer hands out (from 1 up), so that resolving an id on the hot path
+/// of a scan is an index, not a hash. Ids far beyond the ones seen (only a
+/// damaged or hand-made trace has them) go to a hash map instead, so they
+/// cannot make the vector huge.
+#[derive(Debug, Clone)]
+struct IdMap<T> {
+    dense: Vec<Option<T>>,
+    sparse: HashMap<u32, T>,
+}
+
+impl<T> Default for IdMap<T> {
+    fn default() -> Self {
+        IdMap {
+            dense: Vec::new(),
+            sparse: HashMap::new(),
+        }
+    }
+}
+
+impl<T> IdMap<T> {
+    fn insert(&mut self, id: u32, value: T) {
+        let i = id as usize;
+        if !self.sparse.is_empty() {
+            self.sparse.remove(&id);
+        }
+        if i < self.dense.len() {
+            self.dense[i] = Some(value);
+        } else if i <= 2 * self.dense.len() + 4096 {
+            self.dense.resize_with(i + 1, || None);
+            self.dense[i] = Some(value);
+        } else {
+            self.sparse.insert(id, value);
+        }
+    }
+
+    #[inline]
+    fn get(&self, id: u32) -> Option<&T> {
+        match self.dense.get(id as usize) {
+            Some(Some(v)) => Some(v),
+            // The dense part may have grown past an id stored sparsely.
+            _ => self.sparse.get(&id),
+        }
+    }
+
+    fn get_mut(&mut self, id: u32) -> Option<&mut T> {
+        match self.dense.get_mut(id as usize) {
+            Some(Some(v)) => Some(v),
+            _ => self.sparse.get_mut(&id),
+        }
+    }
+
+    fn values(&self) -> impl Iterator<Item = &T> {
+        self.dense.iter().flatten().chain(self.sparse.values())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IdMap;
+
+    #[test]
+    fn id_maps_hold_dense_and_far_ids() {
+        let mut m = IdMap::default();
+        m.insert(3, "a");
+        m.insert(4_000_000_000, "far");
+        m.insert(9000, "beyond");
+        assert_eq!(m.dense.len(), 4);
+        assert_eq!(
+            (m.get(3), m.get(4_000_000_000), m.get(9000)),
+            (Some(&"a"), Some(&"far"), Some(&"beyond"))
+        );
+        // The dense part grows past an id first stored sparsely.
+        for id in 0..10_000 {
+            if id != 9000 {
+                m.insert(id, "x");
+            }
+        }
+        assert_eq!(m.get(9000), Some(&"beyond"));
+        m.insert(9000, "again");
+        assert_eq!(m.get(9000), Some(&"again"));
+        *m.get_mut(9000).unwrap() = "changed";
+        assert_eq!(m.get(9000), Some(&"changed"));
+        assert_eq!(m.get(10_001), None);
+        assert_eq!(m.values().count(), 10_001);
+    }
+}
+
 /// Interned strings, frames, stacks and regions of a trace, learned while
 /// streaming it: feed every record to [`learn`](Self::learn) in file order,
 /// and ids used by later records resolve (a writer always defines an id
 /// before it uses it).
 #[derive(Debug, Default, Clone)]
 pub struct Symbols {
-    strings: HashMap<Id, Arc<str>>,
-    frames: HashMap<Id, FrameInfo>,
-    stacks: HashMap<Id, Vec<Id>>,
-    regions: HashMap<u32, RegionInfo>,
+    strings: IdMap<Arc<str>>,
+    frames: IdMap<FrameInfo>,
+    stacks: IdMap<Vec<Id>>,
+    regions: IdMap<RegionInfo>,
     object_tags: std::collections::BTreeSet<String>,
 }
 
@@ -80,14 +168,14 @@ impl Symbols {
                 self.regions.insert(r.region, info);
             }
             Record::ObjectChange(o) => {
-                if let Some(t) = self.strings.get(&o.tag) {
+                if let Some(t) = self.strings.get(o.tag) {
                     if !self.object_tags.contains(&**t) {
                         self.object_tags.insert(t.to_string());
                     }
                 }
             }
             Record::RegionUnwatched(u) => {
-                if let Some(r) = self.regions.get_mut(&u.region) {
+                if let Some(r) = self.regions.get_mut(u.region) {
                     r.unwatched_seq = Some(u.seq);
                 }
             }
@@ -96,34 +184,39 @@ impl Symbols {
     }
 
     fn string_or_unknown(&self, id: Id) -> Arc<str> {
-        self.strings.get(&id).cloned().unwrap_or_else(|| Arc::from("?"))
+        self.strings.get(id).cloned().unwrap_or_else(|| Arc::from("?"))
     }
 
     /// The string with this id (`None` for id 0 or an undefined id).
+    #[inline]
     pub fn string(&self, id: Id) -> Option<&str> {
-        self.strings.get(&id).map(|s| &**s)
+        self.strings.get(id).map(|s| &**s)
     }
 
+    /// The frame with this id (`None` for id 0 or an undefined id).
+    #[inline]
     pub fn frame(&self, id: Id) -> Option<&FrameInfo> {
-        self.frames.get(&id)
+        self.frames.get(id)
     }
 
     /// The frames of stack `id`, innermost first (unknown frames skipped).
     pub fn stack(&self, id: Id) -> impl Iterator<Item = &FrameInfo> {
         self.stacks
-            .get(&id)
+            .get(id)
             .into_iter()
             .flatten()
-            .filter_map(|f| self.frames.get(f))
+            .filter_map(|f| self.frames.get(*f))
     }
 
     /// The frame ids of stack `id`, innermost first.
     pub fn stack_ids(&self, id: Id) -> Option<&[Id]> {
-        self.stacks.get(&id).map(|v| v.as_slice())
+        self.stacks.get(id).map(|v| v.as_slice())
     }
 
+    /// What the trace said about region `region` when it was watched.
+    #[inline]
     pub fn region(&self, region: u32) -> Option<&RegionInfo> {
-        self.regions.get(&region)
+        self.regions.get(region)
     }
 
     /// Every tag seen so far (regions and objects), sorted, without repeats.

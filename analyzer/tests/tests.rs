@@ -178,3 +178,133 @@ fn export_writes_one_row_per_change_or_element() {
     assert_eq!(&std::fs::read(&pq).unwrap()[..4], b"PAR1");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Tag `w` watched (region 1, seq 1), changed at seqs 2 and 3, unwatched at
+/// seq 4; `w` watched again (region 2, seq 6) and changed at seq 7; `other`
+/// (region 3) watched at seq 5 and changed at seq 8. Seq `s` happens at
+/// `s` milliseconds. Small chunks, and region 2's checkpoint after seq 7.
+fn rewatched_trace() -> TraceReader {
+    use memwatch_format::*;
+    let opts = WriterOptions {
+        chunk_bytes: 1,
+        ..WriterOptions::default()
+    };
+    let mut w = TraceWriter::new(Vec::new(), "rewatch.mwt", &Meta::default(), opts).unwrap();
+    let frame = w.intern_frame("prog.py", "main", 3).unwrap();
+    let ctx = |seq: u64| Context {
+        time_ns: seq * 1_000_000,
+        thread: 1,
+        thread_name: 0,
+        frame,
+        stack: 0,
+    };
+    let watch = |w: &mut TraceWriter<Vec<u8>>, seq: u64, region: u32, tag: &str, init: &[u8]| {
+        w.append(&Record::RegionWatched(RegionWatched {
+            seq,
+            ctx: ctx(seq),
+            region,
+            tag,
+            variable: None,
+            address: 0x1000 * u64::from(region),
+            len: 4,
+            layout: Layout::default(),
+        }))
+        .unwrap();
+        w.append_contents(region, seq, init).unwrap();
+    };
+    let change = |w: &mut TraceWriter<Vec<u8>>, seq: u64, region: u32, offset: u64, old: u8, new: u8| {
+        w.append(&Record::Change(Change {
+            seq,
+            ctx: ctx(seq),
+            region,
+            ranges: vec![ByteRange {
+                offset,
+                old: &[old],
+                new: &[new],
+            }],
+        }))
+        .unwrap();
+    };
+    watch(&mut w, 1, 1, "w", &[1, 1, 1, 1]);
+    change(&mut w, 2, 1, 0, 1, 2);
+    change(&mut w, 3, 1, 1, 1, 3);
+    w.append(&Record::RegionUnwatched(RegionUnwatched {
+        seq: 4,
+        ctx: ctx(4),
+        region: 1,
+        reason: UnwatchReason::Explicit,
+    }))
+    .unwrap();
+    watch(&mut w, 5, 3, "other", &[0; 4]);
+    watch(&mut w, 6, 2, "w", &[9, 9, 9, 9]);
+    change(&mut w, 7, 2, 0, 9, 8);
+    w.append(&Record::Checkpoint(Checkpoint { region: 2, at_seq: 7 }))
+        .unwrap();
+    w.append_contents(2, 7, &[8, 9, 9, 9]).unwrap();
+    change(&mut w, 8, 3, 2, 0, 5);
+    let (bytes, _) = w.finish(9_000_000).unwrap();
+    TraceReader::from_bytes(bytes, "rewatch.mwt").unwrap()
+}
+
+#[test]
+fn a_rewatched_tag_is_the_region_watched_at_the_point() {
+    let r = rewatched_trace();
+    assert!(r.chunks().len() > 12, "{} chunks", r.chunks().len());
+    let at = |seq: Option<u64>| state(&r, "w", seq).map(|s| (s.region.region, s.data));
+    assert_eq!(at(Some(1)).unwrap(), (1, vec![1, 1, 1, 1]));
+    assert_eq!(at(Some(3)).unwrap(), (1, vec![2, 3, 1, 1]));
+    // Still watched at its own unwatch.
+    assert_eq!(at(Some(4)).unwrap(), (1, vec![2, 3, 1, 1]));
+    let e = at(Some(5)).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "seq 5 is out of range: \"w\" was not watched then: it was watched at seq 1 and \
+         unwatched at seq 4, and not watched again before seq 5"
+    );
+    assert_eq!(at(Some(6)).unwrap(), (2, vec![9, 9, 9, 9]));
+    assert_eq!(at(Some(7)).unwrap(), (2, vec![8, 9, 9, 9]));
+    let end = state(&r, "w", None).unwrap();
+    assert_eq!(
+        (end.region.region, end.at_seq, end.data.clone()),
+        (2, 8, vec![8, 9, 9, 9])
+    );
+    assert_eq!((end.from_snapshot, end.replayed), (7, 0));
+    // Blame looks only at the region watched at the point.
+    let seqs = |at| {
+        writes_to(&r, "w", 0, 1, at)
+            .unwrap()
+            .iter()
+            .map(|c| c.seq)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(seqs(Some(3)), vec![2]);
+    assert_eq!(seqs(None), vec![7]);
+    assert!(writes_to(&r, "w", 0, 1, Some(5)).is_err());
+    // A query by tag lists the changes of every region watched under it.
+    let mut got = Vec::new();
+    let filter = Filter {
+        tag: Some("w".into()),
+        ..Filter::default()
+    };
+    for_each_change(&r, &filter, |c| {
+        got.push((c.seq, c.region.unwrap().region));
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(got, vec![(2, 1), (3, 1), (7, 2)]);
+}
+
+#[test]
+fn a_time_is_the_last_event_at_or_before_it() {
+    let r = rewatched_trace();
+    assert_eq!(seq_at_time(&r, 1_000_000).unwrap(), 1);
+    assert_eq!(seq_at_time(&r, 6_500_000).unwrap(), 6);
+    assert_eq!(seq_at_time(&r, 7_000_000).unwrap(), 7);
+    assert_eq!(seq_at_time(&r, 60_000_000_000).unwrap(), 8);
+    let e = seq_at_time(&r, 999_999).unwrap_err().to_string();
+    assert_eq!(e, "time 999.999us is out of range: the first event is at 1ms");
+    assert_eq!(duration_text(2_500_000_000), "2.5s");
+    assert_eq!(duration_text(150_000_000), "150ms");
+    assert_eq!(duration_text(1_000_001), "1.000001ms");
+    assert_eq!(duration_text(7), "7ns");
+}

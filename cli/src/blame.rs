@@ -9,7 +9,7 @@ use memwatch_format::TraceReader;
 
 use memwatch_analyzer::{ChangeRow, What};
 
-use crate::text::{element, hex};
+use crate::text::{element, hex, parse_point, Point};
 
 /// Old -> new of bytes `[start, end)` in this change.
 fn blamed_text(row: &ChangeRow, start: u64, end: u64) -> String {
@@ -43,6 +43,7 @@ old -> new. --all lists every write to it, oldest first.
 
 Examples:
   memwatch blame run.mwt --tag layer1_weight --index 3,1
+  memwatch blame run.mwt --tag layer1_weight --index 3,1 --at 1.5s
   memwatch blame run.mwt --tag step --offset 0 --all";
 
 /// Show the last change that wrote a byte or element.
@@ -60,9 +61,10 @@ pub struct Args {
     /// An element index (one number per dimension, comma-separated, or one flat index).
     #[arg(long, value_delimiter = ',')]
     pub index: Option<Vec<u64>>,
-    /// Only changes up to this seq.
-    #[arg(long)]
-    pub at: Option<u64>,
+    /// Only changes up to this point: a seq (a plain integer) or a time
+    /// since the trace started with a unit (2.5s, 150ms, 20us, 100ns).
+    #[arg(long, value_name = "SEQ|TIME", value_parser = parse_point)]
+    pub at: Option<Point>,
     /// List every write, not only the last.
     #[arg(long)]
     pub all: bool,
@@ -70,8 +72,9 @@ pub struct Args {
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     let reader = TraceReader::open(&args.trace)?;
+    let at = args.at.map(|p| p.seq(&reader)).transpose()?;
     // Resolves the tag (and checks --at) before scanning everything.
-    let st = state(&reader, &args.tag, args.at)?;
+    let st = state(&reader, &args.tag, at)?;
     let region = &st.region;
     let (start, end, what) = match (&args.offset, &args.index) {
         (Some(o), _) => {
@@ -87,7 +90,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
         }
         (None, None) => bail!("give --offset or --index"),
     };
-    let writes = writes_to(&reader, &args.tag, start, end, args.at)?;
+    let writes = writes_to(&reader, &args.tag, start, end, at)?;
     let shown: Vec<_> = if args.all {
         writes.iter().collect()
     } else {

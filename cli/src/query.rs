@@ -6,10 +6,10 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use memwatch_analyzer::{csv_cell, for_each_change, json_str, ChangeRow, Filter, What};
+use memwatch_analyzer::{csv_cell, for_each_change, json_str, ChangeRef, Filter, WhatRef};
 use memwatch_format::TraceReader;
 
-use crate::text::{element, hex, parse_range};
+use crate::text::{element, hex, parse_range, parse_time_range};
 
 const AFTER_HELP: &str = "\
 Columns: seq, time (ms since the trace started), tag, variable, the line the
@@ -21,6 +21,7 @@ Examples:
   memwatch query run.mwt --tag layer1_weight
   memwatch query run.mwt --file train.py --line 52 --format jsonl
   memwatch query run.mwt --seq 100..200 --thread MainThread --limit 20
+  memwatch query run.mwt --time 1.5s..2s --tag step
   memwatch query run.mwt --format csv > changes.csv";
 
 /// Output formats of `memwatch query`.
@@ -55,8 +56,9 @@ pub struct Args {
     /// Only seqs in A..B (inclusive; either end may be left out).
     #[arg(long, value_name = "A..B", value_parser = parse_range)]
     pub seq: Option<(u64, u64)>,
-    /// Only changes made between A and B nanoseconds after the trace started.
-    #[arg(long, value_name = "A..B", value_parser = parse_range)]
+    /// Only changes made between times A and B after the trace started
+    /// (inclusive): 1.5s..2s, 150ms.., ..20us; a plain number is nanoseconds.
+    #[arg(long, value_name = "A..B", value_parser = parse_time_range)]
     pub time: Option<(u64, u64)>,
     /// Stop after this many changes.
     #[arg(long)]
@@ -81,19 +83,15 @@ impl Args {
 }
 
 /// What changed, in a few words: `3 elements`, `5 bytes`, `setattr`.
-pub fn changed_text(row: &ChangeRow) -> String {
+pub fn changed_text(row: &ChangeRef<'_>) -> String {
     match &row.what {
-        What::Bytes { ranges, .. } => {
-            let bytes: usize = ranges.iter().map(|r| r.1.len()).sum();
-            match row
-                .region
-                .as_ref()
-                .and_then(|r| r.dtype.as_ref().map(|_| r.itemsize))
-            {
+        WhatRef::Bytes { ranges, .. } => {
+            let bytes = ranges.bytes_changed();
+            match row.region.and_then(|r| r.dtype.as_ref().map(|_| r.itemsize)) {
                 Some(size) if size > 1 => {
                     let els = ranges
                         .iter()
-                        .flat_map(|(_, o, n)| o.chunks(size as usize).zip(n.chunks(size as usize)))
+                        .flat_map(|r| r.old.chunks(size as usize).zip(r.new.chunks(size as usize)))
                         .filter(|(a, b)| a != b)
                         .count();
                     format!("{els} element{}", if els == 1 { "" } else { "s" })
@@ -101,7 +99,7 @@ pub fn changed_text(row: &ChangeRow) -> String {
                 _ => format!("{bytes} byte{}", if bytes == 1 { "" } else { "s" }),
             }
         }
-        What::Object { kind, key, .. } => match key {
+        WhatRef::Object { kind, key, .. } => match key {
             Some(k) => format!("{} {k}", kind.name()),
             None => kind.name().to_string(),
         },
@@ -109,13 +107,14 @@ pub fn changed_text(row: &ChangeRow) -> String {
 }
 
 /// The first changed element or bytes, `old -> new`.
-pub fn sample_text(row: &ChangeRow) -> String {
+pub fn sample_text(row: &ChangeRef<'_>) -> String {
     match &row.what {
-        What::Bytes { ranges, .. } => {
-            let Some((_, old, new)) = ranges.first() else {
+        WhatRef::Bytes { ranges, .. } => {
+            let Some(first) = ranges.first() else {
                 return String::new();
             };
-            let region = row.region.as_ref();
+            let (old, new) = (first.old, first.new);
+            let region = row.region;
             if let Some((dtype, size)) =
                 region.and_then(|r| r.dtype.as_deref().map(|d| (d, r.itemsize as usize)))
             {
@@ -130,19 +129,14 @@ pub fn sample_text(row: &ChangeRow) -> String {
             }
             format!("{} -> {}", hex(old, 8), hex(new, 8))
         }
-        What::Object { old, new, .. } => {
-            format!(
-                "{} -> {}",
-                old.as_deref().unwrap_or("-"),
-                new.as_deref().unwrap_or("-")
-            )
+        WhatRef::Object { old, new, .. } => {
+            format!("{} -> {}", old.unwrap_or("-"), new.unwrap_or("-"))
         }
     }
 }
 
-fn at_text(row: &ChangeRow) -> String {
+fn at_text(row: &ChangeRef<'_>) -> String {
     row.frame
-        .as_ref()
         .map(|f| format!("{}:{}", f.file, f.line))
         .unwrap_or_else(|| "?".into())
 }
@@ -152,29 +146,30 @@ fn json_opt(s: Option<&str>) -> String {
 }
 
 /// One change as a JSON object (no trailing newline).
-pub fn json_row(row: &ChangeRow) -> String {
-    let f = row.frame.as_ref();
+pub fn json_row(row: &ChangeRef<'_>) -> String {
+    let f = row.frame;
     let mut s = format!(
         "{{\"seq\":{},\"time_ns\":{},\"tag\":{},\"variable\":{},\"file\":{},\"line\":{},\"function\":{},\"thread\":{},\"thread_name\":{}",
         row.seq,
         row.time_ns,
-        json_str(&row.tag),
-        json_opt(row.variable.as_deref()),
+        json_str(row.tag),
+        json_opt(row.variable),
         json_opt(f.map(|f| &*f.file)),
         f.map(|f| f.line.to_string()).unwrap_or_else(|| "null".into()),
         json_opt(f.map(|f| &*f.function)),
         row.thread,
-        json_opt(row.thread_name.as_deref()),
+        json_opt(row.thread_name),
     );
     match &row.what {
-        What::Bytes { region, ranges } => {
+        WhatRef::Bytes { region, ranges } => {
             let rs: Vec<String> = ranges
                 .iter()
-                .map(|(o, a, b)| {
+                .map(|r| {
                     format!(
-                        "{{\"offset\":{o},\"old\":\"{}\",\"new\":\"{}\"}}",
-                        hex(a, 0),
-                        hex(b, 0)
+                        "{{\"offset\":{},\"old\":\"{}\",\"new\":\"{}\"}}",
+                        r.offset,
+                        hex(r.old, 0),
+                        hex(r.new, 0)
                     )
                 })
                 .collect();
@@ -184,17 +179,16 @@ pub fn json_row(row: &ChangeRow) -> String {
                 rs.join(",")
             ));
         }
-        What::Object { kind, key, old, new } => s.push_str(&format!(
+        WhatRef::Object { kind, key, old, new } => s.push_str(&format!(
             ",\"kind\":\"{}\",\"key\":{},\"old\":{},\"new\":{}",
             kind.name(),
-            json_opt(key.as_deref()),
-            json_opt(old.as_deref()),
-            json_opt(new.as_deref())
+            json_opt(*key),
+            json_opt(*old),
+            json_opt(*new)
         )),
     }
     let stack: Vec<String> = row
-        .stack
-        .iter()
+        .stack()
         .map(|f| format!("[{},{},{}]", json_str(&f.file), f.line, json_str(&f.function)))
         .collect();
     s.push_str(&format!(",\"stack\":[{}]}}", stack.join(",")));
@@ -225,14 +219,10 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
                     row.seq.to_string(),
                     format!("{:.3}", row.time_ns as f64 / 1e6),
                     row.tag.to_string(),
-                    row.variable.as_deref().unwrap_or("-").to_string(),
+                    row.variable.unwrap_or("-").to_string(),
                     at_text(row),
-                    row.frame
-                        .as_ref()
-                        .map(|f| f.function.to_string())
-                        .unwrap_or_default(),
+                    row.frame.map(|f| f.function.to_string()).unwrap_or_default(),
                     row.thread_name
-                        .as_deref()
                         .map(String::from)
                         .unwrap_or_else(|| row.thread.to_string()),
                     changed_text(row),
@@ -242,23 +232,20 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
             }
             Format::Jsonl => writeln!(out, "{}", json_row(row)),
             Format::Csv => {
-                let f = row.frame.as_ref();
-                let kind = match &row.what {
-                    What::Bytes { .. } => "bytes",
-                    What::Object { kind, .. } => kind.name(),
-                };
+                let f = row.frame;
+                let kind = row.kind_name();
                 writeln!(
                     out,
                     "{},{},{},{},{},{},{},{},{},{},{},{}",
                     row.seq,
                     row.time_ns,
-                    csv_cell(&row.tag),
-                    csv_cell(row.variable.as_deref().unwrap_or("")),
+                    csv_cell(row.tag),
+                    csv_cell(row.variable.unwrap_or("")),
                     csv_cell(f.map(|f| &*f.file).unwrap_or("")),
                     f.map(|f| f.line.to_string()).unwrap_or_default(),
                     csv_cell(f.map(|f| &*f.function).unwrap_or("")),
                     row.thread,
-                    csv_cell(row.thread_name.as_deref().unwrap_or("")),
+                    csv_cell(row.thread_name.unwrap_or("")),
                     kind,
                     csv_cell(&changed_text(row)),
                     csv_cell(&sample_text(row)),

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use memwatch_analyzer::{c_order, element_bytes, shape_of, state, RegionInfo};
 use memwatch_format::TraceReader;
 
-use crate::text::element;
+use crate::text::{element, parse_point, Point};
 
 const AFTER_HELP: &str = "\
 The contents are rebuilt from the region's nearest snapshot (its initial
@@ -18,8 +18,12 @@ Formats: hex (offset and bytes, 16 a line), raw (the bytes as they were in
 memory), npy (a numpy .npy file with the recorded dtype and shape; load it
 with numpy.load), values (one element per line: index and value).
 
+A tag watched, unwatched and watched again is several regions: the one
+watched at the point is shown (an error says when none was).
+
 Examples:
   memwatch state run.mwt --tag layer1_weight --at 120 --format values
+  memwatch state run.mwt --tag layer1_weight --at 2.5s --format values
   memwatch state run.mwt --tag layer1_weight --format npy -o w.npy";
 
 /// Output formats of `memwatch state`.
@@ -40,9 +44,11 @@ pub struct Args {
     /// The region's tag.
     #[arg(long)]
     pub tag: String,
-    /// The state after this seq (default: the end of the trace).
-    #[arg(long)]
-    pub at: Option<u64>,
+    /// The point: a seq (a plain integer: the state after that event) or a
+    /// time since the trace started with a unit (2.5s, 150ms, 20us, 100ns:
+    /// the state after the last event at or before it). Default: the end.
+    #[arg(long, value_name = "SEQ|TIME", value_parser = parse_point)]
+    pub at: Option<Point>,
     #[arg(long, value_enum, default_value_t = Format::Hex)]
     pub format: Format,
     /// Write to this file instead of stdout.
@@ -94,7 +100,8 @@ pub fn npy(region: &RegionInfo, data: &[u8]) -> Vec<u8> {
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     let reader = TraceReader::open(&args.trace)?;
-    let st = state(&reader, &args.tag, args.at)?;
+    let at = args.at.map(|p| p.seq(&reader)).transpose()?;
+    let st = state(&reader, &args.tag, at)?;
     let mut buf: Vec<u8> = Vec::new();
     match args.format {
         Format::Raw => buf = st.data.clone(),

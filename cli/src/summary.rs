@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use memwatch_analyzer::{for_each_change, Filter, What};
+use memwatch_analyzer::{for_each_change, Filter, WhatRef};
 use memwatch_format::TraceReader;
 
 const AFTER_HELP: &str = "\
@@ -61,28 +61,27 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
         t.bytes += row.bytes_changed();
         let at = row
             .frame
-            .as_ref()
             .map(|f| format!("{}:{} ({})", f.file, f.line, f.function))
             .unwrap_or_else(|| "?".into());
         let e = t.lines.entry(at.clone()).or_default();
         e.0 += 1;
         e.1 += row.bytes_changed();
-        if row.thread_name.as_deref() == Some("MainThread") {
+        if row.thread_name == Some("MainThread") {
             main_thread.get_or_insert(row.thread);
         } else {
             let name = row
                 .thread_name
-                .as_deref()
                 .map(String::from)
                 .unwrap_or_else(|| row.thread.to_string());
             *other_threads.entry((row.tag.to_string(), name)).or_default() += 1;
         }
-        if let (What::Bytes { ranges, .. }, Some(region)) = (&row.what, &row.region) {
+        if let (WhatRef::Bytes { ranges, .. }, Some(region)) = (&row.what, row.region) {
             if let Some(d) = region.dtype.as_deref() {
                 let size = region.itemsize as usize;
-                let introduced = ranges.iter().any(|(_, o, n)| {
-                    o.chunks(size)
-                        .zip(n.chunks(size))
+                let introduced = ranges.iter().any(|r| {
+                    r.old
+                        .chunks(size)
+                        .zip(r.new.chunks(size))
                         .any(|(a, b)| !non_finite(d, a) && non_finite(d, b))
                 });
                 if introduced {

@@ -138,19 +138,108 @@ pub fn fmt_float(x: f64) -> String {
     }
 }
 
+/// A time after the trace started: `2.5s`, `150ms`, `20us`, `100ns`, or a
+/// plain number of nanoseconds when `plain_ns` (as `query --time` always
+/// took them).
+pub fn parse_time(s: &str, plain_ns: bool) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let per: u64 = match unit {
+        "s" => 1_000_000_000,
+        "ms" => 1_000_000,
+        "us" => 1_000,
+        "ns" => 1,
+        "" if plain_ns => 1,
+        _ => {
+            return Err(format!(
+                "{s:?} is not a time: give a number with a unit, like 2.5s, 150ms, 20us or 100ns"
+            ))
+        }
+    };
+    let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
+    let digits = per.ilog10() as usize;
+    if num.is_empty() || frac.len() > digits || !whole.chars().chain(frac.chars()).all(|c| c.is_ascii_digit())
+    {
+        return Err(format!(
+            "{s:?} is not a time (at most nanosecond precision): like 2.5s, 150ms, 20us or 100ns"
+        ));
+    }
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| format!("{s:?} is too large"))?
+    };
+    let frac_ns: u64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<digits$}")
+            .parse()
+            .map_err(|_| format!("{s:?} is not a time"))?
+    };
+    whole
+        .checked_mul(per)
+        .and_then(|w| w.checked_add(frac_ns))
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parses `query --time A..B`: times as [`parse_time`] reads them (a plain
+/// number is nanoseconds), either end may be left out.
+pub fn parse_time_range(s: &str) -> Result<(u64, u64), String> {
+    parse_range_with(s, |x| parse_time(x, true))
+}
+
+/// A point in a trace: after a seq, or at a time after the trace started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    Seq(u64),
+    /// Nanoseconds since the trace started.
+    Time(u64),
+}
+
+impl Point {
+    /// The seq this point is: the last event at or before a time.
+    pub fn seq(self, reader: &memwatch_format::TraceReader) -> memwatch_analyzer::Result<u64> {
+        match self {
+            Point::Seq(s) => Ok(s),
+            Point::Time(t) => memwatch_analyzer::seq_at_time(reader, t),
+        }
+    }
+}
+
+/// Parses `--at SEQ|TIME`: a plain integer is a seq; a time has a unit
+/// (`2.5s`, `150ms`, `20us`, `100ns`, since the trace started).
+pub fn parse_point(s: &str) -> Result<Point, String> {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) {
+        return s
+            .parse()
+            .map(Point::Seq)
+            .map_err(|_| format!("seq {s:?} is too large"));
+    }
+    parse_time(s, false).map(Point::Time).map_err(|_| {
+        format!("{s:?} is neither a seq (a plain integer, like 120) nor a time (a number with a unit, like 2.5s or 150ms)")
+    })
+}
+
 /// Parses `A..B` (either end may be left out) into an inclusive range.
 pub fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    parse_range_with(s, |x| x.parse().map_err(|_| format!("{x:?} is not a number")))
+}
+
+fn parse_range_with(s: &str, num: impl Fn(&str) -> Result<u64, String>) -> Result<(u64, u64), String> {
     let (a, b) = s
         .split_once("..")
         .ok_or_else(|| format!("expected A..B (like 10..20, 10.. or ..20), got {s:?}"))?;
-    let num = |x: &str, default: u64| -> Result<u64, String> {
+    let end = |x: &str, default: u64| -> Result<u64, String> {
         if x.is_empty() {
             Ok(default)
         } else {
-            x.parse().map_err(|_| format!("{x:?} is not a number"))
+            num(x)
         }
     };
-    let (a, b) = (num(a, 0)?, num(b, u64::MAX)?);
+    let (a, b) = (end(a, 0)?, end(b, u64::MAX)?);
     if a > b {
         return Err(format!("the range {s:?} is empty (start after end)"));
     }
@@ -173,6 +262,32 @@ mod element_tests {
         assert_eq!(element("<f4", &f32::NAN.to_le_bytes()).unwrap(), "nan");
         assert_eq!(element("|b1", &[1]).unwrap(), "true");
         assert_eq!(element("<c8", &[0; 8]), None);
+    }
+
+    #[test]
+    fn times_take_units_and_points_tell_seqs_from_times() {
+        assert_eq!(parse_time("2.5s", false), Ok(2_500_000_000));
+        assert_eq!(parse_time("150ms", false), Ok(150_000_000));
+        assert_eq!(parse_time("0.000000001s", false), Ok(1));
+        assert_eq!(parse_time("20us", false), Ok(20_000));
+        assert_eq!(parse_time("7ns", false), Ok(7));
+        assert_eq!(parse_time("7", true), Ok(7));
+        assert!(parse_time("7", false).is_err());
+        assert!(parse_time("1.5ns", false).is_err());
+        assert!(parse_time("2.5h", false).unwrap_err().contains("like 2.5s"));
+        assert!(parse_time("99999999999s", false)
+            .unwrap_err()
+            .contains("too large"));
+        assert_eq!(parse_time_range("1ms..2.5ms"), Ok((1_000_000, 2_500_000)));
+        assert_eq!(parse_time_range("100..200"), Ok((100, 200)));
+        assert_eq!(parse_time_range("1s.."), Ok((1_000_000_000, u64::MAX)));
+        assert!(parse_time_range("2s..1s").is_err());
+        assert_eq!(parse_point("120"), Ok(Point::Seq(120)));
+        assert_eq!(parse_point("1.5s"), Ok(Point::Time(1_500_000_000)));
+        assert_eq!(parse_point("150ms"), Ok(Point::Time(150_000_000)));
+        let e = parse_point("12x").unwrap_err();
+        assert!(e.contains("neither a seq") && e.contains("2.5s"), "{e}");
+        assert!(parse_point("").is_err());
     }
 
     #[test]

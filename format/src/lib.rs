@@ -50,14 +50,16 @@ pub mod header;
 mod reader;
 mod record;
 pub mod sample;
+mod view;
 mod writer;
 
 pub use chunk::{ChunkHeader, ChunkKind, Codec, IndexEntry, Trailer, NO_SEQ};
 pub use error::{Error, Result};
 pub use header::{Header, Meta, FORMAT_VERSION, MAGIC};
-pub use reader::{ChunkInfo, DecodedChunk, Records, Tail, TraceReader};
+pub use reader::{ChunkInfo, DecodedChunk, Records, Tail, TraceReader, Views};
 pub use record::{
     ByteRange, Change, Checkpoint, Contents, Context, FrameDef, Id, Layout, Lost, ObjectChange,
     ObjectChangeKind, Record, RegionUnwatched, RegionWatched, StackDef, StringDef, UnwatchReason, NO_ID,
 };
+pub use view::{take_view, ChangeView, RangesIter, RangesView, RecordView};
 pub use writer::{Output, TraceWriter, WriterOptions, WriterStats, CONTENTS_PIECE};

@@ -11,6 +11,7 @@ use crate::chunk::{ChunkHeader, ChunkKind, Codec, Trailer, CHUNK_HEADER_LEN, FOO
 use crate::error::{Error, Result};
 use crate::header::{decode_header, le_u64, Header};
 use crate::record::Record;
+use crate::view::{take_view, RecordView};
 
 /// How the file ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,9 +189,17 @@ impl TraceReader {
 
     /// Checks a chunk's checksum and decompresses it.
     pub fn decode_chunk(&self, info: &ChunkInfo) -> Result<DecodedChunk<'_>> {
+        self.decode_chunk_with(info, Vec::new())
+    }
+
+    /// [`decode_chunk`](Self::decode_chunk), decompressing into `buf` (its
+    /// contents are dropped, its allocation reused): a scan that hands each
+    /// chunk's buffer back ([`DecodedChunk::into_buffer`]) allocates and
+    /// faults in fresh memory only once.
+    pub fn decode_chunk_with(&self, info: &ChunkInfo, buf: Vec<u8>) -> Result<DecodedChunk<'_>> {
         let start = info.offset as usize + CHUNK_HEADER_LEN;
         let stored = &self.src.bytes()[start..start + info.header.stored_len as usize];
-        let data = payload(stored, &info.header).map_err(|reason| self.corrupt(info, reason))?;
+        let data = payload(stored, &info.header, buf).map_err(|reason| self.corrupt(info, reason))?;
         Ok(DecodedChunk {
             reader: self,
             info: *info,
@@ -215,7 +224,11 @@ impl TraceReader {
     }
 }
 
-fn payload<'a>(stored: &'a [u8], h: &ChunkHeader) -> std::result::Result<Cow<'a, [u8]>, String> {
+fn payload<'a>(
+    stored: &'a [u8],
+    h: &ChunkHeader,
+    mut buf: Vec<u8>,
+) -> std::result::Result<Cow<'a, [u8]>, String> {
     let crc = crc32fast::hash(stored);
     if crc != h.payload_crc {
         return Err(format!(
@@ -248,8 +261,12 @@ fn payload<'a>(stored: &'a [u8], h: &ChunkHeader) -> std::result::Result<Cow<'a,
                 Ok(None) => return Err("zstd frame does not state its size".into()),
                 Err(_) => return Err("payload is not a zstd frame".into()),
             }
-            let raw = zstd::bulk::decompress(stored, h.raw_len as usize)
+            buf.clear();
+            buf.reserve(h.raw_len as usize);
+            zstd::bulk::Decompressor::new()
+                .and_then(|mut d| d.decompress_to_buffer(stored, &mut buf))
                 .map_err(|e| format!("zstd decompression failed: {e}"))?;
+            let raw = buf;
             if raw.len() != h.raw_len as usize {
                 return Err(format!(
                     "decompressed to {} bytes but the header says {}",
@@ -312,7 +329,7 @@ fn scan(bytes: &[u8], start: u64, path: &Path) -> Result<Scan> {
             ChunkKind::Records => chunks.push(info),
             ChunkKind::Trailer => {
                 let stored = &rest[CHUNK_HEADER_LEN..header.total_len() as usize];
-                let raw = payload(stored, &header).map_err(corrupt)?;
+                let raw = payload(stored, &header, Vec::new()).map_err(corrupt)?;
                 let trailer: Trailer = postcard::from_bytes(&raw)
                     .map_err(|e| corrupt(format!("trailer does not decode: {e}")))?;
                 let after = &bytes[pos as usize..];
@@ -362,6 +379,22 @@ impl DecodedChunk<'_> {
             done: false,
         }
     }
+
+    /// [`records`](Self::records) as [`RecordView`]s: the same records and
+    /// errors, with byte changes decoded without allocating (for scans).
+    pub fn views(&self) -> Views<'_> {
+        Views(self.records())
+    }
+
+    /// Gives back the buffer the chunk was decompressed into, for
+    /// [`TraceReader::decode_chunk_with`] to reuse (empty for a stored chunk,
+    /// which borrows the file).
+    pub fn into_buffer(self) -> Vec<u8> {
+        match self.data {
+            Cow::Owned(v) => v,
+            Cow::Borrowed(_) => Vec::new(),
+        }
+    }
 }
 
 /// Iterator over one chunk's records.
@@ -372,10 +405,12 @@ pub struct Records<'c> {
     done: bool,
 }
 
-impl<'c> Iterator for Records<'c> {
-    type Item = Result<Record<'c>>;
-
-    fn next(&mut self) -> Option<Self::Item> {
+impl<'c> Records<'c> {
+    /// The next record, decoded by `take`; checks the chunk's record count.
+    fn next_with<T>(
+        &mut self,
+        take: impl FnOnce(&'c [u8]) -> postcard::Result<(T, &'c [u8])>,
+    ) -> Option<Result<T>> {
         if self.done {
             return None;
         }
@@ -403,7 +438,7 @@ impl<'c> Iterator for Records<'c> {
                 ),
             );
         }
-        match postcard::take_from_bytes::<Record<'c>>(self.rest) {
+        match take(self.rest) {
             Ok((rec, rest)) => {
                 self.rest = rest;
                 self.seen += 1;
@@ -414,5 +449,24 @@ impl<'c> Iterator for Records<'c> {
                 fail(self, format!("record {n} does not decode: {e}"))
             }
         }
+    }
+}
+
+impl<'c> Iterator for Records<'c> {
+    type Item = Result<Record<'c>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_with(postcard::take_from_bytes::<Record<'c>>)
+    }
+}
+
+/// Iterator over one chunk's records as [`RecordView`]s.
+pub struct Views<'c>(Records<'c>);
+
+impl<'c> Iterator for Views<'c> {
+    type Item = Result<RecordView<'c>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next_with(take_view)
     }
 }

@@ -5,4 +5,5 @@ mod errors;
 mod golden;
 mod roundtrip;
 mod truncation;
+mod view;
 mod writer;

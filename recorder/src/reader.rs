@@ -125,7 +125,7 @@ impl Trace {
                 if rows.len() >= limit {
                     return ControlFlow::Break(());
                 }
-                if let Some(c) = self.change_object(row) {
+                if let Some(c) = self.change_object(&row.to_row()) {
                     rows.push(c);
                 }
                 ControlFlow::Continue(())
