@@ -456,7 +456,8 @@ extern "C" {
     fn PyThreadState_Next(tstate: *mut ffi::PyThreadState) -> *mut ffi::PyThreadState;
 }
 
-type SetTraceFor = unsafe extern "C" fn(*mut ffi::PyThreadState, Option<ffi::Py_tracefunc>, *mut ffi::PyObject) -> c_int;
+type SetTraceFor =
+    unsafe extern "C" fn(*mut ffi::PyThreadState, Option<ffi::Py_tracefunc>, *mut ffi::PyObject) -> c_int;
 
 /// Sets (or clears) the trace function of every thread of the interpreter
 /// but the calling one, as 3.12's `PyEval_SetTraceAllThreads` does. Uses
