@@ -1070,8 +1070,11 @@ pub fn _after_fork_child(py: Python<'_>) {
             }
         }
         // The child's userfaultfd registrations are gone with the fork; the
-        // engine's descriptor is simply dropped.
-        drop(st.engine);
+        // engine's descriptors are simply dropped (the store tracker's
+        // threads live in the parent only: it is forgotten, not joined).
+        let mut engine = st.engine;
+        engine.forget_after_fork();
+        drop(engine);
         drop(st.callbacks);
     }
     let _ = monitor::stop(py);

@@ -358,6 +358,15 @@ impl Engine {
         Ok(self.regions.last().expect("just pushed"))
     }
 
+    /// In a `fork()` child: lets go of the store tracker without joining
+    /// its threads (they exist only in the parent).
+    pub fn forget_after_fork(&mut self) {
+        if let Some(t) = self.store.take() {
+            std::mem::forget(t);
+        }
+        crate::store::REGIONS.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Stops tracking region `id` and returns it.
     pub fn remove(&mut self, id: u32) -> Option<Region> {
         let i = self.regions.iter().position(|r| r.id == id)?;

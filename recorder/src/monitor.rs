@@ -282,6 +282,20 @@ fn start_monitoring(py: Python<'_>) -> PyResult<()> {
     // Code objects seen in an earlier watching period had PY_START disabled;
     // turn their line events back on directly.
     set_in_scope_events(py, true)?;
+    // Frames already running, on any thread, started before PY_START was
+    // on: turn line events on for their in-scope code objects now (the
+    // script's module body, a thread waiting in the middle of a function).
+    let frames = py.import("sys")?.getattr("_current_frames")?.call0()?;
+    for top in frames.call_method0("values")?.try_iter()? {
+        let mut frame = top?;
+        while !frame.is_none() {
+            let code = frame.getattr("f_code")?;
+            if let Ok((_, _, true)) = code_info(py, &code) {
+                set_code_events(py, &code, true)?;
+            }
+            frame = frame.getattr("f_back")?;
+        }
+    }
     Ok(())
 }
 
