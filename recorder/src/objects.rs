@@ -289,8 +289,10 @@ struct Node {
     suffix: String,
     shape: Shape,
     hold: Hold,
-    /// Attrs: the instance dict; Dict: the dict itself.
-    dict: Option<Py<PyAny>>,
+    /// Address of the dict the dict watcher reports for this node (0 when
+    /// compared). Not a reference: holding an instance's dict would keep a
+    /// watched object that refers to itself alive.
+    dict_ptr: usize,
     /// Slots: `(name, member descriptor)`.
     slots: Vec<(String, Py<PyAny>)>,
     /// `None` for a node the dict watcher reports.
@@ -523,7 +525,13 @@ fn instance_dict<'py>(obj: &Bound<'py, PyAny>) -> Option<Bound<'py, PyAny>> {
 fn snapshot(py: Python<'_>, n: &Node) -> Option<Shadow> {
     match n.shape {
         Shape::Attrs | Shape::Dict => {
-            let d = n.dict.as_ref()?.bind(py).cast::<PyDict>().ok()?.clone();
+            let obj = n.hold.get(py)?;
+            let d = if n.shape == Shape::Attrs {
+                instance_dict(&obj)?
+            } else {
+                obj
+            };
+            let d = d.cast::<PyDict>().ok()?;
             Some(Shadow::Items(
                 d.iter().map(|(k, v)| (k.unbind(), v.unbind())).collect(),
             ))
@@ -643,24 +651,24 @@ fn build(
         Some(w) => Hold::Weak(w.clone_ref(py)),
         None => Hold::Strong(obj.clone().unbind()),
     };
-    let mut mine: Vec<(Shape, Option<Py<PyAny>>, Vec<(String, Py<PyAny>)>)> = Vec::new();
+    let mut mine: Vec<(Shape, usize, Vec<(String, Py<PyAny>)>)> = Vec::new();
     if obj.is_instance_of::<PyDict>() {
-        mine.push((Shape::Dict, Some(obj.clone().unbind()), Vec::new()));
+        mine.push((Shape::Dict, obj.as_ptr() as usize, Vec::new()));
     } else if obj.is_instance_of::<PyList>() {
-        mine.push((Shape::List, None, Vec::new()));
+        mine.push((Shape::List, 0, Vec::new()));
     } else if is_set(obj) {
-        mine.push((Shape::Set, None, Vec::new()));
+        mine.push((Shape::Set, 0, Vec::new()));
     } else {
         if let Some(d) = instance_dict(obj) {
-            mine.push((Shape::Attrs, Some(d.unbind()), Vec::new()));
+            mine.push((Shape::Attrs, d.as_ptr() as usize, Vec::new()));
         }
         let slots: Vec<(String, Py<PyAny>)> =
             guarded(|| obj_hooks()?.slots_of.bind(py).call1((obj,))?.extract())?;
         if !slots.is_empty() {
-            mine.push((Shape::Slots, None, slots));
+            mine.push((Shape::Slots, 0, slots));
         }
     }
-    for (shape, dict, slots) in mine {
+    for (shape, dict_ptr, slots) in mine {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let compared = match shape {
             Shape::Dict => !how.dicts,
@@ -673,7 +681,7 @@ fn build(
             suffix: suffix.to_string(),
             shape,
             hold: hold(),
-            dict,
+            dict_ptr: if compared { 0 } else { dict_ptr },
             slots,
             shadow: None,
             depth_left,
@@ -698,16 +706,17 @@ fn build(
 fn insert_nodes(objs: &mut Objects, nodes: Vec<(u32, Node)>) {
     let watcher = WATCHER.load(Ordering::Relaxed);
     for (id, node) in nodes {
-        if node.shadow.is_none() && watcher >= 0 {
-            if let (Some(d), Some(api)) = (&node.dict, dict_api()) {
+        if node.dict_ptr != 0 && watcher >= 0 {
+            if let Some(api) = dict_api() {
                 let mut g = lock(&DICTS);
                 let entry = g
                     .get_or_insert_with(HashMap::new)
-                    .entry(d.as_ptr() as usize)
+                    .entry(node.dict_ptr)
                     .or_default();
                 if entry.is_empty() {
-                    // SAFETY: GIL held; `d` is a dict we hold.
-                    unsafe { (api.watch)(watcher, d.as_ptr()) };
+                    // SAFETY: GIL held; the dict is alive: the caller holds
+                    // the object it belongs to.
+                    unsafe { (api.watch)(watcher, node.dict_ptr as *mut ffi::PyObject) };
                 }
                 entry.push(id);
             }
@@ -729,18 +738,19 @@ fn remove_subtree(objs: &mut Objects, id: u32, trash: &mut Vec<Node>) {
         remove_subtree(objs, c, trash);
     }
     if let Some(node) = objs.nodes.remove(&id) {
-        if let Some(d) = &node.dict {
+        if node.dict_ptr != 0 {
             let mut g = lock(&DICTS);
             if let Some(map) = g.as_mut() {
-                let key = d.as_ptr() as usize;
+                let key = node.dict_ptr;
                 if let Some(v) = map.get_mut(&key) {
                     v.retain(|n| *n != id);
                     if v.is_empty() {
                         map.remove(&key);
                         let watcher = WATCHER.load(Ordering::Relaxed);
                         if let (Some(api), true) = (dict_api(), watcher >= 0) {
-                            // SAFETY: GIL held; `d` is alive (we hold it).
-                            unsafe { (api.unwatch)(watcher, d.as_ptr()) };
+                            // SAFETY: GIL held; the dict is alive: a dead one
+                            // left the map at its DEALLOCATED event.
+                            unsafe { (api.unwatch)(watcher, key as *mut ffi::PyObject) };
                         }
                     }
                 }
@@ -876,7 +886,7 @@ fn same(a: &Py<PyAny>, b: &Py<PyAny>) -> bool {
 ///
 /// | difference | kind |
 /// |---|---|
-/// | emptied | `clear` |
+/// | emptied (of more than one item, or by a line that calls `clear`) | `clear` |
 /// | same items, other order, and the line calls `sort` | `sort` |
 /// | same items, reversed order | `reverse` (unless the line assigns items) |
 /// | items replaced in place (or reordered otherwise) | `setitem`, one per run of changed indices |
@@ -903,7 +913,7 @@ fn list_changes(
         old: Val::ListOf(old.iter().map(|o| o.clone_ref(py)).collect()),
         new: Val::ListOf(new.iter().map(|o| o.clone_ref(py)).collect()),
     };
-    if m == 0 {
+    if m == 0 && (n > 1 || hint.has(py, &["clear"])) {
         return vec![Found {
             new: Val::Text("[]"),
             ..whole(Kind::Clear)
@@ -1039,8 +1049,8 @@ fn list_changes(
     }]
 }
 
-/// The changes between two states of a set, by item identity: emptied ->
-/// `clear`; items added -> one `add` (one item) or `update` (several, or a
+/// The changes between two states of a set, by item identity: emptied
+/// (of more than one item, or by a line that calls `clear`) -> `clear`; items added -> one `add` (one item) or `update` (several, or a
 /// line that calls `update` or uses `|=`); each item removed -> `discard`
 /// (`remove` or `pop` if the line calls them).
 fn set_changes(
@@ -1055,7 +1065,7 @@ fn set_changes(
     if a == b {
         return Vec::new();
     }
-    if new.is_empty() {
+    if new.is_empty() && (old.len() > 1 || hint.has(py, &["clear"])) {
         return vec![Found {
             node,
             kind: Kind::Clear,
@@ -1146,7 +1156,7 @@ fn dict_changes(
     {
         return Vec::new();
     }
-    if new.is_empty() {
+    if new.is_empty() && (old.len() > 1 || hint.has(py, &["clear"])) {
         return vec![Found {
             node,
             kind: Kind::Clear,
@@ -1274,6 +1284,18 @@ pub fn flush(py: Python<'_>, last: (usize, u32)) {
     if FLUSHING.with(|f| f.replace(true)) {
         return;
     }
+    // The 3.11 trace function reaches here without pyo3 knowing the GIL is
+    // held, and pyo3 would then defer every release of a reference to some
+    // later call: a collected list would be noticed late. Attaching (the
+    // GIL is already ours) makes releases immediate.
+    Python::attach(|py| flush_attached(py, last));
+    FLUSHING.with(|f| f.set(false));
+    if !any() {
+        stop_monitor_if_idle(py);
+    }
+}
+
+fn flush_attached(py: Python<'_>, last: (usize, u32)) {
     let mut out: Vec<Ready> = Vec::new();
     let mut changed: Vec<u32> = Vec::new();
     let mut trash_nodes: Vec<Node> = Vec::new();
@@ -1410,6 +1432,9 @@ pub fn flush(py: Python<'_>, last: (usize, u32)) {
                 .filter(|(_, n)| n.shadow.is_some())
                 .map(|(k, _)| *k)
                 .collect();
+            // Parents before children (ids grow down the tree): a stable order.
+            let mut ids = ids;
+            ids.sort_unstable();
             ids.into_iter()
                 .filter_map(|id| {
                     let n = o.nodes.get_mut(&id)?;
@@ -1549,10 +1574,6 @@ pub fn flush(py: Python<'_>, last: (usize, u32)) {
             },
         );
     }
-    FLUSHING.with(|f| f.set(false));
-    if !any() {
-        stop_monitor_if_idle(py);
-    }
 }
 
 fn clone_shadow(py: Python<'_>, s: &Shadow) -> Shadow {
@@ -1596,13 +1617,13 @@ fn resync(py: Python<'_>, id: u32, trash: &mut Vec<Node>) -> PyResult<()> {
                 .iter()
                 .map(|(s, d)| (s.clone(), d.clone_ref(py)))
                 .collect::<Vec<_>>(),
-            n.dict.as_ref().map(|d| d.clone_ref(py)),
+            n.hold.get(py)?.unbind(),
             n.shape,
             n.depth_left,
             n.watch,
         ))
     });
-    let Some((shadow, slots, dict, shape, depth_left, watch)) = current else {
+    let Some((shadow, slots, obj, shape, depth_left, watch)) = current else {
         return Ok(());
     };
     let probe = Node {
@@ -1610,8 +1631,8 @@ fn resync(py: Python<'_>, id: u32, trash: &mut Vec<Node>) -> PyResult<()> {
         parent: None,
         suffix: String::new(),
         shape,
-        hold: Hold::Strong(py.None()),
-        dict,
+        hold: Hold::Strong(obj),
+        dict_ptr: 0,
         slots,
         shadow: None,
         depth_left,
@@ -1647,11 +1668,11 @@ fn resync(py: Python<'_>, id: u32, trash: &mut Vec<Node>) -> PyResult<()> {
     trash.push(probe);
     let how = how(py)?;
     let mut built = Vec::new();
-    for (suffix, child) in missing {
+    for (suffix, child) in &missing {
         build(
             py,
-            &child,
-            &suffix,
+            child,
+            suffix,
             depth_left - 1,
             watch,
             Some(id),
@@ -1733,9 +1754,10 @@ pub fn _watch_object(
         .name()
         .map(|n| n.to_string())
         .unwrap_or_else(|_| "?".into());
-    if obj.is_instance_of::<PyType>() {
+    if let Ok(cls) = obj.cast::<PyType>() {
+        let name = cls.name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
         return Err(PyTypeError::new_err(format!(
-            "cannot watch the class {tname}: watch_object() watches instances, dicts, lists and sets"
+            "cannot watch the class {name}: watch_object() watches instances, dicts, lists and sets"
         )));
     }
     let taken =
@@ -1812,7 +1834,12 @@ pub fn _watch_object(
     })
 }
 
+/// Ends watch `watch` after reporting its pending changes; false if it was
+/// not watched (it may end during that report, when it was collected).
 fn unwatch_object(py: Python<'_>, watch: u32) -> bool {
+    if !with_objs(|o| o.watches.iter().any(|w| w.id == watch)) {
+        return false;
+    }
     flush(py, LAST.with(|l| l.get()));
     let mut trash = Vec::new();
     let w = with_objs(|o| {
@@ -1830,11 +1857,10 @@ fn unwatch_object(py: Python<'_>, watch: u32) -> bool {
         refresh_flags(o);
         Some(w)
     });
-    let found = w.is_some();
     drop(trash);
     drop(w);
     stop_monitor_if_idle(py);
-    found
+    true
 }
 
 /// Stops watching object watch `watch` (after reporting its last changes).
