@@ -26,7 +26,7 @@
 //!   boundaries of in-scope code against a shallow copy (the identities of
 //!   the items), so a change is the net effect of one line, attributed to
 //!   it like a buffer change. The kind is derived from the difference (see
-//!   [`list_changes`] and [`set_changes`]); where the state alone cannot
+//!   `list_changes` and `set_changes`); where the state alone cannot
 //!   tell (`pop(i)`, `remove(x)` and `del l[i]` leave the same list), the
 //!   method names and operators the line's code uses decide.
 //!
@@ -40,15 +40,15 @@
 //! held strongly, and the watch ends with a `collected` change at the first
 //! line boundary at which memwatch holds the only reference.
 //!
-//! Locking: [`OBJS`] (the watches and nodes), [`DICTS`] (dict address to
-//! nodes, read by the dict watcher callback) and [`PENDING`] (what the
+//! Locking: `OBJS` (the watches and nodes), `DICTS` (dict address to
+//! nodes, read by the dict watcher callback) and `PENDING` (what the
 //! callbacks queued) are separate and each is held only for short sections
 //! that run no Python code and release no Python object, because releasing
 //! one can run a weakref callback or `__del__` that comes back here.
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
-use std::os::raw::{c_int, c_ulong};
+use std::os::raw::c_int;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -282,6 +282,9 @@ enum Shadow {
     Seq(Vec<Py<PyAny>>),
 }
 
+/// `(name, member descriptor)` per `__slots__` entry.
+type Slots = Vec<(String, Py<PyAny>)>;
+
 struct Node {
     watch: u32,
     parent: Option<u32>,
@@ -294,7 +297,7 @@ struct Node {
     /// watched object that refers to itself alive.
     dict_ptr: usize,
     /// Slots: `(name, member descriptor)`.
-    slots: Vec<(String, Py<PyAny>)>,
+    slots: Slots,
     /// `None` for a node the dict watcher reports.
     shadow: Option<Shadow>,
     /// How many levels below this node are watched.
@@ -408,7 +411,7 @@ fn raw_stack(py: Python<'_>) -> Vec<(Py<PyAny>, u32)> {
 
 fn thread_ident() -> u64 {
     // SAFETY: no preconditions.
-    u64::from(unsafe { ffi::PyThread_get_thread_ident() } as c_ulong)
+    (unsafe { ffi::PyThread_get_thread_ident() }) as u64
 }
 
 /// The dict watcher callback. It runs inside the mutation, before it
@@ -651,7 +654,7 @@ fn build(
         Some(w) => Hold::Weak(w.clone_ref(py)),
         None => Hold::Strong(obj.clone().unbind()),
     };
-    let mut mine: Vec<(Shape, usize, Vec<(String, Py<PyAny>)>)> = Vec::new();
+    let mut mine: Vec<(Shape, usize, Slots)> = Vec::new();
     if obj.is_instance_of::<PyDict>() {
         mine.push((Shape::Dict, obj.as_ptr() as usize, Vec::new()));
     } else if obj.is_instance_of::<PyList>() {
