@@ -337,6 +337,18 @@ static NEXT_ID: AtomicU32 = AtomicU32::new(1);
 
 thread_local! {
     static FLUSHING: Cell<bool> = const { Cell::new(false) };
+    /// This thread's id (`gettid` is a system call; a write loop asks for it
+    /// per write). Reset in a fork child.
+    static TID: Cell<u64> = const { Cell::new(0) };
+}
+
+fn tid() -> u64 {
+    TID.with(|t| {
+        if t.get() == 0 {
+            t.set(crate::kernel::gettid());
+        }
+        t.get()
+    })
 }
 
 fn lock<T>(m: &'static Mutex<T>) -> MutexGuard<'static, T> {
@@ -474,7 +486,7 @@ unsafe extern "C" fn on_dict_event(
                 items,
             },
             frames: raw_stack(py),
-            tid: crate::kernel::gettid(),
+            tid: tid(),
             ident: thread_ident(),
         });
     }
@@ -572,11 +584,15 @@ fn snapshot(py: Python<'_>, n: &Node) -> Option<Shadow> {
     }
 }
 
+/// True if `v` can get nodes of its own below a watched object: a list,
+/// dict or set, or an instance of a class defined in Python.
+fn nested(v: &Bound<'_, PyAny>) -> bool {
+    v.is_instance_of::<PyList>() || v.is_instance_of::<PyDict>() || is_set(v) || is_heap_instance(v)
+}
+
 /// The values of a node that may get child nodes, with their suffixes.
 fn child_candidates<'py>(py: Python<'py>, n: &Node, shadow: &Shadow) -> Vec<(String, Bound<'py, PyAny>)> {
-    let keep = |v: &Bound<'py, PyAny>| {
-        v.is_instance_of::<PyList>() || v.is_instance_of::<PyDict>() || is_set(v) || is_heap_instance(v)
-    };
+    let keep = |v: &Bound<'py, PyAny>| nested(v);
     let mut out = Vec::new();
     match shadow {
         Shadow::Items(items) => {
@@ -767,6 +783,25 @@ fn remove_subtree(objs: &mut Objects, id: u32, trash: &mut Vec<Node>) {
 
 /// `repr(value)`, at most `limit` characters; never fails.
 fn bounded_repr(py: Python<'_>, value: &Bound<'_, PyAny>, limit: usize) -> String {
+    // The common scalars: their repr is C code that cannot fail, made here
+    // without a call into Python (cut the same way as `_bounded_repr`).
+    // SAFETY: GIL held; exact type checks.
+    let scalar = unsafe {
+        let p = value.as_ptr();
+        ffi::PyLong_CheckExact(p) != 0
+            || ffi::PyFloat_CheckExact(p) != 0
+            || ffi::PyBool_Check(p) != 0
+            || p == ffi::Py_None()
+            || (ffi::PyUnicode_CheckExact(p) != 0 && ffi::PyUnicode_GetLength(p) < limit as ffi::Py_ssize_t)
+    };
+    if scalar {
+        if let Ok(r) = value.repr() {
+            let r = r.to_string();
+            if r.chars().count() <= limit {
+                return r;
+            }
+        }
+    }
     guarded(|| {
         obj_hooks()
             .and_then(|h| h.repr.bind(py).call1((value, limit))?.extract())
@@ -1303,7 +1338,7 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
     let mut changed: Vec<u32> = Vec::new();
     let mut trash_nodes: Vec<Node> = Vec::new();
     let mut trash_watches: Vec<ObjWatch> = Vec::new();
-    let my_tid = crate::kernel::gettid();
+    let my_tid = tid();
 
     // 1. Queued dict watcher events and collections.
     let pending = std::mem::take(&mut *lock(&PENDING));
@@ -1386,7 +1421,9 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
                             .collect(),
                         _ => Vec::new(),
                     };
-                    changed.push(id);
+                    if found.iter().any(|f| may_hold_children(py, f)) {
+                        changed.push(id);
+                    }
                     with_objs(|o| {
                         out.extend(
                             found
@@ -1474,8 +1511,10 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
                 (Shadow::Seq(a), Shadow::Seq(b)) => set_changes(py, view.id, a, b, &mut hint),
                 _ => Vec::new(),
             };
-            if !found.is_empty() {
+            if found.iter().any(|f| may_hold_children(py, f)) {
                 changed.push(view.id);
+            }
+            if !found.is_empty() {
                 with_objs(|o| {
                     out.extend(
                         found
@@ -1577,6 +1616,19 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
             },
         );
     }
+}
+
+/// True if a change may add or drop child nodes: its old or new value is a
+/// container or an instance that could get nodes of its own.
+fn may_hold_children(py: Python<'_>, f: &Found) -> bool {
+    let one = |o: &Py<PyAny>| nested(o.bind(py));
+    let any = |v: &Val| match v {
+        Val::None | Val::Text(_) => false,
+        Val::Obj(o) => one(o),
+        Val::ListOf(v) | Val::SetOf(v) => v.iter().any(one),
+        Val::DictOf(v) => v.iter().any(|(_, x)| one(x)),
+    };
+    any(&f.old) || any(&f.new) || matches!(f.kind, Kind::Sort | Kind::Reverse)
 }
 
 fn clone_shadow(py: Python<'_>, s: &Shadow) -> Shadow {
@@ -1786,7 +1838,7 @@ pub fn _watch_object(
                 push_pending(Pending {
                     what: PendingWhat::Collected { watch },
                     frames: raw_stack(py),
-                    tid: crate::kernel::gettid(),
+                    tid: tid(),
                     ident: thread_ident(),
                 });
             },
@@ -1909,6 +1961,7 @@ pub fn shutdown(py: Python<'_>, last: (usize, u32)) {
 /// In a fork child: forget every object watch (the parent keeps them).
 #[pyfunction]
 pub fn _objects_after_fork_child(py: Python<'_>) {
+    TID.with(|t| t.set(0));
     let ids: Vec<u32> = with_objs(|o| o.watches.iter().map(|w| w.id).collect());
     let taken = std::mem::take(&mut *lock(&PENDING));
     PENDING_N.store(0, Ordering::Relaxed);
