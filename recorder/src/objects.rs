@@ -880,16 +880,33 @@ struct Ready {
 /// The method names and operators a line uses, looked up on demand.
 struct Hint {
     at: Option<(Py<PyAny>, u32)>,
+    /// A line known by code address only, looked up on first use.
+    last: Option<(usize, u32)>,
     ops: Option<HashSet<String>>,
 }
 
 impl Hint {
     fn new(at: Option<(Py<PyAny>, u32)>) -> Hint {
-        Hint { at, ops: None }
+        Hint {
+            at,
+            last: None,
+            ops: None,
+        }
+    }
+
+    fn at_last(last: (usize, u32)) -> Hint {
+        Hint {
+            at: None,
+            last: Some(last),
+            ops: None,
+        }
     }
 
     fn has(&mut self, py: Python<'_>, names: &[&str]) -> bool {
         if self.ops.is_none() {
+            if let Some(last) = self.last.take() {
+                self.at = code_at(py, last);
+            }
             let ops = self
                 .at
                 .as_ref()
@@ -1458,9 +1475,11 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
 
     // 2. Compared nodes, and strongly held roots only memwatch still holds.
     if COMPARING.load(Ordering::Relaxed) {
-        let mut hint = Hint::new(code_at(py, last));
-        let stack = api::attributed_stack(py, last);
-        let tname = my_name.get_or_insert_with(|| api::thread_name(py)).clone();
+        // Where and who, worked out only when something changed: most
+        // boundaries find nothing.
+        let mut hint = Hint::at_last(last);
+        let here = std::cell::OnceCell::new();
+        let ctx = || here.get_or_init(|| (api::attributed_stack(py, last), api::thread_name(py)));
         let work: Vec<(NodeView, Option<Shadow>, Option<Shadow>)> = {
             // Snapshots read objects (no Python code): done under the lock,
             // the old shadows taken out to diff and drop afterwards.
@@ -1479,6 +1498,14 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
                 .filter_map(|id| {
                     let n = o.nodes.get_mut(&id)?;
                     let now = snapshot(py, n);
+                    if let (Some(a), Some(b)) = (&n.shadow, &now) {
+                        if same_shadow(a, b) {
+                            // Unchanged (the usual case). Dropping `now`
+                            // here frees nothing: the object still holds
+                            // every item it refers to.
+                            return None;
+                        }
+                    }
                     let before = match now {
                         Some(_) => n.shadow.take(),
                         None => None,
@@ -1519,7 +1546,7 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
                     out.extend(
                         found
                             .into_iter()
-                            .filter_map(|f| ready(o, f, &stack, my_tid, &tname)),
+                            .filter_map(|f| ready(o, f, &ctx().0, my_tid, &ctx().1)),
                     );
                 });
             }
@@ -1560,7 +1587,7 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
                     remove_subtree(o, id, &mut trash_nodes);
                 }
                 refresh_flags(o);
-                let r = collected(&w, stack.clone(), my_tid, &tname);
+                let r = collected(&w, ctx().0.clone(), my_tid, &ctx().1);
                 trash_watches.push(w);
                 Some(r)
             });
@@ -1629,6 +1656,25 @@ fn may_hold_children(py: Python<'_>, f: &Found) -> bool {
         Val::DictOf(v) => v.iter().any(|(_, x)| one(x)),
     };
     any(&f.old) || any(&f.new) || matches!(f.kind, Kind::Sort | Kind::Reverse)
+}
+
+/// True if two shadows hold the same items (by identity) in the same order.
+fn same_shadow(a: &Shadow, b: &Shadow) -> bool {
+    match (a, b) {
+        (Shadow::Items(a), Shadow::Items(b)) => {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same(&x.0, &y.0) && same(&x.1, &y.1))
+        }
+        (Shadow::Slots(a), Shadow::Slots(b)) => {
+            a.len() == b.len()
+                && a.iter().zip(b).all(|(x, y)| match (x, y) {
+                    (Some(x), Some(y)) => same(x, y),
+                    (None, None) => true,
+                    _ => false,
+                })
+        }
+        (Shadow::Seq(a), Shadow::Seq(b)) => a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same(x, y)),
+        _ => false,
+    }
 }
 
 fn clone_shadow(py: Python<'_>, s: &Shadow) -> Shadow {
