@@ -1542,11 +1542,12 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
                 changed.push(view.id);
             }
             if !found.is_empty() {
+                let (stack, tname) = ctx();
                 with_objs(|o| {
                     out.extend(
                         found
                             .into_iter()
-                            .filter_map(|f| ready(o, f, &ctx().0, my_tid, &ctx().1)),
+                            .filter_map(|f| ready(o, f, stack, my_tid, tname)),
                     );
                 });
             }
@@ -1574,6 +1575,8 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
             gone
         });
         for watch in gone {
+            // Python code (the stack's scope) runs here, never under the lock.
+            let (stack, tname) = ctx();
             let r = with_objs(|o| {
                 let i = o.watches.iter().position(|w| w.id == watch)?;
                 let w = o.watches.remove(i);
@@ -1587,7 +1590,7 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
                     remove_subtree(o, id, &mut trash_nodes);
                 }
                 refresh_flags(o);
-                let r = collected(&w, ctx().0.clone(), my_tid, &ctx().1);
+                let r = collected(&w, stack.clone(), my_tid, tname);
                 trash_watches.push(w);
                 Some(r)
             });
