@@ -55,6 +55,8 @@ def changes():
     memwatch.clear_history()
     memwatch.on_change(collect)
     yield seen
+    for watch, *_ in memwatch._memwatch._object_watches():
+        memwatch._memwatch._unwatch_object(watch)
     memwatch.remove_callback(collect)
     for region, *_ in memwatch._memwatch._regions():
         memwatch._memwatch._unwatch(region)

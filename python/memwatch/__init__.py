@@ -6,7 +6,8 @@ and records it to a compact trace (``.mwt``) that the ``memwatch`` command
 queries offline.
 
 Watching buffers (``watch``, ``unwatch``, ``watching``, ``on_change``,
-``history``, ``start``/``stop``) and reading traces back (``open_trace``,
+``history``, ``start``/``stop``), watching Python objects
+(``watch_object``) and reading traces back (``open_trace``,
 and the ``memwatch`` command: ``record``, ``query``, ``state``, ``blame``,
 ``summary``, ``dump``) work today.
 
@@ -18,12 +19,14 @@ True
 """
 
 from memwatch._api import configure, on_change, start, stop, unwatch, watch, watching
+from memwatch._objects import watch_object
 from memwatch._memwatch import (
     FORMAT_VERSION,
     Change,
     MemwatchError,
     NotATraceError,
     NotWatchedError,
+    ObjectWatchHandle,
     TraceCorruptError,
     TraceError,
     TraceTruncatedError,
@@ -47,6 +50,7 @@ __all__ = [
     "MemwatchError",
     "NotATraceError",
     "NotWatchedError",
+    "ObjectWatchHandle",
     "TraceCorruptError",
     "TraceError",
     "TraceTruncatedError",
@@ -68,5 +72,6 @@ __all__ = [
     "trace_info",
     "unwatch",
     "watch",
+    "watch_object",
     "watching",
 ]

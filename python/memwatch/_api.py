@@ -21,6 +21,7 @@ from memwatch._memwatch import (
     Change,
     MemwatchError,
     NotWatchedError,
+    ObjectWatchHandle,
     UnsupportedError,
     WatchHandle,
 )
@@ -166,7 +167,6 @@ def watch(
     few elements), never a whole-array update. Without ``mode=``, the mode
     is ``$MEMWATCH_MODE`` (``memwatch record --mode``) or ``"line"``.
     """
-    global _auto_started
     if mode is None:
         mode = os.environ.get("MEMWATCH_MODE") or "line"
     if mode not in MODES:
@@ -211,6 +211,8 @@ def watch(
     tag = name if name is not None else variable
     if tag is None:
         raise ValueError("cannot tell which variable this buffer is; pass name=")
+    if any(t == str(tag) for _, t, _ in _memwatch._object_watches()):
+        raise ValueError(f"'{tag}' is already watched (an object); pass another name= or unwatch it first")
     handle = _memwatch._watch(
         target,
         address,
@@ -225,13 +227,19 @@ def watch(
     )
     if mode == "store" and handle.tracking_note:
         warnings.warn(f"memwatch: {handle.tracking_note}", RuntimeWarning, stacklevel=2)
+    _auto_start()
+    return handle
+
+
+def _auto_start() -> None:
+    """Under `memwatch record` (MEMWATCH_TRACE), the first watch starts recording."""
+    global _auto_started
     trace_env = os.environ.get("MEMWATCH_TRACE")
     parent = os.environ.get("MEMWATCH_TRACE_PARENT")
     mine = parent is None or parent == str(os.getppid())  # `memwatch record` records its own child only
     if trace_env and mine and not _auto_started and _memwatch._recording() is None:
         _auto_started = True
         start(trace=trace_env)
-    return handle
 
 
 def _resolve(target: Any, buffer: int | None) -> list[int]:
@@ -251,16 +259,37 @@ def _resolve(target: Any, buffer: int | None) -> list[int]:
         found = [r for r, _, _, _, oid in regions if oid == id(target)]
         what = f"this {type(target).__name__}"
     if not found:
-        tags = ", ".join(repr(t) for _, t, *_ in regions) or "nothing"
+        tags = [t for _, t, *_ in regions] + [t for _, t, _ in _memwatch._object_watches()]
+        tags = ", ".join(repr(t) for t in tags) or "nothing"
         raise NotWatchedError(f"{what} is not watched (watched: {tags})")
     return found
 
 
 def unwatch(target: Any = None, *, buffer: int | None = None) -> None:
-    """Stop watching: pass the handle ``watch`` returned, the object, its
-    name, or ``buffer=address``. Changes made up to now are reported first."""
+    """Stop watching: pass the handle ``watch`` or ``watch_object`` returned,
+    the object, its name, or ``buffer=address``. Changes made up to now are
+    reported first."""
+    if buffer is None and target is not None and _unwatch_objects(target):
+        return
     for region in _resolve(target, buffer):
         _memwatch._unwatch(region)
+
+
+def _unwatch_objects(target: Any) -> bool:
+    """Ends the object watches ``target`` names (an ObjectWatchHandle, a tag
+    or the watched object); False if it names none."""
+    watches = _memwatch._object_watches()
+    if isinstance(target, ObjectWatchHandle):
+        found = [w for w, *_ in watches if w == target.watch]
+        if not found:
+            raise NotWatchedError(f"{target!r} is not watched any more")
+    elif isinstance(target, str):
+        found = [w for w, tag, _ in watches if tag == target]
+    else:
+        found = [w for w, _, oid in watches if oid == id(target)]
+    for w in found:
+        _memwatch._unwatch_object(w)
+    return bool(found)
 
 
 @contextlib.contextmanager

@@ -64,8 +64,18 @@ class WatchHandle:
     """``"compare"``, ``"uffd-wp-async"`` (line mode) or ``"uffd-wp-step"`` (store mode)."""
     tracking_note: str | None
 
+class ObjectWatchHandle:
+    """A watched Python object, as ``watch_object`` returns it."""
+
+    watch: int
+    tag: str
+    variable: str | None
+    depth: int
+    repr_limit: int
+    mechanism: Literal["dict-watcher", "dict-watcher+compare", "compare"]
+
 class Change:
-    """One change to one watched region."""
+    """One change to one watched region or Python object."""
 
     seq: int
     time_ns: int
@@ -74,15 +84,25 @@ class Change:
     thread_id: int
     thread_name: str
     @property
-    def address(self) -> int: ...
+    def kind(self) -> str:
+        """``"bytes"``, or what happened to an object (``"setattr"``, ``"append"``, ...)."""
     @property
-    def offset(self) -> int: ...
+    def key(self) -> str | None:
+        """Where in a watched object (``.lr``, ``['k']``, ``[3]``); None for bytes or the whole object."""
+    @property
+    def old_repr(self) -> str | None: ...
+    @property
+    def new_repr(self) -> str | None: ...
+    @property
+    def address(self) -> int | None: ...
+    @property
+    def offset(self) -> int | None: ...
     @property
     def ranges(self) -> list[tuple[int, bytes, bytes]]: ...
     @property
-    def old(self) -> bytes: ...
+    def old(self) -> bytes | None: ...
     @property
-    def new(self) -> bytes: ...
+    def new(self) -> bytes | None: ...
     @property
     def dtype(self) -> str | None: ...
     @property

@@ -87,9 +87,9 @@ fn sink() -> MutexGuard<'static, Option<TraceSink>> {
 
 // --- frames and attribution ---------------------------------------------------
 
-/// The calling thread's Python stack, innermost first, as (code address,
-/// frame). Only called with the GIL held.
-fn current_frames(py: Python<'_>) -> Vec<(usize, FrameRef)> {
+/// The calling thread's Python stack, innermost first, as (code object,
+/// line). Runs no Python code, so it is safe inside interpreter callbacks.
+pub(crate) fn raw_frames(py: Python<'_>) -> Vec<(Bound<'_, PyAny>, u32)> {
     let mut out = Vec::new();
     // SAFETY: GIL held; PyEval_GetFrame returns a borrowed reference that
     // we turn into an owned one at once.
@@ -110,23 +110,12 @@ fn current_frames(py: Python<'_>) -> Vec<(usize, FrameRef)> {
             let back = ffi::PyFrame_GetBack(fp);
             (code, line, back)
         };
-        let key = code.as_ptr() as usize;
-        let (file, function) = match monitor::known_code(key) {
-            Some(x) => x,
-            None => match monitor::code_info(py, &code) {
-                Ok((f, n, _)) => (f, n),
-                Err(_) => ("?".into(), "?".into()),
-            },
-        };
-        out.push((
-            key,
-            FrameRef {
-                file,
-                line: line.max(0) as u32,
-                function,
-            },
-        ));
+        out.push((code, line.max(0) as u32));
         if back.is_null() || out.len() >= 256 {
+            if !back.is_null() {
+                // SAFETY: `back` is a new reference we do not use.
+                unsafe { ffi::Py_DECREF(back.cast()) };
+            }
             break;
         }
         // SAFETY: `back` is a new reference.
@@ -135,9 +124,31 @@ fn current_frames(py: Python<'_>) -> Vec<(usize, FrameRef)> {
     out
 }
 
+/// A frame of `raw_frames`, with its code object's file and function.
+pub(crate) fn frame_ref(py: Python<'_>, code: &Bound<'_, PyAny>, line: u32) -> (usize, FrameRef) {
+    let key = code.as_ptr() as usize;
+    let (file, function) = match monitor::known_code(key) {
+        Some(x) => x,
+        None => match monitor::code_info(py, code) {
+            Ok((f, n, _)) => (f, n),
+            Err(_) => ("?".into(), "?".into()),
+        },
+    };
+    (key, FrameRef { file, line, function })
+}
+
+/// The calling thread's Python stack, innermost first, as (code address,
+/// frame). Only called with the GIL held.
+fn current_frames(py: Python<'_>) -> Vec<(usize, FrameRef)> {
+    raw_frames(py)
+        .iter()
+        .map(|(code, line)| frame_ref(py, code, *line))
+        .collect()
+}
+
 /// The stack a change found now is attributed to: the last in-scope line
 /// this thread executed (`last`), with the frames around it.
-fn attributed_stack(py: Python<'_>, last: (usize, u32)) -> Vec<FrameRef> {
+pub(crate) fn attributed_stack(py: Python<'_>, last: (usize, u32)) -> Vec<FrameRef> {
     let frames = current_frames(py);
     let (code, line) = last;
     if code == 0 {
@@ -160,7 +171,7 @@ fn attributed_stack(py: Python<'_>, last: (usize, u32)) -> Vec<FrameRef> {
 }
 
 /// The innermost in-scope frame of the current stack, as `LAST` wants it.
-fn innermost_in_scope(py: Python<'_>, skip_current: bool) -> (usize, u32) {
+pub(crate) fn innermost_in_scope(py: Python<'_>, skip_current: bool) -> (usize, u32) {
     let frames = current_frames(py);
     let start = usize::from(skip_current);
     for (key, f) in frames.into_iter().skip(start) {
@@ -178,6 +189,7 @@ fn innermost_in_scope(py: Python<'_>, skip_current: bool) -> (usize, u32) {
 /// this thread ran before.
 pub fn at_boundary(py: Python<'_>, code: usize, line: u32, kind: Boundary) {
     let last = LAST.with(|l| l.get());
+    crate::objects::flush(py, last);
     check_and_emit(py, last);
     match kind {
         Boundary::Line => LAST.with(|l| l.set((code, line))),
@@ -212,7 +224,7 @@ fn check_and_emit(py: Python<'_>, last: (usize, u32)) {
     }
 }
 
-fn thread_name(py: Python<'_>) -> String {
+pub(crate) fn thread_name(py: Python<'_>) -> String {
     guarded(|| {
         monitor::hooks()
             .and_then(|h| h.current_thread.bind(py).call0())
@@ -222,7 +234,13 @@ fn thread_name(py: Python<'_>) -> String {
 }
 
 fn change_bytes(c: &Change) -> usize {
-    c.ranges.iter().map(|r| r.1.len() + r.2.len()).sum()
+    let reprs = c.object.as_ref().map_or(0, |o| {
+        [&o.key, &o.old, &o.new]
+            .iter()
+            .map(|v| v.as_ref().map_or(0, |v| v.len()))
+            .sum()
+    });
+    reprs + c.ranges.iter().map(|r| r.1.len() + r.2.len()).sum::<usize>()
 }
 
 /// Where each thread was last seen in in-scope code, for stores caught in
@@ -319,6 +337,7 @@ fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32)) {
                 stack: stack.clone(),
                 thread_id: tid,
                 thread_name: tname.clone(),
+                object: None,
             };
             let callbacks: Vec<Py<PyAny>> = st.callbacks.iter().map(|c| c.clone_ref(py)).collect();
             Some((change, callbacks, tracing, st.live, st.max_history))
@@ -326,43 +345,76 @@ fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32)) {
         let Some((change, callbacks, tracing, live, max_history)) = made else {
             continue;
         };
-        let report = (callbacks.is_empty() && !tracing && live).then(|| change.report());
-        let obj = match Py::new(py, change) {
-            Ok(o) => o,
-            Err(e) => {
-                e.write_unraisable(py, None);
-                continue;
-            }
-        };
-        with_state(|st| {
-            let size = change_bytes(obj.get());
-            if max_history > 0 && size <= st.max_history_bytes {
-                st.history.push_back(obj.clone_ref(py));
-                st.history_bytes += size;
-                while st.history.len() > max_history || st.history_bytes > st.max_history_bytes {
-                    match st.history.pop_front() {
-                        Some(old) => st.history_bytes -= change_bytes(old.get()),
-                        None => break,
-                    }
-                }
-            }
-        });
-        guarded(|| {
-            for cb in &callbacks {
-                if let Err(e) = cb.call1(py, (obj.clone_ref(py),)) {
-                    e.write_unraisable(py, Some(cb.bind(py)));
-                }
-            }
-            if let Some(text) = report {
-                let written = monitor::hooks()
-                    .and_then(|h| h.sys.bind(py).getattr("stderr"))
-                    .and_then(|e| e.call_method1("write", (text,)).map(|_| ()));
-                if let Err(e) = written {
-                    e.write_unraisable(py, None);
-                }
-            }
-        });
+        deliver(py, change, callbacks, tracing, live, max_history);
     }
+}
+
+/// Hands one object change (`change.object` set) to the trace, history,
+/// callbacks and the live report, numbering it in the process's sequence.
+pub(crate) fn emit_object(py: Python<'_>, mut change: Change) {
+    let (callbacks, tracing, live, max_history) = with_state(|st| {
+        st.seq += 1;
+        change.seq = st.seq;
+        let mut sk = sink();
+        if let (Some(s), Some(info)) = (sk.as_mut(), change.object.as_ref()) {
+            let ev = EventContext {
+                thread: change.thread_id,
+                thread_name: &change.thread_name,
+                stack: &change.stack,
+            };
+            s.object_change(change.seq, &change.tag, info, &ev);
+        }
+        let callbacks: Vec<Py<PyAny>> = st.callbacks.iter().map(|c| c.clone_ref(py)).collect();
+        (callbacks, sk.is_some(), st.live, st.max_history)
+    });
+    deliver(py, change, callbacks, tracing, live, max_history);
+}
+
+/// The common end of every change: history, callbacks, the live report.
+fn deliver(
+    py: Python<'_>,
+    change: Change,
+    callbacks: Vec<Py<PyAny>>,
+    tracing: bool,
+    live: bool,
+    max_history: usize,
+) {
+    let report = (callbacks.is_empty() && !tracing && live).then(|| change.report());
+    let obj = match Py::new(py, change) {
+        Ok(o) => o,
+        Err(e) => {
+            e.write_unraisable(py, None);
+            return;
+        }
+    };
+    with_state(|st| {
+        let size = change_bytes(obj.get());
+        if max_history > 0 && size <= st.max_history_bytes {
+            st.history.push_back(obj.clone_ref(py));
+            st.history_bytes += size;
+            while st.history.len() > max_history || st.history_bytes > st.max_history_bytes {
+                match st.history.pop_front() {
+                    Some(old) => st.history_bytes -= change_bytes(old.get()),
+                    None => break,
+                }
+            }
+        }
+    });
+    guarded(|| {
+        for cb in &callbacks {
+            if let Err(e) = cb.call1(py, (obj.clone_ref(py),)) {
+                e.write_unraisable(py, Some(cb.bind(py)));
+            }
+        }
+        if let Some(text) = report {
+            let written = monitor::hooks()
+                .and_then(|h| h.sys.bind(py).getattr("stderr"))
+                .and_then(|e| e.call_method1("write", (text,)).map(|_| ()));
+            if let Err(e) = written {
+                e.write_unraisable(py, None);
+            }
+        }
+    });
 }
 
 // --- watching -----------------------------------------------------------------
@@ -820,7 +872,7 @@ fn unwatch_region(py: Python<'_>, region: u32, reason: UnwatchReason) -> PyResul
         unsafe { ffi::PyBuffer_Release(&mut *p.0) };
     }
     drop(watch.keepalive);
-    if now_empty {
+    if now_empty && !crate::objects::any() {
         monitor::stop(py)?;
     }
     Ok(())
@@ -857,6 +909,7 @@ pub fn _regions() -> Vec<(u32, String, u64, u64, Option<usize>)> {
 #[pyfunction]
 pub fn check(py: Python<'_>) {
     let last = LAST.with(|l| l.get());
+    crate::objects::flush(py, last);
     check_and_emit(py, last);
 }
 
@@ -1019,6 +1072,7 @@ pub fn _start(
 #[pyfunction]
 pub fn _stop(py: Python<'_>) -> PyResult<Option<(std::path::PathBuf, u64, u64)>> {
     let last = LAST.with(|l| l.get());
+    crate::objects::flush(py, last);
     check_and_emit(py, last);
     let taken = {
         let _st = state();
@@ -1044,6 +1098,7 @@ pub fn _recording() -> Option<std::path::PathBuf> {
 pub fn _shutdown(py: Python<'_>) -> PyResult<()> {
     let ids: Vec<u32> = with_state(|st| st.watches.iter().map(|w| w.id).collect());
     let last = LAST.with(|l| l.get());
+    crate::objects::shutdown(py, last);
     check_and_emit(py, last);
     for id in ids {
         unwatch_region(py, id, UnwatchReason::Shutdown)?;

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
+use memwatch_format::ObjectChangeKind;
+
 use crate::engine::{ChangedRange, Layout};
 
 /// A frame of a change's stack: file, line, function.
@@ -15,8 +17,20 @@ pub struct FrameRef {
     pub function: Arc<str>,
 }
 
-/// One change to one watched region: the exact bytes that differ, their old
-/// and new values, and who changed them where.
+/// What changed in a watched Python object (`watch_object`): the kind of
+/// change, where in the object, and bounded reprs of the values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub kind: ObjectChangeKind,
+    /// Where in the watched object, as a Python expression suffix
+    /// (`.lr`, `.layers[3]`, `['beta']`); `None` for the object itself.
+    pub key: Option<String>,
+    pub old: Option<String>,
+    pub new: Option<String>,
+}
+
+/// One change to one watched region (the exact bytes that differ, their old
+/// and new values) or to one watched Python object, and who changed it where.
 #[pyclass(module = "memwatch", frozen, name = "Change")]
 #[derive(Debug)]
 pub struct Change {
@@ -31,8 +45,9 @@ pub struct Change {
     /// The variable through which the buffer was passed to `watch`.
     #[pyo3(get)]
     pub variable: Option<String>,
-    /// Start address of the watched region.
+    /// Start address of the watched region (0 for an object change).
     pub region_start: u64,
+    /// Empty for an object change.
     pub ranges: Vec<ChangedRange>,
     pub layout: Arc<Layout>,
     /// Innermost first.
@@ -41,6 +56,8 @@ pub struct Change {
     pub thread_id: u64,
     #[pyo3(get)]
     pub thread_name: String,
+    /// Set for a change of a watched Python object.
+    pub object: Option<ObjectInfo>,
 }
 
 fn half_to_f64(h: u16) -> f64 {
@@ -133,6 +150,9 @@ impl Change {
 
     /// The report printed for this change when nobody else listens.
     pub fn report(&self) -> String {
+        if let Some(o) = &self.object {
+            return self.object_report(o);
+        }
         let sample = |b: &[u8]| -> String {
             let shown = &b[..b.len().min(32)];
             let mut s = String::from("b'");
@@ -184,14 +204,7 @@ impl Change {
                 s.push_str(&format!("Elements: {}{more}\n", shown.join("; ")));
             });
         }
-        s.push_str(&format!(
-            "Python Variable: {}\n",
-            self.variable.as_deref().unwrap_or("<unknown>")
-        ));
-        match self.stack.first() {
-            Some(f) => s.push_str(&format!("Line: {}:{} in {}\n", f.file, f.line, f.function)),
-            None => s.push_str("Line: <unknown>\n"),
-        }
+        self.push_variable_and_line(&mut s);
         if changed > old.len() {
             s.push_str(&format!(
                 "Changed: {changed} bytes in {} ranges\n",
@@ -200,20 +213,79 @@ impl Change {
         }
         s
     }
+
+    /// The report's last lines: the variable and the line.
+    fn push_variable_and_line(&self, s: &mut String) {
+        s.push_str(&format!(
+            "Python Variable: {}\n",
+            self.variable.as_deref().unwrap_or("<unknown>")
+        ));
+        match self.stack.first() {
+            Some(f) => s.push_str(&format!("Line: {}:{} in {}\n", f.file, f.line, f.function)),
+            None => s.push_str("Line: <unknown>\n"),
+        }
+    }
+
+    /// The report of an object change.
+    fn object_report(&self, o: &ObjectInfo) -> String {
+        let mut s = format!(
+            "[MEMWATCH] Tag: {}\nChange: {} {}{}\n",
+            self.tag,
+            o.kind.name(),
+            self.tag,
+            o.key.as_deref().unwrap_or("")
+        );
+        if let Some(old) = &o.old {
+            s.push_str(&format!("Old Value: {old}\n"));
+        }
+        if let Some(new) = &o.new {
+            s.push_str(&format!("New Value: {new}\n"));
+        }
+        self.push_variable_and_line(&mut s);
+        s
+    }
 }
 
 #[pymethods]
 impl Change {
-    /// Address of the first changed byte.
+    /// Address of the first changed byte; `None` for an object change.
     #[getter]
-    fn address(&self) -> u64 {
-        self.region_start + self.ranges[0].0
+    fn address(&self) -> Option<u64> {
+        self.ranges.first().map(|r| self.region_start + r.0)
     }
 
-    /// Offset of the first changed byte within the region.
+    /// Offset of the first changed byte within the region; `None` for an
+    /// object change.
     #[getter]
-    fn offset(&self) -> u64 {
-        self.ranges[0].0
+    fn offset(&self) -> Option<u64> {
+        self.ranges.first().map(|r| r.0)
+    }
+
+    /// `"bytes"` for a buffer change; for an object change what happened
+    /// (`"setattr"`, `"append"`, `"collected"`, ...).
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.object.as_ref().map_or("bytes", |o| o.kind.name())
+    }
+
+    /// Where in the watched object the change is, as a Python expression
+    /// suffix (`.lr`, `.layers[3]`, `['beta']`); `None` for a buffer change
+    /// or a change of the object as a whole.
+    #[getter]
+    fn key(&self) -> Option<String> {
+        self.object.as_ref().and_then(|o| o.key.clone())
+    }
+
+    /// Bounded `repr` of the old value of an object change, if there was one.
+    #[getter]
+    fn old_repr(&self) -> Option<String> {
+        self.object.as_ref().and_then(|o| o.old.clone())
+    }
+
+    /// Bounded `repr` of the new value of an object change, if there is one.
+    #[getter]
+    fn new_repr(&self) -> Option<String> {
+        self.object.as_ref().and_then(|o| o.new.clone())
     }
 
     /// Every changed run: `(offset, old bytes, new bytes)`.
@@ -226,16 +298,16 @@ impl Change {
         PyList::new(py, items)
     }
 
-    /// Old bytes of the first range.
+    /// Old bytes of the first range; `None` for an object change.
     #[getter]
-    fn old<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.ranges[0].1)
+    fn old<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.ranges.first().map(|r| PyBytes::new(py, &r.1))
     }
 
-    /// New bytes of the first range.
+    /// New bytes of the first range; `None` for an object change.
     #[getter(new)]
-    fn new_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.ranges[0].2)
+    fn new_bytes<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.ranges.first().map(|r| PyBytes::new(py, &r.2))
     }
 
     /// The region's dtype (`"<f4"`), or `None` for plain bytes.
@@ -303,6 +375,16 @@ impl Change {
             .first()
             .map(|f| format!("{}:{}", f.file, f.line))
             .unwrap_or_else(|| "?".into());
+        if let Some(o) = &self.object {
+            return format!(
+                "<memwatch.Change seq={} tag={:?} kind={} key={:?} at {}>",
+                self.seq,
+                self.tag,
+                o.kind.name(),
+                o.key.as_deref().unwrap_or(""),
+                at
+            );
+        }
         let n: usize = self.ranges.iter().map(|r| r.1.len()).sum();
         format!(
             "<memwatch.Change seq={} tag={:?} offset={} bytes={} at {}>",

@@ -4,7 +4,8 @@
 //! finds changes to watched memory ([`engine`], over the kernel mechanism in
 //! [`kernel`]), the line boundaries where it looks ([`monitor`]), the Python
 //! API that turns them into `memwatch.Change`s for callbacks, history and
-//! the live report ([`api`], [`change`]), and recording to a trace through
+//! the live report ([`api`], [`change`]), watching Python objects
+//! ([`objects`]), and recording to a trace through
 //! `memwatch-format` ([`sink`]). It does not own the file layout
 //! (`memwatch-format`) or offline analysis (`memwatch-analyzer`).
 //!
@@ -33,6 +34,7 @@ pub mod engine;
 pub mod errors;
 pub mod kernel;
 pub mod monitor;
+pub mod objects;
 pub mod reader;
 pub mod signals;
 pub mod sink;
@@ -99,6 +101,7 @@ fn _memwatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(trace_info, m)?)?;
     m.add_class::<change::Change>()?;
     m.add_class::<api::WatchHandle>()?;
+    m.add_class::<objects::ObjectWatchHandle>()?;
     m.add_class::<reader::Trace>()?;
     for f in [
         wrap_pyfunction!(reader::open_trace, m)?,
@@ -121,6 +124,11 @@ fn _memwatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(api::_shutdown, m)?,
         wrap_pyfunction!(api::_after_fork_child, m)?,
         wrap_pyfunction!(monitor::_set_hooks, m)?,
+        wrap_pyfunction!(objects::_set_object_hooks, m)?,
+        wrap_pyfunction!(objects::_watch_object, m)?,
+        wrap_pyfunction!(objects::_unwatch_object, m)?,
+        wrap_pyfunction!(objects::_object_watches, m)?,
+        wrap_pyfunction!(objects::_objects_after_fork_child, m)?,
         wrap_pyfunction!(monitor::_mon_py_start, m)?,
         wrap_pyfunction!(monitor::_mon_line, m)?,
         wrap_pyfunction!(monitor::_mon_py_return, m)?,

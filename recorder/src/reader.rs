@@ -11,7 +11,7 @@ use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
-use crate::change::{Change, FrameRef};
+use crate::change::{Change, FrameRef, ObjectInfo};
 use crate::engine::{Bytes, Layout};
 use crate::errors::{trace_error, MemwatchError};
 
@@ -46,21 +46,33 @@ pub struct Trace {
 
 impl Trace {
     fn change_object(&self, row: &ChangeRow) -> Option<Change> {
-        let What::Bytes { ranges, .. } = &row.what else {
-            return None;
+        let (region_start, ranges, layout, object) = match &row.what {
+            What::Bytes { ranges, .. } => {
+                let region = row.region.as_ref()?;
+                let ranges = ranges
+                    .iter()
+                    .map(|(o, a, b)| (*o, Bytes::Owned(a.clone()), Bytes::Owned(b.clone())))
+                    .collect();
+                (region.address, ranges, layout_of(region), None)
+            }
+            What::Object { kind, key, old, new } => {
+                let info = ObjectInfo {
+                    kind: *kind,
+                    key: key.clone(),
+                    old: old.clone(),
+                    new: new.clone(),
+                };
+                (0, Vec::new(), Layout::default(), Some(info))
+            }
         };
-        let region = row.region.as_ref()?;
         Some(Change {
             seq: row.seq,
             time_ns: self.reader.header().meta.start_time_ns + row.time_ns,
             tag: row.tag.to_string(),
             variable: row.variable.as_deref().map(String::from),
-            region_start: region.address,
-            ranges: ranges
-                .iter()
-                .map(|(o, a, b)| (*o, Bytes::Owned(a.clone()), Bytes::Owned(b.clone())))
-                .collect(),
-            layout: Arc::new(layout_of(region)),
+            region_start,
+            ranges,
+            layout: Arc::new(layout),
             stack: row
                 .stack
                 .iter()
@@ -72,6 +84,7 @@ impl Trace {
                 .collect(),
             thread_id: row.thread,
             thread_name: row.thread_name.as_deref().unwrap_or("").to_string(),
+            object,
         })
     }
 }
@@ -95,7 +108,8 @@ impl Trace {
         crate::trace_info_dict(py, &self.reader)
     }
 
-    /// The byte changes matching every given filter, in seq order.
+    /// The changes (of buffers and of objects) matching every given filter,
+    /// in seq order.
     #[pyo3(signature = (tag=None, file=None, line=None, function=None, thread=None, seq=None, limit=None))]
     #[allow(clippy::too_many_arguments)]
     fn changes<'py>(

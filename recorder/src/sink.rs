@@ -15,8 +15,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use memwatch_format::{
-    ByteRange, Change, Checkpoint, Context, Layout as FmtLayout, Lost, Meta, Record, RegionUnwatched,
-    RegionWatched, TraceWriter, UnwatchReason, WriterOptions,
+    ByteRange, Change, Checkpoint, Context, Layout as FmtLayout, Lost, Meta, ObjectChange, Record,
+    RegionUnwatched, RegionWatched, TraceWriter, UnwatchReason, WriterOptions,
 };
 
 use crate::change::FrameRef;
@@ -193,6 +193,31 @@ impl TraceSink {
                     .append(&Record::Checkpoint(Checkpoint { region, at_seq: seq }))?;
                 s.writer.append_contents(region, seq, shadow)?;
             }
+            Ok(())
+        });
+    }
+
+    /// A change of a watched Python object.
+    pub fn object_change(
+        &mut self,
+        seq: u64,
+        tag: &str,
+        info: &crate::change::ObjectInfo,
+        ev: &EventContext<'_>,
+    ) {
+        self.guarded(seq, |s| {
+            let ctx = s.ctx(ev)?;
+            let tag = s.writer.intern_str(tag)?;
+            s.writer.append(&Record::ObjectChange(ObjectChange {
+                seq,
+                ctx,
+                tag,
+                kind: info.kind,
+                key: info.key.as_deref(),
+                old: info.old.as_deref(),
+                new: info.new.as_deref(),
+            }))?;
+            s.changes += 1;
             Ok(())
         });
     }

@@ -1,0 +1,149 @@
+"""What watching Python objects costs, as ratios against the same work with
+nothing watched, measured in one run (medians of several repetitions,
+alternating base and watched runs).
+
+    python bench/objects_overhead.py [--quick]
+
+Run it with a venv's interpreter (`.venv/bin/python` is CPython 3.11,
+`.venv-3.12/bin/python` 3.12, `.venv-3.13/bin/python` 3.13). Cases:
+
+1. a loop of attribute writes on a watched object (every write is a change:
+   a `memwatch.Change` is made and kept, no callback, no live report), per
+   write, and against the `watchpoints` package (PyPI) on the same loop when
+   it is installed (`pip install watchpoints`; target: memwatch >= 10x faster);
+2. unrelated code while an object is watched: the same pure-Python loop in
+   scope and out of scope (target <= 1.02x out of scope).
+"""
+
+from __future__ import annotations
+
+import importlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import memwatch
+
+QUICK = "--quick" in sys.argv
+REPS = 3 if QUICK else 11
+WRITES = 2_000 if QUICK else 20_000
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def compare(name, base_fn, test_fn, setup=None, teardown=None, target=None, per=None):
+    base, test = [], []
+    base_fn()  # warm up
+    for _ in range(REPS):
+        base.append(timed(base_fn))
+        if setup:
+            setup()
+        test.append(timed(test_fn))
+        if teardown:
+            teardown()
+    b, t = statistics.median(base), statistics.median(test)
+    verdict = "" if target is None else ("  ok" if t / b <= target else "  OVER TARGET")
+    extra = f"  {(t - b) / per * 1e6:6.2f} us/write extra" if per else ""
+    goal = f" (target <= {target})" if target is not None else ""
+    print(f"{name:<56} base {b * 1e3:8.2f} ms  watched {t * 1e3:8.2f} ms  ratio {t / b:7.2f}{goal}{verdict}{extra}")
+    return b, t
+
+
+class Config:
+    def __init__(self):
+        self.step = 0
+        self.lr = 0.1
+
+
+def write_loop(cfg, n=WRITES):
+    for i in range(n):
+        cfg.step = i
+
+
+memwatch.configure(live=False, max_history=0)
+
+# --- 1. attribute writes on a watched object ------------------------------------
+cfg = Config()
+handle = None
+
+
+def watch_cfg():
+    global handle
+    handle = memwatch.watch_object(cfg, name="cfg")
+
+
+def unwatch_cfg():
+    memwatch.unwatch(handle)
+
+
+_, mw = compare(
+    f"1. {WRITES} attribute writes, object watched by memwatch",
+    lambda: write_loop(cfg),
+    lambda: write_loop(cfg),
+    setup=watch_cfg,
+    teardown=unwatch_cfg,
+    per=WRITES,
+)
+try:
+    import watchpoints
+except ImportError:
+    print("   watchpoints is not installed: no comparison (pip install watchpoints)")
+else:
+    def wp_watch():
+        watchpoints.watch(cfg.step, callback=lambda *a: None)
+
+    def wp_unwatch():
+        watchpoints.unwatch()
+
+    _, wp = compare(
+        f"1b. the same loop, cfg.step watched by watchpoints {getattr(watchpoints, '__version__', '')}",
+        lambda: write_loop(cfg),
+        lambda: write_loop(cfg),
+        setup=wp_watch,
+        teardown=wp_unwatch,
+        per=WRITES,
+    )
+    print(f"   memwatch is {wp / mw:.1f}x faster than watchpoints on this loop (target >= 10x)")
+
+# --- 2. unrelated code while an object is watched -------------------------------
+N = 200_000 if QUICK else 1_000_000
+
+
+def loop_in_scope(n=N):
+    total = 0
+    for i in range(n):
+        total += i * 2
+    return total
+
+
+tmp = Path(tempfile.mkdtemp())
+(tmp / "outside_objects.py").write_text(
+    "def loop(n=%d):\n    total = 0\n    for i in range(n):\n        total += i * 2\n    return total\n" % N
+)
+sys.path.insert(0, str(tmp))
+outside = importlib.import_module("outside_objects")
+memwatch.configure(exclude=[str(tmp)])
+other = Config()
+compare(
+    "2a. pure-Python loop, in scope, an object watched",
+    loop_in_scope,
+    loop_in_scope,
+    setup=lambda: memwatch.watch_object(other, name="other"),
+    teardown=lambda: memwatch.unwatch("other"),
+)
+compare(
+    "2b. the same loop out of scope",
+    outside.loop,
+    outside.loop,
+    setup=lambda: memwatch.watch_object(other, name="other"),
+    teardown=lambda: memwatch.unwatch("other"),
+    target=1.02,
+)
+print(f"python {sys.version.split()[0]}, memwatch {memwatch.__version__}, mechanism "
+      f"{memwatch.watch_object(other, name='probe').mechanism}")
