@@ -4,7 +4,7 @@ use std::ops::ControlFlow;
 
 use std::collections::{HashMap, HashSet};
 
-use memwatch_format::{Record, TraceReader, NO_SEQ};
+use memwatch_format::{ChunkInfo, Record, TraceReader, NO_SEQ};
 
 use crate::error::{Error, Result};
 use crate::query::{for_each_change, ChangeRow, Filter, WhatRef};
@@ -90,13 +90,7 @@ fn region_at(reader: &TraceReader, tag: &str, at: Option<u64>) -> Result<(Region
         });
     }
     let chunks = reader.chunks();
-    let mut k = first_chunk;
-    for (i, c) in chunks.iter().enumerate().skip(first_chunk) {
-        if c.header.first_seq != NO_SEQ && c.header.first_seq > target {
-            break;
-        }
-        k = i;
-    }
+    let k = last_chunk_at_or_before(chunks, first_chunk, target);
     // What the walk has seen at or before the target, by region id.
     let mut watched: HashMap<u32, (RegionInfo, usize)> = HashMap::new();
     let mut unwatched: HashMap<u32, u64> = HashMap::new();
@@ -241,6 +235,19 @@ pub fn duration_text(ns: u64) -> String {
     format!("{ns}ns")
 }
 
+/// The last chunk, from `first` on, that starts at or before seq `target`
+/// (chunks with no events count as starting where the previous one did).
+fn last_chunk_at_or_before(chunks: &[ChunkInfo], first: usize, target: u64) -> usize {
+    let mut k = first;
+    for (i, c) in chunks.iter().enumerate().skip(first) {
+        if c.header.first_seq != NO_SEQ && c.header.first_seq > target {
+            break;
+        }
+        k = i;
+    }
+    k
+}
+
 /// The contents of the region tagged `tag` after event `at` (default: the
 /// last event of the trace).
 ///
@@ -260,14 +267,7 @@ pub fn duration_text(ns: u64) -> String {
 pub fn state(reader: &TraceReader, tag: &str, at: Option<u64>) -> Result<State> {
     let (region, target, first_chunk) = region_at(reader, tag, at)?;
     let chunks = reader.chunks();
-    // The last chunk that starts at or before the target.
-    let mut k = first_chunk;
-    for (i, c) in chunks.iter().enumerate().skip(first_chunk) {
-        if c.header.first_seq != NO_SEQ && c.header.first_seq > target {
-            break;
-        }
-        k = i;
-    }
+    let k = last_chunk_at_or_before(chunks, first_chunk, target);
     // Walk back to the nearest snapshot at or before the target.
     let mut snapshot: Option<(usize, u64)> = None;
     let mut j = k;

@@ -22,18 +22,18 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-const UFFD_API: u64 = 0xAA;
-const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+pub(crate) const UFFD_API: u64 = 0xAA;
+pub(crate) const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+pub(crate) const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 
 // _IOWR(0xAA, 0x3F, struct uffdio_api) and friends.
-const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
+pub(crate) const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
 const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
 const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
-const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
+pub(crate) const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
 // _IOWR('f', 16, struct pm_scan_arg)
 const PAGEMAP_SCAN: libc::c_ulong = 0xC060_6610;
 
@@ -42,17 +42,17 @@ const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
 
 #[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
+pub(crate) struct UffdioApi {
+    pub(crate) api: u64,
+    pub(crate) features: u64,
+    pub(crate) ioctls: u64,
 }
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
+pub(crate) struct UffdioRange {
+    pub(crate) start: u64,
+    pub(crate) len: u64,
 }
 
 #[repr(C)]
@@ -63,9 +63,9 @@ struct UffdioRegister {
 }
 
 #[repr(C)]
-struct UffdioWriteprotect {
-    range: UffdioRange,
-    mode: u64,
+pub(crate) struct UffdioWriteprotect {
+    pub(crate) range: UffdioRange,
+    pub(crate) mode: u64,
 }
 
 #[repr(C)]
@@ -103,7 +103,7 @@ pub struct WriteTracker {
     runs: Vec<PageRun>,
 }
 
-fn ioctl<T>(fd: &OwnedFd, req: libc::c_ulong, arg: &mut T) -> io::Result<libc::c_int> {
+pub(crate) fn ioctl<T>(fd: &impl AsRawFd, req: libc::c_ulong, arg: &mut T) -> io::Result<libc::c_int> {
     // SAFETY: `arg` is the repr(C) struct the request expects, valid for
     // the duration of the call.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, arg as *mut T) };
@@ -147,34 +147,12 @@ impl WriteTracker {
 
     /// Registers `[start, start + len)` (page-aligned) and write-protects it.
     pub fn register(&self, start: u64, len: u64) -> io::Result<()> {
-        let mut reg = UffdioRegister {
-            range: UffdioRange { start, len },
-            mode: UFFDIO_REGISTER_MODE_WP,
-            ioctls: 0,
-        };
-        ioctl(&self.uffd, UFFDIO_REGISTER, &mut reg)?;
-        let mut wp = UffdioWriteprotect {
-            range: UffdioRange { start, len },
-            mode: UFFDIO_WRITEPROTECT_MODE_WP,
-        };
-        if let Err(e) = ioctl(&self.uffd, UFFDIO_WRITEPROTECT, &mut wp) {
-            let _ = self.unregister(start, len);
-            return Err(e);
-        }
-        Ok(())
+        uffd_register(&self.uffd, start, len)
     }
 
     /// Removes protection and registration from `[start, start + len)`.
     pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
-        let mut wp = UffdioWriteprotect {
-            range: UffdioRange { start, len },
-            mode: 0,
-        };
-        // Unprotecting first leaves no stale uffd-wp marker on the ptes.
-        let unprotect = ioctl(&self.uffd, UFFDIO_WRITEPROTECT, &mut wp);
-        let mut range = UffdioRange { start, len };
-        ioctl(&self.uffd, UFFDIO_UNREGISTER, &mut range)?;
-        unprotect.map(|_| ())
+        uffd_unregister(&self.uffd, start, len)
     }
 
     /// Calls `f(start, end)` for every run of pages in `[start, end)` written
@@ -204,6 +182,41 @@ impl WriteTracker {
         }
         Ok(())
     }
+}
+
+/// Registers `[start, start + len)` (whole pages) with userfaultfd `uffd`
+/// in write-protect mode and write-protects it.
+pub(crate) fn uffd_register(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<()> {
+    let mut reg = UffdioRegister {
+        range: UffdioRange { start, len },
+        mode: UFFDIO_REGISTER_MODE_WP,
+        ioctls: 0,
+    };
+    ioctl(uffd, UFFDIO_REGISTER, &mut reg)?;
+    if let Err(e) = uffd_writeprotect(uffd, start, len, true) {
+        let _ = uffd_unregister(uffd, start, len);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Lifts protection (waking threads waiting on it) and registration from
+/// `[start, start + len)`.
+pub(crate) fn uffd_unregister(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<()> {
+    // Unprotecting first leaves no stale uffd-wp marker on the ptes.
+    let unprotect = uffd_writeprotect(uffd, start, len, false);
+    let mut range = UffdioRange { start, len };
+    ioctl(uffd, UFFDIO_UNREGISTER, &mut range)?;
+    unprotect
+}
+
+/// Write-protects (`on`) or opens `[start, start + len)`.
+pub(crate) fn uffd_writeprotect(uffd: &impl AsRawFd, start: u64, len: u64, on: bool) -> io::Result<()> {
+    let mut wp = UffdioWriteprotect {
+        range: UffdioRange { start, len },
+        mode: if on { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+    };
+    ioctl(uffd, UFFDIO_WRITEPROTECT, &mut wp).map(|_| ())
 }
 
 /// The system page size.

@@ -26,6 +26,8 @@
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
+use crate::kernel::{UffdioRange, UffdioWriteprotect, UFFDIO_WRITEPROTECT, UFFDIO_WRITEPROTECT_MODE_WP};
+
 /// The page size this module is built for (x86_64 Linux).
 pub const PAGE: usize = 4096;
 /// Threads that can be caught storing at once (slots are reused when their
@@ -40,8 +42,6 @@ pub const RING: usize = 64;
 
 const TF: i64 = 0x100;
 const TRAP_TRACE: i32 = 2;
-const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 
 /// One caught store: the changed window of one page, before and after.
 #[derive(Clone, Copy)]
@@ -237,20 +237,16 @@ fn differing(a: &[u8], b: &[u8]) -> Option<(usize, usize)> {
 
 /// Write-protects (`on`) or opens one page. Signal context.
 fn protect(page: u64, on: bool) -> bool {
-    #[repr(C)]
-    struct Wp {
-        start: u64,
-        len: u64,
-        mode: u64,
-    }
-    let mut wp = Wp {
-        start: page,
-        len: PAGE as u64,
+    let mut wp = UffdioWriteprotect {
+        range: UffdioRange {
+            start: page,
+            len: PAGE as u64,
+        },
         mode: if on { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
     };
     let fd = UFFD.load(Ordering::Relaxed);
     // SAFETY: a plain ioctl with a valid argument struct; a closed fd fails.
-    fd >= 0 && unsafe { libc::ioctl(fd, UFFDIO_WRITEPROTECT, &mut wp as *mut Wp) } == 0
+    fd >= 0 && unsafe { libc::ioctl(fd, UFFDIO_WRITEPROTECT, &mut wp as *mut UffdioWriteprotect) } == 0
 }
 
 fn gettid() -> u64 {

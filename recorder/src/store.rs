@@ -28,19 +28,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use crate::kernel::{
+    ioctl, uffd_register, uffd_unregister, uffd_writeprotect, UffdioApi, UFFDIO_API, UFFD_API,
+    UFFD_USER_MODE_ONLY,
+};
 use crate::signals::{self, Event, PAGE, SLOTS};
 
-const UFFD_API: u64 = 0xAA;
-const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 const UFFD_FEATURE_EXACT_ADDRESS: u64 = 1 << 11;
 const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
-const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
-const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
-const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
 
@@ -78,42 +75,6 @@ impl std::fmt::Debug for StoreTracker {
     }
 }
 
-fn ioctl<T>(fd: libc::c_int, req: libc::c_ulong, arg: &mut T) -> io::Result<()> {
-    // SAFETY: `arg` is the repr(C) struct the request expects.
-    if unsafe { libc::ioctl(fd, req, arg as *mut T) } < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-#[repr(C)]
-struct Range {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-struct Register {
-    range: Range,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct Writeprotect {
-    range: Range,
-    mode: u64,
-}
-
-fn writeprotect(fd: libc::c_int, start: u64, len: u64, on: bool) -> io::Result<()> {
-    let mut wp = Writeprotect {
-        range: Range { start, len },
-        mode: u64::from(on),
-    };
-    ioctl(fd, UFFDIO_WRITEPROTECT, &mut wp)
-}
-
 impl StoreTracker {
     /// Creates the userfaultfd, installs the signal handlers and starts the
     /// fault and drain threads.
@@ -146,13 +107,7 @@ impl StoreTracker {
         }
         // SAFETY: fresh descriptor.
         let uffd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
-        #[repr(C)]
-        struct Api {
-            api: u64,
-            features: u64,
-            ioctls: u64,
-        }
-        let mut api = Api {
+        let mut api = UffdioApi {
             api: UFFD_API,
             features: UFFD_FEATURE_THREAD_ID
                 | UFFD_FEATURE_EXACT_ADDRESS
@@ -160,7 +115,7 @@ impl StoreTracker {
                 | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
             ioctls: 0,
         };
-        ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api)?;
+        ioctl(&uffd, UFFDIO_API, &mut api)?;
         // SAFETY: plain syscall.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
@@ -215,31 +170,18 @@ impl StoreTracker {
 
     /// Registers `[start, start + len)` (whole pages) and write-protects it.
     pub fn register(&self, start: u64, len: u64) -> io::Result<()> {
-        let mut reg = Register {
-            range: Range { start, len },
-            mode: UFFDIO_REGISTER_MODE_WP,
-            ioctls: 0,
-        };
-        ioctl(self.uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg)?;
-        if let Err(e) = writeprotect(self.uffd.as_raw_fd(), start, len, true) {
-            let _ = self.unregister(start, len);
-            return Err(e);
-        }
-        Ok(())
+        uffd_register(&self.uffd, start, len)
     }
 
     /// Lifts protection and registration from `[start, start + len)`;
     /// threads waiting on those pages go on.
     pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
-        let unprotect = writeprotect(self.uffd.as_raw_fd(), start, len, false);
-        let mut range = Range { start, len };
-        ioctl(self.uffd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range)?;
-        unprotect
+        uffd_unregister(&self.uffd, start, len)
     }
 
     /// Write-protects one page again after it was diffed.
     pub fn protect(&self, page: u64) {
-        let _ = writeprotect(self.uffd.as_raw_fd(), page, PAGE as u64, true);
+        let _ = uffd_writeprotect(&*self.uffd, page, PAGE as u64, true);
     }
 
     /// Every store caught since the last call, in the order they happened,
@@ -409,7 +351,7 @@ fn let_through(uffd: libc::c_int, addr: u64) {
     if !named {
         signals::OVERFLOW_ALL.store(true, Ordering::Release);
     }
-    let _ = writeprotect(uffd, page, PAGE as u64, false);
+    let _ = uffd_writeprotect(&uffd, page, PAGE as u64, false);
 }
 
 /// The fault thread. Never allocates, takes no lock.
