@@ -634,7 +634,12 @@ impl WatchHandle {
 #[pyfunction]
 pub fn _store_stats() -> std::collections::HashMap<&'static str, u64> {
     use std::sync::atomic::Ordering::Relaxed;
+    let (open, pending, overflow) = crate::signals::slot_states();
     [
+        ("slots_open", open),
+        ("slots_pending", pending),
+        ("slots_overflow", overflow),
+        ("pages_let_through", crate::store::OPEN_COUNT.load(Relaxed) as u64),
         ("stepped", crate::store::STEPPED.load(Relaxed)),
         ("let_through", crate::store::LET_THROUGH.load(Relaxed)),
         ("events", crate::signals::EVENTS.load(Relaxed)),

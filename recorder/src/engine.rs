@@ -595,21 +595,25 @@ impl Engine {
     }
 }
 
-/// The changed elements of region `r` in one caught store: the store's
-/// window before and after, on top of the shadow for the bytes of a
-/// straddling element outside the window. Updates the shadow.
+/// The changed elements of region `r` in one caught store: the bytes the
+/// store changed, on top of the shadow. Old values come from the shadow, so
+/// that a store another thread made to the same bytes while the page was
+/// open for a step (and that no event holds) is merged into this change
+/// instead of vanishing from the chain of old and new values. Updates the
+/// shadow.
 fn store_diff(r: &mut Region, ev: &Event) -> Vec<ChangedRange> {
     let grid = ElementGrid::of(r);
     let (ea, ee) = (ev.addr, ev.addr + u64::from(ev.len));
     let a = (ea.max(r.start) - r.start) as usize;
     let b = (ee.min(r.start + r.len) - r.start) as usize;
     let (from, to) = (grid.down(a), grid.up(b));
-    let mut old = r.shadow[from..to].to_vec();
+    let old = r.shadow[from..to].to_vec();
     let mut new = old.clone();
     for k in a..b {
         let w = (r.start + k as u64 - ea) as usize;
-        old[k - from] = ev.old[w];
-        new[k - from] = ev.new[w];
+        if ev.old[w] != ev.new[w] {
+            new[k - from] = ev.new[w];
+        }
     }
     let mut ranges: Vec<ChangedRange> = Vec::new();
     let shadow = Arc::make_mut(&mut r.shadow);

@@ -28,6 +28,7 @@ const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 pub(crate) const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+pub(crate) const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
 
 // _IOWR(0xAA, 0x3F, struct uffdio_api) and friends.
 pub(crate) const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;

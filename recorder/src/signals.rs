@@ -8,11 +8,21 @@
 //!    and wakes memwatch's fault thread, which puts the fault address in the
 //!    thread's [`Slot`] and sends the thread [`step_signal`].
 //! 2. `on_step` (signal context) copies the page, lifts the protection of
-//!    that page and sets the trap flag; the handler returns, the store runs.
+//!    that page without waking other threads blocked on it, and sets the
+//!    trap flag; the handler returns, the store runs.
 //! 3. The CPU traps after that one instruction: `on_trap` (signal context)
-//!    compares the page with the copy, pushes an [`Event`] with the old and
-//!    new bytes of the changed window to the thread's ring, protects the
-//!    page again and clears the trap flag.
+//!    protects the page again, compares it with the copy, pushes an
+//!    [`Event`] with the old and new bytes of the store to the thread's
+//!    ring and clears the trap flag.
+//!
+//! While the page is open, another thread's store to it does not fault. A
+//! change `on_trap` finds outside the bytes the stepped store can have
+//! written ([`STORE_MAX`] from the fault address) is such a store: it is
+//! left out of the event and the page is diffed at the next check, so it is
+//! reported without a thread rather than under the wrong one. A step
+//! signal that arrives after its fault was resolved another way (a kernel
+//! write opened the page) and finds the thread at a system call is dropped,
+//! so the page is never left open while the thread blocks.
 //!
 //! Rules for everything reachable from `on_step` and `on_trap`: no
 //! allocation, no locks, no thread-locals (a `dlopen`ed library's TLS can
@@ -26,7 +36,10 @@
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
-use crate::kernel::{UffdioRange, UffdioWriteprotect, UFFDIO_WRITEPROTECT, UFFDIO_WRITEPROTECT_MODE_WP};
+use crate::kernel::{
+    UffdioRange, UffdioWriteprotect, UFFDIO_WRITEPROTECT, UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
+    UFFDIO_WRITEPROTECT_MODE_WP,
+};
 
 /// The page size this module is built for (x86_64 Linux).
 pub const PAGE: usize = 4096;
@@ -41,6 +54,9 @@ pub const WINDOW: usize = 128;
 pub const RING: usize = 64;
 
 const TF: i64 = 0x100;
+/// The most bytes one store instruction writes (an AVX-512 store): a
+/// stepped store changes only `[fault, fault + STORE_MAX)`.
+pub const STORE_MAX: usize = 64;
 const TRAP_TRACE: i32 = 2;
 
 /// One caught store: the changed window of one page, before and after.
@@ -83,8 +99,9 @@ pub struct Slot {
     open_fault: AtomicU64,
     /// The open page as it was before the store.
     copy: UnsafeCell<[u8; PAGE]>,
-    /// A page left unprotected because the ring was full or the store
-    /// changed more than a window: the next check diffs it. 0 when none.
+    /// A page to diff at the next check (the ring was full, another thread
+    /// stored to the page during a step, a store spanned two pages). 0 when
+    /// none.
     pub overflow: AtomicU64,
     /// Ring of events: the thread's trap handler produces at `head`, one
     /// consumer (holding the store tracker's lock) takes at `tail`.
@@ -192,7 +209,11 @@ pub fn install() -> std::io::Result<i32> {
         }
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        // Neither handler may interrupt the other: both use the slot's copy
+        // of the page.
         libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaddset(&mut sa.sa_mask, sig);
+        libc::sigaddset(&mut sa.sa_mask, libc::SIGTRAP);
         sa.sa_sigaction = on_step as *const () as usize;
         if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
             return Err(std::io::Error::last_os_error());
@@ -221,6 +242,18 @@ pub fn slot_of(tid: u64) -> Option<&'static Slot> {
     used_slots().iter().find(|s| s.tid.load(Ordering::Acquire) == tid)
 }
 
+/// How many slots have a page open for a step, a step signal pending and a
+/// page left open for the next check (diagnostics; not signal context).
+pub fn slot_states() -> (u64, u64, u64) {
+    let mut n = (0, 0, 0);
+    for s in used_slots() {
+        n.0 += u64::from(s.open_page.load(Ordering::Relaxed) != 0);
+        n.1 += u64::from(s.pending.load(Ordering::Relaxed) != 0);
+        n.2 += u64::from(s.overflow.load(Ordering::Relaxed) != 0);
+    }
+    n
+}
+
 /// First and last index where `a` and `b` differ (same length, a multiple
 /// of 64). Signal context: plain compares only.
 fn differing(a: &[u8], b: &[u8]) -> Option<(usize, usize)> {
@@ -235,14 +268,20 @@ fn differing(a: &[u8], b: &[u8]) -> Option<(usize, usize)> {
     Some((first, last))
 }
 
-/// Write-protects (`on`) or opens one page. Signal context.
+/// Write-protects (`on`) or opens one page. Opening does not wake other
+/// threads blocked on the page: each waits for its own step signal, so
+/// none runs its store unobserved. Signal context.
 fn protect(page: u64, on: bool) -> bool {
     let mut wp = UffdioWriteprotect {
         range: UffdioRange {
             start: page,
             len: PAGE as u64,
         },
-        mode: if on { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+        mode: if on {
+            UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+        },
     };
     let fd = UFFD.load(Ordering::Relaxed);
     // SAFETY: a plain ioctl with a valid argument struct; a closed fd fails.
@@ -260,6 +299,20 @@ extern "C" fn on_step(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *mut l
     let Some(slot) = slot_of(gettid()) else { return };
     let addr = slot.pending.swap(0, Ordering::AcqRel);
     if addr == 0 {
+        return;
+    }
+    // SAFETY: `uc` is the ucontext the kernel passed to this SA_SIGINFO
+    // handler; the bytes at the interrupted instruction pointer are mapped
+    // code (that instruction is about to run again).
+    let at_syscall = unsafe {
+        let rip = (*(uc as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] as *const u8;
+        *rip == 0x0f && *rip.add(1) == 0x05
+    };
+    if at_syscall {
+        // A stale signal: the fault was resolved another way and the thread
+        // went on into a system call, where it may block. A store never
+        // starts with `syscall`; if the store is still to come it faults
+        // again and gets a fresh signal.
         return;
     }
     let page = addr & !(PAGE as u64 - 1);
@@ -283,7 +336,7 @@ extern "C" fn on_step(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *mut l
     unsafe { (*(uc as *mut libc::ucontext_t)).uc_mcontext.gregs[libc::REG_EFL as usize] |= TF };
 }
 
-/// Signal context: marks `page` as left open for the next check.
+/// Signal context: marks `page` to be diffed at the next check.
 fn set_overflow(slot: &Slot, page: u64) {
     OVERFLOWS.fetch_add(1, Ordering::Relaxed);
     if slot
@@ -312,6 +365,9 @@ extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
     };
     let page = slot.open_page.load(Ordering::Relaxed);
     let fault = slot.open_fault.load(Ordering::Relaxed);
+    // Close the page before reading it: from here on a store to it by any
+    // thread faults again, so the page cannot change under the compare.
+    protect(page, true);
     // SAFETY: `copy` belongs to this thread; the page is mapped.
     let (before, now) = unsafe {
         (
@@ -319,30 +375,30 @@ extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
             std::slice::from_raw_parts(page as *const u8, PAGE),
         )
     };
-    let mut reprotect = true;
     if let Some((first, last)) = differing(before, now) {
-        // The window starts at the 64-byte line of the first changed byte
-        // (or of the fault address if that is lower in the page) and stays
-        // inside the page.
-        let start = (first.min((fault - page) as usize) & !63).min(PAGE - WINDOW);
-        if last >= start + WINDOW {
-            // More changed than one store writes (another thread wrote the
-            // page while it was open): leave it to the next check.
+        // The bytes this store can have written.
+        let lo = (fault - page) as usize;
+        let hi = (lo + STORE_MAX).min(PAGE);
+        if first < lo || last >= hi {
+            // Another thread stored to the page while it was open: the next
+            // check diffs the page and reports that without a thread.
             set_overflow(slot, page);
-            reprotect = false;
-        } else if !push(
-            slot,
-            tid,
-            page + start as u64,
-            &before[start..start + WINDOW],
-            &now[start..start + WINDOW],
-        ) {
-            set_overflow(slot, page);
-            reprotect = false;
         }
-    }
-    if reprotect {
-        protect(page, true);
+        if (lo..hi).any(|i| before[i] != now[i]) {
+            // The window starts at the 64-byte line of the fault address
+            // and stays inside the page; it holds all of [lo, hi).
+            let start = (lo & !63).min(PAGE - WINDOW);
+            if !push(
+                slot,
+                tid,
+                page + start as u64,
+                &before[start..start + WINDOW],
+                &now[start..start + WINDOW],
+                (lo - start, hi - start),
+            ) {
+                set_overflow(slot, page);
+            }
+        }
     }
     slot.open_page.store(0, Ordering::Relaxed);
     // SAFETY: as in on_step.
@@ -350,7 +406,9 @@ extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
 }
 
 /// Signal context: appends one event to the thread's ring; false when full.
-fn push(slot: &Slot, tid: u64, addr: u64, old: &[u8], new: &[u8]) -> bool {
+/// Bytes of the window outside `own` (the bytes the store can have written)
+/// are recorded unchanged.
+fn push(slot: &Slot, tid: u64, addr: u64, old: &[u8], new: &[u8], own: (usize, usize)) -> bool {
     let head = slot.head.load(Ordering::Relaxed);
     let tail = slot.tail.load(Ordering::Acquire);
     if head - tail >= RING as u64 {
@@ -372,7 +430,8 @@ fn push(slot: &Slot, tid: u64, addr: u64, old: &[u8], new: &[u8]) -> bool {
     e.addr = addr;
     e.len = WINDOW as u32;
     e.old.copy_from_slice(old);
-    e.new.copy_from_slice(new);
+    e.new.copy_from_slice(old);
+    e.new[own.0..own.1].copy_from_slice(&new[own.0..own.1]);
     slot.head.store(head + 1, Ordering::Release);
     EVENTS.fetch_add(1, Ordering::Relaxed);
     if head + 1 - tail >= RING as u64 / 2 {

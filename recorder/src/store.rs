@@ -47,7 +47,7 @@ const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
 const OPEN_MAX: usize = 1024;
 static OPEN: [AtomicU64; OPEN_MAX] = [const { AtomicU64::new(0) }; OPEN_MAX];
 /// How many entries of `OPEN` are set (so a check with none looks at none).
-static OPEN_COUNT: AtomicUsize = AtomicUsize::new(0);
+pub(crate) static OPEN_COUNT: AtomicUsize = AtomicUsize::new(0);
 
 /// Number of regions watched in store mode.
 pub static REGIONS: AtomicUsize = AtomicUsize::new(0);
