@@ -12,7 +12,10 @@ Run it with a venv's interpreter (`.venv/bin/python` is CPython 3.11,
    write, and against the `watchpoints` package (PyPI) on the same loop when
    it is installed (`pip install watchpoints`; target: memwatch >= 10x faster);
 2. unrelated code while an object is watched: the same pure-Python loop in
-   scope and out of scope (target <= 1.02x out of scope).
+   scope and out of scope (target <= 1.02x out of scope);
+3. `watch_var`: a loop that rebinds a watched local every iteration (every
+   rebinding is a change), per rebinding; a loop in scope that binds no
+   watched name; the same loop out of scope (target <= 1.02x).
 """
 
 from __future__ import annotations
@@ -143,6 +146,39 @@ compare(
     outside.loop,
     setup=lambda: memwatch.watch_object(other, name="other"),
     teardown=lambda: memwatch.unwatch("other"),
+    target=1.02,
+)
+
+
+# --- 3. watched variables ---------------------------------------------------------
+def rebind_loop(n=WRITES):
+    lr = 0.0
+    for i in range(n):
+        lr = i  # noqa: F841 - the watched rebinding
+    return n
+
+
+compare(
+    f"3a. {WRITES} rebindings of a variable watched by watch_var",
+    rebind_loop,
+    rebind_loop,
+    setup=lambda: memwatch.watch_var("lr", tag="lr"),
+    teardown=lambda: memwatch.unwatch("lr"),
+    per=WRITES,
+)
+compare(
+    "3b. pure-Python loop in scope binding no watched name",
+    loop_in_scope,
+    loop_in_scope,
+    setup=lambda: memwatch.watch_var("lr", tag="lr"),
+    teardown=lambda: memwatch.unwatch("lr"),
+)
+compare(
+    "3c. the same loop out of scope",
+    outside.loop,
+    outside.loop,
+    setup=lambda: memwatch.watch_var("lr", tag="lr"),
+    teardown=lambda: memwatch.unwatch("lr"),
     target=1.02,
 )
 print(f"python {sys.version.split()[0]}, memwatch {memwatch.__version__}, mechanism "

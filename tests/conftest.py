@@ -24,7 +24,7 @@ def golden() -> Path:
 
 def run(args: list[str], cwd_override: Path | None = None, **kw) -> subprocess.CompletedProcess[str]:
     """Run a command with the venv's bin first on PATH, from the repository root."""
-    env = dict(os.environ)
+    env = dict(kw.pop("env", None) or os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     cwd = cwd_override or ROOT
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, **kw)
@@ -57,6 +57,8 @@ def changes():
     yield seen
     for watch, *_ in memwatch._memwatch._object_watches():
         memwatch._memwatch._unwatch_object(watch)
+    for var in list(memwatch._vars._watches):
+        memwatch._vars.unwatch_var(var)
     memwatch.remove_callback(collect)
     for region, *_ in memwatch._memwatch._regions():
         memwatch._memwatch._unwatch(region)

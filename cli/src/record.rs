@@ -18,6 +18,10 @@ watches (memwatch.watch) goes to the trace, from the first watch until the
 program ends. The program needs no other change. Only the Python process
 that COMMAND starts records; processes it starts in turn do not.
 
+--vars PATTERN watches every rebinding of matching variable names in
+in-scope code from the program's first line (memwatch.watch_var), with no
+change to the program at all.
+
 The exit status is COMMAND's; a program killed by a signal is reported and
 memwatch exits with 128 + the signal number. A program that crashes or is
 killed still leaves a readable trace of everything recorded before.
@@ -25,7 +29,8 @@ killed still leaves a readable trace of everything recorded before.
 Examples:
   memwatch record python train.py
   memwatch record -o run.mwt --exclude tests/ -- python -m mypkg.train --epochs 2
-  memwatch record --mode store python counter.py";
+  memwatch record --mode store python counter.py
+  memwatch record --vars lr --vars 'loss_*' python train.py";
 
 /// Granularity of recorded changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -56,6 +61,10 @@ pub struct Args {
     /// Also print a `[MEMWATCH]` report per change while recording.
     #[arg(long)]
     pub live: bool,
+    /// Watch every rebinding of variables with this name or glob from the
+    /// program's start (memwatch.watch_var; repeatable).
+    #[arg(long = "vars", value_name = "PATTERN")]
+    pub vars: Vec<String>,
     /// The program and its arguments.
     #[arg(
         required = true,
@@ -156,6 +165,22 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     }
     if !args.exclude.is_empty() {
         cmd.env("MEMWATCH_EXCLUDE", args.exclude.join(sep));
+    }
+    if !args.vars.is_empty() {
+        if let Some(bad) = args.vars.iter().find(|v| v.is_empty() || v.contains(',')) {
+            anyhow::bail!("--vars {bad:?}: give one name or glob per --vars");
+        }
+        // A sitecustomize in memwatch's package starts the watches before
+        // the program's first line, then runs the one it shadows.
+        let boot = std::env::var_os("MEMWATCH_BOOT_DIR")
+            .context("--vars needs memwatch's Python package: run the `memwatch` that pip installed")?;
+        let mut path = std::ffi::OsString::from(&boot);
+        if let Some(old) = std::env::var_os("PYTHONPATH").filter(|p| !p.is_empty()) {
+            path.push(":");
+            path.push(old);
+        }
+        cmd.env("MEMWATCH_VARS", args.vars.join(","))
+            .env("PYTHONPATH", path);
     }
     let mut child = cmd
         .spawn()

@@ -7,7 +7,7 @@ queries offline.
 
 Watching buffers (``watch``, ``unwatch``, ``watching``, ``on_change``,
 ``history``, ``start``/``stop``), watching Python objects
-(``watch_object``) and reading traces back (``open_trace``,
+(``watch_object``), watching variables (``watch_var``) and reading traces back (``open_trace``,
 and the ``memwatch`` command: ``record``, ``query``, ``state``, ``blame``,
 ``summary``, ``dump``) work today.
 
@@ -20,6 +20,7 @@ True
 
 from memwatch._api import configure, on_change, start, stop, unwatch, watch, watching
 from memwatch._objects import watch_object
+from memwatch._vars import VarWatchHandle, watch_var
 from memwatch._memwatch import (
     FORMAT_VERSION,
     Change,
@@ -56,6 +57,7 @@ __all__ = [
     "TraceTruncatedError",
     "TraceVersionError",
     "UnsupportedError",
+    "VarWatchHandle",
     "WatchHandle",
     "__version__",
     "backend",
@@ -73,5 +75,6 @@ __all__ = [
     "unwatch",
     "watch",
     "watch_object",
+    "watch_var",
     "watching",
 ]

@@ -266,11 +266,16 @@ def _resolve(target: Any, buffer: int | None) -> list[int]:
 
 
 def unwatch(target: Any = None, *, buffer: int | None = None) -> None:
-    """Stop watching: pass the handle ``watch`` or ``watch_object`` returned,
+    """Stop watching: pass the handle ``watch``, ``watch_object`` or ``watch_var`` returned,
     the object, its name, or ``buffer=address``. Changes made up to now are
     reported first."""
-    if buffer is None and target is not None and _unwatch_objects(target):
-        return
+    if buffer is None and target is not None:
+        from memwatch._vars import unwatch_var
+
+        # A tag can name a variable watch and an object watch at once: end both.
+        found_vars = unwatch_var(target)
+        if _unwatch_objects(target) or found_vars:
+            return
     for region in _resolve(target, buffer):
         _memwatch._unwatch(region)
 

@@ -15,6 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     if prog in ("__main__.py", "-c", ""):
         prog = "memwatch"
     sys.stdout.flush()
+    # `record --vars` puts this folder's sitecustomize on the child's path.
+    os.environ["MEMWATCH_BOOT_DIR"] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_boot")
     try:
         return _memwatch._cli_main([prog, *args])
     except KeyboardInterrupt:

@@ -23,7 +23,8 @@ def watch_object(
     *,
     depth: int = 1,
     repr_limit: int = DEFAULT_REPR_LIMIT,
-) -> ObjectWatchHandle:
+    key: Any = None,
+) -> Any:
     """Watch a Python object; every change to it becomes a :class:`memwatch.Change`
     with ``kind``, ``key``, ``old_repr`` and ``new_repr``.
 
@@ -35,6 +36,13 @@ def watch_object(
     with 0 only ``cfg``'s own attributes are. ``name`` is the tag; without
     it, the name of the variable passed in. Reprs of old and new values are
     cut to ``repr_limit`` characters.
+
+    ``key=`` watches a cheap fingerprint instead, for objects that are
+    expensive to compare or cannot be watched item by item (a model, a
+    dataframe): ``key(obj)`` is computed at each line boundary of in-scope
+    code, and each time it differs (``!=``) from the last one that is a
+    change of kind ``"fingerprint"`` with both keys' reprs. ``key=True``
+    uses ``(id, type, hash)``. Returns a ``KeyWatchHandle``.
 
     The object's behaviour does not change (type, ``isinstance``, equality,
     pickling, identity). Unwatch with :func:`memwatch.unwatch` (the handle,
@@ -49,6 +57,12 @@ def watch_object(
     tag = name if name is not None else variable
     if tag is None:
         raise ValueError("cannot tell which variable this object is; pass name=")
+    if key is not None and key is not False:
+        from memwatch._vars import watch_fingerprint
+
+        handle = watch_fingerprint(obj, str(tag), variable, key, repr_limit)
+        _api._auto_start()
+        return handle
     handle = _memwatch._watch_object(obj, str(tag), variable, depth, repr_limit)
     _api._auto_start()
     return handle

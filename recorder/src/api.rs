@@ -184,13 +184,20 @@ pub(crate) fn innermost_in_scope(py: Python<'_>, skip_current: bool) -> (usize, 
 
 // --- checking -----------------------------------------------------------------
 
-/// Called at every line boundary of in-scope code (and at returns): finds
+/// True while a buffer is watched.
+pub(crate) fn any_regions() -> bool {
+    state().as_ref().is_some_and(|st| !st.watches.is_empty())
+}
+
+/// Called at every line boundary of in-scope code (and at returns; `code` is
+/// the code of the frame the new line is in, or of the one returning): finds
 /// what changed since the last check and reports it, attributed to the line
 /// this thread ran before.
 pub fn at_boundary(py: Python<'_>, code: usize, line: u32, kind: Boundary) {
     let last = LAST.with(|l| l.get());
     crate::objects::flush(py, last);
     check_and_emit(py, last);
+    crate::vars::at_boundary(py, code, kind == Boundary::Return, last);
     match kind {
         Boundary::Line => LAST.with(|l| l.set((code, line))),
         Boundary::Return => {
@@ -846,7 +853,7 @@ pub fn _watch(
             return Err(e);
         }
     };
-    if let Err(e) = monitor::start(py) {
+    if let Err(e) = monitor::start(py).and_then(|()| monitor::restart_disabled(py)) {
         let _ = unwatch_region(py, handle.region, UnwatchReason::Explicit);
         return Err(e);
     }
@@ -877,7 +884,7 @@ fn unwatch_region(py: Python<'_>, region: u32, reason: UnwatchReason) -> PyResul
         unsafe { ffi::PyBuffer_Release(&mut *p.0) };
     }
     drop(watch.keepalive);
-    if now_empty && !crate::objects::any() {
+    if now_empty && !crate::objects::any() && !crate::vars::any() {
         monitor::stop(py)?;
     }
     Ok(())

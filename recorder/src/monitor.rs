@@ -343,22 +343,59 @@ pub fn _mon_py_start(py: Python<'_>, code: &Bound<'_, PyAny>, _offset: i64) -> P
     Ok(disable)
 }
 
+/// `DISABLE` for a line or return of code that only watched variables
+/// could need and that binds none of them: that event location stops
+/// firing until [`restart_disabled`]. `None` otherwise.
+fn disable_unless_needed(py: Python<'_>, code: &Bound<'_, PyAny>) -> Py<PyAny> {
+    if crate::vars::wants_events(py, code) {
+        return py.None();
+    }
+    monitoring()
+        .as_ref()
+        .map(|m| m.disable.clone_ref(py))
+        .unwrap_or_else(|| py.None())
+}
+
+/// Turns the event locations [`disable_unless_needed`] switched off back on
+/// (a buffer or object is now watched, or another variable): CPython 3.12+.
+pub fn restart_disabled(py: Python<'_>) -> PyResult<()> {
+    if monitoring().is_some() {
+        py.import("sys")?
+            .getattr("monitoring")?
+            .call_method0("restart_events")?;
+    }
+    Ok(())
+}
+
 /// `LINE` callback.
 #[pyfunction]
-pub fn _mon_line(py: Python<'_>, code: &Bound<'_, PyAny>, line: u32) {
+pub fn _mon_line(py: Python<'_>, code: &Bound<'_, PyAny>, line: u32) -> Py<PyAny> {
     if GUARD.with(|g| g.get()) || !is_active() {
-        return;
+        return py.None();
     }
-    crate::api::at_boundary(py, code.as_ptr() as usize, line, Boundary::Line);
+    let verdict = disable_unless_needed(py, code);
+    if verdict.is_none(py) {
+        crate::api::at_boundary(py, code.as_ptr() as usize, line, Boundary::Line);
+    }
+    verdict
 }
 
 /// `PY_RETURN` callback.
 #[pyfunction]
-pub fn _mon_py_return(py: Python<'_>, _code: &Bound<'_, PyAny>, _offset: i64, _retval: &Bound<'_, PyAny>) {
+pub fn _mon_py_return(
+    py: Python<'_>,
+    code: &Bound<'_, PyAny>,
+    _offset: i64,
+    _retval: &Bound<'_, PyAny>,
+) -> Py<PyAny> {
     if GUARD.with(|g| g.get()) || !is_active() {
-        return;
+        return py.None();
     }
-    crate::api::at_boundary(py, 0, 0, Boundary::Return);
+    let verdict = disable_unless_needed(py, code);
+    if verdict.is_none(py) {
+        crate::api::at_boundary(py, code.as_ptr() as usize, 0, Boundary::Return);
+    }
+    verdict
 }
 
 /// Which event reached a boundary.
@@ -421,7 +458,7 @@ extern "C" fn trace_func(
             // SAFETY: as above.
             let code = unsafe { Bound::<PyAny>::from_owned_ptr(py, ffi::PyFrame_GetCode(frame).cast()) };
             if matches!(code_info(py, &code), Ok((_, _, true))) {
-                crate::api::at_boundary(py, 0, 0, Boundary::Return);
+                crate::api::at_boundary(py, code.as_ptr() as usize, 0, Boundary::Return);
             }
         }
         _ => {}

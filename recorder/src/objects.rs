@@ -1799,7 +1799,7 @@ fn resync(py: Python<'_>, id: u32, trash: &mut Vec<Node>) -> PyResult<()> {
 }
 
 fn stop_monitor_if_idle(py: Python<'_>) {
-    if !any() && api::_regions().is_empty() {
+    if !any() && !crate::vars::any() && api::_regions().is_empty() {
         if let Err(e) = monitor::stop(py) {
             e.write_unraisable(py, None);
         }
@@ -1919,7 +1919,7 @@ pub fn _watch_object(
         });
         insert_nodes(o, nodes);
     });
-    if let Err(e) = monitor::start(py) {
+    if let Err(e) = monitor::start(py).and_then(|()| monitor::restart_disabled(py)) {
         let _ = unwatch_object(py, watch);
         return Err(e);
     }

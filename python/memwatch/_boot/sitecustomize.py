@@ -1,0 +1,44 @@
+"""Put on ``PYTHONPATH`` by ``memwatch record --vars``: watches the
+variables in ``$MEMWATCH_VARS`` from the program's first line, then runs the
+``sitecustomize`` this module shadows, if there is one.
+
+Only the process ``memwatch record`` started directly does this; the folder
+is taken off ``PYTHONPATH`` so that processes it starts do not.
+"""
+
+import os
+import sys
+
+
+def _memwatch_boot() -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    rest = [p for p in paths if p and os.path.abspath(p) != here]
+    if rest:
+        os.environ["PYTHONPATH"] = os.pathsep.join(rest)
+    else:
+        os.environ.pop("PYTHONPATH", None)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+
+    if os.environ.get("MEMWATCH_TRACE_PARENT") == str(os.getppid()):
+        try:
+            from memwatch import _vars
+
+            _vars._boot_from_env()
+        except Exception as e:  # the program runs on, without the watches
+            sys.stderr.write(f"memwatch: --vars could not start ({type(e).__name__}: {e})\n")
+
+    # The sitecustomize this one shadows (a virtualenv's, a distribution's).
+    me = sys.modules.pop("sitecustomize", None)
+    try:
+        import sitecustomize  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        # The import that runs this module expects an entry when it ends.
+        if "sitecustomize" not in sys.modules and me is not None:
+            sys.modules["sitecustomize"] = me
+
+
+_memwatch_boot()
+del _memwatch_boot
