@@ -228,13 +228,12 @@ impl Change {
 
     /// The report of an object change.
     fn object_report(&self, o: &ObjectInfo) -> String {
-        let mut s = format!(
-            "[MEMWATCH] Tag: {}\nChange: {} {}{}\n",
-            self.tag,
-            o.kind.name(),
-            self.tag,
-            o.key.as_deref().unwrap_or("")
-        );
+        // A variable's key is its name; an object's is a suffix of the tag.
+        let what = match (o.kind, o.key.as_deref()) {
+            (ObjectChangeKind::Rebind | ObjectChangeKind::Unbind, Some(name)) => name.to_string(),
+            (_, key) => format!("{}{}", self.tag, key.unwrap_or("")),
+        };
+        let mut s = format!("[MEMWATCH] Tag: {}\nChange: {} {what}\n", self.tag, o.kind.name());
         if let Some(old) = &o.old {
             s.push_str(&format!("Old Value: {old}\n"));
         }

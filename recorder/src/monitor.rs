@@ -356,7 +356,7 @@ fn disable_unless_needed(py: Python<'_>, code: &Bound<'_, PyAny>) -> Py<PyAny> {
         .unwrap_or_else(|| py.None())
 }
 
-/// Turns the event locations [`disable_unless_needed`] switched off back on
+/// Turns the event locations that `disable_unless_needed` switched off back on
 /// (a buffer or object is now watched, or another variable): CPython 3.12+.
 pub fn restart_disabled(py: Python<'_>) -> PyResult<()> {
     if monitoring().is_some() {
