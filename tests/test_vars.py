@@ -287,3 +287,17 @@ def test_lines_a_variable_watch_did_not_need_come_back_for_a_buffer(changes):
         ("b", first, [(0, b"\x00", b"\x01")]),
         ("b", first + 1, [(1, b"\x00", b"\x02")]),
     ]
+
+
+def test_the_live_report_names_the_variable():
+    p = run_py(
+        """
+        import memwatch
+        memwatch.watch_var("lr")
+        lr = 1
+        lr = 2
+        """
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("[MEMWATCH] Tag: lr\n") == 2
+    assert "Change: rebind lr\nOld Value: 1\nNew Value: 2\nPython Variable: lr\nLine: <string>:5" in p.stderr
