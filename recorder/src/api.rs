@@ -647,6 +647,7 @@ pub fn _store_stats() -> std::collections::HashMap<&'static str, u64> {
         ("slots_pending", pending),
         ("slots_overflow", overflow),
         ("pages_let_through", crate::store::OPEN_COUNT.load(Relaxed) as u64),
+        ("stale_events", crate::engine::STALE_EVENTS.load(Relaxed)),
         ("stepped", crate::store::STEPPED.load(Relaxed)),
         ("let_through", crate::store::LET_THROUGH.load(Relaxed)),
         ("events", crate::signals::EVENTS.load(Relaxed)),

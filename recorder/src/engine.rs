@@ -354,6 +354,7 @@ impl Engine {
         region.tracking = Tracking::Store;
         region.tracking_note = tracker.kernel_note.clone();
         crate::store::REGIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::signals::add_span(region.start, region.start + region.len);
         self.regions.push(region);
         Ok(self.regions.last().expect("just pushed"))
     }
@@ -365,6 +366,7 @@ impl Engine {
             std::mem::forget(t);
         }
         crate::store::REGIONS.store(0, std::sync::atomic::Ordering::Relaxed);
+        crate::signals::clear_spans();
     }
 
     /// Stops tracking region `id` and returns it.
@@ -375,6 +377,7 @@ impl Engine {
             Tracking::Pages => self.unregister_pages(region.start, region.len),
             Tracking::Store => {
                 crate::store::REGIONS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                crate::signals::remove_span(region.start, region.start + region.len);
                 let (first, end) = Self::page_range(region.start, region.len);
                 let ps = page_size();
                 let mut p = first;
@@ -547,6 +550,7 @@ impl Engine {
         if all {
             open = self.store_pages.keys().copied().collect();
         }
+        let mut stale: Vec<u64> = Vec::new();
         for ev in &events {
             let (ea, ee) = (ev.addr, ev.addr + u64::from(ev.len));
             let writer = Some(Writer {
@@ -557,15 +561,24 @@ impl Engine {
                 if ee <= r.start || r.start + r.len <= ea {
                     continue;
                 }
-                let ranges = store_diff(r, ev);
-                if !ranges.is_empty() {
-                    out.push(RawChange {
+                match store_diff(r, ev) {
+                    Some(ranges) if !ranges.is_empty() => out.push(RawChange {
                         region: r.id,
                         ranges,
                         writer,
-                    });
+                    }),
+                    Some(_) => {}
+                    // The event does not follow from what was reported:
+                    // report what memory holds instead.
+                    None => stale.push(ev.addr & !(page_size() - 1)),
                 }
             }
+        }
+        if !stale.is_empty() {
+            STALE_EVENTS.fetch_add(stale.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            open.extend(stale);
+            open.sort_unstable();
+            open.dedup();
         }
         if open.is_empty() {
             return;
@@ -595,13 +608,18 @@ impl Engine {
     }
 }
 
+/// Events that did not follow from the values reported before them (the
+/// bytes a store changed did not hold, before it, what the shadow says) and
+/// were replaced by a diff of the page.
+pub static STALE_EVENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The changed elements of region `r` in one caught store: the bytes the
-/// store changed, on top of the shadow. Old values come from the shadow, so
-/// that a store another thread made to the same bytes while the page was
-/// open for a step (and that no event holds) is merged into this change
-/// instead of vanishing from the chain of old and new values. Updates the
-/// shadow.
-fn store_diff(r: &mut Region, ev: &Event) -> Vec<ChangedRange> {
+/// store changed, on top of the shadow; `None`, changing nothing, when the
+/// store's old bytes are not what the shadow holds (another thread's store
+/// no event holds came in between, or the event is stale): the caller then
+/// diffs the page, so that every reported change starts from the value
+/// reported last. Updates the shadow.
+fn store_diff(r: &mut Region, ev: &Event) -> Option<Vec<ChangedRange>> {
     let grid = ElementGrid::of(r);
     let (ea, ee) = (ev.addr, ev.addr + u64::from(ev.len));
     let a = (ea.max(r.start) - r.start) as usize;
@@ -612,6 +630,9 @@ fn store_diff(r: &mut Region, ev: &Event) -> Vec<ChangedRange> {
     for k in a..b {
         let w = (r.start + k as u64 - ea) as usize;
         if ev.old[w] != ev.new[w] {
+            if old[k - from] != ev.old[w] && in_mask(&r.mask, k) {
+                return None;
+            }
             new[k - from] = ev.new[w];
         }
     }
@@ -637,7 +658,7 @@ fn store_diff(r: &mut Region, ev: &Event) -> Vec<ChangedRange> {
             }
         }
     }
-    ranges
+    Some(ranges)
 }
 
 fn describe_register_error(e: &io::Error) -> String {
@@ -963,7 +984,7 @@ mod tests {
         let (old, mut new) = (vec![0u8; 128], vec![0u8; 128]);
         new[0x30..0x33].copy_from_slice(&[0xab; 3]);
         new[0x10] = 9; // outside the region: ignored
-        let got = store_diff(&mut r, &event(base - 0x30, &old, &new));
+        let got = store_diff(&mut r, &event(base - 0x30, &old, &new)).expect("consistent");
         assert_eq!(plain(&got), vec![(0, vec![0; 3], vec![0xab; 3])]);
         assert_eq!(&r.shadow[..4], &[0xab, 0xab, 0xab, 0]);
         // An element straddling the window's end takes its other bytes
@@ -976,8 +997,24 @@ mod tests {
         let (old, mut new) = (vec![0u8; 128], vec![0u8; 128]);
         new[127] = 1; // region byte 129, in element 128..132
         let ev = event(r4.start + 2, &old, &new);
-        let got = store_diff(&mut r4, &ev);
+        let got = store_diff(&mut r4, &ev).expect("consistent");
         assert_eq!(plain(&got), vec![(128, vec![0, 0, 7, 0], vec![0, 1, 7, 0])]);
+    }
+
+    #[test]
+    fn a_store_whose_old_bytes_are_not_the_shadow_changes_nothing() {
+        // The store says 5 -> 6, but 4 was reported last: the page is
+        // diffed instead, so that the chain of values stays whole.
+        let mut buf = vec![0u8; 64];
+        let mut r = region(&mut buf, 1);
+        let mut shadow = vec![0u8; 64];
+        shadow[0] = 4;
+        r.shadow = Arc::new(shadow);
+        let (mut old, mut new) = (vec![0u8; 128], vec![0u8; 128]);
+        (old[0], new[0]) = (5, 6);
+        let ev = event(r.start, &old, &new);
+        assert!(store_diff(&mut r, &ev).is_none());
+        assert_eq!(r.shadow[0], 4);
     }
 
     fn plain(r: &[ChangedRange]) -> Vec<(u64, Vec<u8>, Vec<u8>)> {

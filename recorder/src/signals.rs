@@ -17,7 +17,8 @@
 //!
 //! While the page is open, another thread's store to it does not fault. A
 //! change `on_trap` finds outside the bytes the stepped store can have
-//! written ([`STORE_MAX`] from the fault address) is such a store: it is
+//! written (from the fault address, as many as [`store_width`] reads from
+//! the instruction's encoding, at most [`STORE_MAX`]) is such a store: it is
 //! left out of the event and the page is diffed at the next check, so it is
 //! reported without a thread rather than under the wrong one. A step
 //! signal that arrives after its fault was resolved another way (a kernel
@@ -97,6 +98,8 @@ pub struct Slot {
     /// The open page and the fault address in it, 0 when none.
     open_page: AtomicU64,
     open_fault: AtomicU64,
+    /// The address of the stepped instruction.
+    open_rip: AtomicU64,
     /// The open page as it was before the store.
     copy: UnsafeCell<[u8; PAGE]>,
     /// A page to diff at the next check (the ring was full, another thread
@@ -123,6 +126,7 @@ impl Slot {
             pending: AtomicU64::new(0),
             open_page: AtomicU64::new(0),
             open_fault: AtomicU64::new(0),
+            open_rip: AtomicU64::new(0),
             copy: UnsafeCell::new([0; PAGE]),
             overflow: AtomicU64::new(0),
             head: AtomicU64::new(0),
@@ -242,6 +246,60 @@ pub fn slot_of(tid: u64) -> Option<&'static Slot> {
     used_slots().iter().find(|s| s.tid.load(Ordering::Acquire) == tid)
 }
 
+/// Store-mode regions as `[start, end)` byte ranges, for the trap handler
+/// to tell a store to watched bytes from a store to their neighbours on
+/// the same page (reference counts, the allocator, memwatch itself): only
+/// the first become events. A free entry has `start == 0`.
+const MAX_SPANS: usize = 256;
+#[allow(clippy::declare_interior_mutable_const)]
+const SPAN: (AtomicU64, AtomicU64) = (AtomicU64::new(0), AtomicU64::new(0));
+static SPANS: [(AtomicU64, AtomicU64); MAX_SPANS] = [SPAN; MAX_SPANS];
+/// Set when more regions were watched than `SPANS` holds: every change on a
+/// store-mode page then counts as touching one.
+static SPANS_FULL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Notes a store-mode region (not signal context).
+pub fn add_span(start: u64, end: u64) {
+    for (s, e) in SPANS.iter() {
+        if s.load(Ordering::Acquire) == 0 {
+            e.store(end, Ordering::Release);
+            if s.compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                return;
+            }
+        }
+    }
+    SPANS_FULL.store(true, Ordering::Release);
+}
+
+/// Forgets a store-mode region (not signal context).
+pub fn remove_span(start: u64, end: u64) {
+    for (s, e) in SPANS.iter() {
+        if s.load(Ordering::Acquire) == start && e.load(Ordering::Acquire) == end {
+            s.store(0, Ordering::Release);
+            return;
+        }
+    }
+}
+
+/// Forgets every region (a fork child, which has no store mode).
+pub fn clear_spans() {
+    for (s, _) in SPANS.iter() {
+        s.store(0, Ordering::Release);
+    }
+    SPANS_FULL.store(false, Ordering::Release);
+}
+
+/// Signal context: whether `[a, b)` overlaps a store-mode region.
+fn touches_region(a: u64, b: u64) -> bool {
+    SPANS_FULL.load(Ordering::Acquire)
+        || SPANS.iter().any(|(s, e)| {
+            let s = s.load(Ordering::Acquire);
+            s != 0 && s < b && a < e.load(Ordering::Acquire)
+        })
+}
+
 /// How many slots have a page open for a step, a step signal pending and a
 /// page left open for the next check (diagnostics; not signal context).
 pub fn slot_states() -> (u64, u64, u64) {
@@ -328,6 +386,9 @@ extern "C" fn on_step(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *mut l
     unsafe { std::ptr::copy_nonoverlapping(page as *const u8, (*slot.copy.get()).as_mut_ptr(), PAGE) };
     slot.open_page.store(page, Ordering::Relaxed);
     slot.open_fault.store(addr, Ordering::Relaxed);
+    // SAFETY: as above.
+    let rip = unsafe { (*(uc as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] };
+    slot.open_rip.store(rip as u64, Ordering::Relaxed);
     if !protect(page, false) {
         slot.open_page.store(0, Ordering::Relaxed);
         return;
@@ -376,15 +437,19 @@ extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
         )
     };
     if let Some((first, last)) = differing(before, now) {
-        // The bytes this store can have written.
+        // The bytes this store can have written: from the fault address,
+        // as many as its encoding says (STORE_MAX when that is not known).
         let lo = (fault - page) as usize;
-        let hi = (lo + STORE_MAX).min(PAGE);
-        if first < lo || last >= hi {
+        let hi = (lo + stepped_width(slot, uc)).min(PAGE);
+        let at = page;
+        if (first < lo || last >= hi) && touches_region(at + first as u64, at + last as u64 + 1) {
             // Another thread stored to the page while it was open: the next
             // check diffs the page and reports that without a thread.
             set_overflow(slot, page);
         }
-        if (lo..hi).any(|i| before[i] != now[i]) {
+        // A store to a neighbour of the watched bytes is no event (nor is
+        // memwatch's own bookkeeping on the page).
+        if touches_region(at + lo as u64, at + hi as u64) && (lo..hi).any(|i| before[i] != now[i]) {
             // The window starts at the 64-byte line of the fault address
             // and stays inside the page; it holds all of [lo, hi).
             let start = (lo & !63).min(PAGE - WINDOW);
@@ -403,6 +468,155 @@ extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
     slot.open_page.store(0, Ordering::Relaxed);
     // SAFETY: as in on_step.
     unsafe { (*(uc as *mut libc::ucontext_t)).uc_mcontext.gregs[libc::REG_EFL as usize] &= !TF };
+}
+
+/// Signal context: the most bytes the instruction just stepped over can
+/// have written: its length is where the trap stopped minus where it
+/// started (a store does not jump), and its bytes are mapped code.
+fn stepped_width(slot: &Slot, uc: *mut libc::c_void) -> usize {
+    let start = slot.open_rip.load(Ordering::Relaxed);
+    // SAFETY: `uc` is the ucontext of this SA_SIGINFO handler.
+    let end = unsafe { (*(uc as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] } as u64;
+    let len = end.wrapping_sub(start);
+    if start == 0 || !(1..=15).contains(&len) {
+        return STORE_MAX; // a string instruction stopped mid-way, or unknown
+    }
+    // SAFETY: [start, end) is the instruction the CPU just executed.
+    let ins = unsafe { std::slice::from_raw_parts(start as *const u8, len as usize) };
+    store_width(ins).map_or(STORE_MAX, |w| w.min(STORE_MAX))
+}
+
+/// The most bytes the x86-64 instruction `ins` stores, from its encoding:
+/// the common stores, read-modify-write and vector forms; `None` for
+/// anything else (string instructions with `rep`, x87, `xsave`, scatters).
+/// Plain byte arithmetic: usable in signal context.
+pub fn store_width(ins: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    let (mut opsize16, mut rep, mut pfx) = (false, false, 0u8);
+    while let Some(&b) = ins.get(i) {
+        match b {
+            0x66 => {
+                opsize16 = true;
+                pfx = b;
+            }
+            0xf2 | 0xf3 => {
+                rep = true;
+                pfx = b;
+            }
+            0xf0 | 0x2e | 0x36 | 0x3e | 0x26 | 0x64 | 0x65 | 0x67 => {}
+            _ => break,
+        }
+        i += 1;
+    }
+    let mut rexw = false;
+    if let Some(&b) = ins.get(i) {
+        if b & 0xf0 == 0x40 {
+            rexw = b & 8 != 0;
+            i += 1;
+        }
+    }
+    let op = *ins.get(i)?;
+    let v = if rexw {
+        8
+    } else if opsize16 {
+        2
+    } else {
+        4
+    };
+    let at = |k: usize| ins.get(i + k).copied();
+    match op {
+        // VEX, two bytes: C5 [R vvvv L pp] opcode (map 0F).
+        0xc5 => {
+            let b1 = at(1)?;
+            vex_store(1, at(2)?, (b1 >> 2) & 1, b1 & 3, false)
+        }
+        // VEX, three bytes: C4 [RXB mmmmm] [W vvvv L pp] opcode.
+        0xc4 => {
+            let (b1, b2) = (at(1)?, at(2)?);
+            vex_store(b1 & 0x1f, at(3)?, (b2 >> 2) & 1, b2 & 3, b2 & 0x80 != 0)
+        }
+        // EVEX: 62 [RXBR' 0 mmm] [W vvvv 1 pp] [z L'L b V' aaa] opcode.
+        0x62 => {
+            let (p0, p1, p2) = (at(1)?, at(2)?, at(3)?);
+            let ll = (p2 >> 5) & 3;
+            if ll == 3 {
+                return None;
+            }
+            let vec = 16usize << ll;
+            let w = p1 & 0x80 != 0;
+            match (p0 & 7, at(4)?, p1 & 3) {
+                (1, 0x11, 2) => Some(4),
+                (1, 0x11, 3) => Some(8),
+                (1, 0x11 | 0x29 | 0x2b | 0x7f | 0xe7, _) => Some(vec),
+                (1, 0x13 | 0x17 | 0xd6, _) => Some(8),
+                (1, 0x7e, 1) => Some(if w { 8 } else { 4 }),
+                (2, 0x8a | 0x8b | 0x63 | 0x30..=0x35, _) => Some(vec),
+                (3, 0x14, _) => Some(1),
+                (3, 0x15, _) => Some(2),
+                (3, 0x16, _) => Some(if w { 8 } else { 4 }),
+                (3, 0x17, _) => Some(4),
+                (3, 0x19 | 0x39 | 0x1b | 0x3b | 0x1d, _) => Some(vec),
+                _ => None,
+            }
+        }
+        0x0f => {
+            let op2 = at(1)?;
+            match op2 {
+                0x11 => Some(match pfx {
+                    0xf3 => 4,
+                    0xf2 => 8,
+                    _ => 16,
+                }),
+                0x13 | 0x17 | 0xd6 => Some(8),
+                0x29 | 0x2b => Some(16),
+                0x7f => Some(if pfx == 0x66 || pfx == 0xf3 { 16 } else { 8 }),
+                0xe7 => Some(if pfx == 0x66 { 16 } else { 8 }),
+                0x7e if pfx != 0xf3 => Some(if rexw { 8 } else { 4 }),
+                0xc3 => Some(if rexw { 8 } else { 4 }),
+                0x90..=0x9f | 0xb0 | 0xc0 => Some(1),
+                0xb1 | 0xc1 | 0xab | 0xb3 | 0xbb | 0xba | 0xa4 | 0xa5 | 0xac | 0xad => Some(v),
+                0xc7 => Some(if rexw { 16 } else { 8 }),
+                0x3a => match at(2)? {
+                    0x14 => Some(1),
+                    0x15 => Some(2),
+                    0x16 => Some(if rexw { 8 } else { 4 }),
+                    0x17 => Some(4),
+                    _ => None,
+                },
+                0x38 if at(2)? == 0xf1 => Some(v),
+                _ => None,
+            }
+        }
+        0xa4 | 0xaa if !rep => Some(1),
+        0xa5 | 0xab if !rep => Some(v),
+        0x88 | 0xc6 | 0x80 | 0xc0 | 0xd0 | 0xd2 | 0xf6 | 0xfe | 0x86 | 0xa2 => Some(1),
+        0x89 | 0xc7 | 0x81 | 0x83 | 0xc1 | 0xd1 | 0xd3 | 0xf7 | 0x87 | 0xa3 => Some(v),
+        // inc/dec of up to 8 bytes; push, pop and call to memory write 8.
+        0xff | 0x8f => Some(8),
+        0x8c => Some(2),
+        // add, or, adc, sbb, and, sub, xor to memory.
+        op if op < 0x40 && op & 7 <= 1 => Some(if op & 1 == 0 { 1 } else { v }),
+        _ => None,
+    }
+}
+
+/// [`store_width`] of a VEX-encoded instruction.
+fn vex_store(map: u8, op: u8, l: u8, pp: u8, w: bool) -> Option<usize> {
+    let vec = if l == 1 { 32 } else { 16 };
+    match (map, op, pp) {
+        (1, 0x11, 2) => Some(4),
+        (1, 0x11, 3) => Some(8),
+        (1, 0x11 | 0x29 | 0x2b | 0x7f | 0xe7, _) => Some(vec),
+        (1, 0x13 | 0x17 | 0xd6, _) => Some(8),
+        (1, 0x7e, 1) => Some(if w { 8 } else { 4 }),
+        (2, 0x8e | 0x2e | 0x2f, _) => Some(vec),
+        (3, 0x14, _) => Some(1),
+        (3, 0x15, _) => Some(2),
+        (3, 0x16, _) => Some(if w { 8 } else { 4 }),
+        (3, 0x17, _) => Some(4),
+        (3, 0x19 | 0x39 | 0x1d, _) => Some(16),
+        _ => None,
+    }
 }
 
 /// Signal context: appends one event to the thread's ring; false when full.
@@ -476,6 +690,44 @@ fn hand_on(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) 
                 let f: extern "C" fn(libc::c_int) = std::mem::transmute(h);
                 f(sig);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::store_width;
+
+    #[test]
+    fn store_widths_of_common_encodings() {
+        let cases: &[(&[u8], Option<usize>)] = &[
+            (&[0x48, 0x89, 0x18], Some(8)),                    // mov [rax], rbx
+            (&[0x89, 0x07], Some(4)),                          // mov [rdi], eax
+            (&[0x66, 0x89, 0x07], Some(2)),                    // mov [rdi], ax
+            (&[0x88, 0x07], Some(1)),                          // mov [rdi], al
+            (&[0xc6, 0x07, 0x01], Some(1)),                    // mov byte [rdi], 1
+            (&[0x48, 0xc7, 0x07, 1, 0, 0, 0], Some(8)),        // mov qword [rdi], 1
+            (&[0x48, 0x83, 0x07, 0x01], Some(8)),              // add qword [rdi], 1
+            (&[0x48, 0xff, 0x07], Some(8)),                    // inc qword [rdi]
+            (&[0xf0, 0x48, 0x0f, 0xb1, 0x0f], Some(8)),        // lock cmpxchg [rdi], rcx
+            (&[0x0f, 0x11, 0x07], Some(16)),                   // movups [rdi], xmm0
+            (&[0xf2, 0x0f, 0x11, 0x07], Some(8)),              // movsd [rdi], xmm0
+            (&[0xf3, 0x0f, 0x11, 0x07], Some(4)),              // movss [rdi], xmm0
+            (&[0x66, 0x0f, 0xd6, 0x07], Some(8)),              // movq [rdi], xmm0
+            (&[0xf3, 0x0f, 0x7f, 0x07], Some(16)),             // movdqu [rdi], xmm0
+            (&[0xc5, 0xfc, 0x11, 0x07], Some(32)),             // vmovups [rdi], ymm0
+            (&[0xc5, 0xfa, 0x7f, 0x07], Some(16)),             // vmovdqu [rdi], xmm0
+            (&[0xc5, 0xfe, 0x7f, 0x07], Some(32)),             // vmovdqu [rdi], ymm0
+            (&[0x62, 0xf1, 0xfe, 0x48, 0x7f, 0x07], Some(64)), // vmovdqu64 [rdi], zmm0
+            (&[0x62, 0xf1, 0x7c, 0x28, 0x11, 0x07], Some(32)), // vmovups [rdi], ymm0 (EVEX)
+            (&[0xaa], Some(1)),                                // stosb
+            (&[0x48, 0xab], Some(8)),                          // stosq
+            (&[0xf3, 0xaa], None),                             // rep stosb
+            (&[0x0f, 0xae, 0x07], None),                       // fxsave [rdi]
+            (&[], None),
+        ];
+        for (ins, want) in cases {
+            assert_eq!(store_width(ins), *want, "{ins:02x?}");
         }
     }
 }
