@@ -356,3 +356,40 @@ def test_torch_cpu_tensor(changes):
     t.add_(1); line = here()  # noqa: E702
     c = only(changes)
     assert (c.line, c.new_values) == (line, [1.0] * 4)
+
+
+def test_torch_shapes_views_optimizers_and_raw_pointers(changes):
+    torch = pytest.importorskip("torch")
+    w = torch.zeros(2, 3)
+    memwatch.watch(w, name="w")
+    w[1, 2] = 5.0; line = here()  # noqa: E702
+    assert [(c.tag, c.line, c.indices, c.old_values, c.new_values) for c in changes] == [
+        ("w", line, [(1, 2)], [0.0], [5.0])
+    ]
+    changes.clear()
+    # A column is a strided view: only its own elements are its changes.
+    col = w[:, 0]
+    memwatch.watch(col, name="col")
+    col.mul_(3); line = here()  # noqa: E702 - zeros stay zeros: nothing
+    w[:, :] = 1.0
+    col.mul_(3); line = here()  # noqa: E702
+    assert [(c.tag, c.indices, c.new_values) for c in changes if c.line == line] == [
+        ("w", [(0, 0), (1, 0)], [3.0, 3.0]),
+        ("col", [0, 1], [3.0, 3.0]),
+    ]
+    changes.clear()
+    # An optimizer step (out-of-scope code) is the in-scope line that ran it.
+    p = torch.nn.Parameter(torch.ones(4))
+    memwatch.watch(p, name="param")
+    opt = torch.optim.SGD([p], lr=0.5)
+    p.grad = torch.full((4,), 2.0)
+    opt.step(); line = here()  # noqa: E702
+    assert [(c.tag, c.variable, c.line, c.new_values) for c in changes] == [("param", "p", line, [0.0] * 4)]
+    changes.clear()
+    # The seed's form: a raw pointer, the variable it came from.
+    raw = torch.zeros(8, dtype=torch.float64)
+    memwatch.watch(buffer=raw.data_ptr(), size=raw.nbytes, name="raw", dtype="float64")
+    raw[3] = 2.5; line = here()  # noqa: E702
+    assert [(c.variable, c.line, c.indices, c.new_values) for c in changes] == [("raw", line, [3], [2.5])]
+    with pytest.raises(memwatch.UnsupportedError, match="only CPU tensors"):
+        memwatch.watch(torch.zeros(2, device="meta"), name="m")
