@@ -28,7 +28,9 @@
 //! Rules for everything reachable from `on_step` and `on_trap`: no
 //! allocation, no locks, no thread-locals (a `dlopen`ed library's TLS can
 //! allocate on first use), no Python. They may use atomics, plain memory
-//! copies and compares of the static buffers below, and these system calls:
+//! copies and compares of the static buffers below and of the page being
+//! stepped, plain reads of the stepped instruction's bytes (mapped code:
+//! the CPU just ran them), and these system calls:
 //! `gettid`, `ioctl(UFFDIO_WRITEPROTECT)`, `clock_gettime`, `write` (to an
 //! eventfd), `sigaction` and `tgkill` (to hand a trap that is not ours to
 //! the handler that was there before). Every function in this module that
