@@ -40,7 +40,7 @@ use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use crate::kernel::{
-    UffdioRange, UffdioWriteprotect, UFFDIO_WRITEPROTECT, UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
+    gettid, UffdioRange, UffdioWriteprotect, UFFDIO_WRITEPROTECT, UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
     UFFDIO_WRITEPROTECT_MODE_WP,
 };
 
@@ -348,9 +348,10 @@ fn protect(page: u64, on: bool) -> bool {
     fd >= 0 && unsafe { libc::ioctl(fd, UFFDIO_WRITEPROTECT, &mut wp as *mut UffdioWriteprotect) } == 0
 }
 
-fn gettid() -> u64 {
-    // SAFETY: gettid has no preconditions.
-    unsafe { libc::gettid() as u64 }
+/// Signal context: the instruction pointer of the interrupted context.
+fn rip_of(uc: *mut libc::c_void) -> u64 {
+    // SAFETY: `uc` is the ucontext the kernel passed to an SA_SIGINFO handler.
+    unsafe { (*(uc as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] as u64 }
 }
 
 /// Signal context: the handler of [`step_signal`]. Opens the page the
@@ -361,12 +362,12 @@ extern "C" fn on_step(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *mut l
     if addr == 0 {
         return;
     }
-    // SAFETY: `uc` is the ucontext the kernel passed to this SA_SIGINFO
-    // handler; the bytes at the interrupted instruction pointer are mapped
+    let rip = rip_of(uc);
+    // SAFETY: the bytes at the interrupted instruction pointer are mapped
     // code (that instruction is about to run again).
     let at_syscall = unsafe {
-        let rip = (*(uc as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] as *const u8;
-        *rip == 0x0f && *rip.add(1) == 0x05
+        let ins = rip as *const u8;
+        *ins == 0x0f && *ins.add(1) == 0x05
     };
     if at_syscall {
         // A stale signal: the fault was resolved another way and the thread
@@ -388,9 +389,7 @@ extern "C" fn on_step(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *mut l
     unsafe { std::ptr::copy_nonoverlapping(page as *const u8, (*slot.copy.get()).as_mut_ptr(), PAGE) };
     slot.open_page.store(page, Ordering::Relaxed);
     slot.open_fault.store(addr, Ordering::Relaxed);
-    // SAFETY: as above.
-    let rip = unsafe { (*(uc as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] };
-    slot.open_rip.store(rip as u64, Ordering::Relaxed);
+    slot.open_rip.store(rip, Ordering::Relaxed);
     if !protect(page, false) {
         slot.open_page.store(0, Ordering::Relaxed);
         return;
@@ -477,8 +476,7 @@ extern "C" fn on_trap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
 /// started (a store does not jump), and its bytes are mapped code.
 fn stepped_width(slot: &Slot, uc: *mut libc::c_void) -> usize {
     let start = slot.open_rip.load(Ordering::Relaxed);
-    // SAFETY: `uc` is the ucontext of this SA_SIGINFO handler.
-    let end = unsafe { (*(uc as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] } as u64;
+    let end = rip_of(uc);
     let len = end.wrapping_sub(start);
     if start == 0 || !(1..=15).contains(&len) {
         return STORE_MAX; // a string instruction stopped mid-way, or unknown
