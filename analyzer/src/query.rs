@@ -331,10 +331,17 @@ pub(crate) fn scan_changes(
         None => total,
     };
     let complete = end == total;
+    // Chunks of region contents hold no change: not even decompressed.
+    let wanted: Vec<_> = all[..end]
+        .iter()
+        .filter(|c| !c.header.contents_only)
+        .copied()
+        .collect();
+    let total = wanted.len();
     // Region ids whose tag matches the filter: 0 not yet known, 1 no, 2 yes.
     let mut region_ok: Vec<u8> = Vec::new();
     let mut done = 0;
-    for_each_chunk(reader, &all[..end], workers, |info, chunk| {
+    for_each_chunk(reader, &wanted, workers, |info, chunk| {
         progress(done, total);
         done += 1;
         let h = &info.header;

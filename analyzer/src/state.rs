@@ -44,6 +44,9 @@ pub fn seq_bounds(reader: &TraceReader) -> Option<(u64, u64)> {
 fn find_region(reader: &TraceReader, tag: &str) -> Result<(RegionInfo, Symbols, usize)> {
     let mut syms = Symbols::default();
     for (k, info) in reader.chunks().iter().enumerate() {
+        if info.header.contents_only {
+            continue;
+        }
         let chunk = reader.decode_chunk(info)?;
         for rec in chunk.records() {
             let rec = rec?;
@@ -97,8 +100,12 @@ fn region_at(reader: &TraceReader, tag: &str, at: Option<u64>) -> Result<(Region
     let mut checkpointed: HashSet<u32> = HashSet::new();
     let mut j = k;
     loop {
-        let chunk = reader.decode_chunk(&chunks[j])?;
-        for rec in chunk.records() {
+        // Chunks of contents hold no watch, unwatch or checkpoint record.
+        let chunk = match chunks[j].header.contents_only {
+            true => None,
+            false => Some(reader.decode_chunk(&chunks[j])?),
+        };
+        for rec in chunk.iter().flat_map(|c| c.records()) {
             match rec? {
                 Record::RegionWatched(r) if r.tag == tag && r.seq <= target => {
                     let mut syms = Symbols::default();
@@ -272,9 +279,12 @@ pub fn state(reader: &TraceReader, tag: &str, at: Option<u64>) -> Result<State> 
     let mut snapshot: Option<(usize, u64)> = None;
     let mut j = k;
     loop {
-        let chunk = reader.decode_chunk(&chunks[j])?;
+        let chunk = match chunks[j].header.contents_only {
+            true => None,
+            false => Some(reader.decode_chunk(&chunks[j])?),
+        };
         let mut best: Option<u64> = None;
-        for rec in chunk.records() {
+        for rec in chunk.iter().flat_map(|c| c.records()) {
             let s = match rec? {
                 Record::Checkpoint(c) if c.region == region.region => c.at_seq,
                 Record::RegionWatched(r) if r.region == region.region => r.seq,

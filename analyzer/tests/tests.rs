@@ -308,3 +308,116 @@ fn a_time_is_the_last_event_at_or_before_it() {
     assert_eq!(duration_text(1_000_001), "1.000001ms");
     assert_eq!(duration_text(7), "7ns");
 }
+
+/// A 256 KiB region (its initial contents and checkpoints go into chunks
+/// flagged contents only) next to a small one, changed in turns.
+#[test]
+fn contents_only_chunks_are_skipped_by_scans_and_used_by_state() {
+    use memwatch_format::*;
+    const BIG: usize = 256 << 10;
+    let mut w = TraceWriter::new(Vec::new(), "big.mwt", &Meta::default(), WriterOptions::default()).unwrap();
+    let frame = w.intern_frame("prog.py", "main", 3).unwrap();
+    let ctx = |seq: u64| Context {
+        time_ns: seq * 1_000,
+        thread: 1,
+        thread_name: 0,
+        frame,
+        stack: 0,
+    };
+    let mut big = vec![0u8; BIG];
+    let mut small = [0u8; 4];
+    for (region, tag, len) in [(1u32, "big", BIG), (2, "small", 4)] {
+        w.append(&Record::RegionWatched(RegionWatched {
+            seq: u64::from(region),
+            ctx: ctx(u64::from(region)),
+            region,
+            tag,
+            variable: None,
+            address: 0x10_0000 * u64::from(region),
+            len: len as u64,
+            layout: Layout::default(),
+        }))
+        .unwrap();
+        w.append_contents(region, u64::from(region), if region == 1 { &big } else { &small })
+            .unwrap();
+    }
+    // What each region held after each seq.
+    let mut expected: Vec<(u64, Vec<u8>, [u8; 4])> = Vec::new();
+    for seq in 3..2003u64 {
+        let (region, offset, old, new) = if seq % 2 == 0 {
+            let off = (seq as usize * 7919) % BIG;
+            let old = big[off];
+            big[off] = old.wrapping_add(1);
+            (1, off, old, big[off])
+        } else {
+            let off = seq as usize % 4;
+            let old = small[off];
+            small[off] = old.wrapping_add(3);
+            (2, off, old, small[off])
+        };
+        w.append(&Record::Change(Change {
+            seq,
+            ctx: ctx(seq),
+            region,
+            ranges: vec![ByteRange {
+                offset: offset as u64,
+                old: &[old],
+                new: &[new],
+            }],
+        }))
+        .unwrap();
+        if seq == 1000 {
+            w.append(&Record::Checkpoint(Checkpoint {
+                region: 1,
+                at_seq: seq,
+            }))
+            .unwrap();
+            w.append_contents(1, seq, &big).unwrap();
+        }
+        if seq % 250 == 0 || seq == 1001 || seq == 2002 {
+            expected.push((seq, big.clone(), small));
+        }
+    }
+    let (bytes, _) = w.finish(10_000_000).unwrap();
+    let r = TraceReader::from_bytes(bytes, "big.mwt").unwrap();
+    let flagged = r.chunks().iter().filter(|c| c.header.contents_only).count();
+    // The initial contents and the checkpoint: 256 KiB each, one chunk each.
+    assert_eq!(flagged, 2, "{:?}", r.chunks());
+
+    // Every change, in order, with its values.
+    let mut seen = Vec::new();
+    for_each_change(&r, &Filter::default(), |c| {
+        let WhatRef::Bytes { region, ranges } = c.what else {
+            panic!("a byte change")
+        };
+        let first = ranges.first().unwrap();
+        seen.push((c.seq, region, first.offset));
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(seen.len(), 2000);
+    assert!(seen
+        .iter()
+        .zip(3u64..)
+        .all(|(s, seq)| s.0 == seq && s.1 == if seq % 2 == 0 { 1 } else { 2 }));
+
+    // The state at each point, before and after the checkpoint.
+    for (seq, big_then, small_then) in &expected {
+        let st = state(&r, "big", Some(*seq)).unwrap();
+        assert!(st.data == *big_then, "big at {seq}");
+        assert_eq!(
+            st.from_snapshot,
+            if *seq >= 1000 { 1000 } else { 1 },
+            "big at {seq}"
+        );
+        assert_eq!(
+            state(&r, "small", Some(*seq)).unwrap().data,
+            small_then.to_vec(),
+            "small at {seq}"
+        );
+    }
+    // Blame finds the last writer of a byte of the big region.
+    let off = (2000usize * 7919) % BIG;
+    let last = writes_to(&r, "big", off as u64, off as u64 + 1, None).unwrap();
+    assert_eq!(last.last().map(|c| c.seq), Some(2000));
+}

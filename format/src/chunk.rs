@@ -7,7 +7,8 @@
 //! | 0 | 4 | chunk magic `MWCK` |
 //! | 4 | 1 | kind: 1 = records, 2 = trailer |
 //! | 5 | 1 | codec: 0 = stored, 1 = zstd |
-//! | 6 | 2 | reserved, 0 |
+//! | 6 | 1 | flags: bit 0 = contents only ([`FLAG_CONTENTS_ONLY`]); other bits 0 |
+//! | 7 | 1 | reserved, 0 |
 //! | 8 | 4 | stored length `S` (payload bytes in the file), `u32` LE |
 //! | 12 | 4 | raw length (payload bytes after decompression), `u32` LE |
 //! | 16 | 4 | record count, `u32` LE |
@@ -18,7 +19,11 @@
 //! | 44 | S | payload |
 //!
 //! A records chunk's raw payload is its records, postcard-encoded one after
-//! another. A trailer chunk's raw payload is one postcard [`Trailer`]. A
+//! another. A records chunk flagged *contents only* holds nothing but
+//! `Contents` records (a region's initial contents or a checkpoint), so a
+//! scan for changes skips it without decompressing it. Traces written
+//! before the flag existed have 0 there and read exactly as before; a
+//! reader that ignores the flag reads flagged chunks correctly too. A trailer chunk's raw payload is one postcard [`Trailer`]. A
 //! cleanly closed trace ends with a trailer chunk and then the 16-byte
 //! footer: the trailer chunk's offset (`u64` LE) and [`FOOTER_MAGIC`].
 
@@ -36,6 +41,8 @@ pub const FOOTER_MAGIC: [u8; 8] = *b"MWTEND\0\0";
 pub const FOOTER_LEN: usize = 16;
 /// first/last seq of a chunk that holds no event record.
 pub const NO_SEQ: u64 = u64::MAX;
+/// Header flag (byte 6, bit 0): the chunk holds only `Contents` records.
+pub const FLAG_CONTENTS_ONLY: u8 = 1;
 
 /// What a chunk holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +101,8 @@ pub struct ChunkHeader {
     pub first_seq: u64,
     pub last_seq: u64,
     pub payload_crc: u32,
+    /// Holds only `Contents` records: scans of changes skip it.
+    pub contents_only: bool,
 }
 
 impl ChunkHeader {
@@ -103,6 +112,7 @@ impl ChunkHeader {
         b[0..4].copy_from_slice(&CHUNK_MAGIC);
         b[4] = self.kind.code();
         b[5] = self.codec.code();
+        b[6] = if self.contents_only { FLAG_CONTENTS_ONLY } else { 0 };
         b[8..12].copy_from_slice(&self.stored_len.to_le_bytes());
         b[12..16].copy_from_slice(&self.raw_len.to_le_bytes());
         b[16..20].copy_from_slice(&self.record_count.to_le_bytes());
@@ -132,6 +142,12 @@ impl ChunkHeader {
         }
         let kind = ChunkKind::from_code(b[4]).ok_or_else(|| format!("unknown chunk kind {}", b[4]))?;
         let codec = Codec::from_code(b[5]).ok_or_else(|| format!("unknown codec {}", b[5]))?;
+        if b[6] & !FLAG_CONTENTS_ONLY != 0 {
+            return Err(format!(
+                "unknown chunk flags {:#04x} (this memwatch knows only {FLAG_CONTENTS_ONLY:#04x}: a newer memwatch wrote it?)",
+                b[6]
+            ));
+        }
         Ok(ChunkHeader {
             kind,
             codec,
@@ -141,6 +157,7 @@ impl ChunkHeader {
             first_seq: le_u64(b, 20),
             last_seq: le_u64(b, 28),
             payload_crc: le_u32(b, 36),
+            contents_only: b[6] & FLAG_CONTENTS_ONLY != 0,
         })
     }
 

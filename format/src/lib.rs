@@ -53,7 +53,7 @@ pub mod sample;
 mod view;
 mod writer;
 
-pub use chunk::{ChunkHeader, ChunkKind, Codec, IndexEntry, Trailer, NO_SEQ};
+pub use chunk::{ChunkHeader, ChunkKind, Codec, IndexEntry, Trailer, FLAG_CONTENTS_ONLY, NO_SEQ};
 pub use error::{Error, Result};
 pub use header::{Header, Meta, FORMAT_VERSION, MAGIC};
 pub use reader::{ChunkInfo, DecodedChunk, Records, Tail, TraceReader, Views};
@@ -62,4 +62,4 @@ pub use record::{
     ObjectChangeKind, Record, RegionUnwatched, RegionWatched, StackDef, StringDef, UnwatchReason, NO_ID,
 };
 pub use view::{take_view, ChangeView, RangesIter, RangesView, RecordView};
-pub use writer::{Output, TraceWriter, WriterOptions, WriterStats, CONTENTS_PIECE};
+pub use writer::{Output, TraceWriter, WriterOptions, WriterStats, CONTENTS_PIECE, SEPARATE_CONTENTS};

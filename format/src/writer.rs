@@ -17,6 +17,13 @@ use crate::record::{FrameDef, Id, Record, StackDef, StringDef};
 /// region contents are split so no single record dominates a chunk.
 pub const CONTENTS_PIECE: usize = 1 << 20;
 
+/// Contents at least this large go into chunks of their own, flagged
+/// contents only, which scans of changes skip without decompressing them.
+/// Smaller contents stay in line with the other records: a chunk of their
+/// own would cost more (a header, a compression frame, a `write`) than
+/// reading past them.
+pub const SEPARATE_CONTENTS: usize = 64 << 10;
+
 /// Where a trace goes. Besides writing, an output can be cut back to a
 /// length: after a failed write (a full disk) the writer cuts the file back
 /// to the end of its last whole chunk, so the trace stays clean up to there.
@@ -96,6 +103,8 @@ pub struct TraceWriter<W: Output = File> {
     pending_first_seq: u64,
     pending_last_seq: u64,
     pending_since: Option<Instant>,
+    /// The pending records are all `Contents` (set by `append_contents`).
+    pending_contents_only: bool,
     offset: u64,
     index: Vec<IndexEntry>,
     last_seq: u64,
@@ -146,6 +155,7 @@ impl<W: Output> TraceWriter<W> {
             pending_first_seq: NO_SEQ,
             pending_last_seq: NO_SEQ,
             pending_since: None,
+            pending_contents_only: false,
             offset: header.len() as u64,
             index: Vec::new(),
             last_seq: NO_SEQ,
@@ -262,7 +272,23 @@ impl<W: Output> TraceWriter<W> {
 
     /// Appends `data` as [`Record::Contents`] pieces of at most
     /// [`CONTENTS_PIECE`] bytes (at least one record, even for empty data).
+    /// Data of [`SEPARATE_CONTENTS`] bytes or more goes into chunks of its
+    /// own, flagged contents only.
     pub fn append_contents(&mut self, region: u32, at_seq: u64, data: &[u8]) -> Result<()> {
+        if data.len() < SEPARATE_CONTENTS {
+            return self.append_pieces(region, at_seq, data);
+        }
+        self.flush_chunk()?;
+        self.pending_contents_only = true;
+        let appended = self.append_pieces(region, at_seq, data);
+        // Flushed even after a failure, so no later record joins a chunk
+        // flagged contents only.
+        let flushed = self.flush_chunk();
+        self.pending_contents_only = false;
+        appended.and(flushed)
+    }
+
+    fn append_pieces(&mut self, region: u32, at_seq: u64, data: &[u8]) -> Result<()> {
         let mut offset = 0usize;
         loop {
             let end = (offset + CONTENTS_PIECE).min(data.len());
@@ -316,7 +342,7 @@ impl<W: Output> TraceWriter<W> {
             last_seq: self.pending_last_seq,
         };
         let raw = std::mem::take(&mut self.pending);
-        let result = self.write_chunk(ChunkKind::Records, &raw, entry);
+        let result = self.write_chunk(ChunkKind::Records, &raw, entry, self.pending_contents_only);
         self.pending = raw;
         self.pending.clear();
         self.pending_records = 0;
@@ -327,7 +353,13 @@ impl<W: Output> TraceWriter<W> {
         result
     }
 
-    fn write_chunk(&mut self, kind: ChunkKind, raw: &[u8], entry: IndexEntry) -> Result<()> {
+    fn write_chunk(
+        &mut self,
+        kind: ChunkKind,
+        raw: &[u8],
+        entry: IndexEntry,
+        contents_only: bool,
+    ) -> Result<()> {
         let io = |path: &Path, source| Error::Io {
             path: path.to_path_buf(),
             source,
@@ -349,6 +381,7 @@ impl<W: Output> TraceWriter<W> {
             first_seq: entry.first_seq,
             last_seq: entry.last_seq,
             payload_crc: crc32fast::hash(&stored),
+            contents_only,
         };
         let out = self.out.as_mut().expect("open writer has an output");
         // One write per chunk: a process killed mid-way leaves at most one
@@ -402,7 +435,7 @@ impl<W: Output> TraceWriter<W> {
             first_seq: NO_SEQ,
             last_seq: NO_SEQ,
         };
-        self.write_chunk(ChunkKind::Trailer, &raw, entry)?;
+        self.write_chunk(ChunkKind::Trailer, &raw, entry, false)?;
         let mut out = self.out.take().expect("open writer has an output");
         let footer = encode_footer(trailer_offset);
         out.write_all(&footer)

@@ -116,3 +116,65 @@ fn small_changes_cost_few_bytes_each() {
     );
     assert!(per < 20.0, "{per} bytes per record");
 }
+
+#[test]
+fn large_contents_get_chunks_of_their_own_and_small_ones_stay_in_line() {
+    let mut w = TraceWriter::new(Vec::new(), "m", &Meta::default(), WriterOptions::default()).unwrap();
+    w.intern_str("before").unwrap();
+    w.append_contents(1, 1, &[7u8; 100]).unwrap();
+    w.intern_str("between").unwrap();
+    let big = vec![3u8; SEPARATE_CONTENTS];
+    w.append_contents(2, 2, &big).unwrap();
+    w.intern_str("after").unwrap();
+    let (bytes, _) = w.finish(0).unwrap();
+    let r = TraceReader::from_bytes(bytes, "m").unwrap();
+    let kinds: Vec<bool> = r.chunks().iter().map(|c| c.header.contents_only).collect();
+    // "before", the small contents and "between"; the big contents; "after".
+    assert_eq!(kinds, [false, true, false]);
+    let per_chunk: Vec<Vec<String>> = r
+        .chunks()
+        .iter()
+        .map(|c| {
+            let chunk = r.decode_chunk(c).unwrap();
+            chunk
+                .records()
+                .map(|rec| match rec.unwrap() {
+                    Record::String(s) => s.value.to_string(),
+                    Record::Contents(c) => format!("contents {} {}", c.region, c.data.len()),
+                    other => format!("{other:?}"),
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(per_chunk[0], ["before", "contents 1 100", "between"]);
+    assert_eq!(per_chunk[1], [format!("contents 2 {SEPARATE_CONTENTS}")]);
+    assert_eq!(per_chunk[2], ["after"]);
+}
+
+#[test]
+fn a_chunk_flag_this_reader_does_not_know_is_refused_by_name() {
+    let mut w = TraceWriter::new(Vec::new(), "m", &Meta::default(), WriterOptions::default()).unwrap();
+    w.intern_str("s").unwrap();
+    let (mut bytes, _) = w.finish(0).unwrap();
+    let first = r_first_chunk_offset(&bytes);
+    let mut header: [u8; chunk::CHUNK_HEADER_LEN] =
+        bytes[first..first + chunk::CHUNK_HEADER_LEN].try_into().unwrap();
+    header[6] = 0x82;
+    let crc = crc32fast::hash(&header[0..40]);
+    header[40..44].copy_from_slice(&crc.to_le_bytes());
+    assert_eq!(
+        ChunkHeader::decode(&header).unwrap_err(),
+        "unknown chunk flags 0x82 (this memwatch knows only 0x01: a newer memwatch wrote it?)"
+    );
+    bytes[first..first + chunk::CHUNK_HEADER_LEN].copy_from_slice(&header);
+    let err = TraceReader::from_bytes(bytes, "m")
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown chunk flags 0x82"), "{err}");
+}
+
+/// Where the first chunk starts: after the file header.
+fn r_first_chunk_offset(bytes: &[u8]) -> usize {
+    TraceReader::from_bytes(bytes.to_vec(), "m").unwrap().chunks()[0].offset as usize
+}
