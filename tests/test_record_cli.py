@@ -3,6 +3,7 @@ what the program really held, byte for byte."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -66,6 +67,35 @@ def test_state_at_an_earlier_seq_equals_the_copy_saved_then(recorded):
     t = memwatch.open_trace(d / "train.mwt")
     assert t.state("layer1_weight", at=mid_seq).tobytes() == np.load(d / "train_w1_mid.npy").tobytes()
     assert t.state("step").tolist() == [STEPS]
+
+
+def test_state_and_blame_at_a_time(recorded):
+    d, _ = recorded
+    t = memwatch.open_trace(d / "train.mwt")
+    w = t.changes(tag="layer1_weight")
+    mid = w[STEPS // 2]
+    saved = np.load(d / "train_w1_mid.npy").tobytes()
+    # Times are since the trace started (a Change's time_ns is wall-clock).
+    start = t.meta["start_time_ns"]
+    at = mid.time_ns - start
+    # A time names the last event at or before it: here the change itself.
+    assert t.state("layer1_weight", at=f"{at}ns").tobytes() == saved
+    assert t.state("layer1_weight", at=str(mid.seq)).tobytes() == saved
+    # Between this change and the next update of w1, only `step` changes.
+    nxt = w[STEPS // 2 + 1]
+    just_before = datetime.timedelta(microseconds=(nxt.time_ns - start - 1) // 1000)
+    if just_before // datetime.timedelta(microseconds=1) * 1000 >= at:
+        assert t.state("layer1_weight", at=just_before).tobytes() == saved
+    before = t.state("layer1_weight", at=f"{at - 1}ns").tobytes()
+    assert before != saved and before == t.state("layer1_weight", at=w[STEPS // 2 - 1].seq).tobytes()
+    blamed = t.blame("layer1_weight", index=(0, 0), at=f"{at}ns")
+    assert blamed.seq == mid.seq and blamed.line == mid.line
+    with pytest.raises(ValueError, match="neither a seq"):
+        t.state("layer1_weight", at="soon")
+    with pytest.raises(TypeError, match=r"at= takes a seq \(int\), a time since the trace started"):
+        t.state("layer1_weight", at=1.5)
+    with pytest.raises(ValueError, match="before the trace started"):
+        t.state("layer1_weight", at=datetime.timedelta(seconds=-1))
 
 
 def test_query_filters_and_formats(recorded):

@@ -29,6 +29,8 @@ pub mod state;
 pub mod summary;
 mod text;
 
+pub use text::{parse_point, Point};
+
 /// `memwatch`: record and replay memory changes in Python programs.
 #[derive(Debug, Parser)]
 #[command(name = "memwatch", version, about, long_about = None, propagate_version = true)]

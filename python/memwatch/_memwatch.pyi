@@ -1,5 +1,6 @@
 """Type stubs for the native module ``memwatch._memwatch`` (built from recorder/)."""
 
+import datetime
 from os import PathLike
 from typing import Any, Literal, TypedDict
 
@@ -138,9 +139,13 @@ class Trace:
         seq: tuple[int, int] | None = None,
         limit: int | None = None,
     ) -> list[Change]: ...
-    def state(self, tag: str, at: int | None = None) -> Any: ...
+    def state(self, tag: str, at: int | str | datetime.timedelta | None = None) -> Any: ...
     def blame(
-        self, tag: str, index: int | tuple[int, ...] | None = None, offset: int | None = None, at: int | None = None
+        self,
+        tag: str,
+        index: int | tuple[int, ...] | None = None,
+        offset: int | None = None,
+        at: int | str | datetime.timedelta | None = None,
     ) -> Change | None: ...
     def to_pandas(self, elements: bool = False, tag: str | None = None) -> Any: ...
 

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use memwatch_analyzer::{self as analyzer, ChangeRow, Filter, RegionInfo, What};
+use memwatch_cli::{parse_point, Point};
 use memwatch_format::TraceReader;
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
@@ -19,11 +20,45 @@ fn analyzer_error(e: analyzer::Error) -> PyErr {
     match e {
         analyzer::Error::Format(f) => trace_error(f),
         e @ analyzer::Error::UnknownTag { .. } => PyKeyError::new_err(e.to_string()),
-        e @ (analyzer::Error::SeqOutOfRange { .. } | analyzer::Error::OutOfRegion { .. }) => {
-            PyValueError::new_err(e.to_string())
-        }
+        e @ (analyzer::Error::SeqOutOfRange { .. }
+        | analyzer::Error::TimeOutOfRange { .. }
+        | analyzer::Error::OutOfRegion { .. }) => PyValueError::new_err(e.to_string()),
         e => MemwatchError::new_err(e.to_string()),
     }
+}
+
+/// A point of `Trace.state`/`blame`'s `at=`: a seq (an int), a time since
+/// the trace started (a `datetime.timedelta`, or text with a unit as the
+/// command line takes it: `"2.5s"`, `"150ms"`), or text holding a seq.
+fn point_of(at: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Point>> {
+    let Some(at) = at else {
+        return Ok(None);
+    };
+    if let Ok(seq) = at.extract::<u64>() {
+        return Ok(Some(Point::Seq(seq)));
+    }
+    if let Ok(text) = at.extract::<String>() {
+        return parse_point(&text).map(Some).map_err(PyValueError::new_err);
+    }
+    let timedelta = at.py().import("datetime")?.getattr("timedelta")?;
+    if at.is_instance(&timedelta)? {
+        let (days, secs, micros): (i64, i64, i64) = (
+            at.getattr("days")?.extract()?,
+            at.getattr("seconds")?.extract()?,
+            at.getattr("microseconds")?.extract()?,
+        );
+        let us = (days * 86_400 + secs) as i128 * 1_000_000 + micros as i128;
+        return u64::try_from(us * 1_000)
+            .map(|ns| Some(Point::Time(ns)))
+            .map_err(|_| {
+                PyValueError::new_err(format!("at={at} is before the trace started: give a time >= 0"))
+            });
+    }
+    Err(pyo3::exceptions::PyTypeError::new_err(format!(
+        "at= takes a seq (int), a time since the trace started (datetime.timedelta, or text like \"2.5s\" or \"150ms\"), \
+         not {}",
+        at.get_type().name()?
+    )))
 }
 
 fn layout_of(r: &RegionInfo) -> Layout {
@@ -152,11 +187,22 @@ impl Trace {
 
     /// The region's contents after event `at` (default: the end), as a
     /// numpy array with the recorded dtype and shape (`bytes` when the
-    /// region has no dtype or numpy is missing).
+    /// region has no dtype or numpy is missing). `at` is a seq (int) or a
+    /// time since the trace started (`datetime.timedelta`, or `"2.5s"`):
+    /// the last event at or before it.
     #[pyo3(signature = (tag, at=None))]
-    fn state<'py>(&self, py: Python<'py>, tag: &str, at: Option<u64>) -> PyResult<Bound<'py, PyAny>> {
+    fn state<'py>(
+        &self,
+        py: Python<'py>,
+        tag: &str,
+        at: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let at = point_of(at.as_ref())?;
         let st = py
-            .detach(|| analyzer::state(&self.reader, tag, at))
+            .detach(|| {
+                let at = at.map(|p| p.seq(&self.reader)).transpose()?;
+                analyzer::state(&self.reader, tag, at)
+            })
             .map_err(analyzer_error)?;
         let raw = PyBytes::new(py, &st.data);
         let Some(dtype) = st.region.dtype.as_deref() else {
@@ -185,8 +231,9 @@ impl Trace {
         arr.call_method0("copy")
     }
 
-    /// The last change (up to `at`) that wrote element `index` (an int or a
-    /// tuple) or byte `offset` of the region; `None` if nothing did.
+    /// The last change (up to `at`, as in [`state`](Self::state)) that
+    /// wrote element `index` (an int or a tuple) or byte `offset` of the
+    /// region; `None` if nothing did.
     #[pyo3(signature = (tag, index=None, offset=None, at=None))]
     fn blame(
         &self,
@@ -194,8 +241,12 @@ impl Trace {
         tag: &str,
         index: Option<Bound<'_, PyAny>>,
         offset: Option<u64>,
-        at: Option<u64>,
+        at: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Option<Py<Change>>> {
+        let at = point_of(at.as_ref())?;
+        let at = py
+            .detach(|| at.map(|p| p.seq(&self.reader)).transpose())
+            .map_err(analyzer_error)?;
         let st = py
             .detach(|| analyzer::state(&self.reader, tag, at))
             .map_err(analyzer_error)?;
