@@ -56,19 +56,50 @@ pub struct Args {
     pub output: Option<PathBuf>,
 }
 
-/// Every element's index and bytes, in C order.
-fn elements<'a>(region: &RegionInfo, data: &'a [u8]) -> Vec<(Vec<u64>, &'a [u8])> {
+/// Calls `f` with each element's index and bytes, in C order, without
+/// building a list of them (a region can hold hundreds of millions). A
+/// contiguous region is walked in memory order with the index counted up
+/// in place; a strided one element by element.
+fn for_each_element(
+    region: &RegionInfo,
+    data: &[u8],
+    mut f: impl FnMut(&[u64], &[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let shape = shape_of(region);
-    c_order(&shape)
-        .filter_map(|idx| {
-            let (a, b) = element_bytes(region, &idx).ok()?;
-            ((b as usize) <= data.len()).then(|| (idx, &data[a as usize..b as usize]))
-        })
-        .collect()
+    if !region.strides.is_empty() {
+        for idx in c_order(&shape) {
+            if let Ok((a, b)) = element_bytes(region, &idx) {
+                if (b as usize) <= data.len() {
+                    f(&idx, &data[a as usize..b as usize])?;
+                }
+            }
+        }
+        return Ok(());
+    }
+    let itemsize = region.itemsize.max(1) as usize;
+    let count: u64 = shape.iter().product();
+    let mut idx = vec![0u64; shape.len()];
+    let mut at = region.origin as usize;
+    for _ in 0..count {
+        let Some(b) = data.get(at..at + itemsize) else {
+            break;
+        };
+        f(&idx, b)?;
+        at += itemsize;
+        for d in (0..idx.len()).rev() {
+            idx[d] += 1;
+            if idx[d] < shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    Ok(())
 }
 
-/// A `.npy` (version 1.0) file of the region's elements in C order.
-pub fn npy(region: &RegionInfo, data: &[u8]) -> Vec<u8> {
+/// The `.npy` (version 1.0) header for the region: magic, version, length
+/// and the padded dict.
+fn npy_header(region: &RegionInfo) -> Vec<u8> {
     let (descr, shape): (String, Vec<u64>) = match &region.dtype {
         Some(d) => (d.to_string(), shape_of(region)),
         None => ("|u1".into(), vec![region.len]),
@@ -84,60 +115,157 @@ pub fn npy(region: &RegionInfo, data: &[u8]) -> Vec<u8> {
     let total = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));
     header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + data.len());
+    let mut out = Vec::with_capacity(10 + header.len());
     out.extend_from_slice(b"\x93NUMPY\x01\x00");
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
-    if region.dtype.is_some() {
-        for (_, b) in elements(region, data) {
-            out.extend_from_slice(b);
-        }
-    } else {
-        out.extend_from_slice(data);
-    }
     out
+}
+
+/// Writes the region's elements in C order as a `.npy` (version 1.0) file.
+pub fn write_npy(region: &RegionInfo, data: &[u8], w: &mut dyn Write) -> std::io::Result<()> {
+    w.write_all(&npy_header(region))?;
+    if region.dtype.is_none() {
+        return w.write_all(data);
+    }
+    let itemsize = region.itemsize.max(1) as usize;
+    let count = shape_of(region).iter().product::<u64>() as usize;
+    let start = region.origin as usize;
+    // Contiguous and whole: the bytes as they are.
+    match data.get(start..start + count * itemsize) {
+        Some(bytes) if region.strides.is_empty() => w.write_all(bytes),
+        _ => for_each_element(region, data, |_, b| w.write_all(b)),
+    }
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     let reader = TraceReader::open(&args.trace)?;
     let at = args.at.map(|p| p.seq(&reader)).transpose()?;
     let st = state(&reader, &args.tag, at)?;
-    let mut buf: Vec<u8> = Vec::new();
-    match args.format {
-        Format::Raw => buf = st.data.clone(),
-        Format::Npy => buf = npy(&st.region, &st.data),
+    let dtype = st.region.dtype.as_deref();
+    if args.format == Format::Values && dtype.is_none() {
+        anyhow::bail!(
+            "{:?} has no dtype (plain bytes): use --format hex or raw",
+            st.region.tag
+        );
+    }
+    // Streamed: a 100 MB region is millions of lines, and `| head` stops
+    // the writing (a closed stdout is not an error, see `crate::run`).
+    let sink: Box<dyn Write + '_> = match &args.output {
+        Some(p) => {
+            Box::new(std::fs::File::create(p).with_context(|| format!("cannot write {}", p.display()))?)
+        }
+        None => Box::new(out),
+    };
+    let mut w = std::io::BufWriter::with_capacity(1 << 16, sink);
+    let written = write_state(&st, args.format, dtype, &mut w).and_then(|()| w.flush());
+    match (&args.output, written) {
+        (Some(p), Err(e)) => Err(e).with_context(|| format!("cannot write {}", p.display())),
+        (None, Err(e)) => Err(e.into()),
+        (_, Ok(())) => Ok(0),
+    }
+}
+
+fn write_state(
+    st: &memwatch_analyzer::State,
+    format: Format,
+    dtype: Option<&str>,
+    w: &mut dyn Write,
+) -> std::io::Result<()> {
+    match format {
+        Format::Raw => w.write_all(&st.data),
+        Format::Npy => write_npy(&st.region, &st.data, w),
         Format::Hex => {
             writeln!(
-                buf,
+                w,
                 "# {} after seq {}: {} bytes at {:#x} (rebuilt from the snapshot at seq {} and {} changes)",
                 st.region.tag, st.at_seq, st.region.len, st.region.address, st.from_snapshot, st.replayed
             )?;
             for (i, line) in st.data.chunks(16).enumerate() {
-                let hex: Vec<String> = line.iter().map(|b| format!("{b:02x}")).collect();
-                writeln!(buf, "{:08x}  {}", i * 16, hex.join(" "))?;
+                write!(w, "{:08x} ", i * 16)?;
+                for b in line {
+                    write!(w, " {b:02x}")?;
+                }
+                writeln!(w)?;
             }
+            Ok(())
         }
         Format::Values => {
-            let Some(dtype) = st.region.dtype.as_deref() else {
-                anyhow::bail!(
-                    "{:?} has no dtype (plain bytes): use --format hex or raw",
-                    st.region.tag
-                );
-            };
-            for (idx, b) in elements(&st.region, &st.data) {
-                let i: Vec<String> = idx.iter().map(u64::to_string).collect();
-                writeln!(
-                    buf,
-                    "[{}] {}",
-                    i.join(", "),
-                    element(dtype, b).unwrap_or_else(|| format!("0x{}", crate::text::hex(b, 0)))
-                )?;
-            }
+            let dtype = dtype.unwrap_or("|u1");
+            for_each_element(&st.region, &st.data, |idx, b| {
+                w.write_all(b"[")?;
+                for (k, i) in idx.iter().enumerate() {
+                    if k > 0 {
+                        w.write_all(b", ")?;
+                    }
+                    write!(w, "{i}")?;
+                }
+                match element(dtype, b) {
+                    Some(v) => writeln!(w, "] {v}"),
+                    None => writeln!(w, "] 0x{}", crate::text::hex(b, 0)),
+                }
+            })
         }
     }
-    match &args.output {
-        Some(p) => std::fs::write(p, &buf).with_context(|| format!("cannot write {}", p.display()))?,
-        None => out.write_all(&buf)?,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(shape: &[u64], strides: &[i64], origin: u64) -> RegionInfo {
+        RegionInfo {
+            region: 1,
+            tag: "t".into(),
+            variable: None,
+            address: 0,
+            len: 64,
+            dtype: Some("|u1".into()),
+            itemsize: 1,
+            shape: shape.to_vec(),
+            strides: strides.to_vec(),
+            origin,
+            watched_seq: 1,
+            unwatched_seq: None,
+        }
     }
-    Ok(0)
+
+    fn walk(r: &RegionInfo, data: &[u8]) -> Vec<(Vec<u64>, u8)> {
+        let mut got = Vec::new();
+        for_each_element(r, data, |idx, b| {
+            got.push((idx.to_vec(), b[0]));
+            Ok(())
+        })
+        .unwrap();
+        got
+    }
+
+    /// The in-place walk of a contiguous region gives what indexing each
+    /// element gives, in the same order.
+    #[test]
+    fn elements_are_walked_in_c_order_with_their_bytes() {
+        let data: Vec<u8> = (0..64).collect();
+        for r in [
+            region(&[2, 3], &[], 5),
+            region(&[4], &[], 0),
+            region(&[2, 3], &[1, 8], 0),
+            region(&[3, 2], &[-16, 2], 40),
+        ] {
+            let want: Vec<(Vec<u64>, u8)> = c_order(&shape_of(&r))
+                .map(|idx| {
+                    let (a, _) = element_bytes(&r, &idx).unwrap();
+                    (idx, data[a as usize])
+                })
+                .collect();
+            assert_eq!(walk(&r, &data), want, "{:?} {:?}", r.shape, r.strides);
+        }
+        // Contents cut short (a damaged trace): the walk stops, no panic.
+        assert_eq!(walk(&region(&[2, 3], &[], 60), &data).len(), 4);
+        // npy: the header, then the elements in C order.
+        let r = region(&[2, 2], &[1, 2], 0);
+        let mut npy = Vec::new();
+        write_npy(&r, &data, &mut npy).unwrap();
+        assert_eq!(&npy[npy.len() - 4..], &[0, 2, 1, 3]);
+        assert_eq!(npy.len() % 64, 4);
+    }
 }
