@@ -96,6 +96,24 @@ def test_slots(changes):
     ]
 
 
+def test_a_c_type_exposing_its_dict_as_a_member_reports_each_change_once(changes):
+    # types.SimpleNamespace has a `__dict__` member descriptor: it is the
+    # attributes, not a slot holding a dict (each write was reported twice).
+    import types
+
+    ns = types.SimpleNamespace(step=0)
+    memwatch.watch_object(ns, name="ns")
+    ns.step = 1; l1 = here()  # noqa: E702
+    ns.lr = 0.5; l2 = here()  # noqa: E702
+    del ns.step; l3 = here()  # noqa: E702
+    memwatch.check()
+    assert seen(changes) == [
+        ("setattr", ".step", "0", "1", l1),
+        ("setattr", ".lr", None, "0.5", l2),
+        ("delattr", ".step", "1", None, l3),
+    ]
+
+
 def test_dict_items(changes):
     d = {"a": 1, "b": 2}
     memwatch.watch_object(d)

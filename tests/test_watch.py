@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -215,6 +216,29 @@ def test_write_from_a_thread_is_attributed_to_that_thread(changes):
     assert c.ranges == [(5, b"\x00", b"\x09")]
     assert (c.line, c.function) == (lines[0], "test_write_from_a_thread_is_attributed_to_that_thread.<locals>.writer")
     assert (c.thread_name, c.thread_id) == ("writer-1", t.native_id)
+
+
+def test_a_renamed_thread_shows_its_new_name(changes):
+    buf = bytearray(16)
+    memwatch.watch(buf, name="buf")
+    cfg = types.SimpleNamespace(step=0)
+    memwatch.watch_object(cfg, name="cfg")
+
+    def writer():
+        buf[0] = 1
+        cfg.step = 1
+        threading.current_thread().name = "renamed"
+        buf[0] = 2
+        cfg.step = 2
+
+    t = threading.Thread(target=writer, name="first")
+    t.start()
+    t.join()
+    memwatch.check()
+    got = sorted((c.tag, c.seq, c.thread_name) for c in changes)
+    assert [(tag, name) for tag, _, name in got] == [
+        ("buf", "first"), ("buf", "renamed"), ("cfg", "first"), ("cfg", "renamed"),
+    ]
 
 
 def test_a_thread_started_before_watching_is_attributed_to_it(changes):

@@ -85,6 +85,11 @@ def _slots_of(obj: Any) -> list[tuple[str, Any]]:
                 if key in seen:
                     continue
                 seen.add(key)
+                # C types such as types.SimpleNamespace expose their instance
+                # dict as a member named __dict__: it is the attributes,
+                # watched as such, not a slot holding a dict.
+                if key in ("__dict__", "__weakref__"):
+                    continue
                 if isinstance(value, types.MemberDescriptorType):
                     found.append((key, value))
         _SLOTS[cls] = found

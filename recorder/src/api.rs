@@ -106,11 +106,11 @@ pub(crate) fn raw_frames(py: Python<'_>) -> Vec<(Bound<'_, PyAny>, u32)> {
         // (or NULL for no back frame).
         let (code, line, back) = unsafe {
             let code = Bound::<PyAny>::from_owned_ptr(py, ffi::PyFrame_GetCode(fp).cast());
-            let line = ffi::PyFrame_GetLineNumber(fp);
+            let line = line_of(&code, fp);
             let back = ffi::PyFrame_GetBack(fp);
             (code, line, back)
         };
-        out.push((code, line.max(0) as u32));
+        out.push((code, line));
         if back.is_null() || out.len() >= 256 {
             if !back.is_null() {
                 // SAFETY: `back` is a new reference we do not use.
@@ -122,6 +122,49 @@ pub(crate) fn raw_frames(py: Python<'_>) -> Vec<(Bound<'_, PyAny>, u32)> {
         frame = unsafe { Bound::from_owned_ptr(py, back.cast()) };
     }
     out
+}
+
+thread_local! {
+    /// Lines of `(code, instruction offset)` already looked up: finding a
+    /// line walks the code object's line table, and the same few places
+    /// (a loop storing to a watched object) come back again and again. The
+    /// code object is held so that its address cannot be reused for another
+    /// while it is here; the table stops growing at `LINES_MAX` entries.
+    static LINES: std::cell::RefCell<LineCache> = std::cell::RefCell::new(LineCache::new());
+}
+
+/// `(code address, instruction offset)` to `(code object, line)`.
+type LineCache = std::collections::HashMap<(usize, i32), (Py<PyAny>, i32)>;
+
+const LINES_MAX: usize = 4096;
+
+/// The line frame `fp` (running `code`) is at. Runs no Python code.
+///
+/// # Safety
+/// `fp` is a live frame whose code object is `code`; the GIL is held.
+unsafe fn line_of(code: &Bound<'_, PyAny>, fp: *mut ffi::PyFrameObject) -> u32 {
+    // SAFETY: as the caller promises.
+    let lasti = unsafe { ffi::PyFrame_GetLasti(fp) };
+    let key = (code.as_ptr() as usize, lasti);
+    if lasti >= 0 {
+        if let Some(line) = LINES.with(|l| l.borrow().get(&key).map(|e| e.1)) {
+            return line.max(0) as u32;
+        }
+    }
+    // SAFETY: as the caller promises.
+    let line = unsafe { ffi::PyFrame_GetLineNumber(fp) };
+    if lasti >= 0 {
+        LINES.with(|l| {
+            let mut l = l.borrow_mut();
+            // Full: later places are looked up every time. (Emptying it
+            // here would release code objects, which may run Python code,
+            // and this runs inside the dict watcher callback.)
+            if l.len() < LINES_MAX {
+                l.insert(key, (code.clone().unbind(), line));
+            }
+        });
+    }
+    line.max(0) as u32
 }
 
 /// A frame of `raw_frames`, with its code object's file and function.
@@ -231,12 +274,41 @@ fn check_and_emit(py: Python<'_>, last: (usize, u32)) {
     }
 }
 
+thread_local! {
+    /// This thread's `threading.Thread`, the name object it had when last
+    /// read, and that name as text.
+    static THREAD_NAME: std::cell::RefCell<Option<NameSeen>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A thread object, its name object when read and that name as text.
+type NameSeen = (Py<PyAny>, Py<PyAny>, String);
+
+/// The calling thread's `threading` name. `current_thread()` is called once
+/// per thread; after that the thread object's name is read and compared
+/// with the one seen last (`Thread.name` is a property around `_name`), so
+/// renaming a thread shows at its next change.
 pub(crate) fn thread_name(py: Python<'_>) -> String {
     guarded(|| {
-        monitor::hooks()
-            .and_then(|h| h.current_thread.bind(py).call0())
-            .and_then(|t| t.getattr("name")?.extract())
-            .unwrap_or_else(|_| "?".into())
+        let cached = THREAD_NAME.with(|c| {
+            let c = c.borrow();
+            let (thread, name, text) = c.as_ref()?;
+            let now = thread.bind(py).getattr(pyo3::intern!(py, "_name")).ok()?;
+            now.is(name.bind(py)).then(|| text.clone())
+        });
+        if let Some(text) = cached {
+            return text;
+        }
+        let read = || -> PyResult<String> {
+            let thread = monitor::hooks()?.current_thread.bind(py).call0()?;
+            let name = match thread.getattr(pyo3::intern!(py, "_name")) {
+                Ok(n) => n,
+                Err(_) => thread.getattr("name")?,
+            };
+            let text: String = name.extract()?;
+            THREAD_NAME.with(|c| *c.borrow_mut() = Some((thread.unbind(), name.unbind(), text.clone())));
+            Ok(text)
+        };
+        read().unwrap_or_else(|_| "?".into())
     })
 }
 

@@ -796,9 +796,11 @@ fn bounded_repr(py: Python<'_>, value: &Bound<'_, PyAny>, limit: usize) -> Strin
     };
     if scalar {
         if let Ok(r) = value.repr() {
-            let r = r.to_string();
-            if r.chars().count() <= limit {
-                return r;
+            if let Ok(text) = r.to_str() {
+                // Bytes bound characters: count them only when it matters.
+                if text.len() <= limit || text.chars().count() <= limit {
+                    return text.to_owned();
+                }
             }
         }
     }
