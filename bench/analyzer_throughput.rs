@@ -206,8 +206,9 @@ fn main() {
             .unwrap();
             assert_eq!(got, rows);
         });
+        let size = std::fs::metadata(dir.join("c.out")).map_or(0, |m| m.len());
         println!(
-            "export to {name}: {:.2} M rows/s over {rows} rows{}, {:.2} M per CPU-second; load {}",
+            "export to {name}: {:.2} M rows/s over {rows} rows{}, {:.2} M per CPU-second; {:.1} MB; load {}",
             rate(rows, exp),
             if format == ExportFormat::Parquet {
                 " (target >= 5)"
@@ -215,6 +216,7 @@ fn main() {
                 ""
             },
             rate(rows, exp_cpu),
+            size as f64 / 1e6,
             load()
         );
     }

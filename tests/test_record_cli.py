@@ -273,6 +273,50 @@ def test_export_parquet_loads_in_pandas_with_the_recorded_values(recorded):
     assert len(t.to_pandas(elements=True, tag="step")) == STEPS
 
 
+def test_a_long_export_spans_row_groups_and_a_failed_one_leaves_no_file(tmp_path):
+    # More rows than one batch (a Parquet row group, 262,144 rows): every
+    # row comes back, in seq order, with its value.
+    pd = pytest.importorskip("pandas")
+    n = 300_000
+    p = script(
+        tmp_path,
+        f"""
+        import memwatch
+        memwatch.configure(live=False)
+        memwatch.start("long.mwt")
+        buf = bytearray(4)
+        memwatch.watch(buf, name="buf")
+        for i in range(1, {n} + 1):
+            buf[0:3] = i.to_bytes(3, "little")
+        memwatch.stop()
+        """,
+    )
+    subprocess.run([sys.executable, str(p)], cwd=tmp_path, check=True)
+    out = mw("export", "long.mwt", "-o", "long.parquet", cwd=tmp_path).stdout.strip()
+    assert out == f"wrote {n} rows to long.parquet"
+    df = pd.read_parquet(tmp_path / "long.parquet", columns=["seq", "new"])
+    assert len(df) == n and df.seq.is_monotonic_increasing
+    # Each change's new bytes are the run that changed: the low byte and
+    # those a carry reached.
+    def run(i):
+        old, new = (i - 1).to_bytes(3, "little"), i.to_bytes(3, "little")
+        k = max(j for j in range(3) if old[j] != new[j]) + 1
+        return new[:k]
+
+    assert list(df.new) == [run(i) for i in range(1, n + 1)]
+    mw("export", "long.mwt", "-o", "long.csv", cwd=tmp_path)
+    assert len((tmp_path / "long.csv").read_text().splitlines()) == n + 1
+    # A failed export (a tag the trace lacks) leaves no file, and an
+    # earlier file under that name as it was.
+    r = mw("export", "long.mwt", "-o", "none.parquet", "--tag", "nope", cwd=tmp_path, check=False)
+    assert r.returncode == 1 and "no tag" in r.stderr
+    assert not (tmp_path / "none.parquet").exists()
+    before = (tmp_path / "long.csv").read_bytes()
+    r = mw("export", "long.mwt", "-o", "long.csv", "--tag", "nope", cwd=tmp_path, check=False)
+    assert r.returncode == 1 and (tmp_path / "long.csv").read_bytes() == before
+    assert sorted(x.name for x in tmp_path.iterdir() if "partial" in x.name) == []
+
+
 def rows_line(text: str) -> int:
     return next(i for i, s in enumerate(TRAIN.read_text().splitlines(), 1) if s.strip() == text)
 
