@@ -463,6 +463,12 @@ def test_recorded_changes_reach_query_reader_and_export(changes, tmp_path):
         ("append", ".layers[2]", None, "3", l2),
     ]
     assert got[0].function == "test_recorded_changes_reach_query_reader_and_export"
+    # The variable the object was watched through is in the trace too.
+    assert [c.variable for c in got] == ["cfg", "cfg"]
+    table = subprocess.run(
+        [str(BIN / "memwatch"), "query", str(trace), "--tag", "cfg"], capture_output=True, text=True, timeout=60
+    ).stdout.splitlines()
+    assert table[0].split()[3] == "variable" and [row.split()[3] for row in table[1:]] == ["cfg", "cfg"]
     r = subprocess.run(
         [str(BIN / "memwatch"), "query", str(trace), "--tag", "cfg", "--format", "csv"],
         capture_output=True,
@@ -477,3 +483,4 @@ def test_recorded_changes_reach_query_reader_and_export(changes, tmp_path):
     assert list(df["key"]) == [".lr", ".layers[2]"]
     assert list(df["new_repr"]) == ["0.2", "3"]
     assert list(df["line"]) == [l1, l2]
+    assert list(df["variable"]) == ["cfg", "cfg"]

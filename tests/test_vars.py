@@ -165,7 +165,9 @@ def test_record_vars_needs_no_change_to_the_program(tmp_path):
     ]
     q = run([str(BIN / "memwatch"), "query", str(trace), "--tag", "lr", "--format", "jsonl"])
     assert q.returncode == 0, q.stderr
-    assert [json.loads(line)["kind"] for line in q.stdout.splitlines()] == ["rebind"] * 3
+    rows = [json.loads(line) for line in q.stdout.splitlines()]
+    assert [(r["kind"], r["variable"]) for r in rows] == [("rebind", "lr")] * 3
+    assert [c.variable for c in t.changes()] == ["lr"] * 3
 
 
 COVERED = """\

@@ -270,7 +270,7 @@ fn object_ref<'a>(syms: &'a Symbols, o: &ObjectChange<'a>, tag: &'a str) -> Chan
         time_ns: o.ctx.time_ns,
         thread: o.ctx.thread,
         tag,
-        variable: None,
+        variable: syms.object_variable(o.tag),
         thread_name: syms.string(o.ctx.thread_name),
         frame: syms.frame(o.ctx.frame),
         region: None,

@@ -130,6 +130,9 @@ pub struct Symbols {
     stacks: IdMap<Vec<Id>>,
     regions: IdMap<RegionInfo>,
     object_tags: std::collections::BTreeSet<String>,
+    /// By tag string id: the variable its object changes come through
+    /// (`ObjectVariable` records, format version 2 on).
+    object_variables: IdMap<Option<Arc<str>>>,
 }
 
 impl Symbols {
@@ -179,6 +182,9 @@ impl Symbols {
                     r.unwatched_seq = Some(u.seq);
                 }
             }
+            Record::ObjectVariable(v) => {
+                self.object_variables.insert(v.tag, v.variable.map(Arc::from));
+            }
             _ => {}
         }
     }
@@ -211,6 +217,13 @@ impl Symbols {
     /// The frame ids of stack `id`, innermost first.
     pub fn stack_ids(&self, id: Id) -> Option<&[Id]> {
         self.stacks.get(id).map(|v| v.as_slice())
+    }
+
+    /// The variable the object changes of the tag with string id `tag`
+    /// come through, as last defined (`None` before format version 2).
+    #[inline]
+    pub fn object_variable(&self, tag: Id) -> Option<&str> {
+        self.object_variables.get(tag).and_then(|v| v.as_deref())
     }
 
     /// What the trace said about region `region` when it was watched.

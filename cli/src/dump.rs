@@ -287,6 +287,12 @@ pub fn format_record(rec: &Record<'_>, syms: &Symbols, max_bytes: usize, line: &
             Ok(())
         }
         Record::Checkpoint(c) => write!(line, "{kind} region={} at_seq={}", c.region, c.at_seq),
+        Record::ObjectVariable(v) => write!(
+            line,
+            "{kind} tag={} variable={}",
+            opt_word(syms.string(v.tag)),
+            opt_word(v.variable)
+        ),
         Record::Lost(l) => write!(
             line,
             "{kind} after_seq={} events={} reason={}",

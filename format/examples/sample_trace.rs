@@ -2,8 +2,8 @@
 //!
 //! `cargo run -p memwatch-format --example sample_trace -- OUT.mwt [--chunk-bytes N]`
 //!
-//! Regenerates the golden file with
-//! `cargo run -p memwatch-format --example sample_trace -- format/tests/data/v1-sample.mwt --chunk-bytes 256`.
+//! Regenerates the golden file of the current version with
+//! `cargo run -p memwatch-format --example sample_trace -- format/tests/data/v2-sample.mwt --chunk-bytes 256`.
 
 use std::process::ExitCode;
 
@@ -36,7 +36,8 @@ fn main() -> ExitCode {
     };
     let run = || -> memwatch_format::Result<()> {
         let mut w = TraceWriter::create(&out, &sample::sample_meta(), opts)?;
-        sample::write_sample(&mut w)?;
+        let seq = sample::write_sample(&mut w)?;
+        sample::write_v2_additions(&mut w, seq)?;
         let (_, stats) = w.finish(50_000)?;
         println!(
             "wrote {out}: {} records in {} chunks, {} bytes",

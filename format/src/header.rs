@@ -21,8 +21,10 @@ use crate::error::{Error, Result};
 /// ^Z / LF tail catch 7-bit and newline-translating transfers, as PNG does.
 pub const MAGIC: [u8; 8] = *b"\x89MWT\r\n\x1a\n";
 
-/// The format version this build writes, and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes, and the newest it reads. It reads
+/// every older one too: version 2 added the `ObjectVariable` record (at the
+/// end of the `Record` enum), and nothing else.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Size of the fixed part of the header.
 pub const FIXED_HEADER_LEN: usize = 24;

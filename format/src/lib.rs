@@ -59,7 +59,8 @@ pub use header::{Header, Meta, FORMAT_VERSION, MAGIC};
 pub use reader::{ChunkInfo, DecodedChunk, Records, Tail, TraceReader, Views};
 pub use record::{
     ByteRange, Change, Checkpoint, Contents, Context, FrameDef, Id, Layout, Lost, ObjectChange,
-    ObjectChangeKind, Record, RegionUnwatched, RegionWatched, StackDef, StringDef, UnwatchReason, NO_ID,
+    ObjectChangeKind, ObjectVariable, Record, RegionUnwatched, RegionWatched, StackDef, StringDef,
+    UnwatchReason, NO_ID,
 };
 pub use view::{take_view, ChangeView, RangesIter, RangesView, RecordView};
 pub use writer::{Output, TraceWriter, WriterOptions, WriterStats, CONTENTS_PIECE, SEPARATE_CONTENTS};

@@ -57,6 +57,10 @@ pub enum Record<'a> {
     /// The recorder could not record some events; says how many.
     #[serde(borrow)]
     Lost(Lost<'a>),
+    /// Defines the Python variable a tag's object changes came through
+    /// (format version 2 on).
+    #[serde(borrow)]
+    ObjectVariable(ObjectVariable<'a>),
 }
 
 // changing this struct means bumping FORMAT_VERSION
@@ -348,6 +352,20 @@ pub struct Lost<'a> {
     pub reason: &'a str,
 }
 
+// changing this struct means bumping FORMAT_VERSION
+/// The variable that the object changes of a tag (`watch_object`,
+/// `watch_var`) came through, from here on: written before the first such
+/// change and again whenever it differs (a tag watched again through
+/// another name). A definition, like [`StringDef`]: it has no seq.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ObjectVariable<'a> {
+    /// String id of the tag.
+    pub tag: Id,
+    /// The variable, if the watch had one.
+    #[serde(borrow)]
+    pub variable: Option<&'a str>,
+}
+
 impl Record<'_> {
     /// The seq of an event record; `None` for definitions, contents,
     /// checkpoints and loss reports.
@@ -362,7 +380,8 @@ impl Record<'_> {
             | Record::Stack(_)
             | Record::Contents(_)
             | Record::Checkpoint(_)
-            | Record::Lost(_) => None,
+            | Record::Lost(_)
+            | Record::ObjectVariable(_) => None,
         }
     }
 
@@ -379,6 +398,7 @@ impl Record<'_> {
             Record::ObjectChange(_) => "OBJECT",
             Record::Checkpoint(_) => "CHECKPOINT",
             Record::Lost(_) => "LOST",
+            Record::ObjectVariable(_) => "OBJVAR",
         }
     }
 }

@@ -1,14 +1,16 @@
 //! A small, deterministic, synthetic trace: every record type once or more.
 //!
-//! The golden file `format/tests/data/v1-sample.mwt` is this trace, and
-//! `cargo run -p memwatch-format --example sample_trace -- OUT` writes it
+//! The golden file `format/tests/data/v1-sample.mwt` is this trace
+//! ([`write_sample`]); `v2-sample.mwt` is the same followed by what format
+//! version 2 added ([`write_v2_additions`]), and
+//! `cargo run -p memwatch-format --example sample_trace -- OUT` writes that
 //! again. It is made up (no process was recorded): a 4×4 float32
 //! `layer1_weight` updated over three steps, a `step` counter and a
 //! `config` object.
 
 use crate::{
-    ByteRange, Change, Checkpoint, Context, Layout, Lost, Meta, ObjectChange, ObjectChangeKind, Output,
-    Record, RegionUnwatched, RegionWatched, Result, TraceWriter, UnwatchReason,
+    ByteRange, Change, Checkpoint, Context, Layout, Lost, Meta, ObjectChange, ObjectChangeKind,
+    ObjectVariable, Output, Record, RegionUnwatched, RegionWatched, Result, TraceWriter, UnwatchReason,
 };
 
 /// The metadata of the sample trace.
@@ -174,6 +176,37 @@ pub fn write_sample<W: Output>(w: &mut TraceWriter<W>) -> Result<u64> {
         ctx: ctx(41_000, 100, main, train_main, main_stack),
         region: 1,
         reason: UnwatchReason::Shutdown,
+    }))?;
+    Ok(seq)
+}
+
+/// What format version 2 added, after [`write_sample`] (which returned
+/// `seq`): the `config` tag's variable, and one more change through it.
+/// Returns the last seq written.
+pub fn write_v2_additions<W: Output>(w: &mut TraceWriter<W>, mut seq: u64) -> Result<u64> {
+    let config = w.intern_str("config")?;
+    let main = w.intern_str("MainThread")?;
+    let frame = w.intern_frame("samples/train.py", "<module>", 61)?;
+    let stack = w.intern_stack(&[frame])?;
+    w.append(&Record::ObjectVariable(ObjectVariable {
+        tag: config,
+        variable: Some("cfg"),
+    }))?;
+    seq += 1;
+    w.append(&Record::ObjectChange(ObjectChange {
+        seq,
+        ctx: Context {
+            time_ns: 45_000,
+            thread: 100,
+            thread_name: main,
+            frame,
+            stack,
+        },
+        tag: config,
+        kind: ObjectChangeKind::SetAttr,
+        key: Some("lr"),
+        old: Some("0.0625"),
+        new: Some("0.03125"),
     }))?;
     Ok(seq)
 }

@@ -36,6 +36,20 @@ fn v1_sample_reads_back_exactly() {
 }
 
 #[test]
+fn v2_sample_reads_back_exactly() {
+    let reader = TraceReader::open(data("v2-sample.mwt")).unwrap();
+    assert_eq!(reader.header().version, 2);
+    assert_eq!(reader.tail(), Tail::Closed);
+    let (_, expected) = sample_bytes_of(256, true);
+    let got = read_all(&reader).unwrap();
+    assert_eq!(got, expected);
+    assert!(
+        got.contains(&r#"ObjectVariable(ObjectVariable { tag: 5, variable: Some("cfg") })"#.to_string()),
+        "{got:#?}"
+    );
+}
+
+#[test]
 fn v1_sample_first_change_has_the_recorded_values() {
     let reader = TraceReader::open(data("v1-sample.mwt")).unwrap();
     let mut first = None;

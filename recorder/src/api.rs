@@ -441,7 +441,7 @@ pub(crate) fn emit_object(py: Python<'_>, mut change: Change) {
                 thread_name: &change.thread_name,
                 stack: &change.stack,
             };
-            s.object_change(change.seq, &change.tag, info, &ev);
+            s.object_change(change.seq, &change.tag, change.variable.as_deref(), info, &ev);
         }
         let callbacks: Vec<Py<PyAny>> = st.callbacks.iter().map(|c| c.clone_ref(py)).collect();
         (callbacks, sk.is_some(), st.live, st.max_history)

@@ -15,8 +15,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use memwatch_format::{
-    ByteRange, Change, Checkpoint, Context, Layout as FmtLayout, Lost, Meta, ObjectChange, Record,
-    RegionUnwatched, RegionWatched, TraceWriter, UnwatchReason, WriterOptions,
+    ByteRange, Change, Checkpoint, Context, Layout as FmtLayout, Lost, Meta, ObjectChange, ObjectVariable,
+    Record, RegionUnwatched, RegionWatched, TraceWriter, UnwatchReason, WriterOptions,
 };
 
 use crate::change::FrameRef;
@@ -65,6 +65,8 @@ pub struct TraceSink {
     lost: u64,
     last_seq: u64,
     pub changes: u64,
+    /// By tag string id: the variable last written for its object changes.
+    object_variables: HashMap<u32, Option<String>>,
 }
 
 /// Nanoseconds since the Unix epoch.
@@ -90,6 +92,7 @@ impl TraceSink {
             lost: 0,
             last_seq: 0,
             changes: 0,
+            object_variables: HashMap::new(),
         })
     }
 
@@ -198,16 +201,25 @@ impl TraceSink {
     }
 
     /// A change of a watched Python object.
+    /// Records an object change of `tag`, which came through `variable`.
     pub fn object_change(
         &mut self,
         seq: u64,
         tag: &str,
+        variable: Option<&str>,
         info: &crate::change::ObjectInfo,
         ev: &EventContext<'_>,
     ) {
         self.guarded(seq, |s| {
             let ctx = s.ctx(ev)?;
             let tag = s.writer.intern_str(tag)?;
+            // The tag's variable, defined before its first change and again
+            // when it differs.
+            if s.object_variables.get(&tag).map(|v| v.as_deref()) != Some(variable) {
+                s.writer
+                    .append(&Record::ObjectVariable(ObjectVariable { tag, variable }))?;
+                s.object_variables.insert(tag, variable.map(String::from));
+            }
             s.writer.append(&Record::ObjectChange(ObjectChange {
                 seq,
                 ctx,

@@ -52,6 +52,7 @@ pub enum Owned {
         events: u64,
         reason: String,
     },
+    ObjectVariable(u32, Option<String>),
 }
 
 impl Owned {
@@ -148,6 +149,10 @@ impl Owned {
                 after_seq: *after_seq,
                 events: *events,
                 reason,
+            }),
+            Owned::ObjectVariable(tag, variable) => Record::ObjectVariable(ObjectVariable {
+                tag: *tag,
+                variable: variable.as_deref(),
             }),
         }
     }
@@ -288,6 +293,7 @@ pub fn owned_record() -> impl Strategy<Value = Owned> {
             events,
             reason,
         }),
+        (any::<u32>(), prop::option::of(text())).prop_map(|(tag, v)| Owned::ObjectVariable(tag, v)),
     ]
 }
 
@@ -323,6 +329,11 @@ pub fn debug_all(recs: &[Owned]) -> Vec<String> {
 
 /// The sample trace, written with small chunks so it has several.
 pub fn sample_bytes(chunk_bytes: usize) -> (Vec<u8>, Vec<String>) {
+    sample_bytes_of(chunk_bytes, false)
+}
+
+/// [`sample_bytes`], with `v2`: followed by what format version 2 added.
+pub fn sample_bytes_of(chunk_bytes: usize, v2: bool) -> (Vec<u8>, Vec<String>) {
     let mut w = TraceWriter::new(
         Vec::new(),
         "sample.mwt",
@@ -333,7 +344,10 @@ pub fn sample_bytes(chunk_bytes: usize) -> (Vec<u8>, Vec<String>) {
         },
     )
     .unwrap();
-    sample::write_sample(&mut w).unwrap();
+    let seq = sample::write_sample(&mut w).unwrap();
+    if v2 {
+        sample::write_v2_additions(&mut w, seq).unwrap();
+    }
     let (bytes, _) = w.finish(50_000).unwrap();
     let all = read_all(&TraceReader::from_bytes(bytes.clone(), "sample.mwt").unwrap()).unwrap();
     (bytes, all)
