@@ -174,7 +174,7 @@ def test_a_thread_storing_to_the_same_page_takes_no_credit_for_ours(changes, tmp
 
 @pytest.mark.xfail(
     strict=False,
-    reason="known, rare (seen in 1 of 24 runs once, then in none of 160): an element is reported "
+    reason="known, rare (seen in 1 of 24 runs once, then in none of 260): an element is reported "
     "going back to a value about 200 stores old while another thread stores to the same page; "
     "cause not found yet",
 )
