@@ -306,6 +306,9 @@ def test_a_long_export_spans_row_groups_and_a_failed_one_leaves_no_file(tmp_path
     assert list(df.new) == [run(i) for i in range(1, n + 1)]
     mw("export", "long.mwt", "-o", "long.csv", cwd=tmp_path)
     assert len((tmp_path / "long.csv").read_text().splitlines()) == n + 1
+    # A pipe is written as it is (no temporary file beside /dev/stdout).
+    piped = mw("export", "long.mwt", "-o", "/dev/stdout", "--format", "csv", cwd=tmp_path).stdout.splitlines()
+    assert piped[0].startswith("seq,") and len([x for x in piped if x[:1].isdigit()]) == n
     # A failed export (a tag the trace lacks) leaves no file, and an
     # earlier file under that name as it was.
     r = mw("export", "long.mwt", "-o", "none.parquet", "--tag", "nope", cwd=tmp_path, check=False)

@@ -518,7 +518,8 @@ const BATCH_ROWS: usize = 256 * 1024;
 /// each full batch into a row group (a `DataFrame`, encoded, compressed and
 /// written) while the scan fills the next. The file is written under a
 /// temporary name next to `path` and renamed at the end, so a failed export
-/// leaves no partial file (and an earlier file at `path` untouched).
+/// leaves no partial file (and an earlier file at `path` untouched); a
+/// device or pipe (`/dev/stdout`) is written directly.
 pub fn export(
     reader: &TraceReader,
     path: &Path,
@@ -533,9 +534,15 @@ pub fn export(
             source,
         })
     };
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(format!(".partial-{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
+    // A device or a pipe (`-o /dev/stdout`) is written as it is.
+    let direct = std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir());
+    let tmp = if direct {
+        path.to_path_buf()
+    } else {
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".partial-{}", std::process::id()));
+        path.with_file_name(name)
+    };
     let file = File::create(&tmp).map_err(io)?;
     let start_ns = reader.header().meta.start_time_ns;
     let written = match format {
@@ -544,16 +551,16 @@ pub fn export(
             export_text(reader, file, format, granularity, filter, progress, start_ns, &io)
         }
     };
-    match written {
-        Ok(rows) => {
-            std::fs::rename(&tmp, path).map_err(io)?;
-            Ok(rows)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
+    let done = match written {
+        Ok(rows) if direct => return Ok(rows),
+        Ok(rows) => std::fs::rename(&tmp, path).map(|()| rows).map_err(io),
+        Err(e) if direct => return Err(e),
+        Err(e) => Err(e),
+    };
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
+    done
 }
 
 /// zstd at level 1. Measured on 2M changes (bench/analyzer_throughput.rs,

@@ -289,14 +289,18 @@ type NameSeen = (Py<PyAny>, Py<PyAny>, String);
 /// renaming a thread shows at its next change.
 pub(crate) fn thread_name(py: Python<'_>) -> String {
     guarded(|| {
-        let cached = THREAD_NAME.with(|c| {
-            let c = c.borrow();
-            let (thread, name, text) = c.as_ref()?;
-            let now = thread.bind(py).getattr(pyo3::intern!(py, "_name")).ok()?;
-            now.is(name.bind(py)).then(|| text.clone())
+        // Copied out first: reading `_name` may run Python code (a
+        // subclass's property), which must not find the cell borrowed.
+        let seen = THREAD_NAME.with(|c| {
+            c.borrow()
+                .as_ref()
+                .map(|(t, n, s)| (t.clone_ref(py), n.clone_ref(py), s.clone()))
         });
-        if let Some(text) = cached {
-            return text;
+        if let Some((thread, name, text)) = seen {
+            let now = thread.bind(py).getattr(pyo3::intern!(py, "_name"));
+            if now.is_ok_and(|now| now.is(name.bind(py))) {
+                return text;
+            }
         }
         let read = || -> PyResult<String> {
             let thread = monitor::hooks()?.current_thread.bind(py).call0()?;
