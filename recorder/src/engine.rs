@@ -757,6 +757,30 @@ fn diff_into(r: &mut Region, from: usize, to: usize, ranges: &mut Vec<ChangedRan
     }
 }
 
+/// Whether every `N`-byte element of the 32-byte blocks `x` and `y`
+/// differs, a 64-bit word at a time: an element is equal where its lane of
+/// `x ^ y` is zero, and the classic "has a zero lane" test finds one
+/// (`(v - ones) & !v & highs` is non-zero exactly when some lane of `v` is
+/// zero).
+#[inline(always)]
+fn all_differ<const N: usize>(x: &[u8], y: &[u8]) -> bool {
+    let word = |s: &[u8], i: usize| u64::from_le_bytes(s[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    let lanes = |ones: u64, highs: u64| {
+        (0..4).all(|i| {
+            let v = word(x, i) ^ word(y, i);
+            v.wrapping_sub(ones) & !v & highs == 0
+        })
+    };
+    match N {
+        1 => lanes(0x0101_0101_0101_0101, 0x8080_8080_8080_8080),
+        2 => lanes(0x0001_0001_0001_0001, 0x8000_8000_8000_8000),
+        4 => lanes(0x0000_0001_0000_0001, 0x8000_0000_8000_0000),
+        8 => (0..4).all(|i| word(x, i) != word(y, i)),
+        16 => (0..2).all(|i| word(x, 2 * i) != word(y, 2 * i) || word(x, 2 * i + 1) != word(y, 2 * i + 1)),
+        _ => false,
+    }
+}
+
 /// Maximal runs `[a, b)` of elements that differ between `x` and `y`.
 fn element_runs(x: &[u8], y: &[u8], itemsize: usize) -> Vec<(usize, usize)> {
     fn runs<const N: usize>(x: &[u8], y: &[u8]) -> Vec<(usize, usize)> {
@@ -764,13 +788,30 @@ fn element_runs(x: &[u8], y: &[u8], itemsize: usize) -> Vec<(usize, usize)> {
         let n = x.len() / N;
         // Fixed-size array compares compile to plain loads, not memcmp calls.
         let el = |s: &[u8], k: usize| -> [u8; N] { s[k * N..k * N + N].try_into().expect("N bytes") };
+        // Elements per 32-byte block, for skipping whole blocks (N divides
+        // 32); compared as arrays, which compiles to vector compares rather
+        // than a memcmp call per block.
+        let per = 32 / N;
+        let block = |s: &[u8], k: usize| -> [u8; 32] { s[k * N..k * N + 32].try_into().expect("32 bytes") };
         let mut k = 0;
         while k < n {
-            if el(x, k) == el(y, k) {
+            // Equal blocks, then equal elements.
+            while k + per <= n && block(x, k) == block(y, k) {
+                k += per;
+            }
+            if k < n && el(x, k) == el(y, k) {
                 k += 1;
                 continue;
             }
+            if k >= n {
+                break;
+            }
             let start = k;
+            // Blocks whose every element differs (a whole array rewritten),
+            // then element by element to the run's end.
+            while k + per <= n && all_differ::<N>(&x[k * N..(k + per) * N], &y[k * N..(k + per) * N]) {
+                k += per;
+            }
             while k < n && el(x, k) != el(y, k) {
                 k += 1;
             }
@@ -795,8 +836,15 @@ fn element_runs(x: &[u8], y: &[u8], itemsize: usize) -> Vec<(usize, usize)> {
         16 => runs::<16>(x, y),
         n => {
             let mut out: Vec<(usize, usize)> = Vec::new();
+            // Equal stretches are skipped whole elements at a time, about
+            // 64 bytes per compare.
+            let step = n * 64usize.div_ceil(n);
             let mut a = 0;
             while a < x.len() {
+                if a + step <= x.len() && x[a..a + step] == y[a..a + step] {
+                    a += step;
+                    continue;
+                }
                 let b = (a + n).min(x.len());
                 if x[a..b] != y[a..b] {
                     match out.last_mut() {
@@ -886,32 +934,15 @@ fn bulk_diff(r: &mut Region, spans: &[(usize, usize)], ranges: &mut Vec<ChangedR
     }
     next.extend_from_slice(&old[pos..len]);
     let next = Arc::new(next);
-    let blk = itemsize * 32usize.div_ceil(itemsize);
+    // `element_runs` skips equal stretches a block at a time itself.
     for &(from, to) in &aligned {
-        let mut i = from;
-        while i < to {
-            let e = (i + blk).min(to);
-            if next[i..e] == old[i..e] {
-                i = e;
-                continue;
-            }
-            let mut j = e;
-            while j < to {
-                let e2 = (j + blk).min(to);
-                if next[j..e2] == old[j..e2] {
-                    break;
-                }
-                j = e2;
-            }
-            for (a, b) in element_runs(&next[i..j], &old[i..j], itemsize) {
-                let (a, b) = (i + a, i + b);
-                ranges.push((
-                    a as u64,
-                    Bytes::Shared(old.clone(), a, b),
-                    Bytes::Shared(next.clone(), a, b),
-                ));
-            }
-            i = j;
+        for (a, b) in element_runs(&next[from..to], &old[from..to], itemsize) {
+            let (a, b) = (from + a, from + b);
+            ranges.push((
+                a as u64,
+                Bytes::Shared(old.clone(), a, b),
+                Bytes::Shared(next.clone(), a, b),
+            ));
         }
     }
     r.shadow = next;
@@ -1190,5 +1221,62 @@ mod tests {
             bits,
             [true, true, false, false, true, true, false, false, true, true]
         );
+    }
+
+    /// The block-skipping `element_runs` against element-by-element
+    /// comparing, on arrays with every density of change (none, sparse,
+    /// long runs, all) and lengths that end mid-block and mid-element.
+    #[test]
+    fn element_runs_match_a_plain_element_by_element_compare() {
+        fn plain_runs(x: &[u8], y: &[u8], n: usize) -> Vec<(usize, usize)> {
+            let mut out: Vec<(usize, usize)> = Vec::new();
+            let mut a = 0;
+            while a < x.len() {
+                let b = (a + n).min(x.len());
+                if x[a..b] != y[a..b] {
+                    match out.last_mut() {
+                        Some((_, e)) if *e == a => *e = b,
+                        _ => out.push((a, b)),
+                    }
+                }
+                a = b;
+            }
+            out
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for itemsize in [1usize, 2, 3, 4, 8, 16] {
+            for len in [0usize, 1, 7, 31, 32, 33, 64, 200, 1000, 4099] {
+                for density in [0u64, 1, 20, 60, 95, 100] {
+                    let x: Vec<u8> = (0..len).map(|_| rand() as u8).collect();
+                    let mut y = x.clone();
+                    let mut k = 0;
+                    while k < len {
+                        // Runs of changed elements of random length.
+                        let run = 1 + (rand() % 40) as usize;
+                        let change = rand() % 100 < density;
+                        for i in k..(k + run * itemsize).min(len) {
+                            if change {
+                                // Sometimes only one byte of an element.
+                                if rand() % 3 != 0 || i % itemsize == 0 {
+                                    y[i] = x[i].wrapping_add(1 + (rand() % 255) as u8);
+                                }
+                            }
+                        }
+                        k += run * itemsize;
+                    }
+                    assert_eq!(
+                        element_runs(&x, &y, itemsize),
+                        plain_runs(&x, &y, itemsize),
+                        "itemsize {itemsize} len {len} density {density}"
+                    );
+                }
+            }
+        }
     }
 }
