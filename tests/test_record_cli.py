@@ -94,6 +94,8 @@ def test_state_and_blame_at_a_time(recorded):
         t.state("layer1_weight", at="soon")
     with pytest.raises(TypeError, match=r"at= takes a seq \(int\), a time since the trace started"):
         t.state("layer1_weight", at=1.5)
+    with pytest.raises(ValueError, match="not a seq"):
+        t.state("layer1_weight", at=-1)
     with pytest.raises(ValueError, match="before the trace started"):
         t.state("layer1_weight", at=datetime.timedelta(seconds=-1))
 

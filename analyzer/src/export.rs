@@ -42,9 +42,6 @@ struct StrCol {
     index: std::collections::HashMap<String, u32>,
     /// The value of the last row (rows mostly repeat it).
     last: u32,
-    /// Where the last row's text was (the scan's strings stay put while it
-    /// runs): the same place is the same value, without comparing bytes.
-    last_at: (usize, usize),
 }
 
 impl StrCol {
@@ -54,11 +51,7 @@ impl StrCol {
     fn push(&mut self, v: Option<&str>) {
         let id = match v {
             None => Self::NULL,
-            Some(v) if (v.as_ptr() as usize, v.len()) == self.last_at && !self.values.is_empty() => self.last,
-            Some(v) if self.values.get(self.last as usize).is_some_and(|l| l == v) => {
-                self.last_at = (v.as_ptr() as usize, v.len());
-                self.last
-            }
+            Some(v) if self.values.get(self.last as usize).is_some_and(|l| l == v) => self.last,
             Some(v) => {
                 let id = match self.index.get(v) {
                     Some(&id) => id,
@@ -70,7 +63,6 @@ impl StrCol {
                     }
                 };
                 self.last = id;
-                self.last_at = (v.as_ptr() as usize, v.len());
                 id
             }
         };

@@ -4,7 +4,7 @@ use std::ops::ControlFlow;
 
 use std::collections::{HashMap, HashSet};
 
-use memwatch_format::{ChunkInfo, Record, TraceReader, NO_SEQ};
+use memwatch_format::{ChunkInfo, DecodedChunk, Record, TraceReader, NO_SEQ};
 
 use crate::error::{Error, Result};
 use crate::query::{for_each_change, ChangeRow, Filter, WhatRef};
@@ -20,6 +20,16 @@ pub struct State {
     /// contents or a checkpoint) and how many changes were replayed on it.
     pub from_snapshot: u64,
     pub replayed: u64,
+}
+
+/// The chunk decoded, or `None` for a chunk flagged contents only: it holds
+/// no definition, watch, unwatch, checkpoint or change, which is all the
+/// walks below look for.
+fn decode_unless_contents<'r>(reader: &'r TraceReader, info: &ChunkInfo) -> Result<Option<DecodedChunk<'r>>> {
+    if info.header.contents_only {
+        return Ok(None);
+    }
+    Ok(Some(reader.decode_chunk(info)?))
 }
 
 /// The first and last seq of the trace's events, if it has any.
@@ -44,11 +54,8 @@ pub fn seq_bounds(reader: &TraceReader) -> Option<(u64, u64)> {
 fn find_region(reader: &TraceReader, tag: &str) -> Result<(RegionInfo, Symbols, usize)> {
     let mut syms = Symbols::default();
     for (k, info) in reader.chunks().iter().enumerate() {
-        if info.header.contents_only {
-            continue;
-        }
-        let chunk = reader.decode_chunk(info)?;
-        for rec in chunk.records() {
+        let chunk = decode_unless_contents(reader, info)?;
+        for rec in chunk.iter().flat_map(|c| c.records()) {
             let rec = rec?;
             syms.learn(&rec);
             if let Record::RegionWatched(r) = &rec {
@@ -100,11 +107,7 @@ fn region_at(reader: &TraceReader, tag: &str, at: Option<u64>) -> Result<(Region
     let mut checkpointed: HashSet<u32> = HashSet::new();
     let mut j = k;
     loop {
-        // Chunks of contents hold no watch, unwatch or checkpoint record.
-        let chunk = match chunks[j].header.contents_only {
-            true => None,
-            false => Some(reader.decode_chunk(&chunks[j])?),
-        };
+        let chunk = decode_unless_contents(reader, &chunks[j])?;
         for rec in chunk.iter().flat_map(|c| c.records()) {
             match rec? {
                 Record::RegionWatched(r) if r.tag == tag && r.seq <= target => {
@@ -279,10 +282,7 @@ pub fn state(reader: &TraceReader, tag: &str, at: Option<u64>) -> Result<State> 
     let mut snapshot: Option<(usize, u64)> = None;
     let mut j = k;
     loop {
-        let chunk = match chunks[j].header.contents_only {
-            true => None,
-            false => Some(reader.decode_chunk(&chunks[j])?),
-        };
+        let chunk = decode_unless_contents(reader, &chunks[j])?;
         let mut best: Option<u64> = None;
         for rec in chunk.iter().flat_map(|c| c.records()) {
             let s = match rec? {

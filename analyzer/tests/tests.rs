@@ -183,6 +183,17 @@ fn export_writes_one_row_per_change_or_element() {
 /// seq 4; `w` watched again (region 2, seq 6) and changed at seq 7; `other`
 /// (region 3) watched at seq 5 and changed at seq 8. Seq `s` happens at
 /// `s` milliseconds. Small chunks, and region 2's checkpoint after seq 7.
+/// The context of an event of thread 1 at `frame`, `time_ns` after the start.
+fn main_ctx(time_ns: u64, frame: memwatch_format::Id) -> memwatch_format::Context {
+    memwatch_format::Context {
+        time_ns,
+        thread: 1,
+        thread_name: 0,
+        frame,
+        stack: 0,
+    }
+}
+
 fn rewatched_trace() -> TraceReader {
     use memwatch_format::*;
     let opts = WriterOptions {
@@ -191,13 +202,7 @@ fn rewatched_trace() -> TraceReader {
     };
     let mut w = TraceWriter::new(Vec::new(), "rewatch.mwt", &Meta::default(), opts).unwrap();
     let frame = w.intern_frame("prog.py", "main", 3).unwrap();
-    let ctx = |seq: u64| Context {
-        time_ns: seq * 1_000_000,
-        thread: 1,
-        thread_name: 0,
-        frame,
-        stack: 0,
-    };
+    let ctx = |seq: u64| main_ctx(seq * 1_000_000, frame);
     let watch = |w: &mut TraceWriter<Vec<u8>>, seq: u64, region: u32, tag: &str, init: &[u8]| {
         w.append(&Record::RegionWatched(RegionWatched {
             seq,
@@ -317,13 +322,7 @@ fn contents_only_chunks_are_skipped_by_scans_and_used_by_state() {
     const BIG: usize = 256 << 10;
     let mut w = TraceWriter::new(Vec::new(), "big.mwt", &Meta::default(), WriterOptions::default()).unwrap();
     let frame = w.intern_frame("prog.py", "main", 3).unwrap();
-    let ctx = |seq: u64| Context {
-        time_ns: seq * 1_000,
-        thread: 1,
-        thread_name: 0,
-        frame,
-        stack: 0,
-    };
+    let ctx = |seq: u64| main_ctx(seq * 1_000, frame);
     let mut big = vec![0u8; BIG];
     let mut small = [0u8; 4];
     for (region, tag, len) in [(1u32, "big", BIG), (2, "small", 4)] {

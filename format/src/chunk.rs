@@ -23,7 +23,9 @@
 //! `Contents` records (a region's initial contents or a checkpoint), so a
 //! scan for changes skips it without decompressing it. Traces written
 //! before the flag existed have 0 there and read exactly as before; a
-//! reader that ignores the flag reads flagged chunks correctly too. A trailer chunk's raw payload is one postcard [`Trailer`]. A
+//! reader that ignores the flag reads flagged chunks correctly too.
+//!
+//! A trailer chunk's raw payload is one postcard [`Trailer`]. A
 //! cleanly closed trace ends with a trailer chunk and then the 16-byte
 //! footer: the trailer chunk's offset (`u64` LE) and [`FOOTER_MAGIC`].
 

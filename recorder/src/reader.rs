@@ -34,8 +34,11 @@ fn point_of(at: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Point>> {
     let Some(at) = at else {
         return Ok(None);
     };
-    if let Ok(seq) = at.extract::<u64>() {
-        return Ok(Some(Point::Seq(seq)));
+    if at.is_instance_of::<pyo3::types::PyInt>() {
+        return at
+            .extract::<u64>()
+            .map(|seq| Some(Point::Seq(seq)))
+            .map_err(|_| PyValueError::new_err(format!("at={at} is not a seq: seqs are integers from 1")));
     }
     if let Ok(text) = at.extract::<String>() {
         return parse_point(&text).map(Some).map_err(PyValueError::new_err);
