@@ -12,7 +12,13 @@ Run it with the interpreter of the venv memwatch is installed in
    (target <= 2x);
 3. a pure-Python loop that writes nothing, in in-scope code while something
    is watched (target <= 1.5x), and the same loop in out-of-scope code
-   (target <= 1.01x).
+   (target <= 1.01x). On 3.12+ the floor of any design that takes a
+   `sys.monitoring` LINE event per line is printed beside 3a: the same loop
+   with a C function that does nothing (`operator.is_`) as the callback.
+4. no target, figures to watch: in-scope code calling a small in-scope
+   function in a loop (a return boundary per call) while a small buffer is
+   watched; and the loop of 3a while a 100 MB array is watched by page
+   tracking, after one write to all of it (its huge pages split).
 
 The store-mode case of the issue is not here: mode="store" does not exist yet.
 """
@@ -52,8 +58,11 @@ def compare(name, target, base_fn, test_fn, setup=None, teardown=None):
         if teardown:
             teardown()
     b, t = statistics.median(base), statistics.median(test)
-    ok = "ok" if t / b <= target else "OVER TARGET"
-    print(f"{name:<58} base {b * 1e3:9.2f} ms  watched {t * 1e3:9.2f} ms  ratio {t / b:6.3f}  (target <= {target}) {ok}")
+    if target is None:
+        verdict = "(no target)"
+    else:
+        verdict = f"(target <= {target}) " + ("ok" if t / b <= target else "OVER TARGET")
+    print(f"{name:<58} base {b * 1e3:9.2f} ms  watched {t * 1e3:9.2f} ms  ratio {t / b:6.3f}  {verdict}")
     return t / b
 
 
@@ -144,5 +153,67 @@ compare(
     outside.loop,
     setup=lambda: memwatch.watch(keep, name="keep"),
     teardown=lambda: memwatch.unwatch("keep"),
+)
+if sys.version_info >= (3, 12):
+    import operator
+
+    mon = sys.monitoring
+
+    def floor_on():
+        mon.use_tool_id(4, "floor")
+        mon.register_callback(4, mon.events.LINE, operator.is_)
+        mon.set_local_events(4, loop_in_scope.__code__, mon.events.LINE)
+
+    def floor_off():
+        mon.set_local_events(4, loop_in_scope.__code__, 0)
+        mon.free_tool_id(4)
+
+    compare(
+        "   floor of 3a: a no-op C LINE callback, nothing watched",
+        1.5,
+        loop_in_scope,
+        loop_in_scope,
+        setup=floor_on,
+        teardown=floor_off,
+    )
+
+
+# --- 4. figures without a target -------------------------------------------------
+
+
+def bump(x):
+    return x + 1
+
+
+def loop_calls(n=100_000 if QUICK else 500_000):
+    t = 0
+    for _ in range(n):
+        t = bump(t)
+    return t
+
+
+compare(
+    "4a. in-scope calls to a small in-scope function",
+    None,
+    loop_calls,
+    loop_calls,
+    setup=lambda: memwatch.watch(keep, name="keep"),
+    teardown=lambda: memwatch.unwatch("keep"),
+)
+big = np.ones(25_000_000, dtype=np.float32)
+
+
+def watch_big():
+    memwatch.watch(big, name="big")
+    big[:] += 1  # every page written once: the huge pages split
+
+
+compare(
+    "4b. the loop of 3a, 100 MB watched (page tracking)",
+    None,
+    loop_in_scope,
+    loop_in_scope,
+    setup=watch_big,
+    teardown=lambda: memwatch.unwatch("big"),
 )
 print(f"python {sys.version.split()[0]}, numpy {np.__version__}, memwatch {memwatch.__version__}")

@@ -301,6 +301,36 @@ def test_recv_into_and_readv(changes):
     ]
 
 
+def test_proc_self_mem_write_into_a_page_tracked_region(changes):
+    # The kernel writes through get_user_pages here, not a user-mode store
+    # and not copy_to_user: the page fault it takes is the only trace.
+    buf = bytearray(256 * 1024)
+    h = memwatch.watch(buf, name="buf")
+    with open("/proc/self/mem", "r+b", buffering=0) as mem:
+        mem.seek(h.address + 70_000)
+        mem.write(b"xyz"); line = here()  # noqa: E702
+    assert bytes(buf[70_000:70_003]) == b"xyz"
+    assert [(c.line, c.ranges) for c in changes] == [(line, [(70_000, b"\x00" * 3, b"xyz")])]
+
+
+def test_page_tracked_writes_after_quiet_lines_are_each_caught(changes):
+    # Checks of page-tracked regions skip the kernel's page scan while the
+    # process has taken no page fault since the last one; each write after
+    # a run of such quiet lines still shows, on its own line.
+    buf = bytearray(256 * 1024)
+    memwatch.watch(buf, name="buf")
+    lines = []
+    for i in range(1, 6):
+        total = 0
+        for k in range(50):
+            total += k
+        buf[4096 + i] = i; lines.append(here())  # noqa: E702
+    assert total == 1225
+    assert [(c.line, c.ranges) for c in changes] == [
+        (lines[i - 1], [(4096 + i, b"\x00", bytes([i]))]) for i in range(1, 6)
+    ]
+
+
 def test_two_regions_sharing_a_page_are_independent(changes):
     big = bytearray(96 * 1024)
     mv = memoryview(big)

@@ -61,7 +61,11 @@ struct State {
 static STATE: Mutex<Option<State>> = Mutex::new(None);
 
 fn state() -> MutexGuard<'static, Option<State>> {
-    STATE.lock().unwrap_or_else(|p| p.into_inner())
+    let g = STATE.lock().unwrap_or_else(|p| p.into_inner());
+    // Whoever holds the lock may change regions or shadows: the line fast
+    // path's copy of them is stale from here on.
+    crate::fastline::invalidate();
+    g
 }
 
 fn with_state<R>(f: impl FnOnce(&mut State) -> R) -> R {
@@ -130,11 +134,11 @@ thread_local! {
     /// (a loop storing to a watched object) come back again and again. The
     /// code object is held so that its address cannot be reused for another
     /// while it is here; the table stops growing at `LINES_MAX` entries.
-    static LINES: std::cell::RefCell<LineCache> = std::cell::RefCell::new(LineCache::new());
+    static LINES: std::cell::RefCell<LineCache> = std::cell::RefCell::new(LineCache::default());
 }
 
 /// `(code address, instruction offset)` to `(code object, line)`.
-type LineCache = std::collections::HashMap<(usize, i32), (Py<PyAny>, i32)>;
+type LineCache = monitor::AddrMap<(usize, i32), (Py<PyAny>, i32)>;
 
 const LINES_MAX: usize = 4096;
 
@@ -213,14 +217,38 @@ pub(crate) fn attributed_stack(py: Python<'_>, last: (usize, u32)) -> Vec<FrameR
     }
 }
 
-/// The innermost in-scope frame of the current stack, as `LAST` wants it.
+/// The innermost in-scope frame of the current stack, as `LAST` wants it
+/// (`skip_current`: not counting the running frame, which is returning).
+/// Walks out only as far as that frame, building nothing on the way: it
+/// runs at every return of in-scope code.
 pub(crate) fn innermost_in_scope(py: Python<'_>, skip_current: bool) -> (usize, u32) {
-    let frames = current_frames(py);
-    let start = usize::from(skip_current);
-    for (key, f) in frames.into_iter().skip(start) {
-        if monitor::code_in_scope(key) {
-            return (key, f.line);
+    // SAFETY: GIL held; PyEval_GetFrame returns a borrowed reference that
+    // we turn into an owned one at once.
+    let mut frame = unsafe {
+        let f = ffi::PyEval_GetFrame();
+        if f.is_null() {
+            return (0, 0);
         }
+        Bound::<PyAny>::from_borrowed_ptr(py, f.cast())
+    };
+    for depth in 0..256 {
+        let fp = frame.as_ptr() as *mut ffi::PyFrameObject;
+        if depth > 0 || !skip_current {
+            // SAFETY: `fp` is a live frame; PyFrame_GetCode returns a new reference.
+            let code = unsafe { Bound::<PyAny>::from_owned_ptr(py, ffi::PyFrame_GetCode(fp).cast()) };
+            let key = code.as_ptr() as usize;
+            if monitor::code_in_scope(key) {
+                // SAFETY: `fp` is a live frame running `code`; GIL held.
+                return (key, unsafe { line_of(&code, fp) });
+            }
+        }
+        // SAFETY: `fp` is a live frame; a new reference or NULL.
+        let back = unsafe { ffi::PyFrame_GetBack(fp) };
+        if back.is_null() {
+            break;
+        }
+        // SAFETY: `back` is a new reference.
+        frame = unsafe { Bound::from_owned_ptr(py, back.cast()) };
     }
     (0, 0)
 }
@@ -267,6 +295,7 @@ fn check_and_emit(py: Python<'_>, last: (usize, u32)) {
                 .write_unraisable(py, None);
             return;
         }
+        crate::fastline::refresh(py, &st.engine, crate::fastline::generation());
         raw
     };
     if !raw.is_empty() {

@@ -185,6 +185,22 @@ impl WriteTracker {
     }
 }
 
+/// Page faults of the whole process so far (every thread, live or
+/// exited; minor and major), or `None` if `getrusage` fails. Counts
+/// userfaultfd `WP_ASYNC` faults too, kernel-mode ones (`read` into a
+/// buffer) and those of `get_user_pages` (`/proc/self/mem`, `O_DIRECT`)
+/// included: the kernel accounts a fault to the thread that took it before
+/// the faulting access is retried.
+pub fn process_faults() -> Option<u64> {
+    // SAFETY: a zeroed rusage is valid; getrusage only writes it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: plain syscall into our own struct.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return None;
+    }
+    Some(ru.ru_minflt as u64 + ru.ru_majflt as u64)
+}
+
 /// Registers `[start, start + len)` (whole pages) with userfaultfd `uffd`
 /// in write-protect mode and write-protects it.
 pub(crate) fn uffd_register(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<()> {

@@ -32,6 +32,7 @@ pub mod api;
 pub mod change;
 pub mod engine;
 pub mod errors;
+pub mod fastline;
 pub mod kernel;
 pub mod monitor;
 pub mod objects;

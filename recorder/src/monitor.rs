@@ -65,9 +65,41 @@ pub struct CodeInfo {
     pub in_scope: bool,
 }
 
+/// Hashes object addresses (and small tuples of them) for the maps looked
+/// up on every boundary: one multiply instead of SipHash, which is built to
+/// resist chosen keys; ours are addresses the allocator picked.
+#[derive(Default, Clone, Copy)]
+pub struct AddrHasher(u64);
+
+impl std::hash::Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn write_usize(&mut self, x: usize) {
+        self.write_u64(x as u64);
+    }
+    fn write_i32(&mut self, x: i32) {
+        self.write_u64(x as u32 as u64);
+    }
+    fn write_u32(&mut self, x: u32) {
+        self.write_u64(u64::from(x));
+    }
+}
+
+/// A `HashMap` keyed by addresses, with [`AddrHasher`].
+pub type AddrMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<AddrHasher>>;
+
 /// Code objects seen, by address. Entries hold a reference to their code
 /// object, so an address is never reused while it is a key.
-pub static CODES: Mutex<Option<HashMap<usize, CodeInfo>>> = Mutex::new(None);
+pub static CODES: Mutex<Option<AddrMap<usize, CodeInfo>>> = Mutex::new(None);
 
 thread_local! {
     /// The in-scope line this thread executed last: (code address, line).
@@ -85,7 +117,7 @@ pub fn guarded<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-fn codes() -> std::sync::MutexGuard<'static, Option<HashMap<usize, CodeInfo>>> {
+fn codes() -> std::sync::MutexGuard<'static, Option<AddrMap<usize, CodeInfo>>> {
     CODES.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -109,7 +141,7 @@ pub fn code_info(py: Python<'_>, code: &Bound<'_, PyAny>) -> PyResult<(Arc<str>,
         in_scope,
     };
     let out = (info.file.clone(), info.function.clone(), info.in_scope);
-    codes().get_or_insert_with(HashMap::new).insert(key, info);
+    codes().get_or_insert_with(AddrMap::default).insert(key, info);
     Ok(out)
 }
 
@@ -276,7 +308,8 @@ fn start_monitoring(py: Python<'_>) -> PyResult<()> {
     let module = py.import("memwatch._memwatch")?;
     let register = mon.getattr("register_callback")?;
     register.call1((tool, py_start, module.getattr("_mon_py_start")?))?;
-    register.call1((tool, line, module.getattr("_mon_line")?))?;
+    let on_line = crate::fastline::line_callback(py, module.getattr("_mon_line")?)?;
+    register.call1((tool, line, on_line))?;
     register.call1((tool, py_return, module.getattr("_mon_py_return")?))?;
     mon.getattr("set_events")?.call1((tool, py_start))?;
     // Code objects seen in an earlier watching period had PY_START disabled;
@@ -391,6 +424,11 @@ pub fn _mon_py_return(
     if GUARD.with(|g| g.get()) || !is_active() {
         return py.None();
     }
+    if crate::fastline::line_unchanged(py) {
+        // Nothing to check: only the line moves on, to the caller's.
+        LAST.with(|l| l.set(crate::api::innermost_in_scope(py, true)));
+        return py.None();
+    }
     let verdict = disable_unless_needed(py, code);
     if verdict.is_none(py) {
         crate::api::at_boundary(py, code.as_ptr() as usize, 0, Boundary::Return);
@@ -442,7 +480,14 @@ extern "C" fn trace_func(
                 let code = Bound::<PyAny>::from_owned_ptr(py, ffi::PyFrame_GetCode(frame).cast());
                 (code, ffi::PyFrame_GetLineNumber(frame))
             };
-            if !code_in_scope(code.as_ptr() as usize) && !matches!(code_info(py, &code), Ok((_, _, true))) {
+            // Fast path: the code of the last in-scope line (so in scope
+            // itself) and nothing changed.
+            let key = code.as_ptr() as usize;
+            if LAST.with(|l| l.get().0) == key && crate::fastline::line_unchanged(py) {
+                LAST.with(|l| l.set((key, line.max(0) as u32)));
+                return 0;
+            }
+            if !code_in_scope(key) && !matches!(code_info(py, &code), Ok((_, _, true))) {
                 // A frame that was running before tracing began (no call
                 // event decided its scope): no more line events for it.
                 // SAFETY: `frame` is a live frame object.
@@ -452,12 +497,16 @@ extern "C" fn trace_func(
                 }
                 return 0;
             }
-            crate::api::at_boundary(py, code.as_ptr() as usize, line.max(0) as u32, Boundary::Line);
+            crate::api::at_boundary(py, key, line.max(0) as u32, Boundary::Line);
         }
         ffi::PyTrace_RETURN => {
             // SAFETY: as above.
             let code = unsafe { Bound::<PyAny>::from_owned_ptr(py, ffi::PyFrame_GetCode(frame).cast()) };
             if matches!(code_info(py, &code), Ok((_, _, true))) {
+                if crate::fastline::line_unchanged(py) {
+                    LAST.with(|l| l.set(crate::api::innermost_in_scope(py, true)));
+                    return 0;
+                }
                 crate::api::at_boundary(py, code.as_ptr() as usize, 0, Boundary::Return);
             }
         }
