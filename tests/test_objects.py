@@ -67,6 +67,29 @@ def test_setattr_and_delattr(changes):
     assert c.seq > 0 and c.time_ns > 0
 
 
+def test_object_and_buffer_changes_after_quiet_lines_keep_their_lines(changes):
+    # Lines that change nothing take the line callback's fast path; the
+    # first one after a write must still report it, on the writing line,
+    # whether an object or a buffer (or both, on one line) changed.
+    cfg = Config()
+    buf = bytearray(8)
+    memwatch.watch_object(cfg, name="cfg")
+    memwatch.watch(buf, name="buf")
+    expected = []
+    for i in range(1, 4):
+        total = 0
+        for k in range(20):
+            total += k
+        cfg.lr = i; expected.append(("cfg", here()))  # noqa: E702
+        buf[i] = i; expected.append(("buf", here()))  # noqa: E702
+        cfg.lr = -i; buf[0] = i; line = here()  # noqa: E702
+        expected += [("cfg", line), ("buf", line)]
+    assert total == 190
+    assert [(c.tag, c.line) for c in changes] == expected
+    assert [c.new_repr for c in changes if c.tag == "cfg"] == ["1", "-1", "2", "-2", "3", "-3"]
+    assert [c.ranges for c in changes if c.tag == "buf"][:2] == [[(1, b"\x00", b"\x01")], [(0, b"\x00", b"\x01")]]
+
+
 def test_setattr_from_native_code(changes):
     cfg = Config()
     memwatch.watch_object(cfg, name="cfg")

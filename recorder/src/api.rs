@@ -284,8 +284,12 @@ pub fn at_boundary(py: Python<'_>, code: usize, line: u32, kind: Boundary) {
 fn check_and_emit(py: Python<'_>, last: (usize, u32)) {
     let raw = {
         let mut g = state();
-        let Some(st) = g.as_mut() else { return };
+        let Some(st) = g.as_mut() else {
+            crate::fastline::refresh(py, None, crate::fastline::generation());
+            return;
+        };
         if st.watches.is_empty() {
+            crate::fastline::refresh(py, Some(&st.engine), crate::fastline::generation());
             return;
         }
         let mut raw = Vec::new();
@@ -295,7 +299,7 @@ fn check_and_emit(py: Python<'_>, last: (usize, u32)) {
                 .write_unraisable(py, None);
             return;
         }
-        crate::fastline::refresh(py, &st.engine, crate::fastline::generation());
+        crate::fastline::refresh(py, Some(&st.engine), crate::fastline::generation());
         raw
     };
     if !raw.is_empty() {

@@ -4,9 +4,9 @@
 //! A check at a line boundary ([`crate::api::at_boundary`]) takes the
 //! recorder's lock, runs the engine, flushes object and variable watches and
 //! moves the thread's last line on. When only `Compare`-tracked regions are
-//! watched (no page tracking, no store mode, no objects, no variables) and
-//! their bytes are what the last check left, all of that reduces to
-//! "remember this line". [`line_unchanged`] decides that without the lock,
+//! watched (no page tracking, no store mode, no variables; objects only if
+//! no change of theirs waits in the queue) and their bytes are what the last
+//! check left, all of that reduces to "remember this line". [`line_unchanged`] decides that without the lock,
 //! from a copy of the regions' shadows taken by [`refresh`].
 //!
 //! Why the copy can be trusted: every acquisition of the recorder's state
@@ -86,12 +86,18 @@ static FAST: GilCell = GilCell(UnsafeCell::new(Fast {
 }));
 
 /// Copies the engine's shadows for the fast path, right after a check,
-/// under the state lock. Leaves no usable copy when the engine tracks
-/// anything the fast path cannot check (pages, stores).
-pub(crate) fn refresh(py: Python<'_>, engine: &Engine, generation: u64) {
+/// under the state lock (`None`: no engine yet, nothing watched). Leaves no
+/// usable copy when the engine tracks anything the fast path cannot check
+/// (pages, stores).
+pub(crate) fn refresh(py: Python<'_>, engine: Option<&Engine>, generation: u64) {
     // SAFETY: GIL held; no other reference is alive (see `line_unchanged`).
     let fast = unsafe { FAST.get(py) };
     fast.generation = 0;
+    let Some(engine) = engine else {
+        fast.regions.clear();
+        fast.generation = generation;
+        return;
+    };
     if !engine.compare_only() {
         return;
     }
@@ -120,12 +126,13 @@ pub(crate) fn refresh(py: Python<'_>, engine: &Engine, generation: u64) {
 }
 
 /// True when a line boundary has nothing to do but remember the line: only
-/// `Compare` regions are watched, nothing else is, and each region's bytes
-/// equal the shadow the last check left. Runs no Python code and takes no
+/// `Compare` regions are watched (or none), no variable is, no object
+/// change waits to be reported, and each region's bytes equal the shadow
+/// the last check left. Runs no Python code and takes no
 /// lock. The GIL must be held.
 #[inline]
 pub(crate) fn line_unchanged(py: Python<'_>) -> bool {
-    if crate::objects::any() || crate::vars::any() || crate::store::active() {
+    if !crate::objects::quiet() || crate::vars::any() || crate::store::active() {
         return false;
     }
     // SAFETY: GIL held; the reference does not outlive this function, which

@@ -62,7 +62,7 @@ use crate::api;
 use crate::change::{Change, FrameRef, ObjectInfo};
 use crate::engine::Layout;
 use crate::errors::MemwatchError;
-use crate::monitor::{self, guarded, GUARD, LAST};
+use crate::monitor::{self, guarded, AddrMap, GUARD, LAST};
 
 // --- hooks from memwatch._objects ---------------------------------------------
 
@@ -320,12 +320,12 @@ struct ObjWatch {
 #[derive(Default)]
 struct Objects {
     watches: Vec<ObjWatch>,
-    nodes: HashMap<u32, Node>,
+    nodes: AddrMap<u32, Node>,
 }
 
 static OBJS: Mutex<Option<Objects>> = Mutex::new(None);
 /// Dict address -> nodes reporting it (through the dict watcher).
-static DICTS: Mutex<Option<HashMap<usize, Vec<u32>>>> = Mutex::new(None);
+static DICTS: Mutex<Option<AddrMap<usize, Vec<u32>>>> = Mutex::new(None);
 static PENDING: Mutex<Vec<Pending>> = Mutex::new(Vec::new());
 static PENDING_N: AtomicUsize = AtomicUsize::new(0);
 /// True while any object is watched.
@@ -363,6 +363,13 @@ fn with_objs<R>(f: impl FnOnce(&mut Objects) -> R) -> R {
 /// True while any object is watched.
 pub fn any() -> bool {
     ANY.load(Ordering::Relaxed)
+}
+
+/// True when a boundary has nothing to do for objects: none is watched, or
+/// no change waits in the queue and no node is compared at boundaries.
+pub fn quiet() -> bool {
+    !ANY.load(Ordering::Relaxed)
+        || (PENDING_N.load(Ordering::Relaxed) == 0 && !COMPARING.load(Ordering::Relaxed))
 }
 
 fn refresh_flags(objs: &Objects) {
@@ -729,7 +736,7 @@ fn insert_nodes(objs: &mut Objects, nodes: Vec<(u32, Node)>) {
             if let Some(api) = dict_api() {
                 let mut g = lock(&DICTS);
                 let entry = g
-                    .get_or_insert_with(HashMap::new)
+                    .get_or_insert_with(AddrMap::default)
                     .entry(node.dict_ptr)
                     .or_default();
                 if entry.is_empty() {
