@@ -6,8 +6,9 @@
 //! moves the thread's last line on. When only `Compare`-tracked regions are
 //! watched (no page tracking, no store mode, no variables; objects only if
 //! no change of theirs waits in the queue) and their bytes are what the last
-//! check left, all of that reduces to "remember this line". [`line_unchanged`] decides that without the lock,
-//! from a copy of the regions' shadows taken by [`refresh`].
+//! check left, all of that reduces to "remember this line".
+//! [`line_unchanged`] decides that without the lock, from a copy of the
+//! regions' shadows taken by [`refresh`].
 //!
 //! Why the copy can be trusted: every acquisition of the recorder's state
 //! lock calls [`invalidate`] (it may change a region or a shadow), and

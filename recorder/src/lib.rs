@@ -32,7 +32,7 @@ pub mod api;
 pub mod change;
 pub mod engine;
 pub mod errors;
-pub mod fastline;
+mod fastline;
 pub mod kernel;
 pub mod monitor;
 pub mod objects;

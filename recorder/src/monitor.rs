@@ -183,6 +183,8 @@ pub fn code_in_scope(key: usize) -> bool {
 /// Forgets every scope decision (after `configure(include=..., exclude=...)`);
 /// returns the code objects that were in scope.
 pub fn rescope(py: Python<'_>) -> PyResult<()> {
+    // Scope decisions feed the line fast path's shortcuts: start it over.
+    crate::fastline::invalidate();
     let entries: Vec<(usize, Py<PyAny>, Arc<str>, bool)> = codes()
         .as_ref()
         .map(|m| {
