@@ -1250,6 +1250,62 @@ mod tests {
         );
     }
 
+    /// `bulk_diff` reports the region's maximal runs of changed elements,
+    /// for any itemsize, with the old and new bytes of each, and leaves the
+    /// current contents as the shadow.
+    #[test]
+    fn bulk_diff_reports_maximal_runs_of_changed_elements() {
+        const BULK_BLOCK: usize = 256 << 10;
+        for itemsize in [1usize, 4, 12] {
+            let len = (3 * BULK_BLOCK + 1000) / itemsize * itemsize;
+            let old: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let mut buf = old.clone();
+            let block = (BULK_BLOCK / itemsize).max(1) * itemsize;
+            // Runs of a few elements at and around 256 KiB boundaries, and
+            // scattered single elements.
+            let mut touch = |a: usize, b: usize| {
+                for x in &mut buf[a * itemsize..b * itemsize] {
+                    *x = x.wrapping_add(1);
+                }
+            };
+            let e = |bytes: usize| bytes / itemsize;
+            touch(e(block) - 5, e(block) + 7);
+            touch(e(2 * block) - 3, e(2 * block));
+            touch(e(3 * block), e(3 * block) + 2);
+            for k in (0..e(len)).step_by(9973) {
+                touch(k, k + 1);
+            }
+            let mut expected: Vec<(usize, usize)> = Vec::new();
+            for k in 0..e(len) {
+                let (a, b) = (k * itemsize, (k + 1) * itemsize);
+                if old[a..b] != buf[a..b] {
+                    match expected.last_mut() {
+                        Some((_, pe)) if *pe == a => *pe = b,
+                        _ => expected.push((a, b)),
+                    }
+                }
+            }
+            let mut r = region(&mut buf, itemsize as u32);
+            r.shadow = Arc::new(old.clone());
+            let mut ranges = Vec::new();
+            bulk_diff(&mut r, &[(0, len)], &mut ranges);
+            let got: Vec<(usize, usize)> = ranges
+                .iter()
+                .map(|(off, o, n)| {
+                    assert_eq!(o.len(), n.len());
+                    (*off as usize, *off as usize + n.len())
+                })
+                .collect();
+            assert_eq!(got, expected, "itemsize {itemsize}");
+            for (off, o, n) in &ranges {
+                let a = *off as usize;
+                assert_eq!(&o[..], &old[a..a + o.len()]);
+                assert_eq!(&n[..], &buf[a..a + n.len()]);
+            }
+            assert_eq!(r.shadow.as_slice(), buf.as_slice());
+        }
+    }
+
     /// The block-skipping `element_runs` against element-by-element
     /// comparing, on arrays with every density of change (none, sparse,
     /// long runs, all) and lengths that end mid-block and mid-element.
