@@ -90,6 +90,33 @@ def test_object_and_buffer_changes_after_quiet_lines_keep_their_lines(changes):
     assert [c.ranges for c in changes if c.tag == "buf"][:2] == [[(1, b"\x00", b"\x01")], [(0, b"\x00", b"\x01")]]
 
 
+def test_stacks_through_generators_and_c_calls_are_the_interpreters(changes):
+    # Stacks are read from the interpreter's frame records (checked against
+    # the public API at first use): through a generator, a C function
+    # calling back into Python (sorted's key) and the C-call shims between.
+    import traceback
+
+    assert memwatch._memwatch._frame_walker_in_use()
+    cfg = Config()
+    memwatch.watch_object(cfg, name="cfg")
+    expected = []
+
+    def key(x):
+        cfg.lr = x; expected.append(traceback.extract_stack())  # noqa: E702
+        return x
+
+    def gen():
+        yield from sorted([3, 1, 2], key=key)
+
+    assert list(gen()) == [1, 2, 3]
+    assert len(changes) == 3
+    for c, stack in zip(changes, expected):
+        want = [(os.path.realpath(f.filename), f.lineno) for f in reversed(stack)]
+        assert [(os.path.realpath(f), line) for f, line, _ in c.stack] == want
+        names = [fn.rsplit(".", 1)[-1] for _, _, fn in c.stack[:3]]
+        assert names == ["key", "gen", "test_stacks_through_generators_and_c_calls_are_the_interpreters"]
+
+
 def test_setattr_from_native_code(changes):
     cfg = Config()
     memwatch.watch_object(cfg, name="cfg")

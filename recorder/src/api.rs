@@ -94,6 +94,22 @@ fn sink() -> MutexGuard<'static, Option<TraceSink>> {
 /// The calling thread's Python stack, innermost first, as (code object,
 /// line). Runs no Python code, so it is safe inside interpreter callbacks.
 pub(crate) fn raw_frames(py: Python<'_>) -> Vec<(Bound<'_, PyAny>, u32)> {
+    let mut walked: Vec<(usize, i32)> = Vec::new();
+    if crate::pyframes::walk(py, &mut |code, lasti| {
+        walked.push((code, lasti));
+        true
+    }) {
+        return walked
+            .into_iter()
+            .map(|(code, lasti)| {
+                // SAFETY: the code object of a frame that is still running
+                // (GIL held, no Python code ran since the walk).
+                let code = unsafe { Bound::<PyAny>::from_borrowed_ptr(py, code as *mut ffi::PyObject) };
+                let line = line_at(&code, lasti);
+                (code, line)
+            })
+            .collect();
+    }
     let mut out = Vec::new();
     // SAFETY: GIL held; PyEval_GetFrame returns a borrowed reference that
     // we turn into an owned one at once.
@@ -149,25 +165,31 @@ const LINES_MAX: usize = 4096;
 unsafe fn line_of(code: &Bound<'_, PyAny>, fp: *mut ffi::PyFrameObject) -> u32 {
     // SAFETY: as the caller promises.
     let lasti = unsafe { ffi::PyFrame_GetLasti(fp) };
-    let key = (code.as_ptr() as usize, lasti);
     if lasti >= 0 {
-        if let Some(line) = LINES.with(|l| l.borrow().get(&key).map(|e| e.1)) {
-            return line.max(0) as u32;
-        }
+        return line_at(code, lasti);
     }
     // SAFETY: as the caller promises.
-    let line = unsafe { ffi::PyFrame_GetLineNumber(fp) };
-    if lasti >= 0 {
-        LINES.with(|l| {
-            let mut l = l.borrow_mut();
-            // Full: later places are looked up every time. (Emptying it
-            // here would release code objects, which may run Python code,
-            // and this runs inside the dict watcher callback.)
-            if l.len() < LINES_MAX {
-                l.insert(key, (code.clone().unbind(), line));
-            }
-        });
+    unsafe { ffi::PyFrame_GetLineNumber(fp) }.max(0) as u32
+}
+
+/// The line of the instruction at byte offset `lasti` of `code`, through
+/// the `LINES` cache. Runs no Python code.
+fn line_at(code: &Bound<'_, PyAny>, lasti: i32) -> u32 {
+    let key = (code.as_ptr() as usize, lasti);
+    if let Some(line) = LINES.with(|l| l.borrow().get(&key).map(|e| e.1)) {
+        return line.max(0) as u32;
     }
+    // SAFETY: `code` is a code object (GIL held).
+    let line = unsafe { ffi::PyCode_Addr2Line(code.as_ptr().cast(), lasti) };
+    LINES.with(|l| {
+        let mut l = l.borrow_mut();
+        // Full: later places are looked up every time. (Emptying it
+        // here would release code objects, which may run Python code,
+        // and this runs inside the dict watcher callback.)
+        if l.len() < LINES_MAX {
+            l.insert(key, (code.clone().unbind(), line));
+        }
+    });
     line.max(0) as u32
 }
 
@@ -222,6 +244,27 @@ pub(crate) fn attributed_stack(py: Python<'_>, last: (usize, u32)) -> Vec<FrameR
 /// Walks out only as far as that frame, building nothing on the way: it
 /// runs at every return of in-scope code.
 pub(crate) fn innermost_in_scope(py: Python<'_>, skip_current: bool) -> (usize, u32) {
+    let mut found = None;
+    let mut skip = skip_current;
+    if crate::pyframes::walk(py, &mut |code, lasti| {
+        if std::mem::take(&mut skip) {
+            return true;
+        }
+        if monitor::code_in_scope(code) {
+            found = Some((code, lasti));
+            return false;
+        }
+        true
+    }) {
+        return match found {
+            Some((code, lasti)) => {
+                // SAFETY: the code object of a running frame (GIL held).
+                let c = unsafe { Bound::<PyAny>::from_borrowed_ptr(py, code as *mut ffi::PyObject) };
+                (code, line_at(&c, lasti))
+            }
+            None => (0, 0),
+        };
+    }
     // SAFETY: GIL held; PyEval_GetFrame returns a borrowed reference that
     // we turn into an owned one at once.
     let mut frame = unsafe {

@@ -36,6 +36,7 @@ mod fastline;
 pub mod kernel;
 pub mod monitor;
 pub mod objects;
+mod pyframes;
 pub mod reader;
 pub mod signals;
 pub mod sink;
@@ -125,6 +126,7 @@ fn _memwatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(api::_recording, m)?,
         wrap_pyfunction!(api::_shutdown, m)?,
         wrap_pyfunction!(api::_after_fork_child, m)?,
+        wrap_pyfunction!(pyframes::_frame_walker_in_use, m)?,
         wrap_pyfunction!(monitor::_set_hooks, m)?,
         wrap_pyfunction!(objects::_set_object_hooks, m)?,
         wrap_pyfunction!(objects::_watch_object, m)?,
