@@ -193,25 +193,41 @@ fn line_at(code: &Bound<'_, PyAny>, lasti: i32) -> u32 {
     line.max(0) as u32
 }
 
-/// A frame of `raw_frames`, with its code object's file and function.
-pub(crate) fn frame_ref(py: Python<'_>, code: &Bound<'_, PyAny>, line: u32) -> (usize, FrameRef) {
-    let key = code.as_ptr() as usize;
-    let (file, function) = match monitor::known_code(key) {
-        Some(x) => x,
-        None => match monitor::code_info(py, code) {
-            Ok((f, n, _)) => (f, n),
-            Err(_) => ("?".into(), "?".into()),
-        },
-    };
-    (key, FrameRef { file, line, function })
+/// Frames of `raw_frames` as (code address, frame, whether in scope),
+/// looking all their code objects up at once; those not seen yet are
+/// learnt afterwards (deciding their scope may run Python code).
+pub(crate) fn frame_refs(
+    py: Python<'_>,
+    frames: &[(&Bound<'_, PyAny>, u32)],
+) -> Vec<(usize, FrameRef, bool)> {
+    let keys: Vec<usize> = frames.iter().map(|(c, _)| c.as_ptr() as usize).collect();
+    let known = monitor::describe(&keys);
+    frames
+        .iter()
+        .zip(known)
+        .map(|((code, line), known)| {
+            let (file, function, in_scope) = match known {
+                Some(x) => x,
+                None => monitor::code_info(py, code).unwrap_or_else(|_| ("?".into(), "?".into(), false)),
+            };
+            let line = *line;
+            (
+                code.as_ptr() as usize,
+                FrameRef { file, line, function },
+                in_scope,
+            )
+        })
+        .collect()
 }
 
 /// The calling thread's Python stack, innermost first, as (code address,
 /// frame). Only called with the GIL held.
 fn current_frames(py: Python<'_>) -> Vec<(usize, FrameRef)> {
-    raw_frames(py)
-        .iter()
-        .map(|(code, line)| frame_ref(py, code, *line))
+    let raw = raw_frames(py);
+    let frames: Vec<(&Bound<'_, PyAny>, u32)> = raw.iter().map(|(c, l)| (c, *l)).collect();
+    frame_refs(py, &frames)
+        .into_iter()
+        .map(|(key, f, _)| (key, f))
         .collect()
 }
 

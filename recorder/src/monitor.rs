@@ -172,6 +172,19 @@ pub fn known_code(key: usize) -> Option<(Arc<str>, Arc<str>)> {
         .map(|i| (i.file.clone(), i.function.clone()))
 }
 
+/// File, function and scope of each code object in `keys` that is known,
+/// with one look-up of the map for all of them (a stack's frames).
+pub fn describe(keys: &[usize]) -> Vec<Option<(Arc<str>, Arc<str>, bool)>> {
+    let g = codes();
+    keys.iter()
+        .map(|k| {
+            g.as_ref()
+                .and_then(|m| m.get(k))
+                .map(|i| (i.file.clone(), i.function.clone(), i.in_scope))
+        })
+        .collect()
+}
+
 /// True if the code object at `key` is known and in scope.
 pub fn code_in_scope(key: usize) -> bool {
     codes()

@@ -1298,14 +1298,12 @@ fn slot_changes(
 /// Resolves a raw stack: the frames from the innermost in-scope one out
 /// (all of them when none is in scope), and that frame's code and line.
 fn resolve_stack(py: Python<'_>, frames: &[(Py<PyAny>, u32)]) -> (Vec<FrameRef>, Option<(Py<PyAny>, u32)>) {
-    let refs: Vec<(usize, FrameRef)> = frames
-        .iter()
-        .map(|(c, l)| api::frame_ref(py, c.bind(py), *l))
-        .collect();
-    let first = refs.iter().position(|(k, _)| monitor::code_in_scope(*k));
+    let bound: Vec<(&Bound<'_, PyAny>, u32)> = frames.iter().map(|(c, l)| (c.bind(py), *l)).collect();
+    let refs = api::frame_refs(py, &bound);
+    let first = refs.iter().position(|(_, _, in_scope)| *in_scope);
     let i = first.unwrap_or(0);
     let at = first.map(|i| (frames[i].0.clone_ref(py), frames[i].1));
-    (refs.into_iter().skip(i).map(|(_, f)| f).collect(), at)
+    (refs.into_iter().skip(i).map(|(_, f, _)| f).collect(), at)
 }
 
 /// What the flush learned about one node, copied out under the lock.
