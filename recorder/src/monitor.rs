@@ -172,9 +172,12 @@ pub fn known_code(key: usize) -> Option<(Arc<str>, Arc<str>)> {
         .map(|i| (i.file.clone(), i.function.clone()))
 }
 
+/// A known code object's file, function and whether it is in scope.
+pub type Described = (Arc<str>, Arc<str>, bool);
+
 /// File, function and scope of each code object in `keys` that is known,
 /// with one look-up of the map for all of them (a stack's frames).
-pub fn describe(keys: &[usize]) -> Vec<Option<(Arc<str>, Arc<str>, bool)>> {
+pub fn describe(keys: &[usize]) -> Vec<Option<Described>> {
     let g = codes();
     keys.iter()
         .map(|k| {
