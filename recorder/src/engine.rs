@@ -481,11 +481,19 @@ impl Engine {
         }
     }
 
-    /// True when every region is compared whole at each check (no page
-    /// or store tracking): a check is then exactly a compare of each region
-    /// with its shadow.
-    pub fn compare_only(&self) -> bool {
-        self.store.is_none() && self.regions.iter().all(|r| r.tracking == Tracking::Compare)
+    /// Whether a check could be decided by comparing the `Compare` regions
+    /// with their shadows and the process's fault count with the one the
+    /// last page scan read: `Some(None)` with no page-tracked region,
+    /// `Some(Some(count))` with some, `None` when not (store mode, or no
+    /// scan since pages were registered).
+    pub fn fast_checkable(&self) -> Option<Option<u64>> {
+        if self.store.is_some() {
+            return None;
+        }
+        if self.spans.is_empty() {
+            return Some(None);
+        }
+        self.faults_seen.map(Some)
     }
 
     /// Finds every change since the previous check, appends one

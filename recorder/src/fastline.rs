@@ -1,12 +1,14 @@
 //! The line callback's fast path: a line of in-scope code that changed
-//! nothing costs a compare of each small watched region and no more.
+//! nothing costs a compare of each small watched region (and, with
+//! page-tracked regions, a read of the process's fault count) and no more.
 //!
 //! A check at a line boundary ([`crate::api::at_boundary`]) takes the
 //! recorder's lock, runs the engine, flushes object and variable watches and
-//! moves the thread's last line on. When only `Compare`-tracked regions are
-//! watched (no page tracking, no store mode, no variables; objects only if
-//! no change of theirs waits in the queue) and their bytes are what the last
-//! check left, all of that reduces to "remember this line".
+//! moves the thread's last line on. When no store-mode region or variable
+//! is watched, no object change waits in the queue, the `Compare`-tracked
+//! regions' bytes are what the last check left and the process took no page
+//! fault since the page-tracked ones were last scanned, all of that reduces
+//! to "remember this line".
 //! [`line_unchanged`] decides that without the lock, from a copy of the
 //! regions' shadows taken by [`refresh`].
 //!
@@ -33,7 +35,7 @@ use std::sync::OnceLock;
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Tracking};
 use crate::monitor::{GUARD, LAST};
 
 /// Generation of the recorder state: bumped by every acquisition of its
@@ -60,6 +62,9 @@ struct Fast {
     /// The generation the copy was taken at; 0: none.
     generation: u64,
     regions: Vec<Copy>,
+    /// With page-tracked regions: the process's fault count the engine's
+    /// last scan read (an equal count now means no page was written).
+    faults: Option<u64>,
 }
 
 /// State only touched with the GIL held.
@@ -84,26 +89,30 @@ impl GilCell {
 static FAST: GilCell = GilCell(UnsafeCell::new(Fast {
     generation: 0,
     regions: Vec::new(),
+    faults: None,
 }));
 
 /// Copies the engine's shadows for the fast path, right after a check,
 /// under the state lock (`None`: no engine yet, nothing watched). Leaves no
 /// usable copy when the engine tracks anything the fast path cannot check
-/// (pages, stores).
+/// (stores, pages not scanned yet).
 pub(crate) fn refresh(py: Python<'_>, engine: Option<&Engine>, generation: u64) {
     // SAFETY: GIL held; no other reference is alive (see `line_unchanged`).
     let fast = unsafe { FAST.get(py) };
     fast.generation = 0;
     let Some(engine) = engine else {
         fast.regions.clear();
+        fast.faults = None;
         fast.generation = generation;
         return;
     };
-    if !engine.compare_only() {
+    let Some(faults) = engine.fast_checkable() else {
         return;
-    }
-    fast.regions.truncate(engine.regions.len());
-    for (i, r) in engine.regions.iter().enumerate() {
+    };
+    fast.faults = faults;
+    let compared = engine.regions.iter().filter(|r| r.tracking == Tracking::Compare);
+    fast.regions.truncate(compared.clone().count());
+    for (i, r) in compared.enumerate() {
         let start = r.start as usize as *const u8;
         match fast.regions.get_mut(i) {
             Some(c) if c.bytes.len() == r.shadow.len() => {
@@ -126,10 +135,11 @@ pub(crate) fn refresh(py: Python<'_>, engine: Option<&Engine>, generation: u64) 
     fast.generation = generation;
 }
 
-/// True when a line boundary has nothing to do but remember the line: only
-/// `Compare` regions are watched (or none), no variable is, no object
-/// change waits to be reported, and each region's bytes equal the shadow
-/// the last check left. Runs no Python code and takes no
+/// True when a line boundary has nothing to do but remember the line: no
+/// store-mode region or variable is watched, no object change waits to be
+/// reported, each `Compare` region's bytes equal the shadow the last check
+/// left, and the process took no page fault since the last scan of the
+/// page-tracked ones. Runs no Python code and takes no
 /// lock. The GIL must be held.
 #[inline]
 pub(crate) fn line_unchanged(py: Python<'_>) -> bool {
@@ -142,14 +152,19 @@ pub(crate) fn line_unchanged(py: Python<'_>) -> bool {
     if fast.generation != GEN.load(Ordering::Relaxed) {
         return false;
     }
-    fast.regions.iter().all(|c| {
+    let compared_equal = fast.regions.iter().all(|c| {
         // SAFETY: the region is still watched (its generation is current,
         // so no state change, unwatching included, happened since the copy)
         // and so pinned; concurrent writers only make this read one of the
         // values they stored, as in `Region::current`.
         let now = unsafe { std::slice::from_raw_parts(c.start, c.bytes.len()) };
         now == &c.bytes[..]
-    })
+    });
+    // Page-tracked regions: the engine's own test (see `Engine::check`).
+    compared_equal
+        && fast
+            .faults
+            .is_none_or(|f| crate::kernel::process_faults() == Some(f))
 }
 
 /// The full `LINE` callback (`monitor::_mon_line`), called for whatever the
