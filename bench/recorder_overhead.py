@@ -170,7 +170,7 @@ if sys.version_info >= (3, 12):
 
     compare(
         "   floor of 3a: a no-op C LINE callback, nothing watched",
-        1.5,
+        None,
         loop_in_scope,
         loop_in_scope,
         setup=floor_on,
