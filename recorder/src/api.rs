@@ -233,7 +233,11 @@ fn current_frames(py: Python<'_>) -> Vec<(usize, FrameRef)> {
 
 /// The stack a change found now is attributed to: the last in-scope line
 /// this thread executed (`last`), with the frames around it.
-pub(crate) fn attributed_stack(py: Python<'_>, last: (usize, u32)) -> Vec<FrameRef> {
+pub(crate) fn attributed_stack(py: Python<'_>, last: (usize, u32)) -> Arc<[FrameRef]> {
+    attributed_frames(py, last).into()
+}
+
+fn attributed_frames(py: Python<'_>, last: (usize, u32)) -> Vec<FrameRef> {
     let frames = current_frames(py);
     let (code, line) = last;
     if code == 0 {
@@ -450,7 +454,7 @@ fn note_thread_line(py: Python<'_>, last: (usize, u32)) {
 /// The stack and thread name a store caught in thread `tid` is attributed
 /// to: where that thread was last seen in in-scope code, or, for a thread
 /// never seen there (a native worker), the reporting thread's line.
-fn other_thread_context(tid: u64, own: &[FrameRef]) -> (Vec<FrameRef>, String) {
+fn other_thread_context(tid: u64, own: &Arc<[FrameRef]>) -> (Arc<[FrameRef]>, String) {
     let seen = threads_seen()
         .as_ref()
         .and_then(|m| m.get(&tid))
@@ -458,7 +462,7 @@ fn other_thread_context(tid: u64, own: &[FrameRef]) -> (Vec<FrameRef>, String) {
     match seen {
         Some(((code, line), name)) if code != 0 => {
             let (file, function) = monitor::known_code(code).unwrap_or_else(|| ("?".into(), "?".into()));
-            (vec![FrameRef { file, line, function }], name.to_string())
+            (Arc::new([FrameRef { file, line, function }]), name.to_string())
         }
         other => {
             let name = match other {
@@ -467,7 +471,7 @@ fn other_thread_context(tid: u64, own: &[FrameRef]) -> (Vec<FrameRef>, String) {
                     .map(|s| s.trim_end().to_string())
                     .unwrap_or_else(|_| format!("thread {tid}")),
             };
-            (own.to_vec(), name)
+            (own.clone(), name)
         }
     }
 }

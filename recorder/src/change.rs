@@ -51,7 +51,7 @@ pub struct Change {
     pub ranges: Vec<ChangedRange>,
     pub layout: Arc<Layout>,
     /// Innermost first.
-    pub stack: Vec<FrameRef>,
+    pub stack: Arc<[FrameRef]>,
     #[pyo3(get)]
     pub thread_id: u64,
     #[pyo3(get)]

@@ -879,7 +879,7 @@ struct Ready {
     suffix: Suffix,
     old: Val,
     new: Val,
-    stack: Vec<FrameRef>,
+    stack: Arc<[FrameRef]>,
     tid: u64,
     thread_name: String,
 }
@@ -1297,13 +1297,20 @@ fn slot_changes(
 
 /// Resolves a raw stack: the frames from the innermost in-scope one out
 /// (all of them when none is in scope), and that frame's code and line.
-fn resolve_stack(py: Python<'_>, frames: &[(Py<PyAny>, u32)]) -> (Vec<FrameRef>, Option<(Py<PyAny>, u32)>) {
+fn resolve_stack(py: Python<'_>, frames: &[(Py<PyAny>, u32)]) -> (Arc<[FrameRef]>, Option<(Py<PyAny>, u32)>) {
     let bound: Vec<(&Bound<'_, PyAny>, u32)> = frames.iter().map(|(c, l)| (c.bind(py), *l)).collect();
     let refs = api::frame_refs(py, &bound);
     let first = refs.iter().position(|(_, _, in_scope)| *in_scope);
     let i = first.unwrap_or(0);
     let at = first.map(|i| (frames[i].0.clone_ref(py), frames[i].1));
-    (refs.into_iter().skip(i).map(|(_, f, _)| f).collect(), at)
+    (
+        refs.into_iter()
+            .skip(i)
+            .map(|(_, f, _)| f)
+            .collect::<Vec<_>>()
+            .into(),
+        at,
+    )
 }
 
 /// What the flush learned about one node, copied out under the lock.
@@ -1313,7 +1320,7 @@ struct NodeView {
     slot_names: Vec<String>,
 }
 
-fn ready(objs: &Objects, f: Found, stack: &[FrameRef], tid: u64, thread_name: &str) -> Option<Ready> {
+fn ready(objs: &Objects, f: Found, stack: &Arc<[FrameRef]>, tid: u64, thread_name: &str) -> Option<Ready> {
     let node = objs.nodes.get(&f.node)?;
     let w = objs.watches.iter().find(|w| w.id == node.watch)?;
     Some(Ready {
@@ -1325,7 +1332,7 @@ fn ready(objs: &Objects, f: Found, stack: &[FrameRef], tid: u64, thread_name: &s
         suffix: f.suffix,
         old: f.old,
         new: f.new,
-        stack: stack.to_vec(),
+        stack: stack.clone(),
         tid,
         thread_name: thread_name.to_string(),
     })
@@ -1699,7 +1706,7 @@ fn clone_shadow(py: Python<'_>, s: &Shadow) -> Shadow {
     }
 }
 
-fn collected(w: &ObjWatch, stack: Vec<FrameRef>, tid: u64, thread_name: &str) -> Ready {
+fn collected(w: &ObjWatch, stack: Arc<[FrameRef]>, tid: u64, thread_name: &str) -> Ready {
     Ready {
         tag: w.tag.clone(),
         variable: w.variable.clone(),
