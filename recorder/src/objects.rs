@@ -1295,9 +1295,12 @@ fn slot_changes(
 
 // --- the flush ----------------------------------------------------------------------
 
+/// A code object and a line in it.
+type CodeLine = (Py<PyAny>, u32);
+
 /// Resolves a raw stack: the frames from the innermost in-scope one out
 /// (all of them when none is in scope), and that frame's code and line.
-fn resolve_stack(py: Python<'_>, frames: &[(Py<PyAny>, u32)]) -> (Arc<[FrameRef]>, Option<(Py<PyAny>, u32)>) {
+fn resolve_stack(py: Python<'_>, frames: &[(Py<PyAny>, u32)]) -> (Arc<[FrameRef]>, Option<CodeLine>) {
     let bound: Vec<(&Bound<'_, PyAny>, u32)> = frames.iter().map(|(c, l)| (c.bind(py), *l)).collect();
     let refs = api::frame_refs(py, &bound);
     let first = refs.iter().position(|(_, _, in_scope)| *in_scope);
