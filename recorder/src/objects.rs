@@ -544,6 +544,67 @@ fn instance_dict<'py>(obj: &Bound<'py, PyAny>) -> Option<Bound<'py, PyAny>> {
     d.is_exact_instance_of::<PyDict>().then_some(d)
 }
 
+/// Whether node `n` still holds exactly what its shadow says (the same
+/// objects, in the same order), read in place: no snapshot is built, no
+/// reference taken. `None` when it cannot tell this way (a set, slots, a
+/// list being sorted, a node whose object is gone): take a snapshot then.
+/// Runs no Python code.
+fn matches_shadow(py: Python<'_>, n: &Node) -> Option<bool> {
+    let shadow = n.shadow.as_ref()?;
+    match (n.shape, shadow) {
+        (Shape::Attrs | Shape::Dict, Shadow::Items(items)) => {
+            let obj = n.hold.get(py)?;
+            let d = if n.shape == Shape::Attrs {
+                instance_dict(&obj)?
+            } else {
+                obj
+            };
+            if !d.is_exact_instance_of::<PyDict>() {
+                return None;
+            }
+            // SAFETY: an exact dict, GIL held; PyDict_Next hands out
+            // borrowed references and runs no Python code.
+            unsafe {
+                if ffi::PyDict_Size(d.as_ptr()) != items.len() as ffi::Py_ssize_t {
+                    return Some(false);
+                }
+                let (mut pos, mut k, mut v) = (0, std::ptr::null_mut(), std::ptr::null_mut());
+                for (sk, sv) in items {
+                    if ffi::PyDict_Next(d.as_ptr(), &mut pos, &mut k, &mut v) == 0
+                        || k != sk.as_ptr()
+                        || v != sv.as_ptr()
+                    {
+                        return Some(false);
+                    }
+                }
+            }
+            Some(true)
+        }
+        (Shape::List, Shadow::Seq(items)) => {
+            let obj = n.hold.get(py)?;
+            let l = obj.as_ptr().cast::<ffi::PyListObject>();
+            // SAFETY: node of shape List holds a list; GIL held. While
+            // list.sort runs `allocated` is -1 (see `snapshot`).
+            unsafe {
+                if (*l).allocated < 0 {
+                    return None;
+                }
+                let len = ffi::PyList_GET_SIZE(obj.as_ptr());
+                if len != items.len() as ffi::Py_ssize_t {
+                    return Some(false);
+                }
+                Some(
+                    items
+                        .iter()
+                        .enumerate()
+                        .all(|(i, x)| *(*l).ob_item.add(i) == x.as_ptr()),
+                )
+            }
+        }
+        _ => None,
+    }
+}
+
 fn snapshot(py: Python<'_>, n: &Node) -> Option<Shadow> {
     match n.shape {
         Shape::Attrs | Shape::Dict => {
@@ -1514,6 +1575,9 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
             ids.into_iter()
                 .filter_map(|id| {
                     let n = o.nodes.get_mut(&id)?;
+                    if matches_shadow(py, n) == Some(true) {
+                        return None;
+                    }
                     let now = snapshot(py, n);
                     if let (Some(a), Some(b)) = (&n.shadow, &now) {
                         if same_shadow(a, b) {
