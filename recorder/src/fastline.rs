@@ -5,7 +5,8 @@
 //! A check at a line boundary ([`crate::api::at_boundary`]) takes the
 //! recorder's lock, runs the engine, flushes object and variable watches and
 //! moves the thread's last line on. When no store-mode region or variable
-//! is watched, no object change waits in the queue, the `Compare`-tracked
+//! is watched, no object change waits in the queue and compared objects
+//! still hold what they held (checked in place), the `Compare`-tracked
 //! regions' bytes are what the last check left and the process took no page
 //! fault since the page-tracked ones were last scanned, all of that reduces
 //! to "remember this line".
@@ -143,7 +144,7 @@ pub(crate) fn refresh(py: Python<'_>, engine: Option<&Engine>, generation: u64) 
 /// lock. The GIL must be held.
 #[inline]
 pub(crate) fn line_unchanged(py: Python<'_>) -> bool {
-    if !crate::objects::quiet() || crate::vars::any() || crate::store::active() {
+    if crate::vars::any() || crate::store::active() || !crate::objects::quiet(py) {
         return false;
     }
     // SAFETY: GIL held; the reference does not outlive this function, which

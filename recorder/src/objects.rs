@@ -366,16 +366,36 @@ pub fn any() -> bool {
 }
 
 /// True when a boundary has nothing to do for objects: none is watched, or
-/// no change waits in the queue and no node is compared at boundaries.
-pub fn quiet() -> bool {
-    !ANY.load(Ordering::Relaxed)
-        || (PENDING_N.load(Ordering::Relaxed) == 0 && !COMPARING.load(Ordering::Relaxed))
+/// no change waits in the queue, no root is held only strongly (whose
+/// collection a boundary must notice), and every compared node still holds
+/// what its shadow says (checked in place). Runs no Python code.
+pub fn quiet(py: Python<'_>) -> bool {
+    if !ANY.load(Ordering::Relaxed) {
+        return true;
+    }
+    if PENDING_N.load(Ordering::Relaxed) != 0 || STRONG_ROOTS.load(Ordering::Relaxed) {
+        return false;
+    }
+    if !COMPARING.load(Ordering::Relaxed) {
+        return true;
+    }
+    with_objs(|o| {
+        o.nodes
+            .values()
+            .filter(|n| n.shadow.is_some())
+            .all(|n| matches_shadow(py, n) == Some(true))
+    })
 }
+
+/// True while some watched root is held strongly (it has no weak
+/// references): a boundary checks whether memwatch holds it alone.
+static STRONG_ROOTS: AtomicBool = AtomicBool::new(false);
 
 fn refresh_flags(objs: &Objects) {
     ANY.store(!objs.watches.is_empty(), Ordering::Relaxed);
-    let comparing =
-        objs.nodes.values().any(|n| n.shadow.is_some()) || objs.watches.iter().any(|w| w.strong_root);
+    let strong = objs.watches.iter().any(|w| w.strong_root);
+    STRONG_ROOTS.store(strong, Ordering::Relaxed);
+    let comparing = objs.nodes.values().any(|n| n.shadow.is_some()) || strong;
     COMPARING.store(comparing, Ordering::Relaxed);
 }
 
