@@ -142,21 +142,41 @@ impl StoreTracker {
         let stop = Arc::new(AtomicBool::new(false));
         let queue = Arc::new(Mutex::new(Vec::new()));
         let mut threads = Vec::new();
+        // Both threads must be running their loops before the caller
+        // registers a page: starting a thread writes to heap memory (its
+        // handle, its closure), which may share a page with the watched
+        // buffer, and a fault thread that faults on a protected page waits
+        // for itself forever.
+        let started = Arc::new(AtomicUsize::new(0));
         {
-            let (uffd, wake, stop) = (uffd.clone(), wake.clone(), stop.clone());
+            let (uffd, wake, stop, started) = (uffd.clone(), wake.clone(), stop.clone(), started.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name("memwatch-faults".into())
-                    .spawn(move || fault_thread(&uffd, &wake, &stop))?,
+                    .spawn(move || {
+                        started.fetch_add(1, Ordering::Release);
+                        fault_thread(&uffd, &wake, &stop)
+                    })?,
             );
         }
         {
-            let (wake, stop, queue) = (wake.clone(), stop.clone(), queue.clone());
+            let (wake, stop, queue, started) = (wake.clone(), stop.clone(), queue.clone(), started.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name("memwatch-drain".into())
-                    .spawn(move || drain_thread(&wake, &stop, &queue))?,
+                    .spawn(move || {
+                        started.fetch_add(1, Ordering::Release);
+                        drain_thread(&wake, &stop, &queue)
+                    })?,
             );
+        }
+        let t0 = std::time::Instant::now();
+        while started.load(Ordering::Acquire) < 2 {
+            if t0.elapsed() > std::time::Duration::from_secs(5) {
+                stop.store(true, Ordering::Release);
+                return Err(io::Error::other("store mode's threads did not start within 5 s"));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(50));
         }
         Ok(StoreTracker {
             uffd,
