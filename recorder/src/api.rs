@@ -95,53 +95,20 @@ fn sink() -> MutexGuard<'static, Option<TraceSink>> {
 /// line). Runs no Python code, so it is safe inside interpreter callbacks.
 pub(crate) fn raw_frames(py: Python<'_>) -> Vec<(Bound<'_, PyAny>, u32)> {
     let mut walked: Vec<(usize, i32)> = Vec::new();
-    if crate::pyframes::walk(py, &mut |code, lasti| {
+    crate::pyframes::walk(py, &mut |code, lasti| {
         walked.push((code, lasti));
         true
-    }) {
-        return walked
-            .into_iter()
-            .map(|(code, lasti)| {
-                // SAFETY: the code object of a frame that is still running
-                // (GIL held, no Python code ran since the walk).
-                let code = unsafe { Bound::<PyAny>::from_borrowed_ptr(py, code as *mut ffi::PyObject) };
-                let line = line_at(&code, lasti);
-                (code, line)
-            })
-            .collect();
-    }
-    let mut out = Vec::new();
-    // SAFETY: GIL held; PyEval_GetFrame returns a borrowed reference that
-    // we turn into an owned one at once.
-    let mut frame = unsafe {
-        let f = ffi::PyEval_GetFrame();
-        if f.is_null() {
-            return out;
-        }
-        Bound::<PyAny>::from_borrowed_ptr(py, f.cast())
-    };
-    loop {
-        let fp = frame.as_ptr() as *mut ffi::PyFrameObject;
-        // SAFETY: `fp` is a live frame; both calls return new references
-        // (or NULL for no back frame).
-        let (code, line, back) = unsafe {
-            let code = Bound::<PyAny>::from_owned_ptr(py, ffi::PyFrame_GetCode(fp).cast());
-            let line = line_of(&code, fp);
-            let back = ffi::PyFrame_GetBack(fp);
-            (code, line, back)
-        };
-        out.push((code, line));
-        if back.is_null() || out.len() >= 256 {
-            if !back.is_null() {
-                // SAFETY: `back` is a new reference we do not use.
-                unsafe { ffi::Py_DECREF(back.cast()) };
-            }
-            break;
-        }
-        // SAFETY: `back` is a new reference.
-        frame = unsafe { Bound::from_owned_ptr(py, back.cast()) };
-    }
-    out
+    });
+    walked
+        .into_iter()
+        .map(|(code, lasti)| {
+            // SAFETY: the code object of a frame that is still running
+            // (GIL held, no Python code ran since the walk).
+            let code = unsafe { Bound::<PyAny>::from_borrowed_ptr(py, code as *mut ffi::PyObject) };
+            let line = line_at(&code, lasti);
+            (code, line)
+        })
+        .collect()
 }
 
 thread_local! {
@@ -157,20 +124,6 @@ thread_local! {
 type LineCache = monitor::AddrMap<(usize, i32), (Py<PyAny>, i32)>;
 
 const LINES_MAX: usize = 4096;
-
-/// The line frame `fp` (running `code`) is at. Runs no Python code.
-///
-/// # Safety
-/// `fp` is a live frame whose code object is `code`; the GIL is held.
-unsafe fn line_of(code: &Bound<'_, PyAny>, fp: *mut ffi::PyFrameObject) -> u32 {
-    // SAFETY: as the caller promises.
-    let lasti = unsafe { ffi::PyFrame_GetLasti(fp) };
-    if lasti >= 0 {
-        return line_at(code, lasti);
-    }
-    // SAFETY: as the caller promises.
-    unsafe { ffi::PyFrame_GetLineNumber(fp) }.max(0) as u32
-}
 
 /// The line of the instruction at byte offset `lasti` of `code`, through
 /// the `LINES` cache. Runs no Python code.
@@ -266,7 +219,7 @@ fn attributed_frames(py: Python<'_>, last: (usize, u32)) -> Vec<FrameRef> {
 pub(crate) fn innermost_in_scope(py: Python<'_>, skip_current: bool) -> (usize, u32) {
     let mut found = None;
     let mut skip = skip_current;
-    if crate::pyframes::walk(py, &mut |code, lasti| {
+    crate::pyframes::walk(py, &mut |code, lasti| {
         if std::mem::take(&mut skip) {
             return true;
         }
@@ -275,45 +228,15 @@ pub(crate) fn innermost_in_scope(py: Python<'_>, skip_current: bool) -> (usize, 
             return false;
         }
         true
-    }) {
-        return match found {
-            Some((code, lasti)) => {
-                // SAFETY: the code object of a running frame (GIL held).
-                let c = unsafe { Bound::<PyAny>::from_borrowed_ptr(py, code as *mut ffi::PyObject) };
-                (code, line_at(&c, lasti))
-            }
-            None => (0, 0),
-        };
+    });
+    match found {
+        Some((code, lasti)) => {
+            // SAFETY: the code object of a running frame (GIL held).
+            let c = unsafe { Bound::<PyAny>::from_borrowed_ptr(py, code as *mut ffi::PyObject) };
+            (code, line_at(&c, lasti))
+        }
+        None => (0, 0),
     }
-    // SAFETY: GIL held; PyEval_GetFrame returns a borrowed reference that
-    // we turn into an owned one at once.
-    let mut frame = unsafe {
-        let f = ffi::PyEval_GetFrame();
-        if f.is_null() {
-            return (0, 0);
-        }
-        Bound::<PyAny>::from_borrowed_ptr(py, f.cast())
-    };
-    for depth in 0..256 {
-        let fp = frame.as_ptr() as *mut ffi::PyFrameObject;
-        if depth > 0 || !skip_current {
-            // SAFETY: `fp` is a live frame; PyFrame_GetCode returns a new reference.
-            let code = unsafe { Bound::<PyAny>::from_owned_ptr(py, ffi::PyFrame_GetCode(fp).cast()) };
-            let key = code.as_ptr() as usize;
-            if monitor::code_in_scope(key) {
-                // SAFETY: `fp` is a live frame running `code`; GIL held.
-                return (key, unsafe { line_of(&code, fp) });
-            }
-        }
-        // SAFETY: `fp` is a live frame; a new reference or NULL.
-        let back = unsafe { ffi::PyFrame_GetBack(fp) };
-        if back.is_null() {
-            break;
-        }
-        // SAFETY: `back` is a new reference.
-        frame = unsafe { Bound::from_owned_ptr(py, back.cast()) };
-    }
-    (0, 0)
 }
 
 // --- checking -----------------------------------------------------------------

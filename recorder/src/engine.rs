@@ -1258,6 +1258,24 @@ mod tests {
         );
     }
 
+    /// The tests' oracle: maximal runs of `n`-byte elements that differ,
+    /// found one element at a time (deliberately not `element_runs`).
+    fn plain_runs(x: &[u8], y: &[u8], n: usize) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        let mut a = 0;
+        while a < x.len() {
+            let b = (a + n).min(x.len());
+            if x[a..b] != y[a..b] {
+                match out.last_mut() {
+                    Some((_, e)) if *e == a => *e = b,
+                    _ => out.push((a, b)),
+                }
+            }
+            a = b;
+        }
+        out
+    }
+
     /// `bulk_diff` reports the region's maximal runs of changed elements,
     /// for any itemsize, with the old and new bytes of each, and leaves the
     /// current contents as the shadow.
@@ -1283,16 +1301,7 @@ mod tests {
             for k in (0..e(len)).step_by(9973) {
                 touch(k, k + 1);
             }
-            let mut expected: Vec<(usize, usize)> = Vec::new();
-            for k in 0..e(len) {
-                let (a, b) = (k * itemsize, (k + 1) * itemsize);
-                if old[a..b] != buf[a..b] {
-                    match expected.last_mut() {
-                        Some((_, pe)) if *pe == a => *pe = b,
-                        _ => expected.push((a, b)),
-                    }
-                }
-            }
+            let expected = plain_runs(&buf, &old, itemsize);
             let mut r = region(&mut buf, itemsize as u32);
             r.shadow = Arc::new(old.clone());
             let mut ranges = Vec::new();
@@ -1319,21 +1328,6 @@ mod tests {
     /// long runs, all) and lengths that end mid-block and mid-element.
     #[test]
     fn element_runs_match_a_plain_element_by_element_compare() {
-        fn plain_runs(x: &[u8], y: &[u8], n: usize) -> Vec<(usize, usize)> {
-            let mut out: Vec<(usize, usize)> = Vec::new();
-            let mut a = 0;
-            while a < x.len() {
-                let b = (a + n).min(x.len());
-                if x[a..b] != y[a..b] {
-                    match out.last_mut() {
-                        Some((_, e)) if *e == a => *e = b,
-                        _ => out.push((a, b)),
-                    }
-                }
-                a = b;
-            }
-            out
-        }
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut rand = move || {
             seed ^= seed << 13;

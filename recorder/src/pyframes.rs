@@ -16,7 +16,7 @@
 //!   the stack of the moment, reading through `process_vm_readv` so that a
 //!   wrong offset fails the check instead of crashing; any difference (or
 //!   another Python version) turns the walker off for the rest of the
-//!   process, and callers fall back to the public API. So does
+//!   process, and [`walk`] goes through the public API instead. So does
 //!   `MEMWATCH_FRAME_WALKER=0` in the environment.
 //!
 //! Only the calling thread's own frames are read, with the GIL held, so
@@ -164,8 +164,9 @@ unsafe fn walk_with(
     Some(())
 }
 
-/// The same stack through the public API, for the check.
-fn walk_public(py: Python<'_>, out: &mut Vec<(usize, i32)>) {
+/// The same walk through the public API (`PyEval_GetFrame`,
+/// `PyFrame_GetBack`): the check's reference, and the fallback.
+fn walk_public(py: Python<'_>, f: &mut dyn FnMut(usize, i32) -> bool) {
     // SAFETY: GIL held; borrowed frame turned into an owned reference.
     let mut frame = unsafe {
         let f = ffi::PyEval_GetFrame();
@@ -174,16 +175,21 @@ fn walk_public(py: Python<'_>, out: &mut Vec<(usize, i32)>) {
         }
         Bound::<PyAny>::from_borrowed_ptr(py, f.cast())
     };
-    while out.len() < MAX_DEPTH {
+    for _ in 0..MAX_DEPTH {
         let fp = frame.as_ptr() as *mut ffi::PyFrameObject;
-        // SAFETY: `fp` is a live frame; new references or NULL.
-        let (code, lasti, back) = unsafe {
+        // SAFETY: `fp` is a live frame; new references or NULL. The code
+        // object stays alive after `code` is dropped: the frame holds it.
+        let (code, lasti) = unsafe {
             let code = Bound::<PyAny>::from_owned_ptr(py, ffi::PyFrame_GetCode(fp).cast());
-            (code, ffi::PyFrame_GetLasti(fp), ffi::PyFrame_GetBack(fp))
+            (code.as_ptr() as usize, ffi::PyFrame_GetLasti(fp))
         };
-        out.push((code.as_ptr() as usize, lasti.max(0)));
+        if !f(code, lasti.max(0)) {
+            return;
+        }
+        // SAFETY: `fp` is a live frame; a new reference or NULL.
+        let back = unsafe { ffi::PyFrame_GetBack(fp) };
         if back.is_null() {
-            break;
+            return;
         }
         // SAFETY: `back` is a new reference.
         frame = unsafe { Bound::from_owned_ptr(py, back.cast()) };
@@ -212,7 +218,10 @@ fn check(py: Python<'_>) -> bool {
                     true
                 })
             };
-            walk_public(py, &mut theirs);
+            walk_public(py, &mut |c, o| {
+                theirs.push((c, o));
+                true
+            });
             walked.is_some() && !theirs.is_empty() && ours == theirs
         });
     STATE.store(if ok { ON } else { OFF }, Ordering::Relaxed);
@@ -222,28 +231,34 @@ fn check(py: Python<'_>) -> bool {
 /// Calls `f(code object address, instruction offset in bytes, as
 /// `PyFrame_GetLasti` gives it)` for each frame of the calling thread's
 /// stack, innermost first, until `f` returns `false` or [`MAX_DEPTH`]
-/// frames were seen. Returns `false`, having called nothing, when the frame
-/// records cannot be read on this interpreter: use the public API then.
+/// frames were seen: from the frame records where they were checked,
+/// through the public API otherwise.
 ///
 /// The code objects are alive while their frames are: `f` must not run
 /// Python code, and must take its own reference to keep one.
-pub fn walk(py: Python<'_>, f: &mut dyn FnMut(usize, i32) -> bool) -> bool {
-    let on = match STATE.load(Ordering::Relaxed) {
+pub fn walk(py: Python<'_>, f: &mut dyn FnMut(usize, i32) -> bool) {
+    match layout().filter(|_| records_checked(py)) {
+        // SAFETY: GIL held; the layout was checked on this interpreter.
+        Some(l) => unsafe {
+            walk_with(l, ffi::PyThreadState_Get() as usize, false, f);
+        },
+        None => walk_public(py, f),
+    }
+}
+
+/// Whether the frame records are read on this interpreter (deciding now
+/// if not decided yet).
+fn records_checked(py: Python<'_>) -> bool {
+    match STATE.load(Ordering::Relaxed) {
         ON => true,
         OFF => false,
         _ => check(py),
-    };
-    let Some(l) = layout().filter(|_| on) else {
-        return false;
-    };
-    // SAFETY: GIL held; the layout was checked on this interpreter, and
-    // unchecked reads cannot fail.
-    unsafe { walk_with(l, ffi::PyThreadState_Get() as usize, false, f) }.is_some()
+    }
 }
 
 /// Whether stacks are read from the frame records on this interpreter
 /// (deciding now if not decided yet): for tests and diagnostics.
 #[pyfunction]
 pub fn _frame_walker_in_use(py: Python<'_>) -> bool {
-    walk(py, &mut |_, _| false)
+    records_checked(py)
 }
