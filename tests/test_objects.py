@@ -15,7 +15,7 @@ import weakref
 import pytest
 
 import memwatch
-from conftest import BIN, here
+from conftest import BIN, here, run_py
 
 THIS = os.path.realpath(__file__)
 
@@ -90,13 +90,39 @@ def test_object_and_buffer_changes_after_quiet_lines_keep_their_lines(changes):
     assert [c.ranges for c in changes if c.tag == "buf"][:2] == [[(1, b"\x00", b"\x01")], [(0, b"\x00", b"\x01")]]
 
 
+def test_the_recorders_own_first_walk_turns_the_frame_walker_on():
+    # Nothing asks for the walker here: the first change's stack decides
+    # (the diagnostic itself decides nothing). On every supported CPython
+    # the frame records are what is read, and the stacks are right.
+    r = run_py(
+        """
+        import memwatch
+        from memwatch import _memwatch as m
+        memwatch.configure(live=False)
+        class C:
+            pass
+        c = C()
+        before = m._frame_walker_in_use()
+        memwatch.watch_object(c, name="c")
+        def store():
+            c.x = 1
+        store()
+        memwatch.check()
+        h = memwatch.history()
+        print(before, m._frame_walker_in_use(), [f[2].rsplit(".", 1)[-1] for f in h[-1].stack])
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split(" ", 2)[:2] == ["None", "True"]
+    assert r.stdout.split(" ", 2)[2].strip() == "['store', '<module>']"
+
+
 def test_stacks_through_generators_and_c_calls_are_the_interpreters(changes):
     # Stacks are read from the interpreter's frame records (checked against
     # the public API at first use): through a generator, a C function
     # calling back into Python (sorted's key) and the C-call shims between.
     import traceback
 
-    assert memwatch._memwatch._frame_walker_in_use()
     cfg = Config()
     memwatch.watch_object(cfg, name="cfg")
     expected = []
@@ -109,6 +135,7 @@ def test_stacks_through_generators_and_c_calls_are_the_interpreters(changes):
         yield from sorted([3, 1, 2], key=key)
 
     assert list(gen()) == [1, 2, 3]
+    assert memwatch._memwatch._frame_walker_in_use()
     assert len(changes) == 3
     for c, stack in zip(changes, expected):
         want = [(os.path.realpath(f.filename), f.lineno) for f in reversed(stack)]

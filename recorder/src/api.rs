@@ -70,7 +70,20 @@ fn state() -> MutexGuard<'static, Option<State>> {
 
 fn with_state<R>(f: impl FnOnce(&mut State) -> R) -> R {
     let mut g = state();
-    let st = g.get_or_insert_with(|| State {
+    f(init_state(&mut g))
+}
+
+/// [`with_state`] for what only numbers, records and delivers changes
+/// (`seq`, the trace, callbacks, history, `live`): `f` must not touch the
+/// engine, the watches or their shadows, so the line fast path's copy of
+/// them stays good. Object changes are delivered this way, at every write.
+fn with_delivery_state<R>(f: impl FnOnce(&mut State) -> R) -> R {
+    let mut g = STATE.lock().unwrap_or_else(|p| p.into_inner());
+    f(init_state(&mut g))
+}
+
+fn init_state(g: &mut Option<State>) -> &mut State {
+    g.get_or_insert_with(|| State {
         engine: Engine::default(),
         watches: Vec::new(),
         next_region: 1,
@@ -81,8 +94,7 @@ fn with_state<R>(f: impl FnOnce(&mut State) -> R) -> R {
         max_history: 100_000,
         history_bytes: 0,
         max_history_bytes: 64 << 20,
-    });
-    f(st)
+    })
 }
 
 fn sink() -> MutexGuard<'static, Option<TraceSink>> {
@@ -127,7 +139,7 @@ const LINES_MAX: usize = 4096;
 
 /// The line of the instruction at byte offset `lasti` of `code`, through
 /// the `LINES` cache. Runs no Python code.
-fn line_at(code: &Bound<'_, PyAny>, lasti: i32) -> u32 {
+pub(crate) fn line_at(code: &Bound<'_, PyAny>, lasti: i32) -> u32 {
     let key = (code.as_ptr() as usize, lasti);
     if let Some(line) = LINES.with(|l| l.borrow().get(&key).map(|e| e.1)) {
         return line.max(0) as u32;
@@ -300,13 +312,13 @@ thread_local! {
 }
 
 /// A thread object, its name object when read and that name as text.
-type NameSeen = (Py<PyAny>, Py<PyAny>, String);
+type NameSeen = (Py<PyAny>, Py<PyAny>, Arc<str>);
 
 /// The calling thread's `threading` name. `current_thread()` is called once
 /// per thread; after that the thread object's name is read and compared
 /// with the one seen last (`Thread.name` is a property around `_name`), so
 /// renaming a thread shows at its next change.
-pub(crate) fn thread_name(py: Python<'_>) -> String {
+pub(crate) fn thread_name(py: Python<'_>) -> Arc<str> {
     guarded(|| {
         // Copied out first: reading `_name` may run Python code (a
         // subclass's property), which must not find the cell borrowed.
@@ -321,13 +333,13 @@ pub(crate) fn thread_name(py: Python<'_>) -> String {
                 return text;
             }
         }
-        let read = || -> PyResult<String> {
+        let read = || -> PyResult<Arc<str>> {
             let thread = monitor::hooks()?.current_thread.bind(py).call0()?;
             let name = match thread.getattr(pyo3::intern!(py, "_name")) {
                 Ok(n) => n,
                 Err(_) => thread.getattr("name")?,
             };
-            let text: String = name.extract()?;
+            let text: Arc<str> = name.extract::<String>()?.into();
             THREAD_NAME.with(|c| *c.borrow_mut() = Some((thread.unbind(), name.unbind(), text.clone())));
             Ok(text)
         };
@@ -367,7 +379,7 @@ fn note_thread_line(py: Python<'_>, last: (usize, u32)) {
         .map(|s| s.last = last)
         .is_some();
     if !known {
-        let name: Arc<str> = thread_name(py).into();
+        let name = thread_name(py);
         threads_seen()
             .get_or_insert_with(Default::default)
             .insert(tid, Seen { last, name });
@@ -377,7 +389,7 @@ fn note_thread_line(py: Python<'_>, last: (usize, u32)) {
 /// The stack and thread name a store caught in thread `tid` is attributed
 /// to: where that thread was last seen in in-scope code, or, for a thread
 /// never seen there (a native worker), the reporting thread's line.
-fn other_thread_context(tid: u64, own: &Arc<[FrameRef]>) -> (Arc<[FrameRef]>, String) {
+fn other_thread_context(tid: u64, own: &Arc<[FrameRef]>) -> (Arc<[FrameRef]>, Arc<str>) {
     let seen = threads_seen()
         .as_ref()
         .and_then(|m| m.get(&tid))
@@ -385,14 +397,14 @@ fn other_thread_context(tid: u64, own: &Arc<[FrameRef]>) -> (Arc<[FrameRef]>, St
     match seen {
         Some(((code, line), name)) if code != 0 => {
             let (file, function) = monitor::known_code(code).unwrap_or_else(|| ("?".into(), "?".into()));
-            (Arc::new([FrameRef { file, line, function }]), name.to_string())
+            (Arc::new([FrameRef { file, line, function }]), name)
         }
         other => {
             let name = match other {
-                Some((_, name)) => name.to_string(),
+                Some((_, name)) => name,
                 None => std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
-                    .map(|s| s.trim_end().to_string())
-                    .unwrap_or_else(|_| format!("thread {tid}")),
+                    .map(|s| s.trim_end().into())
+                    .unwrap_or_else(|_| format!("thread {tid}").into()),
             };
             (own.clone(), name)
         }
@@ -431,8 +443,8 @@ fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32)) {
             let change = Change {
                 seq,
                 time_ns: now,
-                tag: w.tag.to_string(),
-                variable: w.variable.as_ref().map(|v| v.to_string()),
+                tag: w.tag.clone(),
+                variable: w.variable.clone(),
                 region_start: region.start,
                 ranges: rc.ranges,
                 layout: w.layout.clone(),
@@ -454,7 +466,7 @@ fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32)) {
 /// Hands one object change (`change.object` set) to the trace, history,
 /// callbacks and the live report, numbering it in the process's sequence.
 pub(crate) fn emit_object(py: Python<'_>, mut change: Change) {
-    let (callbacks, tracing, live, max_history) = with_state(|st| {
+    let (callbacks, tracing, live, max_history) = with_delivery_state(|st| {
         st.seq += 1;
         change.seq = st.seq;
         let mut sk = sink();
@@ -482,6 +494,10 @@ fn deliver(
     max_history: usize,
 ) {
     let report = (callbacks.is_empty() && !tracing && live).then(|| change.report());
+    if report.is_none() && callbacks.is_empty() && max_history == 0 {
+        // Nobody sees the change as an object: the trace (if any) has it.
+        return;
+    }
     let obj = match Py::new(py, change) {
         Ok(o) => o,
         Err(e) => {
@@ -489,7 +505,7 @@ fn deliver(
             return;
         }
     };
-    with_state(|st| {
+    with_delivery_state(|st| {
         let size = change_bytes(obj.get());
         if max_history > 0 && size <= st.max_history_bytes {
             st.history.push_back(obj.clone_ref(py));
@@ -1049,7 +1065,7 @@ pub fn history<'py>(py: Python<'py>, name: Option<&str>) -> PyResult<Bound<'py, 
     let items: Vec<Py<Change>> = with_state(|st| {
         st.history
             .iter()
-            .filter(|c| name.is_none_or(|n| c.get().tag == n))
+            .filter(|c| name.is_none_or(|n| &*c.get().tag == n))
             .map(|c| c.clone_ref(py))
             .collect()
     });

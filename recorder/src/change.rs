@@ -40,11 +40,11 @@ pub struct Change {
     /// When the change was seen, nanoseconds since the Unix epoch.
     #[pyo3(get)]
     pub time_ns: u64,
-    #[pyo3(get)]
-    pub tag: String,
+    /// Shared with the watch (and `thread_name` with the thread's other
+    /// changes): a change copies no text it does not own.
+    pub tag: Arc<str>,
     /// The variable through which the buffer was passed to `watch`.
-    #[pyo3(get)]
-    pub variable: Option<String>,
+    pub variable: Option<Arc<str>>,
     /// Start address of the watched region (0 for an object change).
     pub region_start: u64,
     /// Empty for an object change.
@@ -54,8 +54,7 @@ pub struct Change {
     pub stack: Arc<[FrameRef]>,
     #[pyo3(get)]
     pub thread_id: u64,
-    #[pyo3(get)]
-    pub thread_name: String,
+    pub thread_name: Arc<str>,
     /// Set for a change of a watched Python object.
     pub object: Option<ObjectInfo>,
 }
@@ -247,6 +246,24 @@ impl Change {
 
 #[pymethods]
 impl Change {
+    /// The watch's tag.
+    #[getter]
+    fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The variable through which the buffer was passed to `watch`.
+    #[getter]
+    fn variable(&self) -> Option<&str> {
+        self.variable.as_deref()
+    }
+
+    /// The `threading` name of the thread that made the change.
+    #[getter]
+    fn thread_name(&self) -> &str {
+        &self.thread_name
+    }
+
     /// Address of the first changed byte; `None` for an object change.
     #[getter]
     fn address(&self) -> Option<u64> {

@@ -88,6 +88,12 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// The layout of changes that have none (objects, variables), shared.
+    pub fn none() -> Arc<Layout> {
+        static NONE: std::sync::OnceLock<Arc<Layout>> = std::sync::OnceLock::new();
+        NONE.get_or_init(|| Arc::new(Layout::default())).clone()
+    }
+
     /// The index of the element that holds byte `offset` of the region, if
     /// any (numpy order, one entry per dimension).
     pub fn index_of(&self, offset: u64) -> Option<Vec<u64>> {

@@ -144,7 +144,17 @@ pub(crate) fn refresh(py: Python<'_>, engine: Option<&Engine>, generation: u64) 
 /// lock. The GIL must be held.
 #[inline]
 pub(crate) fn line_unchanged(py: Python<'_>) -> bool {
-    if crate::vars::any() || crate::store::active() || !crate::objects::quiet(py) {
+    crate::objects::quiet(py) && buffers_unchanged(py)
+}
+
+/// True when watched memory needs no check at this boundary: no store-mode
+/// region or variable is watched, each `Compare` region's bytes equal the
+/// shadow the last check left, and the process took no page fault since
+/// the last scan of the page-tracked ones. Says nothing of objects. Runs no
+/// Python code and takes no lock. The GIL must be held.
+#[inline]
+fn buffers_unchanged(py: Python<'_>) -> bool {
+    if crate::vars::any() || crate::store::active() {
         return false;
     }
     // SAFETY: GIL held; the reference does not outlive this function, which
@@ -183,10 +193,17 @@ unsafe extern "C" fn line_fast(
 ) -> *mut ffi::PyObject {
     // SAFETY: the interpreter calls us with the GIL held.
     let py = unsafe { Python::assume_attached() };
-    if nargs == 2 && !GUARD.with(|g| g.get()) && crate::monitor::is_active() && line_unchanged(py) {
+    if nargs == 2 && !GUARD.with(|g| g.get()) && crate::monitor::is_active() && buffers_unchanged(py) {
         // SAFETY: two arguments, as checked; the second is the line (an int).
         let (code, line) = unsafe { (*args, ffi::PyLong_AsLong(*args.add(1))) };
         if line >= 0 {
+            // Watched memory is as the last check left it: only objects may
+            // have something to report (a queued change, a compared node
+            // that differs), and reporting it is all the full boundary would
+            // do before moving the line on (`api::at_boundary`).
+            if !crate::objects::quiet(py) {
+                crate::objects::flush(py, LAST.with(|l| l.get()));
+            }
             LAST.with(|l| l.set((code as usize, line as u32)));
             // SAFETY: returning a new reference to None.
             return unsafe { ffi::Py_NewRef(ffi::Py_None()) };

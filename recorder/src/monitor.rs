@@ -196,11 +196,21 @@ pub fn code_in_scope(key: usize) -> bool {
         .is_some_and(|i| i.in_scope)
 }
 
+/// Bumped whenever scope decisions may change (`rescope`).
+static SCOPE_GEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The generation of scope decisions: what was worked out from them (where
+/// a stack starts) holds while it is unchanged.
+pub fn scope_generation() -> u64 {
+    SCOPE_GEN.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Forgets every scope decision (after `configure(include=..., exclude=...)`);
 /// returns the code objects that were in scope.
 pub fn rescope(py: Python<'_>) -> PyResult<()> {
     // Scope decisions feed the line fast path's shortcuts: start it over.
     crate::fastline::invalidate();
+    SCOPE_GEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let entries: Vec<(usize, Py<PyAny>, Arc<str>, bool)> = codes()
         .as_ref()
         .map(|m| {

@@ -56,7 +56,7 @@ use memwatch_format::ObjectChangeKind as Kind;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyCFunction, PyDict, PyList, PySet, PyTuple, PyType, PyWeakrefReference};
+use pyo3::types::{PyCFunction, PyDict, PyList, PySet, PyString, PyTuple, PyType, PyWeakrefReference};
 
 use crate::api;
 use crate::change::{Change, FrameRef, ObjectInfo};
@@ -325,7 +325,7 @@ struct Objects {
 
 static OBJS: Mutex<Option<Objects>> = Mutex::new(None);
 /// Dict address -> nodes reporting it (through the dict watcher).
-static DICTS: Mutex<Option<AddrMap<usize, Vec<u32>>>> = Mutex::new(None);
+static DICTS: Mutex<Option<AddrMap<usize, Arc<[u32]>>>> = Mutex::new(None);
 static PENDING: Mutex<Vec<Pending>> = Mutex::new(Vec::new());
 static PENDING_N: AtomicUsize = AtomicUsize::new(0);
 /// True while any object is watched.
@@ -337,6 +337,8 @@ static NEXT_ID: AtomicU32 = AtomicU32::new(1);
 
 thread_local! {
     static FLUSHING: Cell<bool> = const { Cell::new(false) };
+    /// An empty queue kept for its capacity (see `flush_attached`).
+    static SPARE: Cell<Vec<Pending>> = const { Cell::new(Vec::new()) };
     /// This thread's id (`gettid` is a system call; a write loop asks for it
     /// per write). Reset in a fork child.
     static TID: Cell<u64> = const { Cell::new(0) };
@@ -401,6 +403,9 @@ fn refresh_flags(objs: &Objects) {
 
 /// The path of node `id` from its watched object (`.opts['lr']`).
 fn path_of(objs: &Objects, mut id: u32) -> String {
+    if let Some(n) = objs.nodes.get(&id).filter(|n| n.parent.is_none()) {
+        return n.suffix.clone();
+    }
     let mut parts = Vec::new();
     while let Some(n) = objs.nodes.get(&id) {
         parts.push(n.suffix.as_str());
@@ -417,7 +422,7 @@ fn path_of(objs: &Objects, mut id: u32) -> String {
 enum PendingWhat {
     /// A dict watcher event on the dict of `nodes`.
     Dict {
-        nodes: Vec<u32>,
+        nodes: Arc<[u32]>,
         event: c_int,
         key: Option<Py<PyAny>>,
         old: Option<Py<PyAny>>,
@@ -431,7 +436,7 @@ enum PendingWhat {
 
 struct Pending {
     what: PendingWhat,
-    frames: Vec<(Py<PyAny>, u32)>,
+    frames: Frames,
     tid: u64,
     ident: u64,
 }
@@ -441,11 +446,108 @@ fn push_pending(p: Pending) {
     PENDING_N.fetch_add(1, Ordering::Relaxed);
 }
 
-fn raw_stack(py: Python<'_>) -> Vec<(Py<PyAny>, u32)> {
-    api::raw_frames(py)
-        .into_iter()
-        .map(|(c, l)| (c.unbind(), l))
-        .collect()
+// --- stacks of queued events ------------------------------------------------------
+
+/// The stack of a queued event.
+enum Frames {
+    /// Resolved when queued, from this thread's [`StackMemo`]: the frames
+    /// from the innermost in-scope one out, and that frame's code and line.
+    Resolved(Arc<[FrameRef]>, Option<CodeLine>),
+    /// `(code object, instruction offset)`, innermost first: resolved at
+    /// the flush, where looking a code object up may run Python code.
+    Raw(Vec<(Py<PyAny>, i32)>),
+}
+
+/// The stack last resolved for a queued event of this thread, by its raw
+/// frames. A loop that stores to a watched object queues the same stack
+/// at every store: the callback compares the raw frames and shares the
+/// resolved stack instead of holding a reference per frame, and the flush
+/// resolves nothing.
+///
+/// Its code objects are held, so that their addresses cannot be reused
+/// while it is here. It is only replaced at a flush, never in the dict
+/// watcher callback: releasing a code object there could run Python code.
+struct StackMemo {
+    /// [`monitor::scope_generation`] when resolved: which frames are in
+    /// scope decides where the stack starts.
+    scope: u64,
+    raw: Vec<(usize, i32)>,
+    _codes: Vec<Py<PyAny>>,
+    stack: Arc<[FrameRef]>,
+    at: Option<(usize, u32)>,
+}
+
+thread_local! {
+    static MEMO: std::cell::RefCell<Option<StackMemo>> = const { std::cell::RefCell::new(None) };
+    /// The walk of the current event's stack (kept for its capacity).
+    static WALKED: std::cell::RefCell<Vec<(usize, i32)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The calling thread's stack for a queued event. Runs no Python code and
+/// releases no reference (it is called inside the dict watcher callback).
+fn capture_frames(py: Python<'_>) -> Frames {
+    WALKED.with(|w| {
+        let Ok(mut walked) = w.try_borrow_mut() else {
+            return Frames::Raw(Vec::new());
+        };
+        walked.clear();
+        crate::pyframes::walk(py, &mut |code, lasti| {
+            walked.push((code, lasti));
+            true
+        });
+        let known = MEMO.with(|m| {
+            let m = m.try_borrow().ok()?;
+            let m = m.as_ref()?;
+            (m.scope == monitor::scope_generation() && m.raw == *walked).then(|| {
+                // SAFETY: GIL held; the memo holds the code object.
+                let at = m
+                    .at
+                    .map(|(c, l)| (unsafe { Bound::from_borrowed_ptr(py, c as *mut ffi::PyObject) }.unbind(), l));
+                Frames::Resolved(m.stack.clone(), at)
+            })
+        });
+        known.unwrap_or_else(|| {
+            Frames::Raw(
+                walked
+                    .iter()
+                    .map(|&(code, lasti)| {
+                        // SAFETY: the code object of a frame that is still
+                        // running (GIL held, no Python code ran since the walk).
+                        (unsafe { Bound::from_borrowed_ptr(py, code as *mut ffi::PyObject) }.unbind(), lasti)
+                    })
+                    .collect(),
+            )
+        })
+    })
+}
+
+/// The resolved stack of a queued event and its attributed code and line;
+/// a raw stack queued by this thread becomes its [`StackMemo`].
+fn resolve_frames(py: Python<'_>, frames: &Frames, mine: bool) -> (Arc<[FrameRef]>, Option<CodeLine>) {
+    let raw = match frames {
+        Frames::Resolved(stack, at) => return (stack.clone(), at.as_ref().map(|(c, l)| (c.clone_ref(py), *l))),
+        Frames::Raw(raw) => raw,
+    };
+    let lined: Vec<(Py<PyAny>, u32)> = raw
+        .iter()
+        .map(|(code, lasti)| (code.clone_ref(py), api::line_at(code.bind(py), *lasti)))
+        .collect();
+    let scope = monitor::scope_generation();
+    let (stack, at) = resolve_stack(py, &lined);
+    if mine {
+        let memo = StackMemo {
+            scope,
+            raw: raw.iter().map(|(c, o)| (c.as_ptr() as usize, *o)).collect(),
+            _codes: lined.into_iter().map(|(c, _)| c).collect(),
+            stack: stack.clone(),
+            at: at.as_ref().map(|(c, l)| (c.as_ptr() as usize, *l)),
+        };
+        // The memo replaced is released after the cell is let go: that may
+        // run Python code (a code object's last reference).
+        let old = MEMO.with(|m| m.try_borrow_mut().ok().map(|mut m| m.replace(memo)));
+        drop(old);
+    }
+    (stack, at)
 }
 
 fn thread_ident() -> u64 {
@@ -512,7 +614,7 @@ unsafe extern "C" fn on_dict_event(
                 new,
                 items,
             },
-            frames: raw_stack(py),
+            frames: capture_frames(py),
             tid: tid(),
             ident: thread_ident(),
         });
@@ -819,13 +921,13 @@ fn insert_nodes(objs: &mut Objects, nodes: Vec<(u32, Node)>) {
                 let entry = g
                     .get_or_insert_with(AddrMap::default)
                     .entry(node.dict_ptr)
-                    .or_default();
+                    .or_insert_with(|| Arc::from([]));
                 if entry.is_empty() {
                     // SAFETY: GIL held; the dict is alive: the caller holds
                     // the object it belongs to.
                     unsafe { (api.watch)(watcher, node.dict_ptr as *mut ffi::PyObject) };
                 }
-                entry.push(id);
+                *entry = entry.iter().copied().chain([id]).collect();
             }
         }
         objs.nodes.insert(id, node);
@@ -850,7 +952,7 @@ fn remove_subtree(objs: &mut Objects, id: u32, trash: &mut Vec<Node>) {
             if let Some(map) = g.as_mut() {
                 let key = node.dict_ptr;
                 if let Some(v) = map.get_mut(&key) {
-                    v.retain(|n| *n != id);
+                    *v = v.iter().copied().filter(|n| *n != id).collect();
                     if v.is_empty() {
                         map.remove(&key);
                         let watcher = WATCHER.load(Ordering::Relaxed);
@@ -871,6 +973,23 @@ fn remove_subtree(objs: &mut Objects, id: u32, trash: &mut Vec<Node>) {
 
 /// `repr(value)`, at most `limit` characters; never fails.
 fn bounded_repr(py: Python<'_>, value: &Bound<'_, PyAny>, limit: usize) -> String {
+    // An int that fits in 64 bits, the most common value: written here,
+    // without a string object in between.
+    // SAFETY: GIL held; an exact type check, then a conversion that cannot
+    // fail for an exact int except by overflow (reported, not raised).
+    let small = unsafe {
+        let p = value.as_ptr();
+        let mut overflow: c_int = 0;
+        (ffi::PyLong_CheckExact(p) != 0)
+            .then(|| ffi::PyLong_AsLongLongAndOverflow(p, &mut overflow))
+            .filter(|_| overflow == 0 && ffi::PyErr_Occurred().is_null())
+    };
+    if let Some(v) = small {
+        let text = v.to_string();
+        if text.len() <= limit {
+            return text;
+        }
+    }
     // The common scalars: their repr is C code that cannot fail, made here
     // without a call into Python (cut the same way as `_bounded_repr`).
     // SAFETY: GIL held; exact type checks.
@@ -962,7 +1081,7 @@ struct Ready {
     new: Val,
     stack: Arc<[FrameRef]>,
     tid: u64,
-    thread_name: String,
+    thread_name: Arc<str>,
 }
 
 // --- line hints --------------------------------------------------------------------
@@ -1278,7 +1397,14 @@ fn dict_kind(py: Python<'_>, shape: Shape, deleted: bool, hint: &mut Hint) -> Ki
 
 fn item_suffix(py: Python<'_>, shape: Shape, key: &Py<PyAny>) -> Suffix {
     match shape {
-        Shape::Attrs => Suffix::Attr(key.bind(py).str().map(|s| s.to_string()).unwrap_or_default()),
+        Shape::Attrs => {
+            let key = key.bind(py);
+            let name = match key.cast::<PyString>() {
+                Ok(s) => s.to_string_lossy().into_owned(),
+                Err(_) => key.str().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            };
+            Suffix::Attr(name)
+        }
         _ => Suffix::Item(key.clone_ref(py)),
     }
 }
@@ -1404,7 +1530,7 @@ struct NodeView {
     slot_names: Vec<String>,
 }
 
-fn ready(objs: &Objects, f: Found, stack: &Arc<[FrameRef]>, tid: u64, thread_name: &str) -> Option<Ready> {
+fn ready(objs: &Objects, f: Found, stack: &Arc<[FrameRef]>, tid: u64, thread_name: &Arc<str>) -> Option<Ready> {
     let node = objs.nodes.get(&f.node)?;
     let w = objs.watches.iter().find(|w| w.id == node.watch)?;
     Some(Ready {
@@ -1418,7 +1544,7 @@ fn ready(objs: &Objects, f: Found, stack: &Arc<[FrameRef]>, tid: u64, thread_nam
         new: f.new,
         stack: stack.clone(),
         tid,
-        thread_name: thread_name.to_string(),
+        thread_name: thread_name.clone(),
     })
 }
 
@@ -1456,12 +1582,15 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
     let my_tid = tid();
 
     // 1. Queued dict watcher events and collections.
-    let pending = std::mem::take(&mut *lock(&PENDING));
+    // Swapped with this thread's spare queue: both keep their capacity, so
+    // a store a line queues no allocation.
+    let mut pending = SPARE.with(|s| s.take());
+    std::mem::swap(&mut pending, &mut *lock(&PENDING));
     PENDING_N.store(0, Ordering::Relaxed);
-    let mut my_name: Option<String> = None;
+    let mut my_name: Option<Arc<str>> = None;
     for p in &pending {
-        let (stack, at) = resolve_stack(py, &p.frames);
-        let tname = if p.tid == my_tid {
+        let (stack, at) = resolve_frames(py, &p.frames, p.tid == my_tid);
+        let tname: Arc<str> = if p.tid == my_tid {
             my_name.get_or_insert_with(|| api::thread_name(py)).clone()
         } else {
             guarded(|| {
@@ -1475,7 +1604,7 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
                     .ok()
                     .flatten()
             })
-            .unwrap_or_else(|| "?".into())
+            .map_or_else(|| "?".into(), Arc::from)
         };
         let mut hint = Hint::new(at);
         match &p.what {
@@ -1707,21 +1836,29 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
             e.write_unraisable(py, None);
         }
     }
-    drop(pending);
+    // Releasing the references may run Python code (which may queue more):
+    // the queue is out of the cell until it is empty again.
+    pending.clear();
+    SPARE.with(|s| s.replace(pending));
     drop(trash_nodes);
     drop(trash_watches);
 
     // 4. Reprs, then delivery.
     for r in out {
         let key = {
-            let mut k = r.path.clone();
-            match &r.suffix {
-                Suffix::None => {}
-                Suffix::Attr(a) => k.push_str(&format!(".{a}")),
-                Suffix::Item(o) => k.push_str(&format!("[{}]", bounded_repr(py, o.bind(py), r.limit))),
-                Suffix::Index(i) => k.push_str(&format!("[{i}]")),
-                Suffix::Slice(a, b) => k.push_str(&format!("[{a}:{b}]")),
-            }
+            use std::fmt::Write;
+            let mut k = r.path;
+            let _ = match &r.suffix {
+                Suffix::None => Ok(()),
+                Suffix::Attr(a) => {
+                    k.push('.');
+                    k.push_str(a);
+                    Ok(())
+                }
+                Suffix::Item(o) => write!(k, "[{}]", bounded_repr(py, o.bind(py), r.limit)),
+                Suffix::Index(i) => write!(k, "[{i}]"),
+                Suffix::Slice(a, b) => write!(k, "[{a}:{b}]"),
+            };
             (!k.is_empty()).then_some(k)
         };
         let info = ObjectInfo {
@@ -1735,11 +1872,11 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
             Change {
                 seq: 0,
                 time_ns: crate::sink::unix_ns(),
-                tag: r.tag.to_string(),
-                variable: r.variable.as_deref().map(String::from),
+                tag: r.tag,
+                variable: r.variable,
                 region_start: 0,
                 ranges: Vec::new(),
-                layout: Arc::new(Layout::default()),
+                layout: Layout::none(),
                 stack: r.stack,
                 thread_id: r.tid,
                 thread_name: r.thread_name,
@@ -1793,7 +1930,7 @@ fn clone_shadow(py: Python<'_>, s: &Shadow) -> Shadow {
     }
 }
 
-fn collected(w: &ObjWatch, stack: Arc<[FrameRef]>, tid: u64, thread_name: &str) -> Ready {
+fn collected(w: &ObjWatch, stack: Arc<[FrameRef]>, tid: u64, thread_name: &Arc<str>) -> Ready {
     Ready {
         tag: w.tag.clone(),
         variable: w.variable.clone(),
@@ -1805,7 +1942,7 @@ fn collected(w: &ObjWatch, stack: Arc<[FrameRef]>, tid: u64, thread_name: &str) 
         new: Val::None,
         stack,
         tid,
-        thread_name: thread_name.to_string(),
+        thread_name: thread_name.clone(),
     }
 }
 
@@ -1987,7 +2124,7 @@ pub fn _watch_object(
                 let py = args.py();
                 push_pending(Pending {
                     what: PendingWhat::Collected { watch },
-                    frames: raw_stack(py),
+                    frames: capture_frames(py),
                     tid: tid(),
                     ident: thread_ident(),
                 });

@@ -237,7 +237,9 @@ fn check(py: Python<'_>) -> bool {
 /// The code objects are alive while their frames are: `f` must not run
 /// Python code, and must take its own reference to keep one.
 pub fn walk(py: Python<'_>, f: &mut dyn FnMut(usize, i32) -> bool) {
-    match layout().filter(|_| records_checked(py)) {
+    // Decided first: the check is what sets the version `layout` reads.
+    let checked = records_checked(py);
+    match layout().filter(|_| checked) {
         // SAFETY: GIL held; the layout was checked on this interpreter.
         Some(l) => unsafe {
             walk_with(l, ffi::PyThreadState_Get() as usize, false, f);
@@ -256,9 +258,15 @@ fn records_checked(py: Python<'_>) -> bool {
     }
 }
 
-/// Whether stacks are read from the frame records on this interpreter
-/// (deciding now if not decided yet): for tests and diagnostics.
+/// Whether stacks are read from the frame records on this interpreter:
+/// `None` until the first walk decided it. For tests and diagnostics; it
+/// decides nothing itself, so that it shows what the recorder's own walks
+/// did.
 #[pyfunction]
-pub fn _frame_walker_in_use(py: Python<'_>) -> bool {
-    records_checked(py)
+pub fn _frame_walker_in_use() -> Option<bool> {
+    match STATE.load(Ordering::Relaxed) {
+        ON => Some(true),
+        OFF => Some(false),
+        _ => None,
+    }
 }

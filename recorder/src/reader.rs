@@ -106,8 +106,8 @@ impl Trace {
         Some(Change {
             seq: row.seq,
             time_ns: self.reader.header().meta.start_time_ns + row.time_ns,
-            tag: row.tag.to_string(),
-            variable: row.variable.as_deref().map(String::from),
+            tag: row.tag.as_ref().into(),
+            variable: row.variable.as_deref().map(Arc::from),
             region_start,
             ranges,
             layout: Arc::new(layout),
@@ -121,7 +121,7 @@ impl Trace {
                 })
                 .collect(),
             thread_id: row.thread,
-            thread_name: row.thread_name.as_deref().unwrap_or("").to_string(),
+            thread_name: row.thread_name.as_deref().unwrap_or("").into(),
             object,
         })
     }

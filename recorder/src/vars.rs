@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use memwatch_format::ObjectChangeKind;
 use pyo3::ffi;
@@ -158,11 +158,11 @@ pub fn at_boundary(py: Python<'_>, code: usize, returning: bool, last: (usize, u
             Change {
                 seq: 0,
                 time_ns: crate::sink::unix_ns(),
-                tag,
-                variable: (!name.is_empty()).then_some(name),
+                tag: tag.into(),
+                variable: (!name.is_empty()).then(|| name.into()),
                 region_start: 0,
                 ranges: Vec::new(),
-                layout: Arc::new(Layout::default()),
+                layout: Layout::none(),
                 stack: stack.clone(),
                 thread_id: tid,
                 thread_name: thread_name.clone(),
