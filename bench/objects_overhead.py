@@ -8,9 +8,10 @@ Run it with a venv's interpreter (`.venv/bin/python` is CPython 3.11,
 `.venv-3.12/bin/python` 3.12, `.venv-3.13/bin/python` 3.13). Cases:
 
 1. a loop of attribute writes on a watched object (every write is a change:
-   a `memwatch.Change` is made and kept, no callback, no live report), per
-   write, and against the `watchpoints` package (PyPI) on the same loop when
-   it is installed (`pip install watchpoints`; target: memwatch >= 10x faster);
+   a `memwatch.Change` is made and kept in `memwatch.history()`, no callback,
+   no live report), per write, and against the `watchpoints` package (PyPI)
+   on the same loop when it is installed (`pip install watchpoints`, its
+   callback doing nothing; target: memwatch >= 10x faster);
 2. unrelated code while an object is watched: the same pure-Python loop in
    scope and out of scope (target <= 1.02x out of scope);
 3. `watch_var`: a loop that rebinds a watched local every iteration (every
@@ -78,11 +79,16 @@ handle = None
 
 def watch_cfg():
     global handle
+    memwatch.configure(max_history=WRITES)
     handle = memwatch.watch_object(cfg, name="cfg")
 
 
 def unwatch_cfg():
     memwatch.unwatch(handle)
+    kept = len(memwatch.history("cfg"))
+    assert kept == WRITES, f"{kept} changes kept, not {WRITES}"
+    memwatch.clear_history()
+    memwatch.configure(max_history=0)
 
 
 _, mw = compare(

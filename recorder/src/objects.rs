@@ -500,9 +500,12 @@ fn capture_frames(py: Python<'_>) -> Frames {
             let m = m.as_ref()?;
             (m.scope == monitor::scope_generation() && m.raw == *walked).then(|| {
                 // SAFETY: GIL held; the memo holds the code object.
-                let at = m
-                    .at
-                    .map(|(c, l)| (unsafe { Bound::from_borrowed_ptr(py, c as *mut ffi::PyObject) }.unbind(), l));
+                let at = m.at.map(|(c, l)| {
+                    (
+                        unsafe { Bound::from_borrowed_ptr(py, c as *mut ffi::PyObject) }.unbind(),
+                        l,
+                    )
+                });
                 Frames::Resolved(m.stack.clone(), at)
             })
         });
@@ -513,7 +516,10 @@ fn capture_frames(py: Python<'_>) -> Frames {
                     .map(|&(code, lasti)| {
                         // SAFETY: the code object of a frame that is still
                         // running (GIL held, no Python code ran since the walk).
-                        (unsafe { Bound::from_borrowed_ptr(py, code as *mut ffi::PyObject) }.unbind(), lasti)
+                        (
+                            unsafe { Bound::from_borrowed_ptr(py, code as *mut ffi::PyObject) }.unbind(),
+                            lasti,
+                        )
                     })
                     .collect(),
             )
@@ -525,7 +531,9 @@ fn capture_frames(py: Python<'_>) -> Frames {
 /// a raw stack queued by this thread becomes its [`StackMemo`].
 fn resolve_frames(py: Python<'_>, frames: &Frames, mine: bool) -> (Arc<[FrameRef]>, Option<CodeLine>) {
     let raw = match frames {
-        Frames::Resolved(stack, at) => return (stack.clone(), at.as_ref().map(|(c, l)| (c.clone_ref(py), *l))),
+        Frames::Resolved(stack, at) => {
+            return (stack.clone(), at.as_ref().map(|(c, l)| (c.clone_ref(py), *l)))
+        }
         Frames::Raw(raw) => raw,
     };
     let lined: Vec<(Py<PyAny>, u32)> = raw
@@ -971,6 +979,29 @@ fn remove_subtree(objs: &mut Objects, id: u32, trash: &mut Vec<Node>) {
 
 // --- reprs and keys --------------------------------------------------------------
 
+/// `v` in decimal, as `repr(int)` writes it.
+fn decimal(v: i64) -> String {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    let mut n = v.unsigned_abs();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let digits = &buf[i..];
+    let mut out = String::with_capacity(digits.len() + 1);
+    if v < 0 {
+        out.push('-');
+    }
+    // The bytes are ASCII digits.
+    out.extend(digits.iter().map(|&d| d as char));
+    out
+}
+
 /// `repr(value)`, at most `limit` characters; never fails.
 fn bounded_repr(py: Python<'_>, value: &Bound<'_, PyAny>, limit: usize) -> String {
     // An int that fits in 64 bits, the most common value: written here,
@@ -985,7 +1016,7 @@ fn bounded_repr(py: Python<'_>, value: &Bound<'_, PyAny>, limit: usize) -> Strin
             .filter(|_| overflow == 0 && ffi::PyErr_Occurred().is_null())
     };
     if let Some(v) = small {
-        let text = v.to_string();
+        let text = decimal(v);
         if text.len() <= limit {
             return text;
         }
@@ -1401,7 +1432,10 @@ fn item_suffix(py: Python<'_>, shape: Shape, key: &Py<PyAny>) -> Suffix {
             let key = key.bind(py);
             let name = match key.cast::<PyString>() {
                 Ok(s) => s.to_string_lossy().into_owned(),
-                Err(_) => key.str().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+                Err(_) => key
+                    .str()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
             };
             Suffix::Attr(name)
         }
@@ -1530,7 +1564,13 @@ struct NodeView {
     slot_names: Vec<String>,
 }
 
-fn ready(objs: &Objects, f: Found, stack: &Arc<[FrameRef]>, tid: u64, thread_name: &Arc<str>) -> Option<Ready> {
+fn ready(
+    objs: &Objects,
+    f: Found,
+    stack: &Arc<[FrameRef]>,
+    tid: u64,
+    thread_name: &Arc<str>,
+) -> Option<Ready> {
     let node = objs.nodes.get(&f.node)?;
     let w = objs.watches.iter().find(|w| w.id == node.watch)?;
     Some(Ready {
@@ -1616,13 +1656,10 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
                 new,
                 items,
             } => {
-                let views: Vec<(u32, Shape)> = with_objs(|o| {
-                    nodes
-                        .iter()
-                        .filter_map(|id| o.nodes.get(id).map(|n| (*id, n.shape)))
-                        .collect()
-                });
-                for (id, shape) in views {
+                for &id in nodes.iter() {
+                    let Some(shape) = with_objs(|o| o.nodes.get(&id).map(|n| n.shape)) else {
+                        continue;
+                    };
                     let clone =
                         |v: &Option<Py<PyAny>>| v.as_ref().map_or(Val::None, |v| Val::Obj(v.clone_ref(py)));
                     let pairs = || -> Vec<(Py<PyAny>, Py<PyAny>)> {
@@ -1633,14 +1670,20 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
                     };
                     let found: Vec<Found> = match *event {
                         ADDED | MODIFIED | DELETED => {
+                            // One change (every store): no list for it.
                             let Some(k) = key else { continue };
-                            vec![Found {
+                            let f = Found {
                                 node: id,
                                 kind: dict_kind(py, shape, *event == DELETED, &mut hint),
                                 suffix: item_suffix(py, shape, k),
                                 old: clone(old),
                                 new: clone(new),
-                            }]
+                            };
+                            if may_hold_children(py, &f) {
+                                changed.push(id);
+                            }
+                            with_objs(|o| out.extend(ready(o, f, &stack, p.tid, &tname)));
+                            continue;
                         }
                         CLEARED => vec![Found {
                             node: id,
@@ -1851,6 +1894,7 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
             let _ = match &r.suffix {
                 Suffix::None => Ok(()),
                 Suffix::Attr(a) => {
+                    k.reserve_exact(1 + a.len());
                     k.push('.');
                     k.push_str(a);
                     Ok(())
@@ -2271,4 +2315,27 @@ pub fn _objects_after_fork_child(py: Python<'_>) {
         drop(trash);
     }
     stop_monitor_if_idle(py);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decimal;
+
+    #[test]
+    fn decimal_writes_ints_as_repr_does() {
+        for v in [
+            0,
+            7,
+            -7,
+            10,
+            99,
+            -100,
+            123_456_789,
+            i64::MAX,
+            i64::MIN,
+            i64::MIN + 1,
+        ] {
+            assert_eq!(decimal(v), v.to_string());
+        }
+    }
 }
