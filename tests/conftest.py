@@ -56,7 +56,10 @@ def changes():
     memwatch.on_change(collect)
     yield seen
     for watch, *_ in memwatch._memwatch._object_watches():
-        memwatch._memwatch._unwatch_object(watch)
+        try:
+            memwatch._memwatch._unwatch_object(watch)
+        except memwatch.NotWatchedError:
+            pass  # ended meanwhile: its object was collected (the test's locals are gone)
     for var in list(memwatch._vars._watches):
         memwatch._vars.unwatch_var(var)
     memwatch.remove_callback(collect)

@@ -525,6 +525,33 @@ def test_live_report(capsys):
     )
 
 
+def test_recorded_places_threads_and_tags_follow_each_change(changes, tmp_path):
+    # The trace writer reuses the ids of the last place, thread and tag
+    # while they repeat: changes that alternate between two lines, two
+    # objects and a second thread must each keep their own.
+    trace = tmp_path / "alternating.mwt"
+    a, b = Config(), Config()
+    memwatch.watch_object(a, name="a")
+    memwatch.watch_object(b, name="b")
+    memwatch.start(trace=trace)
+    want = []
+    for i in range(3):
+        a.lr = i; want.append(("a", here(), "MainThread", "test_recorded_places_threads_and_tags_follow_each_change"))  # noqa: E702
+        b.lr = i; want.append(("b", here(), "MainThread", "test_recorded_places_threads_and_tags_follow_each_change"))  # noqa: E702
+
+    def other():
+        a.lr = -1; want.append(("a", here(), "other", "other"))  # noqa: E702
+
+    t = threading.Thread(target=other, name="other")
+    t.start()
+    t.join()
+    a.lr = 9; want.append(("a", here(), "MainThread", "test_recorded_places_threads_and_tags_follow_each_change"))  # noqa: E702
+    memwatch.stop()
+    got = memwatch.open_trace(trace).changes()
+    assert [(c.tag, c.line, c.thread_name, c.function.rsplit(".", 1)[-1]) for c in got] == want
+    assert [c.new_repr for c in got] == ["0", "0", "1", "1", "2", "2", "-1", "9"]
+
+
 def test_recorded_changes_reach_query_reader_and_export(changes, tmp_path):
     trace = tmp_path / "objects.mwt"
     cfg = Config()

@@ -67,6 +67,21 @@ pub struct TraceSink {
     pub changes: u64,
     /// By tag string id: the variable last written for its object changes.
     object_variables: HashMap<u32, Option<String>>,
+    /// The ids of the last event context's thread name and stack, by their
+    /// content: a loop that changes something reports the same place again
+    /// and again, and looking each frame up costs more than the record.
+    last_ctx: Option<CtxMemo>,
+    /// The last object-change tag and its string id.
+    last_tag: Option<(String, u32)>,
+}
+
+/// See `TraceSink::last_ctx`.
+struct CtxMemo {
+    thread_name: String,
+    stack: Vec<FrameRef>,
+    thread_name_id: u32,
+    frame: u32,
+    stack_id: u32,
 }
 
 /// Nanoseconds since the Unix epoch.
@@ -93,6 +108,8 @@ impl TraceSink {
             last_seq: 0,
             changes: 0,
             object_variables: HashMap::new(),
+            last_ctx: None,
+            last_tag: None,
         })
     }
 
@@ -101,6 +118,17 @@ impl TraceSink {
     }
 
     fn ctx(&mut self, ev: &EventContext<'_>) -> memwatch_format::Result<Context> {
+        if let Some(m) = &self.last_ctx {
+            if m.thread_name == ev.thread_name && m.stack == ev.stack {
+                return Ok(Context {
+                    time_ns: self.start.elapsed().as_nanos() as u64,
+                    thread: ev.thread,
+                    thread_name: m.thread_name_id,
+                    frame: m.frame,
+                    stack: m.stack_id,
+                });
+            }
+        }
         let thread_name = self.writer.intern_str(ev.thread_name)?;
         let mut frames = Vec::with_capacity(ev.stack.len());
         for f in ev.stack {
@@ -111,6 +139,14 @@ impl TraceSink {
         } else {
             self.writer.intern_stack(&frames)?
         };
+        // Ids are the trace's for good: definitions are never repeated.
+        self.last_ctx = Some(CtxMemo {
+            thread_name: ev.thread_name.to_string(),
+            stack: ev.stack.to_vec(),
+            thread_name_id: thread_name,
+            frame: frames.first().copied().unwrap_or(0),
+            stack_id: stack,
+        });
         Ok(Context {
             time_ns: self.start.elapsed().as_nanos() as u64,
             thread: ev.thread,
@@ -212,7 +248,14 @@ impl TraceSink {
     ) {
         self.guarded(seq, |s| {
             let ctx = s.ctx(ev)?;
-            let tag = s.writer.intern_str(tag)?;
+            let tag = match &s.last_tag {
+                Some((t, id)) if t == tag => *id,
+                _ => {
+                    let id = s.writer.intern_str(tag)?;
+                    s.last_tag = Some((tag.to_string(), id));
+                    id
+                }
+            };
             // The tag's variable, defined before its first change and again
             // when it differs.
             if s.object_variables.get(&tag).map(|v| v.as_deref()) != Some(variable) {
