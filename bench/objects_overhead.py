@@ -11,7 +11,9 @@ Run it with a venv's interpreter (`.venv/bin/python` is CPython 3.11,
    a `memwatch.Change` is made and kept in `memwatch.history()`, no callback,
    no live report), per write, and against the `watchpoints` package (PyPI)
    on the same loop when it is installed (`pip install watchpoints`, its
-   callback doing nothing; target: memwatch >= 10x faster);
+   callback doing nothing; target: memwatch >= 10x faster); then the same
+   loop with every change going to a callback (1c) or recorded to a trace
+   file (1d) instead of history;
 2. unrelated code while an object is watched: the same pure-Python loop in
    scope and out of scope (target <= 1.02x out of scope);
 3. `watch_var`: a loop that rebinds a watched local every iteration (every
@@ -99,6 +101,7 @@ _, mw = compare(
     teardown=unwatch_cfg,
     per=WRITES,
 )
+wp = None
 try:
     import watchpoints
 except ImportError:
@@ -119,6 +122,60 @@ else:
         per=WRITES,
     )
     print(f"   memwatch is {wp / mw:.1f}x faster than watchpoints on this loop (target >= 10x)")
+
+# The same loop with the changes going elsewhere than history: to a callback
+# (which does nothing), and recorded to a trace file (history off).
+sink = []
+to_sink = sink.append
+
+
+def watch_cb():
+    global handle
+    memwatch.on_change(to_sink)
+    handle = memwatch.watch_object(cfg, name="cfg")
+
+
+def unwatch_cb():
+    memwatch.unwatch(handle)
+    memwatch.remove_callback(to_sink)
+    assert len(sink) == WRITES, f"{len(sink)} changes to the callback, not {WRITES}"
+    sink.clear()
+
+
+_, cb = compare(
+    "1c. the same loop, every change to a callback instead",
+    lambda: write_loop(cfg),
+    lambda: write_loop(cfg),
+    setup=watch_cb,
+    teardown=unwatch_cb,
+    per=WRITES,
+)
+trace_dir = Path(tempfile.mkdtemp())
+
+
+def watch_rec():
+    global handle
+    memwatch.start(trace_dir / "objects_overhead.mwt")
+    handle = memwatch.watch_object(cfg, name="cfg")
+
+
+def unwatch_rec():
+    memwatch.unwatch(handle)
+    summary = memwatch.stop()
+    # The watch's start and end are records of their own.
+    assert summary["changes"] >= WRITES, summary
+
+
+_, rec = compare(
+    "1d. the same loop, every change recorded to a trace instead",
+    lambda: write_loop(cfg),
+    lambda: write_loop(cfg),
+    setup=watch_rec,
+    teardown=unwatch_rec,
+    per=WRITES,
+)
+if wp is not None:
+    print(f"   against watchpoints: {wp / cb:.1f}x (callback), {wp / rec:.1f}x (trace)")
 
 # --- 2. unrelated code while an object is watched -------------------------------
 N = 200_000 if QUICK else 1_000_000

@@ -328,6 +328,29 @@ pub(crate) fn thread_name(py: Python<'_>) -> Arc<str> {
                 .map(|(t, n, s)| (t.clone_ref(py), n.clone_ref(py), s.clone()))
         });
         if let Some((thread, name, text)) = seen {
+            // `_name` is a plain attribute of `threading.Thread`: it is read
+            // from the instance dict, with no Python code run; a subclass
+            // that made it something else takes the full read below.
+            // SAFETY: GIL held; a new reference to the dict (or NULL, the
+            // error cleared), a borrowed one to the item.
+            let same = unsafe {
+                let dict = ffi::PyObject_GenericGetDict(thread.as_ptr(), std::ptr::null_mut());
+                if dict.is_null() {
+                    ffi::PyErr_Clear();
+                    false
+                } else {
+                    let now = ffi::PyDict_GetItemWithError(dict, pyo3::intern!(py, "_name").as_ptr());
+                    if now.is_null() {
+                        ffi::PyErr_Clear();
+                    }
+                    let same = now == name.as_ptr();
+                    ffi::Py_DECREF(dict);
+                    same
+                }
+            };
+            if same {
+                return text;
+            }
             let now = thread.bind(py).getattr(pyo3::intern!(py, "_name"));
             if now.is_ok_and(|now| now.is(name.bind(py))) {
                 return text;

@@ -592,7 +592,7 @@ unsafe extern "C" fn on_dict_event(
     };
     // SAFETY: dict watcher callbacks are called with the GIL held.
     let py = unsafe { Python::assume_attached() };
-    let saved = PyErr::take(py);
+    let saved = take_error(py);
     let own = |p: *mut ffi::PyObject| -> Option<Py<PyAny>> {
         // SAFETY: a borrowed reference the callback was given (or NULL).
         (!p.is_null()).then(|| unsafe { Bound::from_borrowed_ptr(py, p) }.unbind())
@@ -603,7 +603,7 @@ unsafe extern "C" fn on_dict_event(
             // SAFETY: GIL held; a borrowed reference or NULL.
             let old = unsafe { ffi::PyDict_GetItemWithError(dict, key) };
             let old = own(old);
-            let _ = PyErr::take(py);
+            let _ = take_error(py);
             Some((own(key), old, own(new), None))
         }
         // SAFETY: GIL held; `dict` (CLEARED) and `key` (CLONED: the source)
@@ -627,11 +627,20 @@ unsafe extern "C" fn on_dict_event(
             ident: thread_ident(),
         });
     }
-    let _ = PyErr::take(py);
+    let _ = take_error(py);
     if let Some(e) = saved {
         e.restore(py);
     }
     0
+}
+
+/// The error set, if any, taken (asking first: most calls find none).
+fn take_error(py: Python<'_>) -> Option<PyErr> {
+    // SAFETY: GIL held.
+    if unsafe { ffi::PyErr_Occurred() }.is_null() {
+        return None;
+    }
+    PyErr::take(py)
 }
 
 /// A new reference, or `None` (and the error cleared) for NULL.
