@@ -128,6 +128,64 @@ def test_recursion_and_threads_keep_their_own_frames(changes):
         assert mine == [(None, "1"), (None, "0"), ("1", "-1")], (name, mine)
 
 
+def test_rebindings_between_many_unchanged_lines_are_each_seen(changes):
+    # Lines that rebind nothing skip the Python comparison (3.12+): what they
+    # skip must never hide a rebinding, whoever makes it and wherever.
+    import threading
+
+    memwatch.watch_var("step")
+    memwatch.watch_var("shared")
+    want = []
+
+    def train(n):
+        step = 0
+        want.append(("step", None, "0", here() - 1))
+        total = 0
+        for i in range(n):
+            total += i
+            if i % 4 == 3:
+                step = i; want.append(("step", str(i - 4 if i > 3 else 0), str(i), here()))  # noqa: E702
+            total -= 1
+        return total
+
+    train(12)
+
+    def gen():
+        step = 1
+        want.append(("step", None, "1", here() - 1))
+        yield
+        yield
+        step = 2; want.append(("step", "1", "2", here()))  # noqa: E702
+        yield
+
+    g = gen()
+    next(g)
+    next(g)
+    next(g)
+
+    def bump():
+        global shared
+        shared = 2
+
+    def reader():
+        global shared
+        shared = 1
+        want.append(("shared", None, "1", here() - 1))
+        for _ in range(3):
+            pass
+        t = threading.Thread(target=bump)
+        t.start()
+        t.join()
+        want.append(("shared", "1", "2", bump.__code__.co_firstlineno + 2))
+        for _ in range(3):
+            pass
+        shared = 3; want.append(("shared", "2", "3", here()))  # noqa: E702
+
+    reader()
+    got = [(c.key, c.old_repr, c.new_repr, c.line) for c in changes]
+    assert got == want
+
+
 def test_bad_arguments_say_what_is_wrong():
     with pytest.raises(ValueError, match="not a variable name"):
         memwatch.watch_var("a.b")

@@ -208,7 +208,7 @@ def _changed() -> None:
         _frames.clear()
         _globals.clear()
         active = bool(_watches or _keyed)
-    _memwatch._vars_changed(_relevant, _check, active)
+    _memwatch._vars_changed(_relevant, _check, active, _bound_names, _MISSING, bool(_keyed))
 
 
 def _stored_names(code: types.CodeType) -> dict[str, bool]:
@@ -266,16 +266,26 @@ def _read(ns: Any, name: str) -> Any:
 Found = tuple[str, str, str, "str | None", "str | None"]
 
 
-def _check(frame: types.FrameType, returning: bool) -> list[Found]:
+def _bound_names(code: types.CodeType) -> list[tuple[str, bool]]:
+    """The watched names ``code`` binds, in the order :func:`_check` reads
+    them, each with whether it is a global there (for the recorder's copy
+    of what ``_check`` saw)."""
+    return [(name, is_global) for name, is_global, _ in _binds.get(code, ())]
+
+
+def _check(frame: types.FrameType, returning: bool) -> tuple[list[Found], list[Any]]:
     """Compares the watched names ``frame``'s code binds with their values at
     its last boundary, and the watched fingerprints with the last ones:
-    ``(tag, key, kind, old_repr, new_repr)`` for each that changed."""
+    ``(tag, key, kind, old_repr, new_repr)`` for each that changed, and the
+    value of each bind it read (``_MISSING`` for unbound), in the order of
+    :func:`_bound_names`."""
     out: list[Found] = []
+    values: list[Any] = []
     if _keyed:
         _check_fingerprints(out)
     binds = _binds.get(frame.f_code, ())
     if not binds:
-        return out
+        return out, values
     f_globals = frame.f_globals
     locals_ns = frame.f_locals
     module_level = locals_ns is f_globals
@@ -287,6 +297,7 @@ def _check(frame: types.FrameType, returning: bool) -> list[Found]:
         if is_global or module_level:
             gkey = (id(f_globals), name)
             now = _read(f_globals, name)
+            values.append(now)
             prev = _globals.get(gkey)
             _globals[gkey] = (f_globals, now)
             if prev is None:
@@ -294,6 +305,7 @@ def _check(frame: types.FrameType, returning: bool) -> list[Found]:
             before = prev[1]
         else:
             now = _read(locals_ns, name)
+            values.append(now)
             before = seen.get(name, _MISSING) if not first else now
             seen[name] = now
         if now is before:
@@ -314,7 +326,7 @@ def _check(frame: types.FrameType, returning: bool) -> list[Found]:
         if len(_frames) >= 32:
             _forget_finished_frames()
         _frames[key] = (frame, seen)
-    return out
+    return out, values
 
 
 def _check_fingerprints(out: list[Found]) -> None:
@@ -380,6 +392,8 @@ def _forget_finished_frames() -> None:
             f = f.f_back
     for k in [k for k in _frames if k not in live]:
         del _frames[k]
+    # The recorder's copy of what _check saw must forget them too.
+    _memwatch._vars_forgot_frames()
 
 
 def _boot_from_env() -> None:

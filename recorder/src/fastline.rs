@@ -144,17 +144,17 @@ pub(crate) fn refresh(py: Python<'_>, engine: Option<&Engine>, generation: u64) 
 /// lock. The GIL must be held.
 #[inline]
 pub(crate) fn line_unchanged(py: Python<'_>) -> bool {
-    crate::objects::quiet(py) && buffers_unchanged(py)
+    !crate::vars::any() && crate::objects::quiet(py) && buffers_unchanged(py)
 }
 
 /// True when watched memory needs no check at this boundary: no store-mode
-/// region or variable is watched, each `Compare` region's bytes equal the
-/// shadow the last check left, and the process took no page fault since
-/// the last scan of the page-tracked ones. Says nothing of objects. Runs no
-/// Python code and takes no lock. The GIL must be held.
+/// region is watched, each `Compare` region's bytes equal the shadow the
+/// last check left, and the process took no page fault since the last scan
+/// of the page-tracked ones. Says nothing of objects and variables. Runs
+/// no Python code and takes no lock. The GIL must be held.
 #[inline]
 fn buffers_unchanged(py: Python<'_>) -> bool {
-    if crate::vars::any() || crate::store::active() {
+    if crate::store::active() {
         return false;
     }
     // SAFETY: GIL held; the reference does not outlive this function, which
@@ -204,9 +204,13 @@ unsafe extern "C" fn line_fast(
             if !crate::objects::quiet(py) {
                 crate::objects::flush(py, LAST.with(|l| l.get()));
             }
-            LAST.with(|l| l.set((code as usize, line as u32)));
-            // SAFETY: returning a new reference to None.
-            return unsafe { ffi::Py_NewRef(ffi::Py_None()) };
+            // Watched variables: the line moves on here only if the frame
+            // still binds what was seen at its last check.
+            if !crate::vars::any() || crate::vars::line_unchanged(py, code as usize) {
+                LAST.with(|l| l.set((code as usize, line as u32)));
+                // SAFETY: returning a new reference to None.
+                return unsafe { ffi::Py_NewRef(ffi::Py_None()) };
+            }
         }
         // SAFETY: GIL held; clears the conversion error, if any.
         unsafe { ffi::PyErr_Clear() };

@@ -131,6 +131,7 @@ fn _memwatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(objects::_set_object_hooks, m)?,
         wrap_pyfunction!(objects::_watch_object, m)?,
         wrap_pyfunction!(vars::_vars_changed, m)?,
+        wrap_pyfunction!(vars::_vars_forgot_frames, m)?,
         wrap_pyfunction!(objects::_unwatch_object, m)?,
         wrap_pyfunction!(objects::_object_watches, m)?,
         wrap_pyfunction!(objects::_objects_after_fork_child, m)?,

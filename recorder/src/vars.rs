@@ -15,20 +15,29 @@
 //! Fingerprint watches (`watch_object(obj, key=...)`) ride on the same
 //! hook: while one exists every in-scope boundary computes the key and
 //! compares it with the last one.
+//!
+//! The comparison is Python code (`memwatch._vars._check`), and a call to
+//! it costs about a microsecond. On CPython 3.12+ a boundary of a function
+//! (or module body) first compares, here, the values it binds with the
+//! ones `_check` saw there last (a mirror of its state); only a difference (or a first
+//! boundary, a return, a fingerprint) calls `_check`. So a line of a
+//! function that binds a watched name, but did not rebind it, costs a few
+//! reads instead of a call into Python.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use memwatch_format::ObjectChangeKind;
 use pyo3::ffi;
 use pyo3::prelude::*;
+use pyo3::types::PyString;
 
 use crate::api;
 use crate::change::{Change, ObjectInfo};
 use crate::engine::Layout;
 use crate::kernel::gettid;
-use crate::monitor::{self, guarded};
+use crate::monitor::{self, guarded, AddrMap};
 
 /// True while at least one variable is watched.
 static ANY: AtomicBool = AtomicBool::new(false);
@@ -37,12 +46,347 @@ static ANY: AtomicBool = AtomicBool::new(false);
 /// object that reaches a boundary alive, so an address is not reused)
 /// binds a watched name. Cleared whenever the set of watched variables
 /// changes.
-static RELEVANT: Mutex<Option<HashMap<usize, bool>>> = Mutex::new(None);
+static RELEVANT: Mutex<Option<AddrMap<usize, bool>>> = Mutex::new(None);
 
 /// `memwatch._vars._relevant` and `memwatch._vars._check`.
 static HOOKS: OnceLock<(Py<PyAny>, Py<PyAny>)> = OnceLock::new();
 
-fn relevant_map() -> MutexGuard<'static, Option<HashMap<usize, bool>>> {
+/// `memwatch._vars._bound_names`: `code -> [(name, is_global)]`.
+static NAMES: OnceLock<Py<PyAny>> = OnceLock::new();
+
+/// `memwatch._vars._MISSING`: what `_check` says an unbound name holds.
+static MISSING: OnceLock<Py<PyAny>> = OnceLock::new();
+
+/// What `memwatch._vars._check` last saw, mirrored: where every value a
+/// frame binds is still the one `_check` saw there (and, for a global, the
+/// one it saw last anywhere), calling it again would report nothing.
+/// Kept in step with `_check`'s own state: filled right after each call
+/// (before anything else runs), emptied whenever `_check` forgets (the
+/// watched set changed, finished frames dropped), and a frame's entry goes
+/// at its return. Every value is held, as `_check` holds it, so that an
+/// identity cannot be a reused address.
+#[derive(Default)]
+struct Seen {
+    /// True while a fingerprint is watched: every boundary runs `_check`.
+    keyed: bool,
+    /// Per code object (by address; kept alive by `monitor::CODES`).
+    binds: AddrMap<usize, Arc<Binds>>,
+    /// Per frame (by address; the frame is held): the values of its local
+    /// binds, in `Binds::names` order (`None`: unbound, or a global).
+    frames: AddrMap<usize, FrameSeen>,
+    /// Per globals dict (by address; the dict is held), per name: the value.
+    globals: AddrMap<usize, GlobalsSeen>,
+}
+
+/// A frame (held) and the values of its local binds.
+type FrameSeen = (Py<PyAny>, Vec<Option<Py<PyAny>>>);
+
+/// A globals dict (held) and, per watched name, its value.
+type GlobalsSeen = (Py<PyAny>, HashMap<Arc<str>, Option<Py<PyAny>>>);
+
+/// The watched names a code object binds.
+struct Binds {
+    /// `(name, its text, whether it is a global there)`.
+    names: Vec<(Py<PyString>, Arc<str>, bool)>,
+    /// A function's code (`CO_OPTIMIZED`: locals live in the frame).
+    optimized: bool,
+}
+
+static SEEN: Mutex<Option<Seen>> = Mutex::new(None);
+
+fn seen() -> MutexGuard<'static, Option<Seen>> {
+    SEEN.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `PyFrame_GetVar` (CPython 3.12+: a local's value read from the frame,
+/// no locals dict made), found at run time.
+type GetVar = unsafe extern "C" fn(*mut ffi::PyObject, *mut ffi::PyObject) -> *mut ffi::PyObject;
+
+fn get_var() -> Option<GetVar> {
+    static GET_VAR: OnceLock<usize> = OnceLock::new();
+    let p = *GET_VAR.get_or_init(|| {
+        // SAFETY: dlsym with a NUL-terminated name.
+        (unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"PyFrame_GetVar".as_ptr()) }) as usize
+    });
+    // SAFETY: the symbol, when present, has PyFrame_GetVar's signature.
+    (p != 0).then(|| unsafe { std::mem::transmute::<usize, GetVar>(p) })
+}
+
+/// `co_flags & CO_OPTIMIZED`: a function's code.
+const CO_OPTIMIZED: i64 = 0x1;
+
+/// Where `frame` keeps its binds: `Some(true)` a function (locals in the
+/// frame), `Some(false)` a module body (every name in the globals dict),
+/// `None` a frame the mirror leaves to `_check` (a class body, `exec`
+/// with its own locals).
+fn frame_kind(
+    py: Python<'_>,
+    frame: &Bound<'_, PyAny>,
+    globals: &Bound<'_, PyAny>,
+    binds: &Binds,
+) -> Option<bool> {
+    if binds.optimized {
+        return Some(true);
+    }
+    let locals = frame.getattr(pyo3::intern!(py, "f_locals")).ok()?;
+    locals.is(globals).then_some(false)
+}
+
+/// The globals dict of `frame` (a new reference).
+fn frame_globals<'py>(py: Python<'py>, frame: &Bound<'py, PyAny>) -> Option<Bound<'py, PyAny>> {
+    // SAFETY: GIL held; `frame` is a frame object; a new reference.
+    unsafe { Bound::from_owned_ptr_or_opt(py, ffi::PyFrame_GetGlobals(frame.as_ptr().cast())) }
+}
+
+/// The current value of each bind of `frame` (a new reference, or NULL
+/// when unbound), or `None` when one cannot be read. Runs no Python code:
+/// the names are `str`, looked up in a frame's fast locals or a dict.
+fn read_binds(
+    frame: *mut ffi::PyObject,
+    globals: *mut ffi::PyObject,
+    function: bool,
+    binds: &Binds,
+    get_var: GetVar,
+) -> Option<Vec<*mut ffi::PyObject>> {
+    let mut out: Vec<*mut ffi::PyObject> = Vec::with_capacity(binds.names.len());
+    for (name, _, global) in &binds.names {
+        // SAFETY: GIL held; `frame` a live frame, `globals` its dict.
+        let v = unsafe {
+            if *global || !function {
+                let v = ffi::PyDict_GetItemWithError(globals, name.as_ptr());
+                if v.is_null() && !ffi::PyErr_Occurred().is_null() {
+                    ffi::PyErr_Clear();
+                    out.into_iter().for_each(|p| ffi::Py_XDECREF(p));
+                    return None;
+                }
+                ffi::Py_XNewRef(v)
+            } else {
+                let v = get_var(frame, name.as_ptr());
+                if v.is_null() {
+                    // NameError: unbound (deleted, or not set yet).
+                    ffi::PyErr_Clear();
+                }
+                v
+            }
+        };
+        out.push(v);
+    }
+    Some(out)
+}
+
+/// True when `frame` (running `code`) binds the values `_check` saw at its
+/// last boundary there (a global: the value it saw last anywhere): calling
+/// it would report nothing.
+fn unchanged_since_check(py: Python<'_>, frame: &Bound<'_, PyAny>, code: usize) -> bool {
+    let Some(get_var) = get_var() else { return false };
+    let f = frame.as_ptr() as usize;
+    let now: Vec<*mut ffi::PyObject>;
+    let same = {
+        // One look at the mirror; the reads under it run no Python code.
+        let g = seen();
+        let Some(st) = g.as_ref() else { return false };
+        if st.keyed {
+            return false;
+        }
+        let (Some((_, values)), Some(binds)) = (st.frames.get(&f), st.binds.get(&code)) else {
+            return false;
+        };
+        let needs_globals = !binds.optimized || binds.names.iter().any(|(_, _, global)| *global);
+        let globals = if needs_globals {
+            frame_globals(py, frame)
+        } else {
+            None
+        };
+        if needs_globals && globals.is_none() {
+            return false;
+        }
+        let gptr = globals.as_ref().map_or(std::ptr::null_mut(), |g| g.as_ptr());
+        let Some(function) = (match &globals {
+            Some(g) => frame_kind(py, frame, g, binds),
+            None => Some(true),
+        }) else {
+            return false;
+        };
+        let Some(read) = read_binds(frame.as_ptr(), gptr, function, binds, get_var) else {
+            return false;
+        };
+        now = read;
+        let dict = st.globals.get(&(gptr as usize)).map(|(_, m)| m);
+        binds
+            .names
+            .iter()
+            .zip(&now)
+            .enumerate()
+            .all(|(i, ((_, text, global), v))| {
+                let was = if *global || !function {
+                    dict.and_then(|m| m.get(&**text))
+                } else {
+                    values.get(i)
+                };
+                // Not seen (a first boundary for that global): ask `_check`.
+                was.is_some_and(|w| w.as_ref().map_or(std::ptr::null_mut(), |w| w.as_ptr()) == *v)
+            })
+    };
+    // SAFETY: GIL held; our own new references. Each value is still bound
+    // in the frame or dict, so none of these releases is the last.
+    now.into_iter().for_each(|p| unsafe { ffi::Py_XDECREF(p) });
+    same
+}
+
+/// The binds of `code` (the code of `frame`), learnt once from Python.
+fn binds_of(py: Python<'_>, frame: &Bound<'_, PyAny>, code: usize) -> Option<Arc<Binds>> {
+    if let Some(b) = seen().as_ref().and_then(|st| st.binds.get(&code).cloned()) {
+        return Some(b);
+    }
+    let names = NAMES.get()?;
+    let code_obj = frame.getattr(pyo3::intern!(py, "f_code")).ok()?;
+    let flags: i64 = code_obj
+        .getattr(pyo3::intern!(py, "co_flags"))
+        .ok()?
+        .extract()
+        .ok()?;
+    let fetched = guarded(|| {
+        names
+            .bind(py)
+            .call1((&code_obj,))?
+            .extract::<Vec<(Bound<'_, PyString>, bool)>>()
+    })
+    .ok()?;
+    let b = Arc::new(Binds {
+        names: fetched
+            .into_iter()
+            .map(|(n, g)| {
+                let text: Arc<str> = n.to_string_lossy().into();
+                (n.unbind(), text, g)
+            })
+            .collect(),
+        optimized: flags & CO_OPTIMIZED != 0,
+    });
+    seen()
+        .get_or_insert_with(Seen::default)
+        .binds
+        .insert(code, b.clone());
+    Some(b)
+}
+
+/// After `_check` ran at a boundary of `frame` (running `code`): records
+/// the values it saw (`seen`, one per bind, `missing` for unbound), or
+/// (`returning`) forgets the frame as `_check` did. What is replaced is
+/// released after the lock is let go (releasing a value can run Python
+/// code that reaches a boundary).
+fn after_check(
+    py: Python<'_>,
+    frame: &Bound<'_, PyAny>,
+    code: usize,
+    returning: bool,
+    seen_values: Vec<Bound<'_, PyAny>>,
+) {
+    if get_var().is_none() {
+        return;
+    }
+    let f = frame.as_ptr() as usize;
+    let mut trash: Vec<Py<PyAny>> = Vec::new();
+    if returning {
+        let gone = seen().as_mut().and_then(|st| st.frames.remove(&f));
+        drop(gone);
+        return;
+    }
+    if seen().as_ref().is_some_and(|st| st.keyed) {
+        return;
+    }
+    let Some(binds) = binds_of(py, frame, code) else {
+        return;
+    };
+    let Some(globals) = frame_globals(py, frame) else {
+        return;
+    };
+    let Some(function) = frame_kind(py, frame, &globals, &binds) else {
+        return;
+    };
+    let Some(missing) = MISSING.get() else { return };
+    if seen_values.len() != binds.names.len() {
+        // Not the binds `_check` used: leave this frame to it.
+        return;
+    }
+    // Exactly what `_check` compared with: a value read here instead could
+    // be one another thread stored after `_check` read its own.
+    let now: Vec<Option<Py<PyAny>>> = seen_values
+        .into_iter()
+        .map(|v| (!v.is(missing.bind(py))).then(|| v.unbind()))
+        .collect();
+    let mut g = seen();
+    let st = g.get_or_insert_with(Seen::default);
+    let mut values = Vec::with_capacity(now.len());
+    for ((_, text, global), v) in binds.names.iter().zip(now) {
+        if *global || !function {
+            let (_, m) = st
+                .globals
+                .entry(globals.as_ptr() as usize)
+                .or_insert_with(|| (globals.clone().unbind(), HashMap::new()));
+            if let Some(old) = m.insert(text.clone(), v) {
+                trash.extend(old);
+            }
+            values.push(None);
+        } else {
+            values.push(v);
+        }
+    }
+    if st.frames.len() >= 64 {
+        // Frames that finished without a return event (an exception): held
+        // by nothing but this table (and perhaps `_check`'s). Dropping one
+        // that still runs only costs it a call to `_check`.
+        // SAFETY: GIL held; reading reference counts.
+        let done: Vec<usize> = st
+            .frames
+            .iter()
+            .filter(|(_, (fr, _))| unsafe { ffi::Py_REFCNT(fr.as_ptr()) } <= 2)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in done {
+            if let Some((fr, vals)) = st.frames.remove(&k) {
+                trash.push(fr);
+                trash.extend(vals.into_iter().flatten());
+            }
+        }
+    }
+    if let Some((fr, vals)) = st.frames.insert(f, (frame.clone().unbind(), values)) {
+        trash.push(fr);
+        trash.extend(vals.into_iter().flatten());
+    }
+    drop(g);
+    drop(trash);
+}
+
+/// Forgets the mirrored frames (`frames_only`) or everything (what
+/// `_check` forgot). What it held is released after the lock is let go.
+fn forget(frames_only: bool, keyed: Option<bool>) {
+    let old = {
+        let mut g = seen();
+        let st = g.get_or_insert_with(Seen::default);
+        if let Some(k) = keyed {
+            st.keyed = k;
+        }
+        let frames = std::mem::take(&mut st.frames);
+        if frames_only {
+            (frames, AddrMap::default(), AddrMap::default())
+        } else {
+            (
+                frames,
+                std::mem::take(&mut st.globals),
+                std::mem::take(&mut st.binds),
+            )
+        }
+    };
+    drop(old);
+}
+
+/// Called by `memwatch._vars` when `_check` dropped the frames it kept.
+#[pyfunction]
+pub fn _vars_forgot_frames() {
+    forget(true, None);
+}
+
+fn relevant_map() -> MutexGuard<'static, Option<AddrMap<usize, bool>>> {
     RELEVANT.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -56,9 +400,21 @@ pub fn any() -> bool {
 /// when the first variable is watched and stops them when nothing at all
 /// is watched any more.
 #[pyfunction]
-pub fn _vars_changed(py: Python<'_>, relevant: Py<PyAny>, check: Py<PyAny>, active: bool) -> PyResult<()> {
+#[pyo3(signature = (relevant, check, active, names, missing, keyed))]
+pub fn _vars_changed(
+    py: Python<'_>,
+    relevant: Py<PyAny>,
+    check: Py<PyAny>,
+    active: bool,
+    names: Py<PyAny>,
+    missing: Py<PyAny>,
+    keyed: bool,
+) -> PyResult<()> {
     let _ = HOOKS.set((relevant, check));
+    let _ = NAMES.set(names);
+    let _ = MISSING.set(missing);
     *relevant_map() = None;
+    forget(false, Some(keyed));
     let was = ANY.swap(active, Ordering::AcqRel);
     if active && !was {
         if let Err(e) = monitor::start(py) {
@@ -104,8 +460,31 @@ fn relevant<'py>(py: Python<'py>, code: usize, get: impl FnOnce() -> PyResult<Bo
         e.write_unraisable(py, None);
         false
     });
-    relevant_map().get_or_insert_with(HashMap::new).insert(code, b);
+    relevant_map()
+        .get_or_insert_with(AddrMap::default)
+        .insert(code, b);
     b
+}
+
+/// For the line fast path: true when a line of the code at `code` in this
+/// thread's current frame has nothing to report for watched variables (the
+/// code binds none, or the frame binds what `_check` saw last). Runs no
+/// Python code once the code's binds are known.
+pub fn line_unchanged(py: Python<'_>, code: usize) -> bool {
+    if !any() {
+        return true;
+    }
+    // SAFETY: GIL held; a borrowed reference to the running frame, or NULL.
+    let frame = unsafe { ffi::PyEval_GetFrame() };
+    if frame.is_null() {
+        return false;
+    }
+    // SAFETY: non-NULL borrowed frame, GIL held.
+    let frame = unsafe { Bound::from_borrowed_ptr(py, frame.cast::<ffi::PyObject>()) };
+    if !relevant(py, code, || frame.getattr("f_code")) {
+        return true;
+    }
+    unchanged_since_check(py, &frame, code)
 }
 
 /// At a line boundary (`returning`: a return) of the code at `code` in this
@@ -126,14 +505,19 @@ pub fn at_boundary(py: Python<'_>, code: usize, returning: bool, last: (usize, u
     if !relevant(py, code, || frame.getattr("f_code")) {
         return;
     }
-    let found = guarded(|| {
-        check.bind(py).call1((&frame, returning))?.extract::<Vec<(
-            String,
-            String,
-            String,
-            Option<String>,
-            Option<String>,
-        )>>()
+    if !returning && unchanged_since_check(py, &frame, code) {
+        return;
+    }
+    type Found = Vec<(String, String, String, Option<String>, Option<String>)>;
+    let checked = guarded(|| {
+        check
+            .bind(py)
+            .call1((&frame, returning))?
+            .extract::<(Found, Vec<Bound<'_, PyAny>>)>()
+    });
+    let found = checked.map(|(found, seen_values)| {
+        after_check(py, &frame, code, returning, seen_values);
+        found
     });
     let found = match found {
         Ok(f) if f.is_empty() => return,
