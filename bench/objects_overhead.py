@@ -93,14 +93,13 @@ def unwatch_cfg():
     memwatch.configure(max_history=0)
 
 
-_, mw = compare(
-    f"1. {WRITES} attribute writes, object watched by memwatch",
-    lambda: write_loop(cfg),
-    lambda: write_loop(cfg),
-    setup=watch_cfg,
-    teardown=unwatch_cfg,
-    per=WRITES,
-)
+def write_case(name, setup, teardown):
+    """The write loop on `cfg`, unwatched against watched as `setup` says."""
+    _, t = compare(name, lambda: write_loop(cfg), lambda: write_loop(cfg), setup=setup, teardown=teardown, per=WRITES)
+    return t
+
+
+mw = write_case(f"1. {WRITES} attribute writes, object watched by memwatch", watch_cfg, unwatch_cfg)
 wp = None
 try:
     import watchpoints
@@ -113,13 +112,10 @@ else:
     def wp_unwatch():
         watchpoints.unwatch()
 
-    _, wp = compare(
+    wp = write_case(
         f"1b. the same loop, cfg.step watched by watchpoints {getattr(watchpoints, '__version__', '')}",
-        lambda: write_loop(cfg),
-        lambda: write_loop(cfg),
-        setup=wp_watch,
-        teardown=wp_unwatch,
-        per=WRITES,
+        wp_watch,
+        wp_unwatch,
     )
     print(f"   memwatch is {wp / mw:.1f}x faster than watchpoints on this loop (target >= 10x)")
 
@@ -142,14 +138,7 @@ def unwatch_cb():
     sink.clear()
 
 
-_, cb = compare(
-    "1c. the same loop, every change to a callback instead",
-    lambda: write_loop(cfg),
-    lambda: write_loop(cfg),
-    setup=watch_cb,
-    teardown=unwatch_cb,
-    per=WRITES,
-)
+cb = write_case("1c. the same loop, every change to a callback instead", watch_cb, unwatch_cb)
 trace_dir = Path(tempfile.mkdtemp())
 
 
@@ -166,14 +155,7 @@ def unwatch_rec():
     assert summary["changes"] >= WRITES, summary
 
 
-_, rec = compare(
-    "1d. the same loop, every change recorded to a trace instead",
-    lambda: write_loop(cfg),
-    lambda: write_loop(cfg),
-    setup=watch_rec,
-    teardown=unwatch_rec,
-    per=WRITES,
-)
+rec = write_case("1d. the same loop, every change recorded to a trace instead", watch_rec, unwatch_rec)
 if wp is not None:
     print(f"   against watchpoints: {wp / cb:.1f}x (callback), {wp / rec:.1f}x (trace)")
 

@@ -237,6 +237,21 @@ pub(crate) fn uffd_writeprotect(uffd: &impl AsRawFd, start: u64, len: u64, on: b
 }
 
 /// The system page size.
+/// The decimal digits of `n`, written into `buf` without allocating (the
+/// store-mode fault thread names `/proc` files with it).
+pub(crate) fn decimal_digits(n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let (mut n, mut k) = (n, buf.len());
+    loop {
+        k -= 1;
+        buf[k] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[k..]
+}
+
 pub fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

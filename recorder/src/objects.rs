@@ -991,17 +991,7 @@ fn remove_subtree(objs: &mut Objects, id: u32, trash: &mut Vec<Node>) {
 /// `v` in decimal, as `repr(int)` writes it.
 fn decimal(v: i64) -> String {
     let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    let mut n = v.unsigned_abs();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    let digits = &buf[i..];
+    let digits = crate::kernel::decimal_digits(v.unsigned_abs(), &mut buf);
     let mut out = String::with_capacity(digits.len() + 1);
     if v < 0 {
         out.push('-');

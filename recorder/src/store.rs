@@ -290,18 +290,9 @@ fn in_user_mode(tid: u32) -> bool {
     const SUFFIX: &[u8] = b"/syscall\0";
     let mut path = [0u8; 48];
     path[..PREFIX.len()].copy_from_slice(PREFIX);
-    let mut digits = [0u8; 10];
-    let (mut n, mut k) = (tid, digits.len());
-    loop {
-        k -= 1;
-        digits[k] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
+    let mut digits = [0u8; 20];
     let mut at = PREFIX.len();
-    for &d in &digits[k..] {
+    for &d in crate::kernel::decimal_digits(u64::from(tid), &mut digits) {
         path[at] = d;
         at += 1;
     }

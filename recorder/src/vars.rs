@@ -115,27 +115,27 @@ fn get_var() -> Option<GetVar> {
 /// `co_flags & CO_OPTIMIZED`: a function's code.
 const CO_OPTIMIZED: i64 = 0x1;
 
-/// Where `frame` keeps its binds: `Some(true)` a function (locals in the
-/// frame), `Some(false)` a module body (every name in the globals dict),
-/// `None` a frame the mirror leaves to `_check` (a class body, `exec`
-/// with its own locals).
-fn frame_kind(
-    py: Python<'_>,
-    frame: &Bound<'_, PyAny>,
-    globals: &Bound<'_, PyAny>,
+/// Where `frame` keeps its binds: its globals dict (only fetched when a
+/// bind lives there) and whether it is a function (locals in the frame;
+/// otherwise a module body, every name in the globals dict). `None` for a
+/// frame the mirror leaves to `_check` (a class body, `exec` with its own
+/// locals). Runs no Python code.
+fn frame_scope<'py>(
+    py: Python<'py>,
+    frame: &Bound<'py, PyAny>,
     binds: &Binds,
-) -> Option<bool> {
+) -> Option<(Option<Bound<'py, PyAny>>, bool)> {
+    if binds.optimized && !binds.names.iter().any(|(_, _, global)| *global) {
+        return Some((None, true));
+    }
+    // SAFETY: GIL held; `frame` is a frame object; a new reference.
+    let globals =
+        unsafe { Bound::from_owned_ptr_or_opt(py, ffi::PyFrame_GetGlobals(frame.as_ptr().cast())) }?;
     if binds.optimized {
-        return Some(true);
+        return Some((Some(globals), true));
     }
     let locals = frame.getattr(pyo3::intern!(py, "f_locals")).ok()?;
-    locals.is(globals).then_some(false)
-}
-
-/// The globals dict of `frame` (a new reference).
-fn frame_globals<'py>(py: Python<'py>, frame: &Bound<'py, PyAny>) -> Option<Bound<'py, PyAny>> {
-    // SAFETY: GIL held; `frame` is a frame object; a new reference.
-    unsafe { Bound::from_owned_ptr_or_opt(py, ffi::PyFrame_GetGlobals(frame.as_ptr().cast())) }
+    locals.is(&globals).then_some((Some(globals), false))
 }
 
 /// The current value of each bind of `frame` (a new reference, or NULL
@@ -191,22 +191,10 @@ fn unchanged_since_check(py: Python<'_>, frame: &Bound<'_, PyAny>, code: usize) 
         let (Some((_, values)), Some(binds)) = (st.frames.get(&f), st.binds.get(&code)) else {
             return false;
         };
-        let needs_globals = !binds.optimized || binds.names.iter().any(|(_, _, global)| *global);
-        let globals = if needs_globals {
-            frame_globals(py, frame)
-        } else {
-            None
-        };
-        if needs_globals && globals.is_none() {
+        let Some((globals, function)) = frame_scope(py, frame, binds) else {
             return false;
-        }
+        };
         let gptr = globals.as_ref().map_or(std::ptr::null_mut(), |g| g.as_ptr());
-        let Some(function) = (match &globals {
-            Some(g) => frame_kind(py, frame, g, binds),
-            None => Some(true),
-        }) else {
-            return false;
-        };
         let Some(read) = read_binds(frame.as_ptr(), gptr, function, binds, get_var) else {
             return false;
         };
@@ -285,7 +273,6 @@ fn after_check(
         return;
     }
     let f = frame.as_ptr() as usize;
-    let mut trash: Vec<Py<PyAny>> = Vec::new();
     if returning {
         let gone = seen().as_mut().and_then(|st| st.frames.remove(&f));
         drop(gone);
@@ -297,10 +284,7 @@ fn after_check(
     let Some(binds) = binds_of(py, frame, code) else {
         return;
     };
-    let Some(globals) = frame_globals(py, frame) else {
-        return;
-    };
-    let Some(function) = frame_kind(py, frame, &globals, &binds) else {
+    let Some((globals, function)) = frame_scope(py, frame, &binds) else {
         return;
     };
     let Some(missing) = MISSING.get() else { return };
@@ -314,21 +298,23 @@ fn after_check(
         .into_iter()
         .map(|v| (!v.is(missing.bind(py))).then(|| v.unbind()))
         .collect();
+    // Replaced entries, released once the lock is let go.
+    let mut old_values: Vec<Option<Py<PyAny>>> = Vec::new();
+    let mut old_frames: Vec<FrameSeen> = Vec::new();
     let mut g = seen();
     let st = g.get_or_insert_with(Seen::default);
     let mut values = Vec::with_capacity(now.len());
     for ((_, text, global), v) in binds.names.iter().zip(now) {
-        if *global || !function {
-            let (_, m) = st
-                .globals
-                .entry(globals.as_ptr() as usize)
-                .or_insert_with(|| (globals.clone().unbind(), HashMap::new()));
-            if let Some(old) = m.insert(text.clone(), v) {
-                trash.extend(old);
+        match &globals {
+            Some(d) if *global || !function => {
+                let (_, m) = st
+                    .globals
+                    .entry(d.as_ptr() as usize)
+                    .or_insert_with(|| (d.clone().unbind(), HashMap::new()));
+                old_values.extend(m.insert(text.clone(), v));
+                values.push(None);
             }
-            values.push(None);
-        } else {
-            values.push(v);
+            _ => values.push(v),
         }
     }
     if st.frames.len() >= 64 {
@@ -342,19 +328,12 @@ fn after_check(
             .filter(|(_, (fr, _))| unsafe { ffi::Py_REFCNT(fr.as_ptr()) } <= 2)
             .map(|(k, _)| *k)
             .collect();
-        for k in done {
-            if let Some((fr, vals)) = st.frames.remove(&k) {
-                trash.push(fr);
-                trash.extend(vals.into_iter().flatten());
-            }
-        }
+        old_frames.extend(done.iter().filter_map(|k| st.frames.remove(k)));
     }
-    if let Some((fr, vals)) = st.frames.insert(f, (frame.clone().unbind(), values)) {
-        trash.push(fr);
-        trash.extend(vals.into_iter().flatten());
-    }
+    old_frames.extend(st.frames.insert(f, (frame.clone().unbind(), values)));
     drop(g);
-    drop(trash);
+    drop(old_frames);
+    drop(old_values);
 }
 
 /// Forgets the mirrored frames (`frames_only`) or everything (what
