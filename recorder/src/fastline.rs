@@ -24,7 +24,11 @@
 //! CPython 3.12+: [`line_callback`] is the `sys.monitoring` `LINE` callback,
 //! a plain `METH_FASTCALL` C function (no argument parsing, no pyo3
 //! trampoline) that hands anything it cannot decide to the full callback,
-//! `monitor::_mon_line`. CPython 3.11's C trace function calls
+//! `monitor::_mon_line`. With watched memory unchanged it also does the
+//! rest of a boundary's cheap cases itself: it flushes queued object
+//! changes, and lets a line of code that binds a watched variable move on
+//! when the frame still binds what was seen last
+//! (`vars::line_unchanged`). CPython 3.11's C trace function calls
 //! [`line_unchanged`] directly.
 //!
 //! Nothing here runs in signal context.
