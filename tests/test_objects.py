@@ -480,7 +480,7 @@ def test_unwatch_by_handle_name_and_object(changes):
 
 
 def test_bad_arguments_are_refused_clearly(changes):
-    with pytest.raises(TypeError, match="cannot watch a int: .* has none that can change"):
+    with pytest.raises(TypeError, match="cannot watch an int: .* an int has none that can change"):
         memwatch.watch_object(5, name="five")
     with pytest.raises(TypeError, match="cannot watch the class Config"):
         memwatch.watch_object(Config)

@@ -112,3 +112,27 @@ def test_damaged_chunk_header_is_corrupt(golden, tmp_path):
     p.write_bytes(bytes(data))
     with pytest.raises(memwatch.TraceCorruptError, match=r"corrupt chunk 1 \(at byte 409\)"):
         memwatch.trace_info(p)
+
+
+def test_scope_matching_imports_nothing_at_shutdown():
+    # Late in interpreter shutdown sys.modules is being emptied and
+    # sys.meta_path is None, so any import fails; memwatch may still decide
+    # the scope of code that runs then (a __del__), and must not import.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import memwatch._scope as s\n"
+        "sys.modules.pop('fnmatch', None)\n"
+        "sys.meta_path = None\n"
+        "print(s._matches('/a/b/c.py', ['/a/*/c.py']), s._matches('/x.py', ['/a/*']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stderr == ""
+    assert r.stdout.split() == ["True", "False"]
+
+
+def test_a_directory_is_not_a_trace(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory, not a trace"):
+        memwatch.open_trace(tmp_path)

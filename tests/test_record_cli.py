@@ -350,3 +350,55 @@ def test_a_full_disk_stops_recording_but_not_the_program(tmp_path):
     rows = [json.loads(x) for x in mw("query", "t.mwt", "--format", "jsonl", cwd=tmp_path).stdout.splitlines()]
     seqs = [row["seq"] for row in rows]
     assert 0 < len(seqs) < 60 and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+def test_a_missing_program_or_script_says_so_and_leaves_no_file(tmp_path):
+    r = mw("record", "-o", "x.mwt", "--", "nosuchprogram-memwatch", cwd=tmp_path, check=False)
+    assert r.returncode == 1
+    assert "cannot start nosuchprogram-memwatch: no such program on PATH" in r.stderr
+    r = mw("record", "-o", "y.mwt", sys.executable, "missing_script.py", cwd=tmp_path, check=False)
+    assert r.returncode == 1
+    assert "no such script: missing_script.py" in r.stderr
+    assert "never called" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_trace_is_private_to_its_owner(recorded, tmp_path):
+    d, _ = recorded
+    assert (d / "train.mwt").stat().st_mode & 0o777 == 0o600
+    # Also when the file was there before with wider permissions.
+    old = tmp_path / "old.mwt"
+    old.write_text("")
+    old.chmod(0o644)
+    p = script(tmp_path, "import numpy as np, memwatch\na = np.zeros(4)\nmemwatch.watch(a, name='a')\na[1] = 2\n")
+    mw("record", "-o", str(old), sys.executable, str(p), cwd=tmp_path)
+    assert old.stat().st_mode & 0o777 == 0o600
+
+
+def test_query_of_a_directory_says_it_is_one(tmp_path):
+    r = mw("query", str(tmp_path), cwd=tmp_path, check=False)
+    assert r.returncode == 1
+    assert f"{tmp_path}: is a directory, not a trace" in r.stderr
+    assert "os error" not in r.stderr
+
+
+def test_export_takes_its_format_from_the_extension_and_refuses_others(recorded, tmp_path):
+    d, _ = recorded
+    r = mw("export", "train.mwt", "-o", str(tmp_path / "out.txt"), cwd=d, check=False)
+    assert r.returncode == 1
+    assert 'unknown table format ".txt"' in r.stderr and "parquet (.parquet), csv (.csv)" in r.stderr
+    assert not (tmp_path / "out.txt").exists()
+    r = mw("export", "train.mwt", "-o", str(tmp_path / "out"), cwd=d, check=False)
+    assert r.returncode == 1 and "no extension to tell the format from" in r.stderr
+    mw("export", "train.mwt", "-o", str(tmp_path / "out.csv"), cwd=d)
+    assert (tmp_path / "out.csv").read_text().startswith("seq,")
+    mw("export", "train.mwt", "-o", str(tmp_path / "out.txt"), "--format", "jsonl", cwd=d)
+    assert (tmp_path / "out.txt").read_text().startswith("{")
+
+
+def test_summary_words_agree_with_their_numbers(tmp_path):
+    p = script(tmp_path, "import numpy as np, memwatch\na = np.zeros(4, dtype=np.uint8)\nmemwatch.watch(a, name='a')\na[1] = 2\n")
+    mw("record", "-o", "one.mwt", sys.executable, str(p), cwd=tmp_path)
+    out = mw("summary", "one.mwt", cwd=tmp_path).stdout
+    assert "a: 1 change, 1 byte changed" in out
+    assert "1 changes" not in out and "1 bytes" not in out

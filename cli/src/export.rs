@@ -16,8 +16,8 @@ variable, kind, file, line, function, thread, thread_name, address, offset,
 bytes_changed, ranges, index, old, new, old_value, new_value, key,
 old_repr, new_repr.
 
-The format follows the output's extension (.parquet, .csv, .jsonl) unless
---format says otherwise. On a terminal, a long export shows its progress.
+The format follows the output's extension (.parquet, .csv, .jsonl or .json);
+any other extension is refused unless --format says which. On a terminal, a long export shows its progress.
 
 Examples:
   memwatch export run.mwt -o changes.parquet
@@ -41,7 +41,7 @@ pub struct Args {
     /// The table to write.
     #[arg(short = 'o', long)]
     pub output: PathBuf,
-    /// Table format (default: from the output's extension, else parquet).
+    /// Table format (default: from the output's extension).
     #[arg(long, value_enum)]
     pub format: Option<Format>,
     /// One row per changed element (regions with a dtype) instead of per change.
@@ -55,16 +55,34 @@ pub struct Args {
     pub seq: Option<(u64, u64)>,
 }
 
+/// The format an output's extension names; an unknown or missing one is
+/// refused, naming the formats (a table must not silently come out as
+/// another format than its name says).
+fn format_of(output: &std::path::Path) -> Result<Format> {
+    let ext = output.extension().and_then(|e| e.to_str()).unwrap_or("");
+    Ok(match ext.to_ascii_lowercase().as_str() {
+        "parquet" | "pq" => Format::Parquet,
+        "csv" => Format::Csv,
+        "jsonl" | "json" | "ndjson" => Format::Jsonl,
+        "" => anyhow::bail!(
+            "{}: no extension to tell the format from; name it .parquet, .csv or .jsonl, \
+             or pass --format parquet|csv|jsonl",
+            output.display()
+        ),
+        _ => anyhow::bail!(
+            "{}: unknown table format \".{ext}\"; the formats are parquet (.parquet), csv (.csv) \
+             and jsonl (.jsonl, .json), or pass --format",
+            output.display()
+        ),
+    })
+}
+
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
+    let format = match args.format {
+        Some(f) => f,
+        None => format_of(&args.output)?,
+    };
     let reader = TraceReader::open(&args.trace)?;
-    let format =
-        args.format.unwrap_or_else(
-            || match args.output.extension().and_then(|e| e.to_str()).unwrap_or("") {
-                "csv" => Format::Csv,
-                "jsonl" | "json" => Format::Jsonl,
-                _ => Format::Parquet,
-            },
-        );
     let format = match format {
         Format::Parquet => ExportFormat::Parquet,
         Format::Csv => ExportFormat::Csv,

@@ -140,8 +140,9 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
         .unwrap_or_else(|| default_output(&args.command));
     let output =
         std::path::absolute(&output).with_context(|| format!("bad output path {}", output.display()))?;
+    check_command(&args.command)?;
     // Find out now, before the program runs, whether the trace can be written.
-    std::fs::File::create(&output).with_context(|| {
+    memwatch_format::create_private(&output).with_context(|| {
         format!(
             "cannot write the trace to {}; pass -o with a writable path",
             output.display()
@@ -182,9 +183,13 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
         cmd.env("MEMWATCH_VARS", args.vars.join(","))
             .env("PYTHONPATH", path);
     }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start {}", args.command[0].to_string_lossy()))?;
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_file(&output);
+            return Err(e).with_context(|| format!("cannot start {}", args.command[0].to_string_lossy()));
+        }
+    };
     let pid = child.id() as libc::pid_t;
     // Forward the signals someone sends us; a terminal's Ctrl-C already
     // reaches the child (same process group), so that one is not resent.
@@ -229,6 +234,48 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     };
     report(&output, out)?;
     Ok(code)
+}
+
+/// Refuses, before anything is created, a program that does not exist, and
+/// a Python script that does not (`python missing.py` would fail at once
+/// and leave nothing to record).
+fn check_command(command: &[std::ffi::OsString]) -> Result<()> {
+    let program = Path::new(&command[0]);
+    let found = if program.components().count() > 1 {
+        program.is_file().then(|| program.to_path_buf())
+    } else {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(program))
+                .find(|p| p.is_file())
+        })
+    };
+    let Some(found) = found else {
+        anyhow::bail!(
+            "cannot start {}: no such program{}; nothing was recorded",
+            program.display(),
+            if program.components().count() > 1 {
+                ""
+            } else {
+                " on PATH"
+            }
+        );
+    };
+    let is_python = found
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("python"));
+    if let (true, Some(script)) = (is_python, command.get(1)) {
+        let script = Path::new(script);
+        let is_option = script.to_str().is_some_and(|s| s.starts_with('-'));
+        if !is_option && !script.exists() {
+            anyhow::bail!(
+                "no such script: {} (python could not open it); nothing was recorded",
+                script.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The one-line summary printed after the program ends.

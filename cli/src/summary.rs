@@ -100,17 +100,22 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     for (tag, t) in &tags {
         writeln!(
             out,
-            "{tag}: {} change{}, {} bytes changed, seq {}..{}",
+            "{tag}: {} change{}, {} byte{} changed, seq {}..{}",
             t.changes,
             if t.changes == 1 { "" } else { "s" },
             t.bytes,
+            if t.bytes == 1 { "" } else { "s" },
             t.first,
             t.last
         )?;
         let mut lines: Vec<_> = t.lines.iter().collect();
         lines.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then(a.0.cmp(b.0)));
         for (at, (n, bytes)) in lines.into_iter().take(args.top) {
-            writeln!(out, "  {n:>8} changes  {bytes:>12} bytes  {at}")?;
+            let (c, b) = (
+                if *n == 1 { " " } else { "s" },
+                if *bytes == 1 { " " } else { "s" },
+            );
+            writeln!(out, "  {n:>8} change{c}  {bytes:>12} byte{b}  {at}")?;
         }
     }
     for ((tag, thread), n) in &other_threads {

@@ -63,4 +63,6 @@ pub use record::{
     UnwatchReason, NO_ID,
 };
 pub use view::{take_view, ChangeView, RangesIter, RangesView, RecordView};
-pub use writer::{Output, TraceWriter, WriterOptions, WriterStats, CONTENTS_PIECE, SEPARATE_CONTENTS};
+pub use writer::{
+    create_private, Output, TraceWriter, WriterOptions, WriterStats, CONTENTS_PIECE, SEPARATE_CONTENTS,
+};

@@ -90,7 +90,15 @@ impl TraceReader {
             source,
         };
         let file = File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
+        let md = file.metadata().map_err(io)?;
+        if md.is_dir() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "is a directory, not a trace; give the path of a .mwt file \
+                 (`memwatch record` writes one, by default named after the program)",
+            )));
+        }
+        let len = md.len();
         let src = if len == 0 {
             Source::Bytes(Vec::new())
         } else {

@@ -119,15 +119,35 @@ pub struct TraceWriter<W: Output = File> {
 
 impl TraceWriter<File> {
     /// Creates (or truncates) the file at `path` and writes the header.
+    ///
+    /// The file is private to its owner (mode `0600`, also when it existed
+    /// before with wider permissions): a trace holds the contents of the
+    /// recorded program's memory, like a core dump.
     pub fn create(path: impl AsRef<Path>, meta: &Meta, opts: WriterOptions) -> Result<Self> {
         let path = path.as_ref();
-        let file = File::create(path).map_err(|source| Error::Io {
+        let io = |source| Error::Io {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let file = create_private(path).map_err(io)?;
         // Unbuffered: every chunk is one write of header and payload.
         TraceWriter::new(file, path, meta, opts)
     }
+}
+
+/// Creates (or truncates) `path` for writing with mode `0600`; a file that
+/// was already there is made `0600` too (the mode given at creation applies
+/// only to a new file).
+pub fn create_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
 }
 
 impl<W: Output> TraceWriter<W> {

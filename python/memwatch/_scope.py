@@ -14,6 +14,10 @@ import site
 import sys
 import sysconfig
 
+# Imported here, never inside a function: a function of this module may run
+# while the interpreter shuts down, when imports fail (sys.meta_path is None).
+from fnmatch import fnmatchcase
+
 _include: list[str] = []
 _exclude: list[str] = []
 
@@ -47,8 +51,6 @@ def _is_glob(pattern: str) -> bool:
 
 
 def _matches(path: str, patterns: list[str] | tuple[str, ...]) -> bool:
-    from fnmatch import fnmatchcase
-
     for p in patterns:
         if _is_glob(p):
             if fnmatchcase(path, p) or fnmatchcase(path, os.path.abspath(p)):

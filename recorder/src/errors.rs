@@ -15,7 +15,7 @@
 //! `FileNotFoundError`), with the file name in the message.
 
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyFileNotFoundError, PyOSError, PyPermissionError};
+use pyo3::exceptions::{PyException, PyFileNotFoundError, PyIsADirectoryError, PyOSError, PyPermissionError};
 use pyo3::prelude::*;
 
 create_exception!(
@@ -78,6 +78,7 @@ pub fn trace_error(e: memwatch_format::Error) -> PyErr {
         E::Io { source, .. } => match source.kind() {
             std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
             std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),
+            std::io::ErrorKind::IsADirectory => PyIsADirectoryError::new_err(msg),
             _ => PyOSError::new_err(msg),
         },
         E::NotATrace { .. } => NotATraceError::new_err(msg),

@@ -2180,9 +2180,14 @@ pub fn _watch_object(
     let mut nodes = Vec::new();
     build(py, obj, "", depth, watch, None, weakref.as_ref(), how, &mut nodes)?;
     if nodes.is_empty() {
+        let a = if tname.starts_with(['a', 'e', 'i', 'o', 'u', 'A', 'E', 'I', 'O', 'U']) {
+            "an"
+        } else {
+            "a"
+        };
         return Err(PyTypeError::new_err(format!(
-            "cannot watch a {tname}: watch_object() watches attributes (__dict__ or __slots__) and \
-             the items of a dict, list or set, and a {tname} has none that can change \
+            "cannot watch {a} {tname}: watch_object() watches attributes (__dict__ or __slots__) and \
+             the items of a dict, list or set, and {a} {tname} has none that can change \
              (for a buffer, use watch())"
         )));
     }
