@@ -286,6 +286,16 @@ fn report(output: &Path, _out: &mut dyn Write) -> Result<()> {
         eprintln!("memwatch: nothing recorded: the program never called memwatch.watch()");
         return Ok(());
     }
+    // Records the program wrote but that had not reached the trace when it
+    // ended (killed, crashed) wait in its journal: move them in, so that
+    // the trace holds everything on its own.
+    let folded = match memwatch_format::journal::fold(output) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("memwatch: the trace's journal could not be moved into it: {e}");
+            None
+        }
+    };
     let reader = match TraceReader::open(output) {
         Ok(r) => r,
         Err(e) => {
@@ -310,6 +320,13 @@ fn report(output: &Path, _out: &mut dyn Write) -> Result<()> {
     );
     if let Some(msg) = reader.tail_message() {
         eprintln!("memwatch: note: {msg}");
+    }
+    if let Some(n) = folded {
+        eprintln!(
+            "memwatch: note: the last {n} record{} had not reached the trace when the program ended; \
+             they were recovered from its journal",
+            if n == 1 { "" } else { "s" }
+        );
     }
     Ok(())
 }

@@ -47,6 +47,7 @@
 pub mod chunk;
 mod error;
 pub mod header;
+pub mod journal;
 mod reader;
 mod record;
 pub mod sample;
@@ -56,6 +57,7 @@ mod writer;
 pub use chunk::{ChunkHeader, ChunkKind, Codec, IndexEntry, Trailer, FLAG_CONTENTS_ONLY, NO_SEQ};
 pub use error::{Error, Result};
 pub use header::{Header, Meta, FORMAT_VERSION, MAGIC};
+pub use journal::journal_path;
 pub use reader::{ChunkInfo, DecodedChunk, Records, Tail, TraceReader, Views};
 pub use record::{
     ByteRange, Change, Checkpoint, Contents, Context, FrameDef, Id, Layout, Lost, ObjectChange,

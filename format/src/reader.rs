@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use crate::chunk::{ChunkHeader, ChunkKind, Codec, Trailer, CHUNK_HEADER_LEN, FOOTER_LEN, FOOTER_MAGIC};
+use crate::chunk::{
+    ChunkHeader, ChunkKind, Codec, Trailer, CHUNK_HEADER_LEN, FOOTER_LEN, FOOTER_MAGIC, NO_SEQ,
+};
 use crate::error::{Error, Result};
 use crate::header::{decode_header, le_u64, Header};
 use crate::record::Record;
@@ -63,6 +65,8 @@ pub struct TraceReader {
     chunks: Vec<ChunkInfo>,
     trailer: Option<Trailer>,
     tail: Tail,
+    /// Records read from the journal of an unclosed trace, and its path.
+    recovered: Option<(u32, PathBuf)>,
 }
 
 impl std::fmt::Debug for TraceReader {
@@ -107,7 +111,81 @@ impl TraceReader {
             // documented above.
             Source::Map(unsafe { Mmap::map(&file) }.map_err(io)?)
         };
-        TraceReader::from_source(path.to_path_buf(), src)
+        let mut reader = TraceReader::from_source(path.to_path_buf(), src)?;
+        if reader.tail != Tail::Closed {
+            reader.add_journal(&crate::journal::journal_path(path));
+        }
+        Ok(reader)
+    }
+
+    /// Reads the records that the journal at `journal` kept for this
+    /// unclosed trace as one more chunk after its whole ones (see
+    /// [`crate::journal`]). A journal of another trace, or one whose
+    /// records already reached the trace, changes nothing; so does a
+    /// missing one.
+    fn add_journal(&mut self, journal: &Path) {
+        let bytes = self.src.bytes();
+        let header_crc = crc32fast::hash(&bytes[..self.header.len as usize]);
+        let Some(pending) = crate::journal::read(journal, header_crc) else {
+            return;
+        };
+        if pending.chunk != self.chunks.len() as u64 {
+            return;
+        }
+        // Whole records only (the journal commits whole ones; this is
+        // belt and braces), counted and their seqs found.
+        let (mut rest, mut count, mut first, mut last) = (&pending.records[..], 0u32, NO_SEQ, NO_SEQ);
+        while !rest.is_empty() && count < u32::MAX {
+            let Ok((rec, tail)) = postcard::take_from_bytes::<Record<'_>>(rest) else {
+                break;
+            };
+            if let Some(seq) = rec.seq() {
+                if first == NO_SEQ {
+                    first = seq;
+                }
+                last = seq;
+            }
+            count += 1;
+            rest = tail;
+        }
+        let whole = &pending.records[..pending.records.len() - rest.len()];
+        if count == 0 || whole.len() > u32::MAX as usize {
+            return;
+        }
+        let end = self
+            .chunks
+            .last()
+            .map(|c| c.offset + c.header.total_len())
+            .unwrap_or(self.header.len);
+        let header = ChunkHeader {
+            kind: ChunkKind::Records,
+            codec: Codec::Stored,
+            stored_len: whole.len() as u32,
+            raw_len: whole.len() as u32,
+            record_count: count,
+            first_seq: first,
+            last_seq: last,
+            payload_crc: crc32fast::hash(whole),
+            contents_only: false,
+        };
+        let mut joined = Vec::with_capacity(end as usize + CHUNK_HEADER_LEN + whole.len());
+        joined.extend_from_slice(&bytes[..end as usize]);
+        joined.extend_from_slice(&header.encode());
+        joined.extend_from_slice(whole);
+        self.chunks.push(ChunkInfo {
+            index: self.chunks.len() as u64,
+            offset: end,
+            header,
+        });
+        self.src = Source::Bytes(joined);
+        self.recovered = Some((count, journal.to_path_buf()));
+    }
+
+    /// How many records came from the trace's journal (see
+    /// [`crate::journal`]) because the process ended before they reached
+    /// the trace, and the journal's path; `None` when none did.
+    pub fn recovered(&self) -> Option<(u32, &Path)> {
+        self.recovered.as_ref().map(|(n, p)| (*n, p.as_path()))
     }
 
     /// Reads a trace held in memory; `name` is used in messages.
@@ -126,6 +204,7 @@ impl TraceReader {
             chunks,
             trailer,
             tail,
+            recovered: None,
         })
     }
 
@@ -151,6 +230,12 @@ impl TraceReader {
         self.tail
     }
 
+    /// The trace's bytes as read (with a journal's chunk, when one was
+    /// added).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        self.src.bytes()
+    }
+
     /// Size of the file in bytes.
     pub fn file_len(&self) -> u64 {
         self.src.bytes().len() as u64
@@ -160,15 +245,23 @@ impl TraceReader {
     /// closed cleanly; otherwise "not closed cleanly: ..." or
     /// "truncated: N chunks read, M bytes ignored".
     pub fn tail_message(&self) -> Option<String> {
+        let from_journal = match &self.recovered {
+            Some((n, p)) => format!(
+                "; the last {n} {} read from the journal {}",
+                if *n == 1 { "record was" } else { "records were" },
+                p.display()
+            ),
+            None => String::new(),
+        };
         match self.tail {
             Tail::Closed => None,
             Tail::Unclosed => Some(format!(
                 "not closed cleanly: {} chunks read, the recording ended without a trailer \
-                 (the process was killed or crashed)",
+                 (the process was killed or crashed){from_journal}",
                 self.chunks.len()
             )),
             Tail::Truncated { bytes_ignored } => Some(format!(
-                "truncated: {} chunks read, {} bytes ignored",
+                "truncated: {} chunks read, {} bytes ignored{from_journal}",
                 self.chunks.len(),
                 bytes_ignored
             )),

@@ -11,6 +11,7 @@ use crate::chunk::{
 };
 use crate::error::{Error, Result};
 use crate::header::{encode_header, Meta};
+use crate::journal::{journal_path, Journal};
 use crate::record::{FrameDef, Id, Record, StackDef, StringDef};
 
 /// Largest piece a writer puts in one [`Record::Contents`](crate::Record::Contents):
@@ -86,6 +87,13 @@ pub struct WriterStats {
 
 /// Appends records to a trace, a chunk at a time.
 ///
+/// A writer made by [`create`](TraceWriter::create) also copies every record,
+/// as it is appended, into the trace's journal (`<trace>.journal`, see
+/// [`crate::journal`]), so a process that dies loses none of them: a reader
+/// of the unclosed trace finds them there. Without a journal
+/// ([`new`](TraceWriter::new) on any other output), a process that dies loses
+/// the pending records.
+///
 /// Every chunk reaches the operating system as soon as it is emitted (one
 /// `write` of header and payload), so a process that dies loses at most the
 /// records still pending here. Call [`finish`](Self::finish) to write the
@@ -115,6 +123,13 @@ pub struct TraceWriter<W: Output = File> {
     stacks: HashMap<Box<[Id]>, Id>,
     compressor: Option<zstd::bulk::Compressor<'static>>,
     closed: Option<String>,
+    /// Where pending records also go as they are appended, so that a
+    /// process that dies loses none of them (see [`crate::journal`]).
+    journal: Option<Journal>,
+    /// CRC-32 of the header bytes, which names this trace to its journal.
+    header_crc: u32,
+    /// Why a writer made by `create` has no journal.
+    journal_error: Option<String>,
 }
 
 impl TraceWriter<File> {
@@ -131,16 +146,29 @@ impl TraceWriter<File> {
         };
         let file = create_private(path).map_err(io)?;
         // Unbuffered: every chunk is one write of header and payload.
-        TraceWriter::new(file, path, meta, opts)
+        let mut w = TraceWriter::new(file, path, meta, opts)?;
+        let jpath = journal_path(path);
+        match Journal::create(&jpath, w.header_crc, 0) {
+            Ok(j) => w.journal = Some(j),
+            Err(e) => {
+                // Recording goes on without one: a process that dies then
+                // loses its pending records, which `journal_error` says.
+                let _ = std::fs::remove_file(&jpath);
+                w.journal_error = Some(format!("{}: {e}", jpath.display()));
+            }
+        }
+        Ok(w)
     }
 }
 
-/// Creates (or truncates) `path` for writing with mode `0600`; a file that
+/// Creates (or truncates) `path` for reading and writing (a shared mapping
+/// needs both) with mode `0600`; a file that
 /// was already there is made `0600` too (the mode given at creation applies
 /// only to a new file).
 pub fn create_private(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let file = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
         .truncate(true)
@@ -189,6 +217,9 @@ impl<W: Output> TraceWriter<W> {
             stacks: HashMap::new(),
             compressor,
             closed: None,
+            journal: None,
+            journal_error: None,
+            header_crc: crc32fast::hash(&header),
             path,
         })
     }
@@ -224,6 +255,13 @@ impl<W: Output> TraceWriter<W> {
                 reason: "a record would make a chunk larger than 4 GiB; split it".into(),
             });
         }
+        // A journal that cannot grow (a full disk, a file size limit) sends
+        // the pending records, this one included, to the trace now: the
+        // journal then starts over, empty.
+        let journal_full = match self.journal.as_mut() {
+            Some(j) => j.append(&self.pending[before..]).is_err(),
+            None => false,
+        };
         self.pending_records += 1;
         self.stats.records += 1;
         if let Some(seq) = record.seq() {
@@ -238,10 +276,20 @@ impl<W: Output> TraceWriter<W> {
         }
         let now = Instant::now();
         let since = *self.pending_since.get_or_insert(now);
-        if self.pending.len() >= self.opts.chunk_bytes || now.duration_since(since) >= self.opts.max_age {
+        if journal_full
+            || self.pending.len() >= self.opts.chunk_bytes
+            || now.duration_since(since) >= self.opts.max_age
+        {
             self.flush_chunk()?;
         }
         Ok(())
+    }
+
+    /// Why this writer, made by [`create`](TraceWriter::create), has no
+    /// journal (so a process that dies loses its pending records); `None`
+    /// when it has one, or was made by [`new`](TraceWriter::new).
+    pub fn journal_error(&self) -> Option<&str> {
+        self.journal_error.as_deref()
     }
 
     /// Returns the id of string `s`, writing its definition the first time.
@@ -370,6 +418,11 @@ impl<W: Output> TraceWriter<W> {
         self.pending_last_seq = NO_SEQ;
         self.pending_since = None;
         self.index.push(entry);
+        if result.is_ok() {
+            if let Some(j) = self.journal.as_mut() {
+                j.restart(self.index.len() as u64);
+            }
+        }
         result
     }
 
@@ -466,6 +519,11 @@ impl<W: Output> TraceWriter<W> {
             })?;
         self.stats.file_bytes += footer.len() as u64;
         self.closed = Some("finished".into());
+        if let Some(j) = self.journal.take() {
+            // The trace holds everything now. A journal that cannot be
+            // removed is harmless: a closed trace never reads it.
+            let _ = j.remove();
+        }
         Ok((out, self.stats))
     }
 }

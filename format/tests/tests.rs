@@ -3,6 +3,7 @@
 mod common;
 mod errors;
 mod golden;
+mod journal;
 mod roundtrip;
 mod truncation;
 mod view;

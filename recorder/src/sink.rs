@@ -1,9 +1,11 @@
 //! Recording changes to a trace file.
 //!
 //! One [`TraceSink`] per process at a time, behind [`SINK`]. Records are
-//! appended by the thread that found the change; a background thread
-//! flushes pending records at least every [`FLUSH_EVERY`], so a program that
-//! is killed loses at most that much. Checkpoints keep rebuilding any state
+//! appended by the thread that found the change, and each is in the
+//! trace's journal (a shared file mapping) as soon as it is appended, so a
+//! program that dies loses none of them (`memwatch_format::journal`); a
+//! background thread emits pending records as a chunk at least every
+//! [`FLUSH_EVERY`]. Checkpoints keep rebuilding any state
 //! cheap: a region gets one when the bytes changed since its last checkpoint
 //! reach its size (at least [`CHECKPOINT_MIN`]), or after
 //! [`CHECKPOINT_EVERY`] changes, so replaying to any point costs at most
@@ -115,6 +117,12 @@ impl TraceSink {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Why the trace has no journal, so that a process that dies loses
+    /// the records not yet in a chunk (see `memwatch_format::journal`).
+    pub fn journal_error(&self) -> Option<&str> {
+        self.writer.journal_error()
     }
 
     fn ctx(&mut self, ev: &EventContext<'_>) -> memwatch_format::Result<Context> {
