@@ -31,14 +31,15 @@ help:
 
 # --- virtual environments -------------------------------------------------
 
-# venv-rule VERSION: creates the venv with the test tools, once.
+# venv-rule VERSION: creates the venv with the test tools (tests/requirements.txt,
+# and tests/requirements-VERSION.txt where there is one), once.
 define venv-rule
-$(call venv,$(1))/.tools: pyproject.toml
+$(call venv,$(1))/.tools: pyproject.toml tests/requirements.txt $(wildcard tests/requirements-$(1).txt)
 	@py="$(call find_python,$(1))"; \
 	if [ -z "$$$$py" ]; then echo "make: CPython $(1) not found (looked in $(PYENV_ROOT)/versions and on PATH); install it with 'pyenv install $(1)'" >&2; exit 1; fi; \
 	echo "--- setting up $(call venv,$(1)) with $$$$py"; \
 	"$$$$py" -m venv --clear $(call venv,$(1)); \
-	$(call venv,$(1))/bin/python -m pip install -q --disable-pip-version-check 'maturin>=1.5,<2' 'pytest>=8' 'pytest-timeout>=2.3' 'numpy>=1.26' 'pandas>=2' 'pyarrow>=15' 'coverage>=7.4'
+	$(call venv,$(1))/bin/python -m pip install -q --disable-pip-version-check -r tests/requirements.txt $(addprefix -r ,$(wildcard tests/requirements-$(1).txt))
 	@touch $$@
 endef
 $(foreach v,$(PYTHON_VERSIONS),$(eval $(call venv-rule,$(v))))

@@ -138,6 +138,26 @@ def test_blame_and_summary(recorded):
     assert t.tags == ["layer1_weight", "step"]
 
 
+def test_blame_needs_one_index_per_dimension(recorded):
+    d, _ = recorded
+    r = mw("blame", "train.mwt", "--tag", "layer1_weight", "--index", "17", cwd=d, check=False)
+    assert r.returncode == 1
+    assert r.stderr.strip() == (
+        'memwatch: error: "layer1_weight" has shape (8, 16) and needs 2 indices (--index 0,0); '
+        "for an element by its flat index, use --flat-index N"
+    )
+    flat = mw("blame", "train.mwt", "--tag", "layer1_weight", "--flat-index", "17", cwd=d).stdout.strip()
+    by_index = mw("blame", "train.mwt", "--tag", "layer1_weight", "--index", "1,1", cwd=d).stdout.strip()
+    assert flat.startswith("element 17 (flat) of layer1_weight: seq ")
+    assert flat.split(": ", 1)[1] == by_index.split(": ", 1)[1]
+    final = np.load(d / "train_w1_final.npy")
+    assert flat.endswith(f" -> {final[1, 1]!r}".replace("np.float32(", "").rstrip(")"))
+    r = mw("blame", "train.mwt", "--tag", "layer1_weight", "--flat-index", "128", cwd=d, check=False)
+    assert r.returncode == 1 and "flat index 128 is outside shape" in r.stderr
+    r = mw("blame", "train.mwt", "--tag", "layer1_weight", "--flat-index", "1", "--index", "0,1", cwd=d, check=False)
+    assert r.returncode == 2 and "cannot be used with" in r.stderr
+
+
 def test_errors_name_what_is_wrong(recorded, tmp_path):
     d, _ = recorded
     r = mw("query", "train.mwt", "--tag", "nope", cwd=d, check=False)
@@ -186,37 +206,60 @@ def test_unwritable_output_fails_before_the_program_runs(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize(
-    "ending, tail",
-    [
-        ("os._exit(0)", "unclosed"),
-        ("raise RuntimeError('boom')", "closed"),
-        ("import ctypes; ctypes.string_at(0)", "unclosed"),
-        ("os.kill(os.getpid(), signal.SIGKILL)", "unclosed"),
-    ],
-    ids=["os._exit", "exception", "segfault", "sigkill"],
-)
-def test_a_bad_ending_keeps_everything_recorded_before(tmp_path, ending, tail):
+ENDINGS = {
+    "exit": ("pass", "closed"),
+    "exception": ("raise RuntimeError('boom')", "closed"),
+    "os._exit": ("os._exit(0)", "unclosed"),
+    "abort": ("os.abort()", "unclosed"),
+    "segfault": ("import ctypes; ctypes.string_at(0)", "unclosed"),
+    "sigbus": ("m = bus_map(); m[0]", "unclosed"),
+    "sigkill": ("os.kill(os.getpid(), signal.SIGKILL)", "unclosed"),
+}
+
+
+@pytest.mark.parametrize("ending", list(ENDINGS))
+@pytest.mark.parametrize("via", ["record", "start"])
+def test_no_ending_loses_a_change(tmp_path, ending, via):
+    # 37 changes, then at once the ending: no sleep anywhere, so a change
+    # still waiting in the recorder's memory would be lost. Under `memwatch
+    # record` the journal is folded into the trace after the program ends;
+    # with memwatch.start alone, readers find it beside the trace.
+    code, tail = ENDINGS[ending]
     p = script(
         tmp_path,
         f"""
-        import os, signal, time, memwatch
-        buf = bytearray(16)
+        import mmap, os, signal, tempfile, memwatch
+        def bus_map():
+            f = tempfile.TemporaryFile()
+            f.truncate(4096)
+            m = mmap.mmap(f.fileno(), 4096)
+            f.truncate(0)
+            return m
+        if {via == "start"!r}:
+            memwatch.start(trace="prog.mwt")
+        buf = bytearray(64)
         memwatch.watch(buf, name="buf")
-        for i in range(5):
+        for i in range(37):
             buf[i] = i + 1
-        time.sleep(0.6)  # the recorder flushes pending records every 200 ms
-        {ending}
+        {code}
         """,
     )
-    r = mw("record", sys.executable, str(p), cwd=tmp_path, check=False)
-    assert r.returncode != 0 or ending.startswith("os._exit")
+    if via == "record":
+        r = mw("record", sys.executable, str(p), cwd=tmp_path, check=False)
+    else:
+        r = subprocess.run([sys.executable, str(p)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (r.returncode == 0) == (ending in ("exit", "os._exit")), r.stderr
     trace = tmp_path / "prog.mwt"
     assert memwatch.trace_info(trace)["tail"] == tail
+    journal = tmp_path / "prog.mwt.journal"
+    assert journal.exists() == (via == "start" and tail != "closed")
     rows = [json.loads(x) for x in mw("query", str(trace), "--format", "jsonl", cwd=tmp_path).stdout.splitlines()]
-    assert [r["ranges"][0]["new"] for r in rows] == ["01", "02", "03", "04", "05"]
-    if tail != "closed":
-        assert "not closed cleanly" in r.stderr or "truncated" in r.stderr
+    assert [int(r["ranges"][0]["new"], 16) for r in rows] == list(range(1, 38))
+    assert {r["line"] for r in rows} == {14}
+    state = mw("state", str(trace), "--tag", "buf", "--format", "raw", "-o", str(tmp_path / "buf.raw"), cwd=tmp_path)
+    assert state.returncode == 0 and (tmp_path / "buf.raw").read_bytes() == bytes(range(1, 38)) + bytes(27)
+    if tail != "closed" and via == "record":
+        assert "not closed cleanly" in r.stderr and "recovered from its journal" in r.stderr
 
 
 def test_summary_flags_nan_and_other_threads(tmp_path):
@@ -402,3 +445,24 @@ def test_summary_words_agree_with_their_numbers(tmp_path):
     out = mw("summary", "one.mwt", cwd=tmp_path).stdout
     assert "a: 1 change, 1 byte changed" in out
     assert "1 changes" not in out and "1 bytes" not in out
+
+
+def test_record_live_prints_each_change_and_records_it_too(tmp_path):
+    p = script(
+        tmp_path,
+        "import numpy as np, memwatch\n"
+        "a = np.zeros(4, dtype=np.int32)\n"
+        "memwatch.watch(a, name='a')\n"
+        "a[1] = 7\n"
+        "a[2] = 9\n",
+    )
+    quiet = mw("record", "-o", "quiet.mwt", sys.executable, str(p), cwd=tmp_path)
+    assert "[MEMWATCH]" not in quiet.stderr
+    r = mw("record", "--live", "-o", "live.mwt", sys.executable, str(p), cwd=tmp_path)
+    reports = r.stderr.split("[MEMWATCH] ")[1:]
+    assert len(reports) == 2, r.stderr
+    assert reports[0].startswith("Tag: a\n") and f"Line: {p}:4 in <module>" in reports[0]
+    assert "Elements: [1] 0 -> 7\n" in reports[0]
+    assert f"Line: {p}:5 in <module>" in reports[1] and "Elements: [2] 0 -> 9\n" in reports[1]
+    rows = [json.loads(x) for x in mw("query", "live.mwt", "--format", "jsonl", cwd=tmp_path).stdout.splitlines()]
+    assert [row["line"] for row in rows] == [4, 5]

@@ -148,3 +148,49 @@ def test_live_report_can_be_silenced():
     assert r.returncode == 0 and r.stderr == ""
     r = run_script(code, {"MEMWATCH_LIVE": "1"})
     assert r.stderr.count("[MEMWATCH]") == 1
+
+
+def test_a_watch_ends_when_only_memwatch_refers_to_its_object(tmp_path):
+    trace = tmp_path / "collected.mwt"
+    r = run_script(
+        """
+        import numpy as np, memwatch
+        def regions():
+            return sorted(t for _, t, *_ in memwatch._memwatch._regions())
+        def step(v):
+            local = np.zeros(4, dtype=np.int32)
+            memwatch.watch(local)
+            local[1] = v
+        for v in (5, 7):
+            step(v)
+        print(regions())
+        base = np.zeros(4, dtype=np.int32)
+        memwatch.watch(base, name="base")
+        view = base[1:]
+        del base
+        print(regions())
+        view[0] = 3
+        del view
+        print(regions())
+        buf = bytearray(8)
+        memwatch.watch(buf)
+        del buf
+        print(regions())
+        """,
+        {"MEMWATCH_TRACE": str(trace)},
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    # Calling step() again works: the first call's array ended its watch
+    # when nothing referred to it; a view keeps its base's watch alive.
+    assert r.stdout.splitlines() == ["[]", "['base']", "[]", "[]"]
+    lines = dump(trace)
+    watched = [ln.split(" tag=")[1].split()[0] for ln in kinds(lines, "WATCH")]
+    assert watched == ["local", "local", "base", "buf"]
+    ended = [(ln.split(" tag=")[1].split()[0], ln.split(" reason=")[1].split()[0]) for ln in kinds(lines, "UNWATCH")]
+    assert ended == [("local", "collected"), ("local", "collected"), ("base", "collected"), ("buf", "collected")]
+    change = kinds(lines, "CHANGE")
+    assert len(change) == 3
+    assert " at=<string>:8 " in change[0] and change[0].endswith("range=4:00000000->05000000")
+    assert " at=<string>:8 " in change[1] and change[1].endswith("range=4:00000000->07000000")
+    assert " at=<string>:17 " in change[2] and change[2].endswith("range=4:00000000->03000000")

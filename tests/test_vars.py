@@ -50,6 +50,36 @@ def test_every_kind_of_local_rebinding(changes):
     assert all(c.file == THIS and c.thread_name == "MainThread" for c in changes)
 
 
+def helper_that_binds_nothing():
+    return here()
+
+
+def test_a_rebinding_belongs_to_the_frame_that_made_it(changes):
+    # A rebinding and a call on one line: the call's own lines (and those
+    # of code it calls in turn) must not take the change, with variables
+    # alone watched or with a buffer watched too.
+    memwatch.watch_var("counter")
+
+    def inner():
+        return helper_that_binds_nothing()
+
+    def f():
+        counter = 0
+        counter += 1; a = here(); helper_that_binds_nothing()  # noqa: E702
+        counter += 1; b = here(); inner()  # noqa: E702
+        counter += 1; c = here()  # noqa: E702
+        return a, b, c
+
+    a, b, c = f()
+    f()  # the helpers' events are off by now: the same lines again
+    buf = bytearray(4)
+    memwatch.watch(buf, name="buf")
+    f()
+    lines = [ch.line for ch in changes if ch.tag == "counter"]
+    assert lines == [a - 1, a, b, c] * 3
+    assert all(ch.function.endswith(".f") for ch in changes if ch.tag == "counter")
+
+
 def test_globals_rebound_at_module_level_and_through_global(changes):
     code = textwrap.dedent(
         """

@@ -44,6 +44,7 @@ old -> new. --all lists every write to it, oldest first.
 Examples:
   memwatch blame run.mwt --tag layer1_weight --index 3,1
   memwatch blame run.mwt --tag layer1_weight --index 3,1 --at 1.5s
+  memwatch blame run.mwt --tag layer1_weight --flat-index 49
   memwatch blame run.mwt --tag step --offset 0 --all";
 
 /// Show the last change that wrote a byte or element.
@@ -56,11 +57,18 @@ pub struct Args {
     #[arg(long)]
     pub tag: String,
     /// A byte offset within the region.
-    #[arg(long, conflicts_with = "index", required_unless_present = "index")]
+    #[arg(
+        long,
+        conflicts_with_all = ["index", "flat_index"],
+        required_unless_present_any = ["index", "flat_index"]
+    )]
     pub offset: Option<u64>,
-    /// An element index (one number per dimension, comma-separated, or one flat index).
-    #[arg(long, value_delimiter = ',')]
+    /// An element index: one number per dimension, comma-separated (3,1).
+    #[arg(long, value_delimiter = ',', conflicts_with = "flat_index")]
     pub index: Option<Vec<u64>>,
+    /// An element by its flat (C-order) index, whatever the region's shape.
+    #[arg(long, value_name = "N")]
+    pub flat_index: Option<u64>,
     /// Only changes up to this point: a seq (a plain integer) or a time
     /// since the trace started with a unit (2.5s, 150ms, 20us, 100ns).
     #[arg(long, value_name = "SEQ|TIME", value_parser = parse_point)]
@@ -70,25 +78,53 @@ pub struct Args {
     pub all: bool,
 }
 
+/// A shape as Python writes it: (8, 16), (5,); a region without one is
+/// its element count.
+fn shape_text(shape: &[u64], len: u64, itemsize: u32) -> String {
+    match shape {
+        [] => format!("({},)", len / u64::from(itemsize.max(1))),
+        [n] => format!("({n},)"),
+        _ => {
+            let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
+            format!("({})", dims.join(", "))
+        }
+    }
+}
+
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     let reader = TraceReader::open(&args.trace)?;
     let at = args.at.map(|p| p.seq(&reader)).transpose()?;
     // Resolves the tag (and checks --at) before scanning everything.
     let st = state(&reader, &args.tag, at)?;
     let region = &st.region;
-    let (start, end, what) = match (&args.offset, &args.index) {
-        (Some(o), _) => {
+    let (start, end, what) = match (&args.offset, &args.index, &args.flat_index) {
+        (Some(o), _, _) => {
             if *o >= region.len {
                 bail!("offset {o} is outside {:?} ({} bytes)", region.tag, region.len);
             }
             (*o, o + 1, format!("byte {o}"))
         }
-        (None, Some(idx)) => {
+        (None, Some(idx), _) => {
+            let dims = region.shape.len().max(1);
+            if idx.len() != dims {
+                let zeros = vec!["0"; dims].join(",");
+                bail!(
+                    "{:?} has shape {} and needs {dims} {} (--index {zeros}); \
+                     for an element by its flat index, use --flat-index N",
+                    region.tag,
+                    shape_text(&region.shape, region.len, region.itemsize),
+                    if dims == 1 { "index" } else { "indices" },
+                );
+            }
             let (a, b) = element_bytes(region, idx)?;
             let i: Vec<String> = idx.iter().map(u64::to_string).collect();
             (a, b, format!("element [{}]", i.join(", ")))
         }
-        (None, None) => bail!("give --offset or --index"),
+        (None, None, Some(n)) => {
+            let (a, b) = element_bytes(region, &[*n])?;
+            (a, b, format!("element {n} (flat)"))
+        }
+        (None, None, None) => bail!("give --offset, --index or --flat-index"),
     };
     let writes = writes_to(&reader, &args.tag, start, end, at)?;
     let shown: Vec<_> = if args.all {

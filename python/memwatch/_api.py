@@ -120,6 +120,20 @@ def _is_torch_tensor(obj: Any) -> bool:
     return t.__module__.startswith("torch") and hasattr(obj, "data_ptr") and hasattr(obj, "device")
 
 
+def _memory_owner(obj: Any) -> Any:
+    """What owns the memory that view `obj` shows (a numpy view's base, a
+    memoryview's exporter, a torch view's base), or None when `obj` owns
+    its memory: while that object lives, the watch of the view goes on."""
+    if isinstance(obj, memoryview):
+        return obj.obj
+    if _is_torch_tensor(obj):
+        return obj._base if obj._is_view() else None
+    base = getattr(obj, "base", None) if hasattr(obj, "__array_interface__") else None
+    while base is not None and hasattr(base, "__array_interface__") and getattr(base, "base", None) is not None:
+        base = base.base
+    return base
+
+
 def _normalize_dtype(dtype: Any) -> str:
     try:
         import numpy as np
@@ -156,8 +170,14 @@ def watch(
     optionally ``dtype=`` and ``shape=`` to get element values).
 
     ``name`` is the tag; without it, the name of the variable passed in.
-    The object is pinned while watched: it cannot be freed, and a
-    ``bytearray`` cannot be resized (``BufferError``).
+    A name is watched once at a time: watching a second object under a
+    name still in use is a ``ValueError`` (pass another ``name=``, or
+    unwatch the first). The object is pinned while watched: it cannot be
+    freed, and a ``bytearray`` cannot be resized (``BufferError``). When
+    nothing but memwatch refers to it any more (a function's local array
+    after the function returned; for a view, nor to its base), its watch
+    ends by itself at the next line boundary, recorded as ``collected``, and
+    its name is free again. A ``memoryview``'s watch lasts until unwatched.
 
     ``mode="line"`` (the default) reports the net change of each executed
     line of in-scope code. ``mode="store"`` reports every store instruction
@@ -224,6 +244,8 @@ def watch(
         keep,
         bytes_like,
         mode,
+        obj,
+        _memory_owner(obj) if buffer is None else None,
     )
     if mode == "store" and handle.tracking_note:
         warnings.warn(f"memwatch: {handle.tracking_note}", RuntimeWarning, stacklevel=2)
@@ -319,7 +341,9 @@ def configure(
     """Set options; ``None`` leaves one as it is. Returns them all.
 
     - ``live``: print a ``[MEMWATCH]`` report per change to stderr when no
-      callback or trace takes it (default on; ``MEMWATCH_LIVE=0`` turns it off).
+      callback takes it. By default reports are printed unless a trace is
+      recording; ``live=True`` (or ``MEMWATCH_LIVE=1``) prints them while
+      recording too, ``live=False`` (or ``MEMWATCH_LIVE=0``) never.
     - ``include`` / ``exclude``: which code is in scope (paths or globs).
     - ``max_history``: how many changes :func:`history` keeps (default 100,000).
     - ``max_history_bytes``: how many bytes of old and new values it keeps

@@ -42,6 +42,47 @@ struct Watch {
     keepalive: Vec<Py<PyAny>>,
     /// `id()` of the object passed to `watch`, for `unwatch(obj)`.
     obj_id: Option<usize>,
+    /// The objects that keep the watched memory reachable: when memwatch
+    /// holds all their references, nothing else can reach the memory and
+    /// the watch ends (`UnwatchReason::Collected`) at the next boundary.
+    owner: Option<Owner>,
+}
+
+/// What keeps a watched buffer reachable: the object the user watched and,
+/// for a view, the object that owns the memory (a numpy view's base, a
+/// memoryview's exporter, a tensor view's base).
+#[derive(Clone, Copy)]
+pub(crate) struct Owner {
+    pub obj: Held,
+    pub memory: Option<Held>,
+}
+
+/// An object (kept alive by the watch's `keepalive`) and how many of its
+/// references the watch holds (`keepalive`, the buffer export and the
+/// `.base` of a kept array that views it).
+#[derive(Clone, Copy)]
+pub(crate) struct Held {
+    pub ptr: usize,
+    pub held: isize,
+}
+
+impl Held {
+    #[inline]
+    fn unreferenced(self) -> bool {
+        // SAFETY: the watch's keepalive holds the object, so the pointer is
+        // live; GIL held.
+        unsafe { ffi::Py_REFCNT(self.ptr as *mut ffi::PyObject) <= self.held }
+    }
+}
+
+impl Owner {
+    /// True when only memwatch refers to the watched object and to the
+    /// owner of its memory. Reads a counter or two; no Python code. The GIL
+    /// must be held and the watch still alive.
+    #[inline]
+    pub fn unreferenced(self) -> bool {
+        self.obj.unreferenced() && self.memory.is_none_or(Held::unreferenced)
+    }
 }
 
 struct State {
@@ -49,13 +90,44 @@ struct State {
     watches: Vec<Watch>,
     next_region: u32,
     seq: u64,
-    live: bool,
+    live: Live,
     callbacks: Vec<Py<PyAny>>,
     history: VecDeque<Py<Change>>,
     max_history: usize,
     /// Bytes of old and new values held by `history`.
     history_bytes: usize,
     max_history_bytes: usize,
+}
+
+/// Whether changes are printed as `[MEMWATCH]` reports (when no callback
+/// takes them).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Live {
+    /// Printed unless a trace is recording (the trace has them).
+    Default,
+    /// Printed, also while recording (`configure(live=True)`,
+    /// `MEMWATCH_LIVE=1`, `memwatch record --live`).
+    On,
+    /// Never printed.
+    Off,
+}
+
+impl Live {
+    fn from_env() -> Live {
+        match std::env::var("MEMWATCH_LIVE") {
+            Err(_) => Live::Default,
+            Ok(v) if v == "0" => Live::Off,
+            Ok(_) => Live::On,
+        }
+    }
+
+    fn prints(self, tracing: bool) -> bool {
+        match self {
+            Live::Default => !tracing,
+            Live::On => true,
+            Live::Off => false,
+        }
+    }
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
@@ -88,7 +160,7 @@ fn init_state(g: &mut Option<State>) -> &mut State {
         watches: Vec::new(),
         next_region: 1,
         seq: 0,
-        live: std::env::var("MEMWATCH_LIVE").map(|v| v != "0").unwrap_or(true),
+        live: Live::from_env(),
         callbacks: Vec::new(),
         history: VecDeque::new(),
         max_history: 100_000,
@@ -229,13 +301,27 @@ fn attributed_frames(py: Python<'_>, last: (usize, u32)) -> Vec<FrameRef> {
 /// Walks out only as far as that frame, building nothing on the way: it
 /// runs at every return of in-scope code.
 pub(crate) fn innermost_in_scope(py: Python<'_>, skip_current: bool) -> (usize, u32) {
+    innermost(py, skip_current, monitor::code_in_scope)
+}
+
+/// The innermost in-scope frame under the current one whose code may bind
+/// a watched variable (known to, or not yet known not to), and its line.
+fn innermost_binding_caller(py: Python<'_>) -> (usize, u32) {
+    innermost(py, true, |code| {
+        monitor::code_in_scope(code) && crate::vars::binds_watched(code) != Some(false)
+    })
+}
+
+/// The innermost frame (below the current one, with `skip_current`) whose
+/// code `wanted` accepts, and its line; `(0, 0)` when there is none.
+fn innermost(py: Python<'_>, skip_current: bool, wanted: impl Fn(usize) -> bool) -> (usize, u32) {
     let mut found = None;
     let mut skip = skip_current;
     crate::pyframes::walk(py, &mut |code, lasti| {
         if std::mem::take(&mut skip) {
             return true;
         }
-        if monitor::code_in_scope(code) {
+        if wanted(code) {
             found = Some((code, lasti));
             return false;
         }
@@ -270,7 +356,13 @@ pub fn at_boundary(py: Python<'_>, code: usize, line: u32, kind: Boundary) {
     match kind {
         Boundary::Line => LAST.with(|l| l.set((code, line))),
         Boundary::Return => {
-            let caller = innermost_in_scope(py, true);
+            let caller = if crate::vars::any() && !crate::objects::any() && !any_regions() {
+                // Only variables watched: the caller whose line a rebinding
+                // can belong to (code that binds none has its events off).
+                innermost_binding_caller(py)
+            } else {
+                innermost_in_scope(py, true)
+            };
             LAST.with(|l| l.set(caller));
         }
     }
@@ -279,30 +371,50 @@ pub fn at_boundary(py: Python<'_>, code: usize, line: u32, kind: Boundary) {
     }
 }
 
+/// Reports what changed in watched memory since the last check, then ends
+/// the watches of objects nothing but memwatch refers to any more.
 fn check_and_emit(py: Python<'_>, last: (usize, u32)) {
-    let raw = {
+    let collected = check_regions(py, last);
+    for id in collected {
+        // Already gone if a callback unwatched it meanwhile: nothing to do.
+        let _ = unwatch_region(py, id, UnwatchReason::Collected);
+    }
+}
+
+/// Reports what changed in watched memory since the last check; returns
+/// the regions whose objects only memwatch refers to (see [`Owner`]).
+fn check_regions(py: Python<'_>, last: (usize, u32)) -> Vec<u32> {
+    let (raw, collected) = {
         let mut g = state();
         let Some(st) = g.as_mut() else {
-            crate::fastline::refresh(py, None, crate::fastline::generation());
-            return;
+            crate::fastline::refresh(py, None, &[], crate::fastline::generation());
+            return Vec::new();
         };
         if st.watches.is_empty() {
-            crate::fastline::refresh(py, Some(&st.engine), crate::fastline::generation());
-            return;
+            crate::fastline::refresh(py, Some(&st.engine), &[], crate::fastline::generation());
+            return Vec::new();
         }
         let mut raw = Vec::new();
         if let Err(e) = st.engine.check(&mut raw) {
             drop(g);
             PyErr::new::<MemwatchError, _>(format!("memwatch: checking watched memory failed: {e}"))
                 .write_unraisable(py, None);
-            return;
+            return Vec::new();
         }
-        crate::fastline::refresh(py, Some(&st.engine), crate::fastline::generation());
-        raw
+        let collected: Vec<u32> = st
+            .watches
+            .iter()
+            .filter(|w| w.owner.is_some_and(Owner::unreferenced))
+            .map(|w| w.id)
+            .collect();
+        let owners: Vec<Owner> = st.watches.iter().filter_map(|w| w.owner).collect();
+        crate::fastline::refresh(py, Some(&st.engine), &owners, crate::fastline::generation());
+        (raw, collected)
     };
     if !raw.is_empty() {
         emit(py, raw, last);
     }
+    collected
 }
 
 thread_local! {
@@ -513,10 +625,10 @@ fn deliver(
     change: Change,
     callbacks: Vec<Py<PyAny>>,
     tracing: bool,
-    live: bool,
+    live: Live,
     max_history: usize,
 ) {
-    let report = (callbacks.is_empty() && !tracing && live).then(|| change.report());
+    let report = (callbacks.is_empty() && live.prints(tracing)).then(|| change.report());
     if report.is_none() && callbacks.is_empty() && max_history == 0 {
         // Nobody sees the change as an object: the trace (if any) has it.
         return;
@@ -795,7 +907,7 @@ pub fn _store_stats() -> std::collections::HashMap<&'static str, u64> {
 /// Starts watching. Called by `memwatch.watch` after it resolved the
 /// arguments; see its docstring.
 #[pyfunction]
-#[pyo3(signature = (obj, address, size, tag, variable, dtype, shape, keepalive, bytes_like, mode="line"))]
+#[pyo3(signature = (obj, address, size, tag, variable, dtype, shape, keepalive, bytes_like, mode="line", owner=None, memory_owner=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn _watch(
     py: Python<'_>,
@@ -809,6 +921,8 @@ pub fn _watch(
     keepalive: Vec<Py<PyAny>>,
     bytes_like: bool,
     mode: &str,
+    owner: Option<&Bound<'_, PyAny>>,
+    memory_owner: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<WatchHandle> {
     let store = match mode {
         "line" => false,
@@ -822,6 +936,8 @@ pub fn _watch(
     if tag.is_empty() {
         return Err(PyValueError::new_err("name must not be empty"));
     }
+    // A watch whose object is gone frees its name first.
+    check_and_emit(py, LAST.with(|l| l.get()));
     if with_state(|st| st.watches.iter().any(|w| &*w.tag == tag.as_str())) {
         return Err(PyValueError::new_err(format!(
             "a region named '{tag}' is already watched; pass another name= or unwatch it first"
@@ -918,6 +1034,13 @@ pub fn _watch(
     if let Some(o) = obj {
         keep.push(o.clone().unbind());
     }
+    if let Some(m) = memory_owner {
+        keep.push(m.clone().unbind());
+    }
+    let owner = owner.or(obj).map(|o| Owner {
+        obj: held_of(py, o, &keep, pinned.as_ref()),
+        memory: memory_owner.map(|m| held_of(py, m, &keep, pinned.as_ref())),
+    });
     let tag_arc: Arc<str> = tag.as_str().into();
     let variable_arc: Option<Arc<str>> = variable.as_deref().map(Into::into);
     let mask = view_mask(&span.layout, span.len);
@@ -975,6 +1098,7 @@ pub fn _watch(
             pinned: pinned.take(),
             keepalive: std::mem::take(&mut keep),
             obj_id,
+            owner,
         });
         Ok(handle)
     });
@@ -996,9 +1120,41 @@ pub fn _watch(
     Ok(handle)
 }
 
+/// `owner` and the references to it that a watch holding `keep` and the
+/// export `pinned` has: direct ones, and a kept array's `.base` (a view of
+/// it). Counting fewer than there are only keeps a dead watch alive (a
+/// memoryview's exporter, referred to through its managed buffer, is one);
+/// every one counted is really held, so a live object is never taken for
+/// a dead one.
+fn held_of(py: Python<'_>, owner: &Bound<'_, PyAny>, keep: &[Py<PyAny>], pinned: Option<&Pinned>) -> Held {
+    let me = owner.as_ptr();
+    let mut held = keep.iter().filter(|k| k.as_ptr() == me).count() as isize;
+    let mut holders: Vec<*mut ffi::PyObject> = keep.iter().map(|k| k.as_ptr()).filter(|&p| p != me).collect();
+    if let Some(p) = pinned {
+        if p.0.obj == me {
+            held += 1;
+        } else if !p.0.obj.is_null() {
+            holders.push(p.0.obj);
+        }
+    }
+    holders.sort_unstable();
+    holders.dedup();
+    for h in holders {
+        // SAFETY: `keep` or the export holds each of these; GIL held.
+        let h = unsafe { Bound::<PyAny>::from_borrowed_ptr(py, h) };
+        if guarded(|| h.getattr("base")).is_ok_and(|b| b.is(owner)) {
+            held += 1;
+        }
+    }
+    Held {
+        ptr: me as usize,
+        held,
+    }
+}
+
 fn unwatch_region(py: Python<'_>, region: u32, reason: UnwatchReason) -> PyResult<()> {
     let last = LAST.with(|l| l.get());
-    check_and_emit(py, last);
+    let _ = check_regions(py, last);
     let stack = attributed_stack(py, innermost_in_scope(py, false));
     let tname = thread_name(py);
     let (watch, now_empty) = with_state(|st| {
@@ -1115,7 +1271,7 @@ pub fn _configure<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let (live, max_history, max_history_bytes) = with_state(|st| {
         if let Some(l) = live {
-            st.live = l;
+            st.live = if l { Live::On } else { Live::Off };
         }
         if let Some(m) = max_history {
             st.max_history = m;
@@ -1129,7 +1285,7 @@ pub fn _configure<'py>(
                 None => break,
             }
         }
-        (st.live, st.max_history, st.max_history_bytes)
+        (st.live != Live::Off, st.max_history, st.max_history_bytes)
     });
     let d = PyDict::new(py);
     d.set_item("live", live)?;
@@ -1194,6 +1350,15 @@ pub fn _start(
     let new = py
         .detach(|| TraceSink::create(&path, meta))
         .map_err(crate::errors::trace_error)?;
+    if let Some(why) = new.journal_error() {
+        py.import("warnings")?.getattr("warn")?.call1((
+            format!(
+                "memwatch: recording without a journal ({why}): if the program dies, \
+                 its last changes (up to half a second) are lost"
+            ),
+            py.get_type::<pyo3::exceptions::PyRuntimeWarning>(),
+        ))?;
+    }
     let last = LAST.with(|l| l.get());
     check_and_emit(py, last);
     let stack = attributed_stack(py, innermost_in_scope(py, false));
@@ -1246,7 +1411,7 @@ pub fn _shutdown(py: Python<'_>) -> PyResult<()> {
     let ids: Vec<u32> = with_state(|st| st.watches.iter().map(|w| w.id).collect());
     let last = LAST.with(|l| l.get());
     crate::objects::shutdown(py, last);
-    check_and_emit(py, last);
+    let _ = check_regions(py, last);
     for id in ids {
         unwatch_region(py, id, UnwatchReason::Shutdown)?;
     }

@@ -8,8 +8,9 @@
 //! is watched, no object change waits in the queue and compared objects
 //! still hold what they held (checked in place), the `Compare`-tracked
 //! regions' bytes are what the last check left and the process took no page
-//! fault since the page-tracked ones were last scanned, all of that reduces
-//! to "remember this line".
+//! fault since the page-tracked ones were last scanned, and every watched
+//! object is still referred to by something besides memwatch, all of that
+//! reduces to "remember this line".
 //! [`line_unchanged`] decides that without the lock, from a copy of the
 //! regions' shadows taken by [`refresh`].
 //!
@@ -40,6 +41,7 @@ use std::sync::OnceLock;
 use pyo3::ffi;
 use pyo3::prelude::*;
 
+use crate::api::Owner;
 use crate::engine::{Engine, Tracking};
 use crate::monitor::{GUARD, LAST};
 
@@ -70,6 +72,10 @@ struct Fast {
     /// With page-tracked regions: the process's fault count the engine's
     /// last scan read (an equal count now means no page was written).
     faults: Option<u64>,
+    /// Watched objects and the references memwatch holds to each: one
+    /// that only memwatch still refers to sends the line to a full check,
+    /// which ends its watch.
+    owners: Vec<Owner>,
 }
 
 /// State only touched with the GIL held.
@@ -95,16 +101,19 @@ static FAST: GilCell = GilCell(UnsafeCell::new(Fast {
     generation: 0,
     regions: Vec::new(),
     faults: None,
+    owners: Vec::new(),
 }));
 
 /// Copies the engine's shadows for the fast path, right after a check,
 /// under the state lock (`None`: no engine yet, nothing watched). Leaves no
 /// usable copy when the engine tracks anything the fast path cannot check
 /// (stores, pages not scanned yet).
-pub(crate) fn refresh(py: Python<'_>, engine: Option<&Engine>, generation: u64) {
+pub(crate) fn refresh(py: Python<'_>, engine: Option<&Engine>, owners: &[Owner], generation: u64) {
     // SAFETY: GIL held; no other reference is alive (see `line_unchanged`).
     let fast = unsafe { FAST.get(py) };
     fast.generation = 0;
+    fast.owners.clear();
+    fast.owners.extend_from_slice(owners);
     let Some(engine) = engine else {
         fast.regions.clear();
         fast.faults = None;
@@ -177,9 +186,18 @@ fn buffers_unchanged(py: Python<'_>) -> bool {
     });
     // Page-tracked regions: the engine's own test (see `Engine::check`).
     compared_equal
+        && fast.owners.iter().all(|o| !o.unreferenced())
         && fast
             .faults
             .is_none_or(|f| crate::kernel::process_faults() == Some(f))
+}
+
+/// True when no buffer is watched, as the current copy says (call right
+/// after [`buffers_unchanged`] said yes, so that the copy is current).
+fn no_buffers(py: Python<'_>) -> bool {
+    // SAFETY: GIL held; the reference does not outlive this function.
+    let fast = unsafe { FAST.get(py) };
+    fast.generation == GEN.load(Ordering::Relaxed) && fast.regions.is_empty() && fast.faults.is_none()
 }
 
 /// The full `LINE` callback (`monitor::_mon_line`), called for whatever the
@@ -209,11 +227,23 @@ unsafe extern "C" fn line_fast(
                 crate::objects::flush(py, LAST.with(|l| l.get()));
             }
             // Watched variables: the line moves on here only if the frame
-            // still binds what was seen at its last check.
-            if !crate::vars::any() || crate::vars::line_unchanged(py, code as usize) {
-                LAST.with(|l| l.set((code as usize, line as u32)));
-                // SAFETY: returning a new reference to None.
-                return unsafe { ffi::Py_NewRef(ffi::Py_None()) };
+            // still binds what was seen at its last check. With nothing but
+            // variables watched, a line of code that binds none of them
+            // must not become the thread's last line: a rebinding belongs
+            // to the frame that made it, and this code's return will not be
+            // seen (its events are switched off). The full callback
+            // switches this line's event off without moving the line.
+            let vars = crate::vars::any();
+            if !vars || crate::vars::line_unchanged(py, code as usize) {
+                let passive = vars
+                    && !crate::objects::any()
+                    && no_buffers(py)
+                    && crate::vars::binds_watched(code as usize) == Some(false);
+                if !passive {
+                    LAST.with(|l| l.set((code as usize, line as u32)));
+                    // SAFETY: returning a new reference to None.
+                    return unsafe { ffi::Py_NewRef(ffi::Py_None()) };
+                }
             }
         }
         // SAFETY: GIL held; clears the conversion error, if any.

@@ -369,6 +369,12 @@ fn relevant_map() -> MutexGuard<'static, Option<AddrMap<usize, bool>>> {
     RELEVANT.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Whether the code at `code` binds a watched variable, when that is
+/// known already (one lookup, no Python code).
+pub fn binds_watched(code: usize) -> Option<bool> {
+    relevant_map().as_ref().and_then(|m| m.get(&code).copied())
+}
+
 /// True while a variable is watched.
 pub fn any() -> bool {
     ANY.load(Ordering::Relaxed)
