@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -369,30 +370,72 @@ def rows_line(text: str) -> int:
     return next(i for i, s in enumerate(TRAIN.read_text().splitlines(), 1) if s.strip() == text)
 
 
-def test_a_full_disk_stops_recording_but_not_the_program(tmp_path):
-    # RLIMIT_FSIZE makes writes past 1.5 MB fail (EFBIG), as a full disk would.
-    p = script(
-        tmp_path,
-        """
-        import resource, signal, numpy as np, memwatch
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1_500_000, 1_500_000))
-        a = np.zeros(64 * 1024, dtype=np.uint8)
-        memwatch.watch(a, name="a")
-        for i in range(60):
-            a[:] = np.random.default_rng(i).integers(0, 255, a.size, dtype=np.uint8)
-        print("program finished")
-        """,
-    )
-    r = mw("record", "-o", "t.mwt", sys.executable, str(p), cwd=tmp_path, check=False)
-    assert r.returncode == 0, r.stderr
+FULL_DISK_PROGRAM = """
+import os, resource, signal, sys, numpy as np, memwatch
+snaps = sys.argv[1]
+if sys.argv[2] == "ulimit":
+    # Default SIGXFSZ (CPython ignores it at start-up): memwatch must never
+    # make the kernel send it.
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1_500_000, 1_500_000))
+a = np.zeros(64 * 1024, dtype=np.uint8)
+memwatch.watch(a, name="a")
+for i in range(60):
+    a[:] = np.random.default_rng(i).integers(0, 255, a.size, dtype=np.uint8)
+    np.save(os.path.join(snaps, f"step{i}.npy"), a)
+print("program finished")
+sys.exit(7)
+"""
+
+
+def check_stopped_recording(r, trace: Path, snaps: Path, why: str):
+    # The program ran to its end with its own exit status; one warning.
+    assert r.returncode == 7, r.stderr
     assert r.stdout.strip() == "program finished"
-    assert "recording stopped early" in r.stderr and "events were not recorded" in r.stderr
-    info = memwatch.trace_info(tmp_path / "t.mwt")
-    assert info["tail"] == "unclosed" and info["chunks"] >= 1  # clean up to the last whole chunk
-    rows = [json.loads(x) for x in mw("query", "t.mwt", "--format", "jsonl", cwd=tmp_path).stdout.splitlines()]
+    assert r.stderr.count("memwatch: warning: recording stopped: ") == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    d = trace.parent
+    for cmd in ("summary", "query"):
+        out = mw(cmd, str(trace), cwd=d)
+        m = re.search(rf"recording stopped at (\d+\.\d+) s: {re.escape(why)}, after seq (\d+); (\d+) later events were not recorded", out.stderr)
+        assert m, (cmd, out.stderr)
+    stop_seq, lost = int(m.group(2)), int(m.group(3))
+    rows = [json.loads(x) for x in mw("query", str(trace), "--format", "jsonl", cwd=d).stdout.splitlines()]
     seqs = [row["seq"] for row in rows]
+    # Everything that fitted is there, in order, up to the stop.
     assert 0 < len(seqs) < 60 and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    # Lost events: the changes not recorded, and the watch's end at exit
+    # (and its last checkpoint).
+    assert seqs[-1] == stop_seq and 60 - len(seqs) <= lost <= 60 - len(seqs) + 2
+    t = memwatch.open_trace(trace)
+    for k in (0, len(seqs) - 1):
+        assert np.array_equal(t.state("a", at=seqs[k]), np.load(snaps / f"step{k}.npy")), k
+
+
+def test_a_file_size_limit_stops_recording_but_not_the_program(tmp_path):
+    p = script(tmp_path, FULL_DISK_PROGRAM)
+    snaps = tmp_path / "snaps"
+    snaps.mkdir()
+    r = mw("record", "-o", "t.mwt", sys.executable, str(p), str(snaps), "ulimit", cwd=tmp_path, check=False)
+    check_stopped_recording(r, tmp_path / "t.mwt", snaps, "file size limit reached (ulimit -f)")
+
+
+def test_a_full_disk_stops_recording_but_not_the_program(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs to fill (running as uid %d)" % os.geteuid())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(disk)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        p = script(tmp_path, FULL_DISK_PROGRAM)
+        snaps = tmp_path / "snaps"
+        snaps.mkdir()
+        r = mw("record", "-o", str(disk / "t.mwt"), sys.executable, str(p), str(snaps), "disk", cwd=tmp_path, check=False)
+        check_stopped_recording(r, disk / "t.mwt", snaps, "no space left on device")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_a_missing_program_or_script_says_so_and_leaves_no_file(tmp_path):

@@ -276,11 +276,37 @@ fn last_chunk_at_or_before(chunks: &[ChunkInfo], first: usize, target: u64) -> u
 /// region's worth of changes.
 pub fn state(reader: &TraceReader, tag: &str, at: Option<u64>) -> Result<State> {
     let (region, target, first_chunk) = region_at(reader, tag, at)?;
+    let mut limit = target;
+    loop {
+        let (start, snap_seq) = nearest_snapshot(reader, &region, first_chunk, limit)?
+            .unwrap_or((first_chunk, region.watched_seq));
+        let (data, replayed, covered) = rebuild(reader, &region, start, snap_seq, target)?;
+        if covered >= region.len || snap_seq <= region.watched_seq {
+            return Ok(State {
+                region,
+                at_seq: target,
+                data,
+                from_snapshot: snap_seq,
+                replayed,
+            });
+        }
+        // A checkpoint whose contents did not all reach the trace (recording
+        // stopped while they were written): rebuild from the one before.
+        limit = snap_seq - 1;
+    }
+}
+
+/// The chunk and seq of the region's nearest snapshot (a checkpoint, or its
+/// initial contents) at or before `limit`, walking back from the chunk that
+/// holds `limit`.
+fn nearest_snapshot(
+    reader: &TraceReader,
+    region: &RegionInfo,
+    first_chunk: usize,
+    limit: u64,
+) -> Result<Option<(usize, u64)>> {
     let chunks = reader.chunks();
-    let k = last_chunk_at_or_before(chunks, first_chunk, target);
-    // Walk back to the nearest snapshot at or before the target.
-    let mut snapshot: Option<(usize, u64)> = None;
-    let mut j = k;
+    let mut j = last_chunk_at_or_before(chunks, first_chunk, limit);
     loop {
         let chunk = decode_unless_contents(reader, &chunks[j])?;
         let mut best: Option<u64> = None;
@@ -290,23 +316,33 @@ pub fn state(reader: &TraceReader, tag: &str, at: Option<u64>) -> Result<State> 
                 Record::RegionWatched(r) if r.region == region.region => r.seq,
                 _ => continue,
             };
-            if s <= target {
+            if s <= limit {
                 best = Some(best.map_or(s, |b: u64| b.max(s)));
             }
         }
         if let Some(s) = best {
-            snapshot = Some((j, s));
-            break;
+            return Ok(Some((j, s)));
         }
         if j == first_chunk {
-            break;
+            return Ok(None);
         }
         j -= 1;
     }
-    let (start, snap_seq) = snapshot.unwrap_or((first_chunk, region.watched_seq));
+}
+
+/// The region's contents at `target`: the snapshot taken at `snap_seq`
+/// (from chunk `start` on), then every change after it. Also returns how
+/// many changes were replayed and how many bytes the snapshot covered.
+fn rebuild(
+    reader: &TraceReader,
+    region: &RegionInfo,
+    start: usize,
+    snap_seq: u64,
+    target: u64,
+) -> Result<(Vec<u8>, u64, u64)> {
     let mut data = vec![0u8; region.len as usize];
-    let mut replayed = 0;
-    'chunks: for info in &chunks[start..] {
+    let (mut replayed, mut covered) = (0, 0u64);
+    'chunks: for info in &reader.chunks()[start..] {
         let chunk = reader.decode_chunk(info)?;
         for rec in chunk.records() {
             match rec? {
@@ -315,6 +351,7 @@ pub fn state(reader: &TraceReader, tag: &str, at: Option<u64>) -> Result<State> 
                     let end = (off + c.data.len()).min(data.len());
                     if off < end {
                         data[off..end].copy_from_slice(&c.data[..end - off]);
+                        covered += (end - off) as u64;
                     }
                 }
                 Record::Change(c) if c.region == region.region => {
@@ -340,13 +377,7 @@ pub fn state(reader: &TraceReader, tag: &str, at: Option<u64>) -> Result<State> 
             }
         }
     }
-    Ok(State {
-        region,
-        at_seq: target,
-        data,
-        from_snapshot: snap_seq,
-        replayed,
-    })
+    Ok((data, replayed, covered))
 }
 
 /// Every index of an array of `shape`, in C order (last dimension fastest).

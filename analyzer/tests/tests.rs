@@ -420,3 +420,53 @@ fn contents_only_chunks_are_skipped_by_scans_and_used_by_state() {
     let last = writes_to(&r, "big", off as u64, off as u64 + 1, None).unwrap();
     assert_eq!(last.last().map(|c| c.seq), Some(2000));
 }
+
+#[test]
+fn a_checkpoint_whose_contents_were_cut_off_is_passed_over() {
+    // Recording stopped while a checkpoint's contents were written: the
+    // checkpoint record is there, part of its contents is not. The state
+    // at and after it is rebuilt from the snapshot before.
+    use memwatch_format::*;
+    let mut w = TraceWriter::new(Vec::new(), "cut.mwt", &Meta::default(), WriterOptions::default()).unwrap();
+    let frame = w.intern_frame("prog.py", "main", 3).unwrap();
+    let ctx = |seq: u64| main_ctx(seq * 1_000, frame);
+    w.append(&Record::RegionWatched(RegionWatched {
+        seq: 1,
+        ctx: ctx(1),
+        region: 1,
+        tag: "a",
+        variable: None,
+        address: 0x1000,
+        len: 8,
+        layout: Layout::default(),
+    }))
+    .unwrap();
+    w.append_contents(1, 1, &[0; 8]).unwrap();
+    w.append(&Record::Change(Change {
+        seq: 2,
+        ctx: ctx(2),
+        region: 1,
+        ranges: vec![ByteRange {
+            offset: 0,
+            old: &[0; 8],
+            new: &[7; 8],
+        }],
+    }))
+    .unwrap();
+    w.append(&Record::Checkpoint(Checkpoint { region: 1, at_seq: 2 }))
+        .unwrap();
+    // Only the first half of the checkpoint's contents made it.
+    w.append(&Record::Contents(Contents {
+        region: 1,
+        at_seq: 2,
+        offset: 0,
+        data: &[7; 4],
+    }))
+    .unwrap();
+    w.flush().unwrap();
+    let bytes = w.into_output();
+    let r = TraceReader::from_bytes(bytes, "cut.mwt").unwrap();
+    let st = memwatch_analyzer::state(&r, "a", Some(2)).unwrap();
+    assert_eq!(st.data, vec![7; 8]);
+    assert_eq!((st.from_snapshot, st.replayed), (1, 1));
+}

@@ -24,7 +24,11 @@
 //! | 12 | 4 | reserved, 0 |
 //! | 16 | 8 | chunk: the index the pending records will have among the trace's records chunks |
 //! | 24 | 8 | committed: the length of the whole records that follow the header |
-//! | 32 | 32 | reserved, 0 |
+//! | 32 | 8 | stop: the last seq recorded before recording stopped |
+//! | 40 | 8 | stop: when, nanoseconds since the Unix epoch |
+//! | 48 | 8 | stop: events not recorded after it (as counted when the writer closed) |
+//! | 56 | 4 | stop: the error (`errno`) that stopped it |
+//! | 60 | 4 | stop: 1 once the fields above are set, else 0 |
 //! | 64 | committed | records, postcard-encoded one after another, as in a chunk's raw payload |
 //!
 //! Commit order, so that a process that dies between any two stores
@@ -36,7 +40,10 @@
 //!
 //! The file's blocks are allocated (`posix_fallocate`) before they are
 //! mapped, so a full disk is an error when the journal grows, never a
-//! `SIGBUS` when a record is copied in.
+//! `SIGBUS` when a record is copied in. For the same reason the journal is
+//! where a writer that can no longer write the trace (a full disk, a file
+//! size limit) notes that recording stopped, after which seq, when and why:
+//! readers turn that into a `Lost` record at the end of what they read.
 //!
 //! Nothing here runs in signal context; the writer's owner serialises all
 //! calls.
@@ -59,6 +66,11 @@ const INITIAL_LEN: usize = 256 << 10;
 
 const CHUNK_AT: usize = 16;
 const COMMITTED_AT: usize = 24;
+const STOP_SEQ_AT: usize = 32;
+const STOP_TIME_AT: usize = 40;
+const STOP_LOST_AT: usize = 48;
+const STOP_ERRNO_AT: usize = 56;
+const STOP_SET_AT: usize = 60;
 
 /// The journal of `trace`: `<trace>.journal`.
 pub fn journal_path(trace: &Path) -> PathBuf {
@@ -131,8 +143,27 @@ impl Journal {
         self.committed = 0;
     }
 
+    /// Notes that recording stopped after `after_seq` at `unix_ns` because
+    /// of `errno`. The journal's blocks are allocated: this cannot fail.
+    pub fn mark_stopped(&mut self, after_seq: u64, unix_ns: u64, errno: i32) {
+        self.map[STOP_SEQ_AT..STOP_SEQ_AT + 8].copy_from_slice(&after_seq.to_le_bytes());
+        self.map[STOP_TIME_AT..STOP_TIME_AT + 8].copy_from_slice(&unix_ns.to_le_bytes());
+        self.map[STOP_ERRNO_AT..STOP_ERRNO_AT + 4].copy_from_slice(&errno.to_le_bytes());
+        std::sync::atomic::fence(Ordering::Release);
+        self.map[STOP_SET_AT..STOP_SET_AT + 4].copy_from_slice(&1u32.to_le_bytes());
+    }
+
+    /// Notes how many events went unrecorded after the stop.
+    pub fn note_lost(&mut self, events: u64) {
+        self.map[STOP_LOST_AT..STOP_LOST_AT + 8].copy_from_slice(&events.to_le_bytes());
+    }
+
     fn grow(&mut self, needed: usize) -> io::Result<()> {
         let len = needed.next_power_of_two().max(self.map.len() * 2);
+        if file_size_limit().is_some_and(|limit| len as u64 > limit) {
+            // Past the limit the kernel would also send SIGXFSZ.
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
         allocate(&self.file, len)?;
         // SAFETY: as in `create`; the old map is dropped on assignment,
         // after the new one covers the same bytes.
@@ -146,6 +177,20 @@ impl Journal {
         drop(self);
         std::fs::remove_file(path)
     }
+}
+
+/// The process's file size limit (`RLIMIT_FSIZE`, `ulimit -f`) in bytes,
+/// if it has one. Writers check it before they write, so that going past
+/// it is an error (`EFBIG`), never the `SIGXFSZ` that would kill a program
+/// that did not ignore it.
+pub fn file_size_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we pass.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut r) } == 0;
+    (ok && r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur)
 }
 
 /// Makes `file` `len` bytes long with its blocks allocated.
@@ -165,6 +210,35 @@ pub struct Pending {
     pub chunk: u64,
     /// The committed records' bytes.
     pub records: Vec<u8>,
+    /// Set when the writer could no longer write the trace.
+    pub stopped: Option<Stop>,
+}
+
+/// Why and when a writer stopped writing its trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stop {
+    /// The last seq recorded.
+    pub after_seq: u64,
+    /// When, in nanoseconds since the Unix epoch.
+    pub unix_ns: u64,
+    /// Events not recorded after it.
+    pub lost: u64,
+    /// The error that stopped it.
+    pub errno: i32,
+}
+
+impl Stop {
+    /// Why, for people: "no space left on device", "file size limit
+    /// reached (ulimit -f)", or the system's words for other errors.
+    pub fn reason(&self) -> String {
+        match self.errno {
+            libc::ENOSPC => "no space left on device".into(),
+            libc::EDQUOT => "disk quota exceeded".into(),
+            libc::EFBIG => "file size limit reached (ulimit -f)".into(),
+            libc::ENOENT | libc::ESTALE => "the trace's directory is gone".into(),
+            e => io::Error::from_raw_os_error(e).to_string(),
+        }
+    }
 }
 
 /// Reads the journal at `path` if it belongs to the trace whose header
@@ -182,9 +256,17 @@ pub fn read(path: &Path, header_crc: u32) -> Option<Pending> {
     let committed = usize::try_from(u64_at(COMMITTED_AT)).ok()?;
     let end = JOURNAL_HEADER_LEN.checked_add(committed)?;
     let records = bytes.get(JOURNAL_HEADER_LEN..end)?.to_vec();
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    let stopped = (u32_at(STOP_SET_AT) == 1).then(|| Stop {
+        after_seq: u64_at(STOP_SEQ_AT),
+        unix_ns: u64_at(STOP_TIME_AT),
+        lost: u64_at(STOP_LOST_AT),
+        errno: u32_at(STOP_ERRNO_AT) as i32,
+    });
     Some(Pending {
         chunk: u64_at(CHUNK_AT),
         records,
+        stopped,
     })
 }
 
@@ -192,7 +274,8 @@ pub fn read(path: &Path, header_crc: u32) -> Option<Pending> {
 /// into the trace itself, as its last chunk (replacing a partial chunk the
 /// writer was cut off in), then removes the journal: the trace holds
 /// everything on its own and can be copied alone. Returns how many records
-/// moved (`None`: there was nothing to move). A journal whose records
+/// moved (`None`: none; a note that recording stopped may still have moved,
+/// as a `Lost` record). A journal whose records
 /// already reached the trace is removed too. A closed trace is left as it
 /// is.
 ///
@@ -208,13 +291,14 @@ pub fn fold(trace: &Path) -> crate::Result<Option<u32>> {
         path: path.to_path_buf(),
         source,
     };
-    let Some((n, _)) = reader.recovered() else {
+    if !reader.last_chunk_from_journal() {
         let header_crc = crc32fast::hash(&reader.bytes()[..reader.header().len as usize]);
         if read(&jpath, header_crc).is_some() {
             std::fs::remove_file(&jpath).map_err(|e| io(&jpath, e))?;
         }
         return Ok(None);
-    };
+    }
+    let n = reader.recovered().map_or(0, |(n, _)| n);
     let last = *reader.chunks().last().expect("a recovered chunk");
     let chunk = &reader.bytes()[last.offset as usize..(last.offset + last.header.total_len()) as usize];
     let mut file = std::fs::OpenOptions::new()
@@ -228,7 +312,7 @@ pub fn fold(trace: &Path) -> crate::Result<Option<u32>> {
         .and_then(|()| file.sync_data())
         .map_err(|e| io(trace, e))?;
     std::fs::remove_file(&jpath).map_err(|e| io(&jpath, e))?;
-    Ok(Some(n))
+    Ok((n > 0).then_some(n))
 }
 
 #[cfg(test)]
@@ -267,6 +351,25 @@ mod tests {
         assert_eq!((p.chunk, &p.records[..]), (1, &b"new!"[..]));
         j.remove().unwrap();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_stop_is_noted_with_its_seq_time_and_reason() {
+        let dir = tempdir();
+        let path = dir.join("t.mwt.journal");
+        let mut j = Journal::create(&path, 5, 2).unwrap();
+        j.append(b"r").unwrap();
+        assert_eq!(read(&path, 5).unwrap().stopped, None);
+        j.mark_stopped(41, 1_000, libc::ENOSPC);
+        j.note_lost(19);
+        let stop = read(&path, 5).unwrap().stopped.unwrap();
+        assert_eq!((stop.after_seq, stop.unix_ns, stop.lost), (41, 1_000, 19));
+        assert_eq!(stop.reason(), "no space left on device");
+        let big = Stop {
+            errno: libc::EFBIG,
+            ..stop
+        };
+        assert_eq!(big.reason(), "file size limit reached (ulimit -f)");
     }
 
     fn tempdir() -> PathBuf {

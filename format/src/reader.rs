@@ -67,6 +67,12 @@ pub struct TraceReader {
     tail: Tail,
     /// Records read from the journal of an unclosed trace, and its path.
     recovered: Option<(u32, PathBuf)>,
+    /// Recording stopped early: after which seq, how many events were lost
+    /// and why (the last chunk's `Lost` record).
+    stopped: Option<(u64, u64, String)>,
+    /// The last chunk was made from the journal (records, or the note that
+    /// recording stopped).
+    journal_chunk: bool,
 }
 
 impl std::fmt::Debug for TraceReader {
@@ -114,6 +120,7 @@ impl TraceReader {
         let mut reader = TraceReader::from_source(path.to_path_buf(), src)?;
         if reader.tail != Tail::Closed {
             reader.add_journal(&crate::journal::journal_path(path));
+            reader.find_stop();
         }
         Ok(reader)
     }
@@ -129,12 +136,15 @@ impl TraceReader {
         let Some(pending) = crate::journal::read(journal, header_crc) else {
             return;
         };
-        if pending.chunk != self.chunks.len() as u64 {
-            return;
-        }
+        // Records that already reached the trace are not read again.
+        let usable = if pending.chunk == self.chunks.len() as u64 {
+            &pending.records[..]
+        } else {
+            &[][..]
+        };
         // Whole records only (the journal commits whole ones; this is
         // belt and braces), counted and their seqs found.
-        let (mut rest, mut count, mut first, mut last) = (&pending.records[..], 0u32, NO_SEQ, NO_SEQ);
+        let (mut rest, mut count, mut first, mut last) = (usable, 0u32, NO_SEQ, NO_SEQ);
         while !rest.is_empty() && count < u32::MAX {
             let Ok((rec, tail)) = postcard::take_from_bytes::<Record<'_>>(rest) else {
                 break;
@@ -148,10 +158,27 @@ impl TraceReader {
             count += 1;
             rest = tail;
         }
-        let whole = &pending.records[..pending.records.len() - rest.len()];
+        let mut whole = usable[..usable.len() - rest.len()].to_vec();
+        let recovered = count;
+        if let Some(stop) = pending.stopped {
+            // The writer could not write the trace any more: say so where
+            // every reader looks, as the last record.
+            let at = stop.unix_ns.saturating_sub(self.header.meta.start_time_ns) as f64 / 1e9;
+            let reason = format!("recording stopped at {at:.3} s: {}", stop.reason());
+            let lost = Record::Lost(crate::record::Lost {
+                after_seq: stop.after_seq,
+                events: stop.lost,
+                reason: &reason,
+            });
+            if let Ok(b) = postcard::to_stdvec(&lost) {
+                whole.extend_from_slice(&b);
+                count += 1;
+            }
+        }
         if count == 0 || whole.len() > u32::MAX as usize {
             return;
         }
+        let whole = &whole[..];
         let end = self
             .chunks
             .last()
@@ -178,7 +205,39 @@ impl TraceReader {
             header,
         });
         self.src = Source::Bytes(joined);
-        self.recovered = Some((count, journal.to_path_buf()));
+        self.journal_chunk = true;
+        if recovered > 0 {
+            self.recovered = Some((recovered, journal.to_path_buf()));
+        }
+    }
+
+    /// Looks in the last chunk of an unclosed trace for the `Lost` record
+    /// of a writer that stopped early.
+    fn find_stop(&mut self) {
+        let Some(last) = self.chunks.last().copied() else {
+            return;
+        };
+        let Ok(chunk) = self.decode_chunk(&last) else {
+            return;
+        };
+        let mut found = None;
+        for rec in chunk.records() {
+            match rec {
+                Ok(Record::Lost(l)) => found = Some((l.after_seq, l.events, l.reason.to_string())),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        drop(chunk);
+        self.stopped = found;
+    }
+
+    /// When the writer stopped early (a full disk, a file size limit):
+    /// the last seq it recorded, how many events went unrecorded after it
+    /// (0 when not counted) and why, e.g. "recording stopped at 2.310 s:
+    /// no space left on device".
+    pub fn stopped(&self) -> Option<(u64, u64, &str)> {
+        self.stopped.as_ref().map(|(s, n, r)| (*s, *n, r.as_str()))
     }
 
     /// How many records came from the trace's journal (see
@@ -186,6 +245,12 @@ impl TraceReader {
     /// the trace, and the journal's path; `None` when none did.
     pub fn recovered(&self) -> Option<(u32, &Path)> {
         self.recovered.as_ref().map(|(n, p)| (*n, p.as_path()))
+    }
+
+    /// True when the last chunk was read from the trace's journal: records
+    /// that had not reached the trace, or the note that recording stopped.
+    pub fn last_chunk_from_journal(&self) -> bool {
+        self.journal_chunk
     }
 
     /// Reads a trace held in memory; `name` is used in messages.
@@ -205,6 +270,8 @@ impl TraceReader {
             trailer,
             tail,
             recovered: None,
+            stopped: None,
+            journal_chunk: false,
         })
     }
 
@@ -245,6 +312,22 @@ impl TraceReader {
     /// closed cleanly; otherwise "not closed cleanly: ..." or
     /// "truncated: N chunks read, M bytes ignored".
     pub fn tail_message(&self) -> Option<String> {
+        let stop = match &self.stopped {
+            Some((seq, lost, reason)) => {
+                let after = if *seq == NO_SEQ {
+                    "before the first event".to_string()
+                } else {
+                    format!("after seq {seq}")
+                };
+                let lost = match lost {
+                    0 => String::new(),
+                    1 => "; 1 later event was not recorded".to_string(),
+                    n => format!("; {n} later events were not recorded"),
+                };
+                format!("; {reason}, {after}{lost}")
+            }
+            None => String::new(),
+        };
         let from_journal = match &self.recovered {
             Some((n, p)) => format!(
                 "; the last {n} {} read from the journal {}",
@@ -255,13 +338,17 @@ impl TraceReader {
         };
         match self.tail {
             Tail::Closed => None,
+            Tail::Unclosed if self.stopped.is_some() => Some(format!(
+                "not closed cleanly: {} chunks read{from_journal}{stop}",
+                self.chunks.len()
+            )),
             Tail::Unclosed => Some(format!(
                 "not closed cleanly: {} chunks read, the recording ended without a trailer \
-                 (the process was killed or crashed){from_journal}",
+                 (the process was killed or crashed){from_journal}{stop}",
                 self.chunks.len()
             )),
             Tail::Truncated { bytes_ignored } => Some(format!(
-                "truncated: {} chunks read, {} bytes ignored{from_journal}",
+                "truncated: {} chunks read, {} bytes ignored{from_journal}{stop}",
                 self.chunks.len(),
                 bytes_ignored
             )),

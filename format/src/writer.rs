@@ -130,6 +130,9 @@ pub struct TraceWriter<W: Output = File> {
     header_crc: u32,
     /// Why a writer made by `create` has no journal.
     journal_error: Option<String>,
+    /// The process's file size limit when writing a file (`create`): a
+    /// chunk that would pass it fails with `EFBIG` before it is written.
+    size_limit: Option<u64>,
 }
 
 impl TraceWriter<File> {
@@ -147,6 +150,7 @@ impl TraceWriter<File> {
         let file = create_private(path).map_err(io)?;
         // Unbuffered: every chunk is one write of header and payload.
         let mut w = TraceWriter::new(file, path, meta, opts)?;
+        w.size_limit = crate::journal::file_size_limit();
         let jpath = journal_path(path);
         match Journal::create(&jpath, w.header_crc, 0) {
             Ok(j) => w.journal = Some(j),
@@ -219,6 +223,7 @@ impl<W: Output> TraceWriter<W> {
             closed: None,
             journal: None,
             journal_error: None,
+            size_limit: None,
             header_crc: crc32fast::hash(&header),
             path,
         })
@@ -283,6 +288,14 @@ impl<W: Output> TraceWriter<W> {
             self.flush_chunk()?;
         }
         Ok(())
+    }
+
+    /// After a failed write: notes in the journal how many events went
+    /// unrecorded since, for readers (see [`crate::journal`]).
+    pub fn note_lost(&mut self, events: u64) {
+        if let Some(j) = self.journal.as_mut() {
+            j.note_lost(events);
+        }
     }
 
     /// Why this writer, made by [`create`](TraceWriter::create), has no
@@ -462,8 +475,25 @@ impl<W: Output> TraceWriter<W> {
         let mut frame = Vec::with_capacity(CHUNK_HEADER_LEN + stored.len());
         frame.extend_from_slice(&header.encode());
         frame.extend_from_slice(&stored);
-        let res = out.write_all(&frame).and_then(|()| out.flush());
+        let past_limit = self
+            .size_limit
+            .is_some_and(|limit| self.offset + frame.len() as u64 > limit);
+        let res = if past_limit {
+            // The kernel would send SIGXFSZ, which kills a program that
+            // does not ignore it.
+            Err(std::io::Error::from_raw_os_error(libc::EFBIG))
+        } else {
+            out.write_all(&frame).and_then(|()| out.flush())
+        };
         if let Err(e) = res {
+            if let Some(j) = self.journal.as_mut() {
+                // The journal's blocks are allocated: noting the stop there
+                // works when the trace cannot be written.
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                j.mark_stopped(self.last_seq, now, e.raw_os_error().unwrap_or(libc::EIO));
+            }
             // Cut back to the last whole chunk so the trace reads cleanly
             // up to where recording stopped.
             let cut = match out.truncate_to(self.offset) {

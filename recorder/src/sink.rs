@@ -173,10 +173,22 @@ impl TraceSink {
         match f(self) {
             Ok(()) => self.last_seq = seq,
             Err(e) => {
-                self.failed = Some(e.to_string());
+                self.stopped(e.to_string());
                 self.lost += 1;
             }
         }
+    }
+
+    /// Recording stops here (the trace cannot be written): says so once,
+    /// now, on stderr; the program goes on. Readers learn after which seq,
+    /// when and why from the trace's journal.
+    fn stopped(&mut self, why: String) {
+        eprintln!(
+            "memwatch: warning: recording stopped: {why}; the program goes on, \
+             and its changes from here on are not recorded (the trace keeps \
+             everything up to here)"
+        );
+        self.failed = Some(why);
     }
 
     /// A region starts being watched: its description and initial contents.
@@ -301,7 +313,7 @@ impl TraceSink {
     pub fn flush_if_older(&mut self, age: Duration) {
         if self.failed.is_none() {
             if let Err(e) = self.writer.flush_if_older(age) {
-                self.failed = Some(e.to_string());
+                self.stopped(e.to_string());
             }
         }
     }
@@ -317,6 +329,7 @@ impl TraceSink {
             }));
         }
         if let Some(f) = self.failed {
+            self.writer.note_lost(self.lost);
             return Err(format!(
                 "recording stopped early: {f}; {} events were not recorded",
                 self.lost
