@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use memwatch_analyzer::{element_bytes, state, writes_to};
+use memwatch_analyzer::{element_bytes, shape_of, state, writes_to};
 use memwatch_format::TraceReader;
 
 use memwatch_analyzer::{ChangeRow, What};
@@ -78,11 +78,9 @@ pub struct Args {
     pub all: bool,
 }
 
-/// A shape as Python writes it: (8, 16), (5,); a region without one is
-/// its element count.
-fn shape_text(shape: &[u64], len: u64, itemsize: u32) -> String {
+/// A shape as Python writes it: (8, 16), (5,).
+fn shape_text(shape: &[u64]) -> String {
     match shape {
-        [] => format!("({},)", len / u64::from(itemsize.max(1))),
         [n] => format!("({n},)"),
         _ => {
             let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
@@ -105,14 +103,15 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
             (*o, o + 1, format!("byte {o}"))
         }
         (None, Some(idx), _) => {
-            let dims = region.shape.len().max(1);
+            let shape = shape_of(region);
+            let dims = shape.len();
             if idx.len() != dims {
                 let zeros = vec!["0"; dims].join(",");
                 bail!(
                     "{:?} has shape {} and needs {dims} {} (--index {zeros}); \
                      for an element by its flat index, use --flat-index N",
                     region.tag,
-                    shape_text(&region.shape, region.len, region.itemsize),
+                    shape_text(&shape),
                     if dims == 1 { "index" } else { "indices" },
                 );
             }

@@ -321,9 +321,7 @@ mod tests {
 
     #[test]
     fn appended_records_read_back_after_the_writer_is_gone() {
-        let dir = tempdir();
-        let path = dir.join("t.mwt.journal");
-        let mut j = Journal::create(&path, 7, 3).unwrap();
+        let (path, mut j) = new_journal(7, 3);
         j.append(b"abc").unwrap();
         j.append(&vec![9u8; 3 << 20]).unwrap(); // grows past the first size
         std::mem::forget(j); // as a killed process leaves it
@@ -341,9 +339,7 @@ mod tests {
 
     #[test]
     fn restart_forgets_the_records_and_names_the_next_chunk() {
-        let dir = tempdir();
-        let path = dir.join("t.mwt.journal");
-        let mut j = Journal::create(&path, 1, 0).unwrap();
+        let (path, mut j) = new_journal(1, 0);
         j.append(b"old").unwrap();
         j.restart(1);
         j.append(b"new!").unwrap();
@@ -355,9 +351,7 @@ mod tests {
 
     #[test]
     fn a_stop_is_noted_with_its_seq_time_and_reason() {
-        let dir = tempdir();
-        let path = dir.join("t.mwt.journal");
-        let mut j = Journal::create(&path, 5, 2).unwrap();
+        let (path, mut j) = new_journal(5, 2);
         j.append(b"r").unwrap();
         assert_eq!(read(&path, 5).unwrap().stopped, None);
         j.mark_stopped(41, 1_000, libc::ENOSPC);
@@ -370,6 +364,13 @@ mod tests {
             ..stop
         };
         assert_eq!(big.reason(), "file size limit reached (ulimit -f)");
+    }
+
+    /// A new journal in a directory of its own, and its path.
+    fn new_journal(header_crc: u32, chunk: u64) -> (PathBuf, Journal) {
+        let path = tempdir().join("t.mwt.journal");
+        let j = Journal::create(&path, header_crc, chunk).unwrap();
+        (path, j)
     }
 
     fn tempdir() -> PathBuf {

@@ -158,7 +158,19 @@ impl TraceReader {
             count += 1;
             rest = tail;
         }
-        let mut whole = usable[..usable.len() - rest.len()].to_vec();
+        let end = self
+            .chunks
+            .last()
+            .map(|c| c.offset + c.header.total_len())
+            .unwrap_or(self.header.len) as usize;
+        // The trace's whole chunks, a header for the new chunk (filled in
+        // below) and its payload: the journal's whole records, then a
+        // `Lost` record if the writer stopped.
+        let start = end + CHUNK_HEADER_LEN;
+        let mut joined = Vec::with_capacity(start + usable.len());
+        joined.extend_from_slice(&bytes[..end]);
+        joined.resize(start, 0);
+        joined.extend_from_slice(&usable[..usable.len() - rest.len()]);
         let recovered = count;
         if let Some(stop) = pending.stopped {
             // The writer could not write the trace any more: say so where
@@ -170,35 +182,27 @@ impl TraceReader {
                 events: stop.lost,
                 reason: &reason,
             });
-            if let Ok(b) = postcard::to_stdvec(&lost) {
-                whole.extend_from_slice(&b);
+            if postcard::to_io(&lost, &mut joined).is_ok() {
                 count += 1;
             }
         }
-        if count == 0 || whole.len() > u32::MAX as usize {
+        let payload = &joined[start..];
+        if count == 0 || payload.len() > u32::MAX as usize {
             return;
         }
-        let whole = &whole[..];
-        let end = self
-            .chunks
-            .last()
-            .map(|c| c.offset + c.header.total_len())
-            .unwrap_or(self.header.len);
         let header = ChunkHeader {
             kind: ChunkKind::Records,
             codec: Codec::Stored,
-            stored_len: whole.len() as u32,
-            raw_len: whole.len() as u32,
+            stored_len: payload.len() as u32,
+            raw_len: payload.len() as u32,
             record_count: count,
             first_seq: first,
             last_seq: last,
-            payload_crc: crc32fast::hash(whole),
+            payload_crc: crc32fast::hash(payload),
             contents_only: false,
         };
-        let mut joined = Vec::with_capacity(end as usize + CHUNK_HEADER_LEN + whole.len());
-        joined.extend_from_slice(&bytes[..end as usize]);
-        joined.extend_from_slice(&header.encode());
-        joined.extend_from_slice(whole);
+        joined[end..start].copy_from_slice(&header.encode());
+        let end = end as u64;
         self.chunks.push(ChunkInfo {
             index: self.chunks.len() as u64,
             offset: end,

@@ -47,11 +47,16 @@ fn options() -> WriterOptions {
     }
 }
 
+/// A writer of trace `name` in `d` (with its journal), and the trace's path.
+fn writer(d: &std::path::Path, name: &str) -> (PathBuf, TraceWriter) {
+    let path = d.join(name);
+    let w = TraceWriter::create(&path, &Meta::default(), options()).unwrap();
+    (path, w)
+}
+
 #[test]
 fn a_killed_writer_leaves_every_record_readable() {
-    let d = dir("killed");
-    let path = d.join("run.mwt");
-    let mut w = TraceWriter::create(&path, &Meta::default(), options()).unwrap();
+    let (path, mut w) = writer(&dir("killed"), "run.mwt");
     for seq in 1..=10_000 {
         w.append(&change(seq, seq as u8)).unwrap();
     }
@@ -68,9 +73,7 @@ fn a_killed_writer_leaves_every_record_readable() {
 
 #[test]
 fn a_writer_killed_in_the_middle_of_a_chunk_loses_nothing_either() {
-    let d = dir("partial");
-    let path = d.join("run.mwt");
-    let mut w = TraceWriter::create(&path, &Meta::default(), options()).unwrap();
+    let (path, mut w) = writer(&dir("partial"), "run.mwt");
     for seq in 1..=100 {
         w.append(&change(seq, 1)).unwrap();
     }
@@ -101,16 +104,14 @@ fn a_writer_killed_in_the_middle_of_a_chunk_loses_nothing_either() {
 #[test]
 fn a_closed_trace_has_no_journal_and_a_stale_one_is_ignored() {
     let d = dir("closed");
-    let path = d.join("run.mwt");
-    let mut w = TraceWriter::create(&path, &Meta::default(), options()).unwrap();
+    let (path, mut w) = writer(&d, "run.mwt");
     assert!(journal_path(&path).exists());
     w.append(&change(1, 1)).unwrap();
     w.finish(0).unwrap();
     assert!(!journal_path(&path).exists());
     // Records that reached the trace are not read twice: a writer that
     // died right after emitting its chunk leaves a journal naming it.
-    let path = d.join("emitted.mwt");
-    let mut w = TraceWriter::create(&path, &Meta::default(), options()).unwrap();
+    let (path, mut w) = writer(&d, "emitted.mwt");
     w.append(&change(1, 1)).unwrap();
     w.flush().unwrap();
     std::mem::forget(w);

@@ -356,7 +356,7 @@ pub fn at_boundary(py: Python<'_>, code: usize, line: u32, kind: Boundary) {
     match kind {
         Boundary::Line => LAST.with(|l| l.set((code, line))),
         Boundary::Return => {
-            let caller = if crate::vars::any() && !crate::objects::any() && !any_regions() {
+            let caller = if crate::vars::only_variables_watched() {
                 // Only variables watched: the caller whose line a rebinding
                 // can belong to (code that binds none has its events off).
                 innermost_binding_caller(py)
@@ -387,11 +387,16 @@ fn check_regions(py: Python<'_>, last: (usize, u32)) -> Vec<u32> {
     let (raw, collected) = {
         let mut g = state();
         let Some(st) = g.as_mut() else {
-            crate::fastline::refresh(py, None, &[], crate::fastline::generation());
+            crate::fastline::refresh(py, None, std::iter::empty(), crate::fastline::generation());
             return Vec::new();
         };
         if st.watches.is_empty() {
-            crate::fastline::refresh(py, Some(&st.engine), &[], crate::fastline::generation());
+            crate::fastline::refresh(
+                py,
+                Some(&st.engine),
+                std::iter::empty(),
+                crate::fastline::generation(),
+            );
             return Vec::new();
         }
         let mut raw = Vec::new();
@@ -407,8 +412,8 @@ fn check_regions(py: Python<'_>, last: (usize, u32)) -> Vec<u32> {
             .filter(|w| w.owner.is_some_and(Owner::unreferenced))
             .map(|w| w.id)
             .collect();
-        let owners: Vec<Owner> = st.watches.iter().filter_map(|w| w.owner).collect();
-        crate::fastline::refresh(py, Some(&st.engine), &owners, crate::fastline::generation());
+        let owners = st.watches.iter().filter_map(|w| w.owner);
+        crate::fastline::refresh(py, Some(&st.engine), owners, crate::fastline::generation());
         (raw, collected)
     };
     if !raw.is_empty() {
@@ -936,7 +941,9 @@ pub fn _watch(
     if tag.is_empty() {
         return Err(PyValueError::new_err("name must not be empty"));
     }
-    // A watch whose object is gone frees its name first.
+    // Report what changed before this watch began (other regions), so the
+    // new region's baseline is this moment; a watch whose object is gone
+    // ends there, freeing its name.
     check_and_emit(py, LAST.with(|l| l.get()));
     if with_state(|st| st.watches.iter().any(|w| &*w.tag == tag.as_str())) {
         return Err(PyValueError::new_err(format!(
@@ -1045,10 +1052,6 @@ pub fn _watch(
     let variable_arc: Option<Arc<str>> = variable.as_deref().map(Into::into);
     let mask = view_mask(&span.layout, span.len);
     let layout = Arc::new(span.layout.clone());
-    // Report what changed before this watch began (other regions), so the
-    // new region's baseline is this moment.
-    let last = LAST.with(|l| l.get());
-    check_and_emit(py, last);
     let stack = attributed_stack(py, innermost_in_scope(py, false));
     let tname = thread_name(py);
     let handle = with_state(|st| {

@@ -108,12 +108,17 @@ static FAST: GilCell = GilCell(UnsafeCell::new(Fast {
 /// under the state lock (`None`: no engine yet, nothing watched). Leaves no
 /// usable copy when the engine tracks anything the fast path cannot check
 /// (stores, pages not scanned yet).
-pub(crate) fn refresh(py: Python<'_>, engine: Option<&Engine>, owners: &[Owner], generation: u64) {
+pub(crate) fn refresh(
+    py: Python<'_>,
+    engine: Option<&Engine>,
+    owners: impl Iterator<Item = Owner>,
+    generation: u64,
+) {
     // SAFETY: GIL held; no other reference is alive (see `line_unchanged`).
     let fast = unsafe { FAST.get(py) };
     fast.generation = 0;
     fast.owners.clear();
-    fast.owners.extend_from_slice(owners);
+    fast.owners.extend(owners);
     let Some(engine) = engine else {
         fast.regions.clear();
         fast.faults = None;

@@ -422,10 +422,16 @@ pub fn _vars_changed(
 /// only if it binds a watched variable. Learnt once per event location:
 /// CPython 3.12+ then disables the events it does not need.
 pub fn wants_events(py: Python<'_>, code: &Bound<'_, PyAny>) -> bool {
-    if !any() || crate::objects::any() || api::any_regions() {
+    if !only_variables_watched() {
         return true;
     }
     relevant(py, code.as_ptr() as usize, || Ok(code.clone()))
+}
+
+/// True while variables are watched and nothing else (no buffer, no
+/// object): only code that binds a watched variable needs line events.
+pub fn only_variables_watched() -> bool {
+    any() && !crate::objects::any() && !api::any_regions()
 }
 
 /// Whether the code at `code` binds a watched variable (cached).
