@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -63,35 +64,56 @@ def run(args: list[str], cwd: Path) -> str:
     return r.stdout
 
 
+def waited_ms(summary: str) -> float:
+    """The time `memwatch summary` says the program waited for the writer."""
+    m = re.search(r"the program waited ([0-9.]+)(ns|us|ms|s) ", summary)
+    if not m:
+        return 0.0
+    return float(m.group(1)) * {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--levels", default="default", help="comma-separated --compression levels to compare")
     a = ap.parse_args()
     n = a.mb * (1 << 20) // 4
+    levels = [None if x == "default" else int(x) for x in a.levels.split(",")]
     with tempfile.TemporaryDirectory() as d:
         cwd = Path(d)
         prog = cwd / "sgd.py"
         prog.write_text(PROGRAM)
-        plain, recorded = [], []
+        plain: list[float] = []
+        recorded: dict[int | None, list[float]] = {lv: [] for lv in levels}
+        info: dict[int | None, tuple[int, float]] = {}
         for _ in range(a.repeat):
+            # Side by side: one plain run, then one recorded run per level.
             plain.append(float(run([sys.executable, str(prog), str(n), str(a.steps), "plain"], cwd)))
-            out = run([str(MEMWATCH), "record", "-o", "sgd.mwt", sys.executable, str(prog), str(n), str(a.steps), "watch"], cwd)
-            recorded.append(float(out))
-        trace = memwatch_open(cwd / "sgd.mwt")
-        changes = trace.changes(tag="w")
-        assert len(changes) == a.steps, f"{len(changes)} changes, expected {a.steps}"
-        final = np.load(cwd / "final.npy")
-        assert np.array_equal(trace.state("w"), final), "the state at the end is not the program's array"
-        size = (cwd / "sgd.mwt").stat().st_size
+            for lv in levels:
+                opt = [] if lv is None else [f"--compression={lv}"]
+                cmd = [str(MEMWATCH), "record", *opt, "-o", "sgd.mwt", sys.executable, str(prog), str(n), str(a.steps), "watch"]
+                recorded[lv].append(float(run(cmd, cwd)))
+                trace = memwatch_open(cwd / "sgd.mwt")
+                changes = trace.changes(tag="w")
+                assert len(changes) == a.steps, f"{len(changes)} changes, expected {a.steps}"
+                final = np.load(cwd / "final.npy")
+                assert np.array_equal(trace.state("w"), final), "the state at the end is not the program's array"
+                summary = run([str(MEMWATCH), "summary", "sgd.mwt"], cwd)
+                info[lv] = ((cwd / "sgd.mwt").stat().st_size, waited_ms(summary))
         elements = n * a.steps
-        p, r = statistics.median(plain), statistics.median(recorded)
+        p = statistics.median(plain)
         print(f"CPython {sys.version.split()[0]}, {a.mb} MB float32, {a.steps} steps, median of {a.repeat}")
         print(f"  unwatched loop      {p * 1e3:9.1f} ms  ({p / a.steps * 1e3:.2f} ms/step)")
-        print(f"  memwatch record     {r * 1e3:9.1f} ms  ({r / a.steps * 1e3:.2f} ms/step)")
-        print(f"  ratio               {r / p:9.1f}x")
-        print(f"  trace               {size / 1e6:9.1f} MB = {size / elements:.2f} bytes per changed element")
+        for lv in levels:
+            r = statistics.median(recorded[lv])
+            size, waited = info[lv]
+            name = "default" if lv is None else str(lv)
+            print(
+                f"  record, level {name:>7} {r * 1e3:8.1f} ms  ({r / a.steps * 1e3:.2f} ms/step)  "
+                f"ratio {r / p:5.1f}x  {size / elements:.2f} B/element  waited {waited:.1f} ms (last run)"
+            )
 
 
 def memwatch_open(path: Path):

@@ -15,9 +15,9 @@ import memwatch
 from conftest import BIN, ROOT, here
 
 
-def dump(path) -> list[str]:
+def dump(path, *extra: str) -> list[str]:
     r = subprocess.run(
-        [str(BIN / "memwatch"), "dump", "--records-only", "--max-bytes", "0", str(path)],
+        [str(BIN / "memwatch"), "dump", "--records-only", "--max-bytes", "0", *extra, str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -67,21 +67,28 @@ def test_checkpoints_let_state_be_rebuilt(changes, tmp_path):
         a = np.zeros(16 * 1024, dtype=np.uint8)  # 16 KiB: compare tracking
         memwatch.watch(a, name="a")
         memwatch.start(trace=trace)
-        for i in range(10):
-            a[:] = i + 1  # 16 KiB changed per line; a checkpoint every 64 KiB
+        for i in range(130):
+            # 16 KiB changed per line; a checkpoint once 16 times 64 KiB
+            # (CHECKPOINT_FACTOR times CHECKPOINT_MIN) changed since the last.
+            a[:] = i + 1
         memwatch.stop()
     finally:
         memwatch.configure(max_history=100_000)
     lines = dump(trace)
     ckpts = kinds(lines, "CHECKPOINT")
-    assert len(ckpts) == 2, ckpts  # after 64 KiB and 128 KiB of changes
-    # The contents after each checkpoint equal the state at its seq.
+    assert len(ckpts) == 2, ckpts  # after 1 MiB and 2 MiB of changes
     seqs = [int(re.search(r"at_seq=(\d+)", c).group(1)) for c in ckpts]
     change_seqs = [int(re.search(r"seq=(\d+)", c).group(1)) for c in kinds(lines, "CHANGE")]
-    for s in seqs:
-        k = change_seqs.index(s)
-        data = next(ln for ln in kinds(lines, "CONTENTS") if f"at_seq={s} " in ln)
-        assert data.endswith("data=" + (bytes([k + 1]) * 16 * 1024).hex())
+    assert [change_seqs.index(s) for s in seqs] == [63, 127]
+    # Each rewrote the whole region: the change is the checkpoint's
+    # contents, stored once, as its new bytes (a `full` delta).
+    assert kinds(lines, "CONTENTS") == [ln for ln in kinds(lines, "CONTENTS") if "at_seq=%d " % seqs[0] not in ln and "at_seq=%d " % seqs[1] not in ln]
+    full = [int(ln.split(" seq=")[1].split()[0]) for ln in kinds(dump(trace, "--raw"), "DELTA") if " full " in ln + " "]
+    assert full == seqs
+    t = memwatch.open_trace(trace)
+    for s, k in zip(seqs, (63, 127)):
+        assert np.array_equal(t.state("a", at=s), np.full(16 * 1024, k + 1, np.uint8))
+        assert np.array_equal(t.state("a", at=s + 1), np.full(16 * 1024, k + 2, np.uint8))
 
 
 def run_script(code: str, env: dict) -> subprocess.CompletedProcess[str]:

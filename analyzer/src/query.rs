@@ -11,7 +11,8 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use memwatch_format::{
-    ChangeView, Id, ObjectChange, ObjectChangeKind, RangesView, Record, RecordView, TraceReader, NO_SEQ,
+    ChangeView, Expander, Id, ObjectChange, ObjectChangeKind, RangesView, Record, RecordView, TraceReader,
+    NO_SEQ,
 };
 
 use crate::error::{Error, Result};
@@ -331,10 +332,14 @@ pub(crate) fn scan_changes(
         None => total,
     };
     let complete = end == total;
-    // Chunks of region contents hold no change: not even decompressed.
+    // Version 3 stores a change without its old bytes: an expander keeps
+    // each region's bytes from its initial contents on, and gives the
+    // changes back whole. Before version 3, chunks of region contents hold
+    // nothing a scan needs: they are not even decompressed.
+    let mut expander = (reader.header().version >= 3).then(Expander::default);
     let wanted: Vec<_> = all[..end]
         .iter()
-        .filter(|c| !c.header.contents_only)
+        .filter(|c| expander.is_some() || !c.header.contents_only)
         .copied()
         .collect();
     let total = wanted.len();
@@ -344,6 +349,14 @@ pub(crate) fn scan_changes(
     for_each_chunk(reader, &wanted, workers, |info, chunk| {
         progress(done, total);
         done += 1;
+        let expanded = match expander.as_mut() {
+            Some(ex) => ex.expand(chunk)?,
+            None => None,
+        };
+        if info.header.contents_only {
+            return Ok(ControlFlow::Continue(()));
+        }
+        let chunk = expanded.as_ref().unwrap_or(chunk);
         let h = &info.header;
         // A chunk wholly before the seq range only defines things.
         let before = filter

@@ -223,6 +223,7 @@ fn event_time(rec: &Record<'_>) -> Option<u64> {
         Record::RegionWatched(r) => Some(r.ctx.time_ns),
         Record::RegionUnwatched(r) => Some(r.ctx.time_ns),
         Record::Change(r) => Some(r.ctx.time_ns),
+        Record::Delta(r) => Some(r.ctx.time_ns),
         Record::ObjectChange(r) => Some(r.ctx.time_ns),
         _ => None,
     }
@@ -367,6 +368,27 @@ fn rebuild(
                             }
                         }
                         replayed += 1;
+                    }
+                }
+                Record::Delta(d) if d.region == region.region => {
+                    if d.seq > target {
+                        break 'chunks;
+                    }
+                    // A whole-region `full` delta at the snapshot's seq is
+                    // the checkpoint's contents; any other at or before it
+                    // is in the snapshot already.
+                    let snapshot = d.seq == snap_seq && d.full;
+                    if d.seq > snap_seq || snapshot {
+                        for r in &d.ranges {
+                            let n =
+                                memwatch_format::delta::apply(&mut data, r.offset, r.data, d.shuffle, d.full);
+                            if snapshot {
+                                covered += n as u64;
+                            }
+                        }
+                        if !snapshot {
+                            replayed += 1;
+                        }
                     }
                 }
                 rec => {

@@ -133,6 +133,9 @@ pub struct Symbols {
     /// By tag string id: the variable its object changes come through
     /// (`ObjectVariable` records, format version 2 on).
     object_variables: IdMap<Option<Arc<str>>>,
+    /// Nanoseconds and number of times the recorded program waited for the
+    /// trace's writer (`Waited` records, format version 3 on).
+    pub waited: (u64, u64),
 }
 
 impl Symbols {
@@ -169,6 +172,10 @@ impl Symbols {
                     unwatched_seq: None,
                 };
                 self.regions.insert(r.region, info);
+            }
+            Record::Waited(w) => {
+                self.waited.0 = self.waited.0.saturating_add(w.waited_ns);
+                self.waited.1 = self.waited.1.saturating_add(w.waits);
             }
             Record::ObjectChange(o) => {
                 if let Some(t) = self.strings.get(o.tag) {

@@ -24,7 +24,11 @@ after --max-bytes bytes with `..(+N)` saying how many more there were.
               origin + context
   CONTENTS    region at_seq offset len data  (initial contents or a checkpoint)
   CHANGE      seq t region tag + context, then one `range=OFFSET:OLD->NEW` per
-              changed run
+              changed run (format version 3 stores a change as a DELTA, without
+              its old bytes; dump shows it as the CHANGE it stands for)
+  DELTA       seq t region tag shuffle xor|full + context, then one
+              `range=OFFSET+LEN:DATA` per run (only with --raw)
+  WAITED      after_seq waited_ns waits   (the program waited for the writer)
   OBJECT      seq t tag kind key old new + context
   CHECKPOINT  region at_seq                  (CONTENTS records follow)
   UNWATCH     seq t region tag reason + context
@@ -59,6 +63,10 @@ pub struct Args {
     /// Print only records (no HEADER, PROPERTY, TRAILER or TAIL lines).
     #[arg(long)]
     pub records_only: bool,
+    /// Print records as stored: a version 3 change as its DELTA (new XOR
+    /// old, shuffled), not as the CHANGE it stands for.
+    #[arg(long)]
+    pub raw: bool,
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
@@ -68,6 +76,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     }
     let mut syms = Symbols::default();
     let mut line = String::with_capacity(256);
+    let mut expander = (!args.raw).then(memwatch_format::Expander::default);
     for info in reader.chunks() {
         if args.chunks {
             let h = &info.header;
@@ -84,7 +93,11 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
             )?;
         }
         let chunk = reader.decode_chunk(info)?;
-        for rec in chunk.records() {
+        let expanded = match expander.as_mut() {
+            Some(ex) => ex.expand(&chunk)?,
+            None => None,
+        };
+        for rec in expanded.as_ref().unwrap_or(&chunk).records() {
             let rec = rec?;
             syms.learn(&rec);
             line.clear();
@@ -267,6 +280,37 @@ pub fn format_record(rec: &Record<'_>, syms: &Symbols, max_bytes: usize, line: &
                     r.offset,
                     hex(r.old, max_bytes),
                     hex(r.new, max_bytes)
+                );
+            }
+            Ok(())
+        }
+        Record::Waited(w) => {
+            let _ = write!(
+                line,
+                "{kind} after_seq={} waited_ns={} waits={}",
+                w.after_seq, w.waited_ns, w.waits
+            );
+            Ok(())
+        }
+        Record::Delta(d) => {
+            let _ = write!(
+                line,
+                "{kind} seq={} t={} region={} tag={} shuffle={} {}",
+                d.seq,
+                d.ctx.time_ns,
+                d.region,
+                tag_of(syms, d.region),
+                d.shuffle,
+                if d.full { "full" } else { "xor" }
+            );
+            push_context(line, &d.ctx, syms);
+            for r in &d.ranges {
+                let _ = write!(
+                    line,
+                    " range={}+{}:{}",
+                    r.offset,
+                    r.data.len(),
+                    hex(r.data, max_bytes)
                 );
             }
             Ok(())

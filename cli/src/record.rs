@@ -61,6 +61,13 @@ pub struct Args {
     /// Also print a `[MEMWATCH]` report per change while recording.
     #[arg(long)]
     pub live: bool,
+    /// zstd level of the trace's chunks: negative levels (down to -7) are
+    /// faster and larger, 19 smallest and slowest; 0 stores them as they
+    /// are. Compression runs off the program's threads, but a program that
+    /// changes memory faster than the level compresses waits for it.
+    #[arg(long, value_name = "LEVEL", default_value_t = memwatch_format::DEFAULT_LEVEL,
+          allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-7..=19))]
+    pub compression: i32,
     /// Watch every rebinding of variables with this name or glob from the
     /// program's start (memwatch.watch_var; repeatable).
     #[arg(long = "vars", value_name = "PATTERN")]
@@ -154,6 +161,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
         .env("MEMWATCH_TRACE", &output)
         .env("MEMWATCH_TRACE_PARENT", std::process::id().to_string())
         .env("MEMWATCH_LIVE", if args.live { "1" } else { "0" })
+        .env("MEMWATCH_COMPRESSION", args.compression.to_string())
         .env(
             "MEMWATCH_MODE",
             match args.mode {

@@ -51,7 +51,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     let mut warnings: Vec<String> = Vec::new();
     let mut main_thread: Option<u64> = None;
     let mut other_threads: BTreeMap<(String, String), u64> = BTreeMap::new();
-    for_each_change(&reader, &Filter::default(), |row| {
+    let syms = for_each_change(&reader, &Filter::default(), |row| {
         let t = tags.entry(row.tag.to_string()).or_default();
         if t.changes == 0 {
             t.first = row.seq;
@@ -132,6 +132,16 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
         if warnings.len() > 50 {
             writeln!(out, "  ... and {} more", warnings.len() - 50)?;
         }
+    }
+    let (waited, waits) = syms.waited;
+    if waits > 0 {
+        writeln!(
+            out,
+            "the program waited {} for the trace's writer ({waits} time{}): it changed memory faster \
+             than the writer compressed it (`memwatch record --compression` with a lower level is faster)",
+            memwatch_analyzer::duration_text(waited),
+            if waits == 1 { "" } else { "s" },
+        )?;
     }
     if let Some(msg) = reader.tail_message() {
         out.flush()?;

@@ -23,8 +23,10 @@ pub const MAGIC: [u8; 8] = *b"\x89MWT\r\n\x1a\n";
 
 /// The format version this build writes, and the newest it reads. It reads
 /// every older one too: version 2 added the `ObjectVariable` record (at the
-/// end of the `Record` enum), and nothing else.
-pub const FORMAT_VERSION: u32 = 2;
+/// end of the `Record` enum), and nothing else; version 3 added the
+/// `Delta` record (also at the end), which its writers use for every byte
+/// change instead of `Change`.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Size of the fixed part of the header.
 pub const FIXED_HEADER_LEN: usize = 24;

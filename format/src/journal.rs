@@ -8,7 +8,16 @@
 //! once the copy is done the bytes are in the kernel's page cache, and they
 //! stay there whatever ends the process (an exception, `os._exit`, `abort`,
 //! `SIGSEGV`, `SIGKILL`). Only the loss of the machine itself can lose
-//! them. When the chunk reaches the trace, the journal starts over.
+//! them.
+//!
+//! Chunks are written by the writer's sealer thread ([`crate::sealer`]),
+//! so the journal holds the records of several chunks: those still pending
+//! and those queued for the sealer, from chunk `chunk` on. Some of them may
+//! have reached the trace already; a reader skips as many records as the
+//! trace's chunks from `chunk` on hold. The journal starts over when the
+//! sealer has written everything handed to it (at the start of a chunk, or,
+//! once it holds [`JOURNAL_RESTART`](crate::writer::JOURNAL_RESTART) bytes,
+//! after waiting for it).
 //!
 //! A reader that opens a trace that was not closed cleanly looks for its
 //! journal and reads the records it holds as one more chunk, after the
@@ -22,7 +31,7 @@
 //! | 0 | 8 | magic `MWJRNL\0\x01` |
 //! | 8 | 4 | CRC-32 of the trace's header bytes: which trace this is the journal of |
 //! | 12 | 4 | reserved, 0 |
-//! | 16 | 8 | chunk: the index the pending records will have among the trace's records chunks |
+//! | 16 | 8 | chunk: the index the first of its records' chunks has among the trace's records chunks |
 //! | 24 | 8 | committed: the length of the whole records that follow the header |
 //! | 32 | 8 | stop: the last seq recorded before recording stopped |
 //! | 40 | 8 | stop: when, nanoseconds since the Unix epoch |
@@ -135,6 +144,11 @@ impl Journal {
         Ok(())
     }
 
+    /// Bytes of records committed since the journal last started over.
+    pub fn committed(&self) -> usize {
+        self.committed
+    }
+
     /// Starts over: the committed records reached the trace, and the next
     /// ones will be chunk `chunk`.
     pub fn restart(&mut self, chunk: u64) {
@@ -206,7 +220,7 @@ fn allocate(file: &File, len: usize) -> io::Result<()> {
 /// What a journal left behind holds, as [`read`] found it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
-    /// The chunk index its records were to have.
+    /// The chunk index its first records were to have.
     pub chunk: u64,
     /// The committed records' bytes.
     pub records: Vec<u8>,

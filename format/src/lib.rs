@@ -45,26 +45,30 @@
 //! ```
 
 pub mod chunk;
+pub mod delta;
 mod error;
 pub mod header;
 pub mod journal;
 mod reader;
 mod record;
 pub mod sample;
+pub mod sealer;
 mod view;
 mod writer;
 
 pub use chunk::{ChunkHeader, ChunkKind, Codec, IndexEntry, Trailer, FLAG_CONTENTS_ONLY, NO_SEQ};
+pub use delta::Expander;
 pub use error::{Error, Result};
 pub use header::{Header, Meta, FORMAT_VERSION, MAGIC};
 pub use journal::journal_path;
 pub use reader::{ChunkInfo, DecodedChunk, Records, Tail, TraceReader, Views};
 pub use record::{
-    ByteRange, Change, Checkpoint, Contents, Context, FrameDef, Id, Layout, Lost, ObjectChange,
-    ObjectChangeKind, ObjectVariable, Record, RegionUnwatched, RegionWatched, StackDef, StringDef,
-    UnwatchReason, NO_ID,
+    ByteRange, Change, Checkpoint, Contents, Context, Delta, DeltaRange, FrameDef, Id, Layout, Lost,
+    ObjectChange, ObjectChangeKind, ObjectVariable, Record, RegionUnwatched, RegionWatched, StackDef,
+    StringDef, UnwatchReason, Waited, NO_ID,
 };
 pub use view::{take_view, ChangeView, RangesIter, RangesView, RecordView};
 pub use writer::{
-    create_private, Output, TraceWriter, WriterOptions, WriterStats, CONTENTS_PIECE, SEPARATE_CONTENTS,
+    create_private, Output, TraceWriter, WriterOptions, WriterStats, CONTENTS_PIECE, DEFAULT_LEVEL,
+    JOURNAL_RESTART, SEPARATE_CONTENTS,
 };

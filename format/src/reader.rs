@@ -136,12 +136,26 @@ impl TraceReader {
         let Some(pending) = crate::journal::read(journal, header_crc) else {
             return;
         };
-        // Records that already reached the trace are not read again.
-        let usable = if pending.chunk == self.chunks.len() as u64 {
-            &pending.records[..]
-        } else {
-            &[][..]
-        };
+        // Records that already reached the trace are not read again: the
+        // journal holds the records of chunks `pending.chunk` on, and the
+        // trace has some of those chunks (the sealer wrote them) or none.
+        let skip: Option<u64> = usize::try_from(pending.chunk)
+            .ok()
+            .and_then(|first| self.chunks.get(first..))
+            .map(|written| written.iter().map(|c| u64::from(c.header.record_count)).sum());
+        let mut usable = &pending.records[..];
+        match skip {
+            Some(mut n) => {
+                while n > 0 && !usable.is_empty() {
+                    match postcard::take_from_bytes::<Record<'_>>(usable) {
+                        Ok((_, tail)) => usable = tail,
+                        Err(_) => usable = &[],
+                    }
+                    n -= 1;
+                }
+            }
+            None => usable = &[],
+        }
         // Whole records only (the journal commits whole ones; this is
         // belt and braces), counted and their seqs found.
         let (mut rest, mut count, mut first, mut last) = (usable, 0u32, NO_SEQ, NO_SEQ);
@@ -551,9 +565,23 @@ pub struct DecodedChunk<'r> {
     data: Cow<'r, [u8]>,
 }
 
-impl DecodedChunk<'_> {
+impl<'r> DecodedChunk<'r> {
     pub fn info(&self) -> &ChunkInfo {
         &self.info
+    }
+
+    /// The error for this chunk, corrupt for `reason`.
+    pub(crate) fn corrupt(&self, reason: String) -> Error {
+        self.reader.corrupt(&self.info, reason)
+    }
+
+    /// This chunk with `payload` as its records instead (as many records).
+    pub(crate) fn with_payload(&self, payload: Vec<u8>) -> DecodedChunk<'r> {
+        DecodedChunk {
+            reader: self.reader,
+            info: self.info,
+            data: Cow::Owned(payload),
+        }
     }
 
     /// The raw (decompressed) payload.

@@ -61,6 +61,13 @@ pub enum Record<'a> {
     /// (format version 2 on).
     #[serde(borrow)]
     ObjectVariable(ObjectVariable<'a>),
+    /// Bytes of a watched region changed, stored without their old bytes
+    /// (format version 3 on): a reader gets them from the state before.
+    #[serde(borrow)]
+    Delta(Delta<'a>),
+    /// The recorded program waited for the trace's writer (format version
+    /// 3 on).
+    Waited(Waited),
 }
 
 // changing this struct means bumping FORMAT_VERSION
@@ -366,6 +373,59 @@ pub struct ObjectVariable<'a> {
     pub variable: Option<&'a str>,
 }
 
+// changing this struct means bumping FORMAT_VERSION
+/// Bytes of a watched region changed (format version 3 on; version 2
+/// wrote [`Change`], with old and new bytes).
+///
+/// Each range stores `new XOR old` (or, with `full`, the new bytes), byte
+/// shuffled by `shuffle`: for a range of `n` whole elements of `shuffle`
+/// bytes, byte `j` of element `i` is stored at `j * n + i` (the first bytes
+/// of every element, then the second bytes, ...), and the bytes past the
+/// last whole element follow as they are. Neighbouring elements of an array
+/// differ little, so the shuffled XOR is long runs of zeros and small
+/// values that compress well. The reader keeps each region's state as it
+/// reads (initial contents, then every change) and turns a `Delta` back
+/// into old and new bytes (see [`crate::Expander`]).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Delta<'a> {
+    pub seq: u64,
+    pub ctx: Context,
+    pub region: u32,
+    /// The element size the data is shuffled by; 1: not shuffled.
+    pub shuffle: u32,
+    /// The ranges hold the new bytes, not XOR old: such a `Delta` needs no
+    /// state before it, and one right after a [`Checkpoint`] with its seq,
+    /// covering the whole region, is that checkpoint's contents.
+    pub full: bool,
+    /// Changed runs, in increasing offset order, not overlapping.
+    #[serde(borrow)]
+    pub ranges: Vec<DeltaRange<'a>>,
+}
+
+// changing this struct means bumping FORMAT_VERSION
+/// One run of changed bytes of a [`Delta`]: `data.len()` bytes at `offset`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DeltaRange<'a> {
+    /// Byte offset within the region.
+    pub offset: u64,
+    #[serde(with = "serde_bytes")]
+    pub data: &'a [u8],
+}
+
+// changing this struct means bumping FORMAT_VERSION
+/// The recorded program waited for chunks to be compressed and written
+/// (the writer had more queued than it may hold; see `memwatch_format::sealer`):
+/// how long, in how many waits, since the previous `Waited` record.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waited {
+    /// The last seq recorded before the waits were noted.
+    pub after_seq: u64,
+    /// Nanoseconds waited.
+    pub waited_ns: u64,
+    /// Number of waits.
+    pub waits: u64,
+}
+
 impl Record<'_> {
     /// The seq of an event record; `None` for definitions, contents,
     /// checkpoints and loss reports.
@@ -375,12 +435,14 @@ impl Record<'_> {
             Record::RegionUnwatched(r) => Some(r.seq),
             Record::Change(r) => Some(r.seq),
             Record::ObjectChange(r) => Some(r.seq),
+            Record::Delta(r) => Some(r.seq),
             Record::String(_)
             | Record::Frame(_)
             | Record::Stack(_)
             | Record::Contents(_)
             | Record::Checkpoint(_)
             | Record::Lost(_)
+            | Record::Waited(_)
             | Record::ObjectVariable(_) => None,
         }
     }
@@ -399,6 +461,8 @@ impl Record<'_> {
             Record::Checkpoint(_) => "CHECKPOINT",
             Record::Lost(_) => "LOST",
             Record::ObjectVariable(_) => "OBJVAR",
+            Record::Delta(_) => "DELTA",
+            Record::Waited(_) => "WAITED",
         }
     }
 }

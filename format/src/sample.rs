@@ -210,3 +210,80 @@ pub fn write_v2_additions<W: Output>(w: &mut TraceWriter<W>, mut seq: u64) -> Re
     }))?;
     Ok(seq)
 }
+
+/// What format version 3 added, after [`write_v2_additions`] (which
+/// returned `seq`): region 3 (`layer2_weight`, 16 float32 counting up by
+/// 0.25) is watched; a change of it stored as a `Delta` (XOR, shuffled by
+/// 4); then a checkpoint whose contents are a whole-region `full` delta;
+/// and a `Waited` note. Returns the last seq written.
+pub fn write_v3_additions<W: Output>(w: &mut TraceWriter<W>, mut seq: u64) -> Result<u64> {
+    let main = w.intern_str("MainThread")?;
+    let frame = w.intern_frame("samples/train.py", "step", 53)?;
+    let stack = w.intern_stack(&[frame])?;
+    let ctx = |time_ns| Context {
+        time_ns,
+        thread: 100,
+        thread_name: main,
+        frame,
+        stack,
+    };
+    seq += 1;
+    w.append(&Record::RegionWatched(RegionWatched {
+        seq,
+        ctx: ctx(45_500),
+        region: 3,
+        tag: "layer2_weight",
+        variable: Some("w2"),
+        address: 0x7f00_1235_0000,
+        len: 64,
+        layout: Layout {
+            dtype: Some("<f4"),
+            itemsize: 4,
+            shape: vec![16],
+            strides: vec![],
+            origin: 0,
+        },
+    }))?;
+    let start: Vec<f32> = (0..16).map(|i| i as f32 * 0.25).collect();
+    w.append_contents(3, seq, &f32s(&start))?;
+    // Elements 2 and 3 go from 0.5 and 0.75 to 0.25 and 1.5.
+    let (old, new) = (f32s(&[0.5, 0.75]), f32s(&[0.25, 1.5]));
+    seq += 1;
+    w.append_delta(
+        seq,
+        &ctx(46_000),
+        3,
+        4,
+        false,
+        &[ByteRange {
+            offset: 8,
+            old: &old,
+            new: &new,
+        }],
+    )?;
+    // Every element set to 2.0: a whole-region rewrite that is a checkpoint.
+    let all = f32s(&[2.0; 16]);
+    seq += 1;
+    w.append(&Record::Checkpoint(Checkpoint {
+        region: 3,
+        at_seq: seq,
+    }))?;
+    w.append_delta(
+        seq,
+        &ctx(47_000),
+        3,
+        4,
+        true,
+        &[ByteRange {
+            offset: 0,
+            old: &all,
+            new: &all,
+        }],
+    )?;
+    w.append(&Record::Waited(crate::Waited {
+        after_seq: seq,
+        waited_ns: 1_500_000,
+        waits: 2,
+    }))?;
+    Ok(seq)
+}

@@ -6,13 +6,17 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::chunk::{
-    encode_footer, ChunkHeader, ChunkKind, Codec, IndexEntry, Trailer, CHUNK_HEADER_LEN, NO_SEQ,
-};
+use crate::chunk::{encode_footer, ChunkKind, Trailer, NO_SEQ};
 use crate::error::{Error, Result};
 use crate::header::{encode_header, Meta};
 use crate::journal::{journal_path, Journal};
-use crate::record::{FrameDef, Id, Record, StackDef, StringDef};
+use crate::record::{ByteRange, Context, FrameDef, Id, Record, StackDef, StringDef, Waited};
+use crate::sealer::{Failure, Job, Sealer};
+
+/// A journal that holds this much starts over as soon as the sealer has
+/// written everything handed to it (the writer waits for that): the
+/// journal's size stays bounded however far the sealer is behind.
+pub const JOURNAL_RESTART: usize = 64 << 20;
 
 /// Largest piece a writer puts in one [`Record::Contents`](crate::Record::Contents):
 /// region contents are split so no single record dominates a chunk.
@@ -28,7 +32,7 @@ pub const SEPARATE_CONTENTS: usize = 64 << 10;
 /// Where a trace goes. Besides writing, an output can be cut back to a
 /// length: after a failed write (a full disk) the writer cuts the file back
 /// to the end of its last whole chunk, so the trace stays clean up to there.
-pub trait Output: Write {
+pub trait Output: Write + Send + 'static {
     /// Cuts the output back to `len` bytes; the default cannot.
     fn truncate_to(&mut self, _len: u64) -> std::io::Result<()> {
         Err(std::io::Error::new(
@@ -60,7 +64,8 @@ pub struct WriterOptions {
     /// Emit a chunk once its oldest record is this old (checked on each
     /// append and by [`TraceWriter::flush_if_older`]).
     pub max_age: Duration,
-    /// zstd level (1 fastest, 19 smallest). 0 stores chunks uncompressed.
+    /// zstd level: negative levels are faster still, 19 is the smallest;
+    /// 0 stores chunks uncompressed.
     pub zstd_level: i32,
 }
 
@@ -69,10 +74,16 @@ impl Default for WriterOptions {
         WriterOptions {
             chunk_bytes: 1 << 20,
             max_age: Duration::from_millis(500),
-            zstd_level: 3,
+            zstd_level: DEFAULT_LEVEL,
         }
     }
 }
+
+/// The zstd level chunks get by default. Chunks are compressed off the
+/// recorded program's threads (see [`crate::sealer`]), but a dense program
+/// makes changes faster than a slow level compresses them, and then it
+/// waits: `bench/record_sgd.py` weighs the levels.
+pub const DEFAULT_LEVEL: i32 = -5;
 
 /// Totals a writer has written so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -83,6 +94,9 @@ pub struct WriterStats {
     pub raw_bytes: u64,
     /// Bytes written to the file, headers included.
     pub file_bytes: u64,
+    /// Nanoseconds the writer's callers waited for chunks to be compressed
+    /// and written (see [`crate::sealer`]).
+    pub waited_ns: u64,
 }
 
 /// Appends records to a trace, a chunk at a time.
@@ -94,16 +108,19 @@ pub struct WriterStats {
 /// ([`new`](TraceWriter::new) on any other output), a process that dies loses
 /// the pending records.
 ///
-/// Every chunk reaches the operating system as soon as it is emitted (one
-/// `write` of header and payload), so a process that dies loses at most the
-/// records still pending here. Call [`finish`](Self::finish) to write the
-/// trailer; a trace without one still reads, and says it was not closed.
+/// Chunks are compressed and written by a thread of the writer's own (see
+/// [`crate::sealer`]), each with one `write` of header and payload, in the
+/// order they were emitted; [`flush`](Self::flush) waits until they are all
+/// written. Without a journal a process that dies loses the records still
+/// pending or queued. Call [`finish`](Self::finish) to write the trailer; a
+/// trace without one still reads, and says it was not closed. A write that
+/// fails is reported by the next call after it.
 ///
 /// The writer also interns strings, frames and stacks: the `intern_*`
 /// methods write a definition the first time they see a value and return its
 /// id every time.
 pub struct TraceWriter<W: Output = File> {
-    out: Option<W>,
+    sealer: Sealer<W>,
     path: PathBuf,
     opts: WriterOptions,
     pending: Vec<u8>,
@@ -113,15 +130,12 @@ pub struct TraceWriter<W: Output = File> {
     pending_since: Option<Instant>,
     /// The pending records are all `Contents` (set by `append_contents`).
     pending_contents_only: bool,
-    offset: u64,
-    index: Vec<IndexEntry>,
     last_seq: u64,
     lost_events: u64,
     stats: WriterStats,
     strings: HashMap<Box<str>, Id>,
     frames: HashMap<(Id, Id, u32), Id>,
     stacks: HashMap<Box<[Id]>, Id>,
-    compressor: Option<zstd::bulk::Compressor<'static>>,
     closed: Option<String>,
     /// Where pending records also go as they are appended, so that a
     /// process that dies loses none of them (see [`crate::journal`]).
@@ -130,9 +144,12 @@ pub struct TraceWriter<W: Output = File> {
     header_crc: u32,
     /// Why a writer made by `create` has no journal.
     journal_error: Option<String>,
-    /// The process's file size limit when writing a file (`create`): a
-    /// chunk that would pass it fails with `EFBIG` before it is written.
-    size_limit: Option<u64>,
+    /// Nanoseconds callers waited for the sealer.
+    waited_ns: u64,
+    /// Waits (nanoseconds, count) not yet noted in the trace.
+    unnoted: (u64, u64),
+    /// The last seq copied into the journal.
+    journal_seq: u64,
 }
 
 impl TraceWriter<File> {
@@ -148,9 +165,10 @@ impl TraceWriter<File> {
             source,
         };
         let file = create_private(path).map_err(io)?;
-        // Unbuffered: every chunk is one write of header and payload.
-        let mut w = TraceWriter::new(file, path, meta, opts)?;
-        w.size_limit = crate::journal::file_size_limit();
+        // Unbuffered: every chunk is one write of header and payload. The
+        // process's file size limit is checked before each write: a chunk
+        // that would pass it fails with `EFBIG` instead of `SIGXFSZ`.
+        let mut w = TraceWriter::with_limit(file, path, meta, opts, crate::journal::file_size_limit())?;
         let jpath = journal_path(path);
         match Journal::create(&jpath, w.header_crc, 0) {
             Ok(j) => w.journal = Some(j),
@@ -185,7 +203,17 @@ pub fn create_private(path: &Path) -> std::io::Result<File> {
 impl<W: Output> TraceWriter<W> {
     /// Writes the header for `meta` to `out`. `path` names the output in
     /// error messages.
-    pub fn new(mut out: W, path: impl Into<PathBuf>, meta: &Meta, opts: WriterOptions) -> Result<Self> {
+    pub fn new(out: W, path: impl Into<PathBuf>, meta: &Meta, opts: WriterOptions) -> Result<Self> {
+        TraceWriter::with_limit(out, path, meta, opts, None)
+    }
+
+    fn with_limit(
+        mut out: W,
+        path: impl Into<PathBuf>,
+        meta: &Meta,
+        opts: WriterOptions,
+        size_limit: Option<u64>,
+    ) -> Result<Self> {
         let path = path.into();
         let header = encode_header(meta, 0);
         let io = |source| Error::Io {
@@ -194,13 +222,9 @@ impl<W: Output> TraceWriter<W> {
         };
         out.write_all(&header).map_err(io)?;
         out.flush().map_err(io)?;
-        let compressor = if opts.zstd_level > 0 {
-            Some(zstd::bulk::Compressor::new(opts.zstd_level).map_err(io)?)
-        } else {
-            None
-        };
+        let sealer = Sealer::start(out, header.len() as u64, opts.zstd_level, size_limit).map_err(io)?;
         Ok(TraceWriter {
-            out: Some(out),
+            sealer,
             opts,
             pending: Vec::with_capacity(opts.chunk_bytes + 4096),
             pending_records: 0,
@@ -208,8 +232,6 @@ impl<W: Output> TraceWriter<W> {
             pending_last_seq: NO_SEQ,
             pending_since: None,
             pending_contents_only: false,
-            offset: header.len() as u64,
-            index: Vec::new(),
             last_seq: NO_SEQ,
             lost_events: 0,
             stats: WriterStats {
@@ -219,11 +241,12 @@ impl<W: Output> TraceWriter<W> {
             strings: HashMap::new(),
             frames: HashMap::new(),
             stacks: HashMap::new(),
-            compressor,
             closed: None,
             journal: None,
             journal_error: None,
-            size_limit: None,
+            waited_ns: 0,
+            unnoted: (0, 0),
+            journal_seq: NO_SEQ,
             header_crc: crc32fast::hash(&header),
             path,
         })
@@ -234,23 +257,72 @@ impl<W: Output> TraceWriter<W> {
         &self.path
     }
 
-    /// Totals so far (pending records count as written records).
+    /// Totals so far (pending records count as written records, chunks
+    /// count once emitted, bytes once the sealer wrote them).
     pub fn stats(&self) -> WriterStats {
-        self.stats
+        let st = self.sealer.shared.lock();
+        WriterStats {
+            records: self.stats.records,
+            chunks: self.sealer.handed,
+            raw_bytes: st.raw_bytes,
+            file_bytes: st.file_bytes,
+            waited_ns: self.waited_ns,
+        }
     }
 
     /// Appends one record; emits a chunk when a bound is reached.
     pub fn append(&mut self, record: &Record<'_>) -> Result<()> {
+        self.append_with(record.seq(), record, |rec, out| {
+            postcard::to_io(rec, out).map(|_| ()).map_err(|e| e.to_string())
+        })?;
+        if let Record::Lost(l) = record {
+            self.lost_events = self.lost_events.saturating_add(l.events);
+        }
+        Ok(())
+    }
+
+    /// Appends the [`Record::Delta`] of a change (format version 3): each
+    /// of `ranges` (offset, old and new bytes) is stored as its new bytes
+    /// XOR its old ones (with `full`, as its new bytes), shuffled by
+    /// `shuffle` (the element size; see [`crate::delta`]), encoded straight
+    /// from the given bytes.
+    pub fn append_delta(
+        &mut self,
+        seq: u64,
+        ctx: &Context,
+        region: u32,
+        shuffle: u32,
+        full: bool,
+        ranges: &[ByteRange<'_>],
+    ) -> Result<()> {
+        self.append_with(Some(seq), ranges, |ranges, out| {
+            crate::delta::encode_delta(out, seq, ctx, region, shuffle, full, ranges);
+            Ok(())
+        })
+    }
+
+    /// Encodes one record with `encode` after the pending ones, copies it
+    /// into the journal, and emits a chunk when a bound is reached.
+    fn append_with<T: ?Sized>(
+        &mut self,
+        seq: Option<u64>,
+        what: &T,
+        encode: impl FnOnce(&T, &mut Vec<u8>) -> std::result::Result<(), String>,
+    ) -> Result<()> {
         self.check_open()?;
         if self.pending_records == u32::MAX {
             self.flush_chunk()?;
         }
+        if self.pending_records == 0 {
+            self.start_chunk();
+        }
+        self.note_waits();
         let before = self.pending.len();
-        if let Err(e) = postcard::to_io(record, &mut self.pending) {
+        if let Err(reason) = encode(what, &mut self.pending) {
             self.pending.truncate(before);
             return Err(Error::Encode {
                 path: self.path.clone(),
-                reason: e.to_string(),
+                reason,
             });
         }
         if self.pending.len() > u32::MAX as usize {
@@ -267,17 +339,17 @@ impl<W: Output> TraceWriter<W> {
             Some(j) => j.append(&self.pending[before..]).is_err(),
             None => false,
         };
+        if let (false, Some(seq)) = (journal_full, seq) {
+            self.journal_seq = seq;
+        }
         self.pending_records += 1;
         self.stats.records += 1;
-        if let Some(seq) = record.seq() {
+        if let Some(seq) = seq {
             if self.pending_first_seq == NO_SEQ {
                 self.pending_first_seq = seq;
             }
             self.pending_last_seq = seq;
             self.last_seq = seq;
-        }
-        if let Record::Lost(l) = record {
-            self.lost_events = self.lost_events.saturating_add(l.events);
         }
         let now = Instant::now();
         let since = *self.pending_since.get_or_insert(now);
@@ -396,12 +468,24 @@ impl<W: Output> TraceWriter<W> {
         }
     }
 
-    /// Emits the pending records as a chunk now (nothing if none).
+    /// Emits the pending records as a chunk now (nothing if none), and
+    /// waits until every chunk emitted is written.
     pub fn flush(&mut self) -> Result<()> {
-        self.flush_chunk()
+        self.flush_chunk()?;
+        // Asked for: not a wait the pace of the program caused.
+        let (_, failed) = self.sealer.drain();
+        match failed {
+            Some(f) => Err(self.stop_on(f)),
+            None => Ok(()),
+        }
     }
 
-    fn check_open(&self) -> Result<()> {
+    fn check_open(&mut self) -> Result<()> {
+        if self.closed.is_none() {
+            if let Some(f) = self.sealer.failure() {
+                return Err(self.stop_on(f));
+            }
+        }
         match &self.closed {
             Some(reason) => Err(Error::Closed {
                 path: self.path.clone(),
@@ -411,117 +495,160 @@ impl<W: Output> TraceWriter<W> {
         }
     }
 
+    /// The sealer stopped on `f`: closes the writer, and notes in the
+    /// journal (whose blocks are allocated, so this works when the trace
+    /// cannot be written) after which seq, when and why recording stopped.
+    fn stop_on(&mut self, f: Failure) -> Error {
+        if let Some(j) = self.journal.as_mut() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            // The last seq kept: in the journal, or in a chunk written.
+            let written = self
+                .sealer
+                .shared
+                .lock()
+                .index
+                .iter()
+                .rev()
+                .find(|e| e.last_seq != NO_SEQ)
+                .map(|e| e.last_seq);
+            let kept = match (written, self.journal_seq) {
+                (Some(w), NO_SEQ) => w,
+                (Some(w), j) => w.max(j),
+                (None, j) => j,
+            };
+            j.mark_stopped(kept, now, f.errno.unwrap_or(libc::EIO));
+        }
+        self.closed = Some(f.closed.clone());
+        Error::Io {
+            path: self.path.clone(),
+            source: f.error(),
+        }
+    }
+
+    /// Counts a wait for the sealer of `ns` nanoseconds (none if 0).
+    fn waited(&mut self, ns: u64) {
+        if ns > 0 {
+            self.waited_ns += ns;
+            self.unnoted.0 += ns;
+            self.unnoted.1 += 1;
+        }
+    }
+
+    /// Puts the waits counted since the last note in the trace, as a
+    /// [`Record::Waited`] before the next record.
+    fn note_waits(&mut self) {
+        let (ns, waits) = std::mem::take(&mut self.unnoted);
+        if waits == 0 {
+            return;
+        }
+        let rec = Record::Waited(Waited {
+            after_seq: self.last_seq,
+            waited_ns: ns,
+            waits,
+        });
+        let before = self.pending.len();
+        if postcard::to_io(&rec, &mut self.pending).is_err() {
+            self.pending.truncate(before);
+            return;
+        }
+        if let Some(j) = self.journal.as_mut() {
+            // A journal that cannot grow loses only this note.
+            let _ = j.append(&self.pending[before..]);
+        }
+        self.pending_records += 1;
+        self.stats.records += 1;
+        self.pending_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Before the first record of a chunk: a journal whose records all
+    /// reached the trace starts over, so that it stays small while the
+    /// sealer keeps up.
+    fn start_chunk(&mut self) {
+        if let Some(j) = self.journal.as_mut() {
+            if j.committed() > 0 && self.sealer.idle() {
+                j.restart(self.sealer.handed);
+            }
+        }
+        if self.pending.capacity() == 0 {
+            if let Some(buf) = self.sealer.spare() {
+                self.pending = buf;
+            }
+        }
+    }
+
     fn flush_chunk(&mut self) -> Result<()> {
         self.check_open()?;
         if self.pending_records == 0 {
             return Ok(());
         }
-        let entry = IndexEntry {
-            offset: self.offset,
+        let job = Job {
+            kind: ChunkKind::Records,
+            raw: std::mem::take(&mut self.pending),
             record_count: self.pending_records,
             first_seq: self.pending_first_seq,
             last_seq: self.pending_last_seq,
+            contents_only: self.pending_contents_only,
         };
-        let raw = std::mem::take(&mut self.pending);
-        let result = self.write_chunk(ChunkKind::Records, &raw, entry, self.pending_contents_only);
-        self.pending = raw;
-        self.pending.clear();
         self.pending_records = 0;
         self.pending_first_seq = NO_SEQ;
         self.pending_last_seq = NO_SEQ;
         self.pending_since = None;
-        self.index.push(entry);
-        if result.is_ok() {
+        match self.sealer.hand(job) {
+            Ok(waited) => self.waited(waited),
+            Err(f) => return Err(self.stop_on(f)),
+        }
+        if let Some(buf) = self.sealer.spare() {
+            self.pending = buf;
+        }
+        // A journal grown large starts over once the sealer has caught up
+        // (the caller waits for it): bounded memory and disk, whatever the
+        // pace.
+        if self
+            .journal
+            .as_ref()
+            .is_some_and(|j| j.committed() >= JOURNAL_RESTART)
+        {
+            let (waited, failed) = self.sealer.drain();
+            self.waited(waited);
+            if let Some(f) = failed {
+                return Err(self.stop_on(f));
+            }
+            let next = self.sealer.handed;
             if let Some(j) = self.journal.as_mut() {
-                j.restart(self.index.len() as u64);
+                j.restart(next);
             }
         }
-        result
-    }
-
-    fn write_chunk(
-        &mut self,
-        kind: ChunkKind,
-        raw: &[u8],
-        entry: IndexEntry,
-        contents_only: bool,
-    ) -> Result<()> {
-        let io = |path: &Path, source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let (codec, stored): (Codec, std::borrow::Cow<[u8]>) = match &mut self.compressor {
-            Some(c) => match c.compress(raw) {
-                Ok(z) if z.len() < raw.len() => (Codec::Zstd, z.into()),
-                Ok(_) => (Codec::Stored, raw.into()),
-                Err(e) => return Err(io(&self.path, e)),
-            },
-            None => (Codec::Stored, raw.into()),
-        };
-        let header = ChunkHeader {
-            kind,
-            codec,
-            stored_len: stored.len() as u32,
-            raw_len: raw.len() as u32,
-            record_count: entry.record_count,
-            first_seq: entry.first_seq,
-            last_seq: entry.last_seq,
-            payload_crc: crc32fast::hash(&stored),
-            contents_only,
-        };
-        let out = self.out.as_mut().expect("open writer has an output");
-        // One write per chunk: a process killed mid-way leaves at most one
-        // partial chunk, which readers skip.
-        let mut frame = Vec::with_capacity(CHUNK_HEADER_LEN + stored.len());
-        frame.extend_from_slice(&header.encode());
-        frame.extend_from_slice(&stored);
-        let past_limit = self
-            .size_limit
-            .is_some_and(|limit| self.offset + frame.len() as u64 > limit);
-        let res = if past_limit {
-            // The kernel would send SIGXFSZ, which kills a program that
-            // does not ignore it.
-            Err(std::io::Error::from_raw_os_error(libc::EFBIG))
-        } else {
-            out.write_all(&frame).and_then(|()| out.flush())
-        };
-        if let Err(e) = res {
-            if let Some(j) = self.journal.as_mut() {
-                // The journal's blocks are allocated: noting the stop there
-                // works when the trace cannot be written.
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos() as u64);
-                j.mark_stopped(self.last_seq, now, e.raw_os_error().unwrap_or(libc::EIO));
-            }
-            // Cut back to the last whole chunk so the trace reads cleanly
-            // up to where recording stopped.
-            let cut = match out.truncate_to(self.offset) {
-                Ok(()) => format!("the trace ends after chunk {}", self.stats.chunks),
-                Err(_) => "the trace ends in a partial chunk".to_string(),
-            };
-            self.closed = Some(format!("writing chunk {} failed: {e}; {cut}", self.stats.chunks));
-            return Err(io(&self.path, e));
-        }
-        self.offset += header.total_len();
-        self.stats.chunks += 1;
-        self.stats.raw_bytes += raw.len() as u64;
-        self.stats.file_bytes += header.total_len();
         Ok(())
     }
 
     /// Gives the output back as it is, without emitting pending records or a
-    /// trailer (what a killed process leaves behind).
+    /// trailer (what a killed process leaves behind). Chunks already
+    /// emitted are written first.
     pub fn into_output(mut self) -> W {
-        self.out.take().expect("open writer has an output")
+        self.sealer
+            .stop()
+            .expect("the sealer thread gives its output back")
     }
 
     /// Emits pending records, writes the trailer (index and totals) and the
     /// footer, and returns the output and the final totals.
     pub fn finish(mut self, end_time_ns: u64) -> Result<(W, WriterStats)> {
-        self.flush_chunk()?;
+        self.check_open()?;
+        if self.unnoted.1 > 0 {
+            if self.pending_records == 0 {
+                self.start_chunk();
+            }
+            self.note_waits();
+        }
+        self.flush()?;
+        let (index, offset) = {
+            let mut st = self.sealer.shared.lock();
+            (std::mem::take(&mut st.index), st.offset)
+        };
         let trailer = Trailer {
-            chunks: std::mem::take(&mut self.index),
+            chunks: index,
             records: self.stats.records,
             last_seq: self.last_seq,
             lost_events: self.lost_events,
@@ -531,29 +658,37 @@ impl<W: Output> TraceWriter<W> {
             path: self.path.clone(),
             reason: e.to_string(),
         })?;
-        let trailer_offset = self.offset;
-        let entry = IndexEntry {
-            offset: trailer_offset,
+        let job = Job {
+            kind: ChunkKind::Trailer,
+            raw,
             record_count: 1,
             first_seq: NO_SEQ,
             last_seq: NO_SEQ,
+            contents_only: false,
         };
-        self.write_chunk(ChunkKind::Trailer, &raw, entry, false)?;
-        let mut out = self.out.take().expect("open writer has an output");
-        let footer = encode_footer(trailer_offset);
+        if let Err(f) = self.sealer.hand(job) {
+            return Err(self.stop_on(f));
+        }
+        self.flush()?;
+        let mut stats = self.stats();
+        let mut out = self
+            .sealer
+            .stop()
+            .expect("the sealer thread gives its output back");
+        let footer = encode_footer(offset);
         out.write_all(&footer)
             .and_then(|()| out.flush())
             .map_err(|source| Error::Io {
                 path: self.path.clone(),
                 source,
             })?;
-        self.stats.file_bytes += footer.len() as u64;
+        stats.file_bytes += footer.len() as u64;
         self.closed = Some("finished".into());
         if let Some(j) = self.journal.take() {
             // The trace holds everything now. A journal that cannot be
             // removed is harmless: a closed trace never reads it.
             let _ = j.remove();
         }
-        Ok((out, self.stats))
+        Ok((out, stats))
     }
 }

@@ -40,13 +40,62 @@ fn v2_sample_reads_back_exactly() {
     let reader = TraceReader::open(data("v2-sample.mwt")).unwrap();
     assert_eq!(reader.header().version, 2);
     assert_eq!(reader.tail(), Tail::Closed);
-    let (_, expected) = sample_bytes_of(256, true);
+    let (_, expected) = sample_bytes_of(256, 2);
     let got = read_all(&reader).unwrap();
     assert_eq!(got, expected);
     assert!(
         got.contains(&r#"ObjectVariable(ObjectVariable { tag: 5, variable: Some("cfg") })"#.to_string()),
         "{got:#?}"
     );
+}
+
+#[test]
+fn v3_sample_reads_back_exactly_and_its_deltas_expand_to_the_changes_they_stand_for() {
+    let reader = TraceReader::open(data("v3-sample.mwt")).unwrap();
+    assert_eq!(reader.header().version, 3);
+    assert_eq!(reader.tail(), Tail::Closed);
+    let (_, expected) = sample_bytes_of(256, 3);
+    assert_eq!(read_all(&reader).unwrap(), expected);
+    // Expanded in file order, the deltas are changes with old and new bytes.
+    let mut ex = Expander::default();
+    let mut changes = Vec::new();
+    for info in reader.chunks() {
+        let chunk = reader.decode_chunk(info).unwrap();
+        let expanded = ex.expand(&chunk).unwrap();
+        for rec in expanded.as_ref().unwrap_or(&chunk).records() {
+            if let Record::Change(c) = rec.unwrap() {
+                if c.region == 3 {
+                    changes.push((
+                        c.seq,
+                        c.ranges
+                            .iter()
+                            .map(|r| (r.offset, f32s(r.old), f32s(r.new)))
+                            .collect::<Vec<_>>(),
+                    ));
+                }
+            }
+        }
+    }
+    let (seq, ranges) = &changes[changes.len() - 2];
+    let (offset, old, new) = &ranges[0];
+    assert_eq!(
+        (*offset, old.as_slice(), new.as_slice()),
+        (8, &[0.5, 0.75][..], &[0.25, 1.5][..]),
+        "seq {seq}"
+    );
+    let (_, last) = changes.last().unwrap();
+    assert_eq!(last[0].0, 0);
+    assert_eq!(last[0].2, vec![2.0; 16]);
+    let mut before: Vec<f32> = (0..16).map(|i| i as f32 * 0.25).collect();
+    before[2..4].copy_from_slice(&[0.25, 1.5]);
+    assert_eq!(last[0].1, before);
+    assert!(expected.iter().any(|r| r.starts_with("Waited(")), "{expected:#?}");
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 #[test]

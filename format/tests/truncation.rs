@@ -52,7 +52,8 @@ fn cut_at_every_offset_of_one_chunk() {
 
 #[test]
 fn cut_at_every_offset_of_the_file_never_fails_after_the_header() {
-    let (full, all) = sample_bytes(160);
+    // The sample with every version's records, deltas included.
+    let (full, all) = sample_bytes_of(160, 3);
     let header_len = TraceReader::from_bytes(full.clone(), "f").unwrap().header().len as usize;
     for cut in 0..=full.len() {
         match TraceReader::from_bytes(full[..cut].to_vec(), "cut.mwt") {
@@ -61,6 +62,12 @@ fn cut_at_every_offset_of_the_file_never_fails_after_the_header() {
                 let got = read_all(&r).unwrap();
                 assert_eq!(got[..], all[..got.len()], "cut at {cut}");
                 assert_eq!(r.tail() == Tail::Closed, cut == full.len(), "cut at {cut}");
+                // Every whole chunk's deltas expand.
+                let mut ex = Expander::default();
+                for info in r.chunks() {
+                    let chunk = r.decode_chunk(info).unwrap();
+                    ex.expand(&chunk).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+                }
             }
             Err(e) => {
                 assert!(cut < header_len, "cut {cut}: {e}");

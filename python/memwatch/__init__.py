@@ -13,7 +13,7 @@ and the ``memwatch`` command: ``record``, ``query``, ``state``, ``blame``,
 
 >>> import memwatch
 >>> memwatch.FORMAT_VERSION
-2
+3
 >>> issubclass(memwatch.NotATraceError, memwatch.MemwatchError)
 True
 """

@@ -556,7 +556,13 @@ fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32)) {
     let tid = gettid();
     let tname = thread_name(py);
     let now = unix_ns();
-    for rc in raw {
+    // Per change: does a later one of this check change the same region?
+    // (Store mode reports each caught store of a region as its own change,
+    // all from one check: the shadow is the state after the last of them.)
+    let later: Vec<bool> = (0..raw.len())
+        .map(|i| raw[i + 1..].iter().any(|r| r.region == raw[i].region))
+        .collect();
+    for (rc, later) in raw.into_iter().zip(later) {
         let (stack, tname, tid, now) = match rc.writer {
             Some(w) if w.tid != tid => {
                 let (s, n) = other_thread_context(w.tid, &stack);
@@ -578,7 +584,10 @@ fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32)) {
             let mut sk = sink();
             let tracing = sk.is_some();
             if let Some(s) = sk.as_mut() {
-                s.change(seq, rc.region, &rc.ranges, &region.shadow, &ev);
+                // The shadow is this change's state only after the region's
+                // last change of the check.
+                let after = (!later).then_some(&region.shadow[..]);
+                s.change(seq, region, &rc.ranges, after, &ev);
             }
             let change = Change {
                 seq,

@@ -7,9 +7,13 @@
 //! background thread emits pending records as a chunk at least every
 //! [`FLUSH_EVERY`]. Checkpoints keep rebuilding any state
 //! cheap: a region gets one when the bytes changed since its last checkpoint
-//! reach its size (at least [`CHECKPOINT_MIN`]), or after
-//! [`CHECKPOINT_EVERY`] changes, so replaying to any point costs at most
-//! about one region's worth of change bytes and that many changes.
+//! reach [`CHECKPOINT_FACTOR`] times its size (at least [`CHECKPOINT_MIN`]),
+//! or after [`CHECKPOINT_EVERY`] changes, so replaying to any point costs at
+//! most that many region's worth of change bytes and that many changes.
+//!
+//! Changes are stored as `Delta` records (format version 3): new XOR old,
+//! shuffled by element size, with no copy of the old bytes; readers get
+//! those from the state before (`memwatch_format::delta`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,8 +21,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use memwatch_format::{
-    ByteRange, Change, Checkpoint, Context, Layout as FmtLayout, Lost, Meta, ObjectChange, ObjectVariable,
-    Record, RegionUnwatched, RegionWatched, TraceWriter, UnwatchReason, WriterOptions,
+    ByteRange, Checkpoint, Context, Layout as FmtLayout, Lost, Meta, ObjectChange, ObjectVariable, Record,
+    RegionUnwatched, RegionWatched, TraceWriter, UnwatchReason, WriterOptions,
 };
 
 use crate::change::FrameRef;
@@ -26,7 +30,12 @@ use crate::engine::Region;
 
 /// How often the flusher thread pushes pending records to the file.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
-/// Smallest change volume between two checkpoints of a region.
+/// A region gets a checkpoint once the bytes changed since its last one
+/// reach this many times its size: a change costs no more than its XOR
+/// (compressed, a few bits per changed byte) and replaying one is a pass
+/// over it, so checkpoints can be rare; each costs a full copy.
+pub const CHECKPOINT_FACTOR: u64 = 16;
+/// Smallest region size the checkpoint volume is reckoned from.
 pub const CHECKPOINT_MIN: u64 = 64 * 1024;
 /// Most changes of a region between two of its checkpoints (replaying this
 /// many takes a fraction of a second).
@@ -86,6 +95,16 @@ struct CtxMemo {
     stack_id: u32,
 }
 
+/// The zstd level `memwatch record --compression` asked for
+/// (`MEMWATCH_COMPRESSION`), else the format's default.
+fn compression_level() -> i32 {
+    std::env::var("MEMWATCH_COMPRESSION")
+        .ok()
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .filter(|l| (-7..=19).contains(l))
+        .unwrap_or(memwatch_format::DEFAULT_LEVEL)
+}
+
 /// Nanoseconds since the Unix epoch.
 pub fn unix_ns() -> u64 {
     SystemTime::now()
@@ -98,7 +117,11 @@ impl TraceSink {
     /// Creates the trace file and writes its header.
     pub fn create(path: &Path, meta: Meta) -> memwatch_format::Result<TraceSink> {
         let start_unix_ns = meta.start_time_ns;
-        let writer = TraceWriter::create(path, &meta, WriterOptions::default())?;
+        let opts = WriterOptions {
+            zstd_level: compression_level(),
+            ..WriterOptions::default()
+        };
+        let writer = TraceWriter::create(path, &meta, opts)?;
         Ok(TraceSink {
             writer,
             path: path.to_path_buf(),
@@ -217,41 +240,63 @@ impl TraceSink {
         });
     }
 
-    /// A change; `shadow` is the region's contents after it (for checkpoints).
+    /// A change of `region`, stored as a `Delta` (its new bytes XOR its old
+    /// ones, shuffled by the element size). `after` is the region's contents
+    /// right after it, when known (for checkpoints).
+    ///
+    /// A checkpoint is due when the bytes changed since the region's last
+    /// one reach [`CHECKPOINT_FACTOR`] times its size (or after
+    /// [`CHECKPOINT_EVERY`] changes). A due change that rewrites the whole
+    /// region is stored as its new bytes and is the checkpoint itself;
+    /// otherwise the checkpoint's contents follow the change.
     pub fn change(
         &mut self,
         seq: u64,
-        region: u32,
+        region: &Region,
         ranges: &[crate::engine::ChangedRange],
-        shadow: &[u8],
+        after: Option<&[u8]>,
         ev: &EventContext<'_>,
     ) {
         self.guarded(seq, |s| {
             let ctx = s.ctx(ev)?;
-            s.writer.append(&Record::Change(Change {
-                seq,
-                ctx,
-                region,
-                ranges: ranges
-                    .iter()
-                    .map(|(offset, old, new)| ByteRange {
-                        offset: *offset,
-                        old,
-                        new,
-                    })
-                    .collect(),
-            }))?;
-            s.changes += 1;
-            let changed: u64 = ranges.iter().map(|r| r.1.len() as u64).sum();
-            let acc = s.since_checkpoint.entry(region).or_insert((0, 0));
+            let id = region.id;
+            let ranges: Vec<ByteRange<'_>> = ranges
+                .iter()
+                .map(|(offset, old, new)| ByteRange {
+                    offset: *offset,
+                    old,
+                    new,
+                })
+                .collect();
+            let changed: u64 = ranges.iter().map(|r| r.new.len() as u64).sum();
+            let acc = s.since_checkpoint.entry(id).or_insert((0, 0));
             acc.0 += changed;
             acc.1 += 1;
-            if acc.0 >= (shadow.len() as u64).max(CHECKPOINT_MIN) || acc.1 >= CHECKPOINT_EVERY {
+            let due = after.is_some()
+                && (acc.0 >= region.len.max(CHECKPOINT_MIN).saturating_mul(CHECKPOINT_FACTOR)
+                    || acc.1 >= CHECKPOINT_EVERY);
+            if due {
                 *acc = (0, 0);
-                s.writer
-                    .append(&Record::Checkpoint(Checkpoint { region, at_seq: seq }))?;
-                s.writer.append_contents(region, seq, shadow)?;
             }
+            let whole = matches!(&ranges[..], [r] if r.offset == 0 && r.new.len() as u64 == region.len);
+            let shuffle = region.layout.itemsize.max(1);
+            if due && whole {
+                s.writer.append(&Record::Checkpoint(Checkpoint {
+                    region: id,
+                    at_seq: seq,
+                }))?;
+                s.writer.append_delta(seq, &ctx, id, shuffle, true, &ranges)?;
+            } else {
+                s.writer.append_delta(seq, &ctx, id, shuffle, false, &ranges)?;
+                if let (true, Some(after)) = (due, after) {
+                    s.writer.append(&Record::Checkpoint(Checkpoint {
+                        region: id,
+                        at_seq: seq,
+                    }))?;
+                    s.writer.append_contents(id, seq, after)?;
+                }
+            }
+            s.changes += 1;
             Ok(())
         });
     }

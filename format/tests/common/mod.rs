@@ -329,11 +329,12 @@ pub fn debug_all(recs: &[Owned]) -> Vec<String> {
 
 /// The sample trace, written with small chunks so it has several.
 pub fn sample_bytes(chunk_bytes: usize) -> (Vec<u8>, Vec<String>) {
-    sample_bytes_of(chunk_bytes, false)
+    sample_bytes_of(chunk_bytes, 1)
 }
 
 /// [`sample_bytes`], with `v2`: followed by what format version 2 added.
-pub fn sample_bytes_of(chunk_bytes: usize, v2: bool) -> (Vec<u8>, Vec<String>) {
+/// The sample with the additions of format versions up to `version`.
+pub fn sample_bytes_of(chunk_bytes: usize, version: u32) -> (Vec<u8>, Vec<String>) {
     let mut w = TraceWriter::new(
         Vec::new(),
         "sample.mwt",
@@ -344,9 +345,12 @@ pub fn sample_bytes_of(chunk_bytes: usize, v2: bool) -> (Vec<u8>, Vec<String>) {
         },
     )
     .unwrap();
-    let seq = sample::write_sample(&mut w).unwrap();
-    if v2 {
-        sample::write_v2_additions(&mut w, seq).unwrap();
+    let mut seq = sample::write_sample(&mut w).unwrap();
+    if version >= 2 {
+        seq = sample::write_v2_additions(&mut w, seq).unwrap();
+    }
+    if version >= 3 {
+        sample::write_v3_additions(&mut w, seq).unwrap();
     }
     let (bytes, _) = w.finish(50_000).unwrap();
     let all = read_all(&TraceReader::from_bytes(bytes.clone(), "sample.mwt").unwrap()).unwrap();
