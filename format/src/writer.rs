@@ -150,6 +150,10 @@ pub struct TraceWriter<W: Output = File> {
     unnoted: (u64, u64),
     /// The last seq copied into the journal.
     journal_seq: u64,
+    /// Seqs of events the journal had no room for, since it last restarted.
+    unjournaled: Vec<u64>,
+    /// Events appended but lost when the sealer stopped.
+    dropped: u64,
 }
 
 impl TraceWriter<File> {
@@ -247,6 +251,8 @@ impl<W: Output> TraceWriter<W> {
             waited_ns: 0,
             unnoted: (0, 0),
             journal_seq: NO_SEQ,
+            unjournaled: Vec::new(),
+            dropped: 0,
             header_crc: crc32fast::hash(&header),
             path,
         })
@@ -339,8 +345,11 @@ impl<W: Output> TraceWriter<W> {
             Some(j) => j.append(&self.pending[before..]).is_err(),
             None => false,
         };
-        if let (false, Some(seq)) = (journal_full, seq) {
-            self.journal_seq = seq;
+        match (journal_full, seq) {
+            (false, Some(seq)) => self.journal_seq = seq,
+            // Only in the pending chunk: lost if that chunk is not written.
+            (true, Some(seq)) if self.unjournaled.len() < 1 << 20 => self.unjournaled.push(seq),
+            _ => {}
         }
         self.pending_records += 1;
         self.stats.records += 1;
@@ -366,7 +375,7 @@ impl<W: Output> TraceWriter<W> {
     /// unrecorded since, for readers (see [`crate::journal`]).
     pub fn note_lost(&mut self, events: u64) {
         if let Some(j) = self.journal.as_mut() {
-            j.note_lost(events);
+            j.note_lost(events.saturating_add(self.dropped));
         }
     }
 
@@ -519,6 +528,14 @@ impl<W: Output> TraceWriter<W> {
                 (None, j) => j,
             };
             j.mark_stopped(kept, now, f.errno.unwrap_or(libc::EIO));
+            // Events neither in the journal nor in a chunk written: lost,
+            // and counted as such (a later event may be in the journal).
+            self.dropped = self
+                .unjournaled
+                .iter()
+                .filter(|&&s| written.is_none_or(|w| s > w))
+                .count() as u64;
+            j.note_lost(self.dropped);
         }
         self.closed = Some(f.closed.clone());
         Error::Io {
@@ -569,6 +586,7 @@ impl<W: Output> TraceWriter<W> {
         if let Some(j) = self.journal.as_mut() {
             if j.committed() > 0 && self.sealer.idle() {
                 j.restart(self.sealer.handed);
+                self.unjournaled.clear();
             }
         }
         if self.pending.capacity() == 0 {
@@ -618,6 +636,7 @@ impl<W: Output> TraceWriter<W> {
             let next = self.sealer.handed;
             if let Some(j) = self.journal.as_mut() {
                 j.restart(next);
+                self.unjournaled.clear();
             }
         }
         Ok(())
