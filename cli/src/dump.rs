@@ -284,6 +284,14 @@ pub fn format_record(rec: &Record<'_>, syms: &Symbols, max_bytes: usize, line: &
             }
             Ok(())
         }
+        Record::Crashed(c) => {
+            let _ = write!(
+                line,
+                "{kind} signal={} si_code={} thread={} time_ns={} file={:?} line={} changes={} flags={} finished={}",
+                c.signal, c.si_code, c.thread, c.time_ns, c.file, c.line, c.changes, c.flags, c.finished
+            );
+            Ok(())
+        }
         Record::Waited(w) => {
             let _ = write!(
                 line,

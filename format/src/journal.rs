@@ -208,7 +208,7 @@ pub fn file_size_limit() -> Option<u64> {
 }
 
 /// Makes `file` `len` bytes long with its blocks allocated.
-fn allocate(file: &File, len: usize) -> io::Result<()> {
+pub(crate) fn allocate(file: &File, len: usize) -> io::Result<()> {
     // SAFETY: a plain system call on an open descriptor.
     match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) } {
         0 => Ok(()),
@@ -305,10 +305,15 @@ pub fn fold(trace: &Path) -> crate::Result<Option<u32>> {
         path: path.to_path_buf(),
         source,
     };
+    let cpath = crate::crash::crash_path(trace);
+    let header_crc = crc32fast::hash(&reader.bytes()[..reader.header().len as usize]);
+    let crash_ours = crate::crash::belongs(&cpath, header_crc);
     if !reader.last_chunk_from_journal() {
-        let header_crc = crc32fast::hash(&reader.bytes()[..reader.header().len as usize]);
         if read(&jpath, header_crc).is_some() {
             std::fs::remove_file(&jpath).map_err(|e| io(&jpath, e))?;
+        }
+        if crash_ours {
+            std::fs::remove_file(&cpath).map_err(|e| io(&cpath, e))?;
         }
         return Ok(None);
     }
@@ -325,7 +330,12 @@ pub fn fold(trace: &Path) -> crate::Result<Option<u32>> {
         .and_then(|_| file.write_all(chunk))
         .and_then(|()| file.sync_data())
         .map_err(|e| io(trace, e))?;
-    std::fs::remove_file(&jpath).map_err(|e| io(&jpath, e))?;
+    if jpath.exists() {
+        std::fs::remove_file(&jpath).map_err(|e| io(&jpath, e))?;
+    }
+    if crash_ours {
+        std::fs::remove_file(&cpath).map_err(|e| io(&cpath, e))?;
+    }
     Ok((n > 0).then_some(n))
 }
 

@@ -45,6 +45,7 @@
 //! ```
 
 pub mod chunk;
+pub mod crash;
 pub mod delta;
 mod error;
 pub mod header;
@@ -63,7 +64,7 @@ pub use header::{Header, Meta, FORMAT_VERSION, MAGIC};
 pub use journal::journal_path;
 pub use reader::{ChunkInfo, DecodedChunk, Records, Tail, TraceReader, Views};
 pub use record::{
-    ByteRange, Change, Checkpoint, Contents, Context, Delta, DeltaRange, FrameDef, Id, Layout, Lost,
+    ByteRange, Change, Checkpoint, Contents, Context, Crashed, Delta, DeltaRange, FrameDef, Id, Layout, Lost,
     ObjectChange, ObjectChangeKind, ObjectVariable, Record, RegionUnwatched, RegionWatched, StackDef,
     StringDef, UnwatchReason, Waited, NO_ID,
 };

@@ -73,6 +73,9 @@ pub struct TraceReader {
     /// The last chunk was made from the journal (records, or the note that
     /// recording stopped).
     journal_chunk: bool,
+    /// The process died of a fatal signal: which, in which thread, and
+    /// the [`crate::Crashed`] record's description.
+    crash: Option<(i32, u64, String)>,
 }
 
 impl std::fmt::Debug for TraceReader {
@@ -133,9 +136,16 @@ impl TraceReader {
     fn add_journal(&mut self, journal: &Path) {
         let bytes = self.src.bytes();
         let header_crc = crc32fast::hash(&bytes[..self.header.len as usize]);
-        let Some(pending) = crate::journal::read(journal, header_crc) else {
+        let pending = crate::journal::read(journal, header_crc);
+        let crash = crate::crash::read(&crate::crash::crash_path(&self.path), header_crc);
+        if pending.is_none() && crash.is_none() {
             return;
-        };
+        }
+        let pending = pending.unwrap_or(crate::journal::Pending {
+            chunk: u64::MAX,
+            records: Vec::new(),
+            stopped: None,
+        });
         // Records that already reached the trace are not read again: the
         // journal holds the records of chunks `pending.chunk` on, and the
         // trace has some of those chunks (the sealer wrote them) or none.
@@ -186,6 +196,18 @@ impl TraceReader {
         joined.resize(start, 0);
         joined.extend_from_slice(&usable[..usable.len() - rest.len()]);
         let recovered = count;
+        if let Some(c) = &crash {
+            // The last look of the fatal-signal handler: after everything
+            // the journal kept (its changes were found after them).
+            let (n, cfirst, clast) = c.encode_records(&mut joined);
+            count += n;
+            if first == NO_SEQ {
+                first = cfirst;
+            }
+            if clast != NO_SEQ {
+                last = clast;
+            }
+        }
         if let Some(stop) = pending.stopped {
             // The writer could not write the trace any more: say so where
             // every reader looks, as the last record.
@@ -230,7 +252,8 @@ impl TraceReader {
     }
 
     /// Looks in the last chunk of an unclosed trace for the `Lost` record
-    /// of a writer that stopped early.
+    /// of a writer that stopped early and the `Crashed` record of a
+    /// program that died of a fatal signal.
     fn find_stop(&mut self) {
         let Some(last) = self.chunks.last().copied() else {
             return;
@@ -239,15 +262,18 @@ impl TraceReader {
             return;
         };
         let mut found = None;
+        let mut crash = None;
         for rec in chunk.records() {
             match rec {
                 Ok(Record::Lost(l)) => found = Some((l.after_seq, l.events, l.reason.to_string())),
+                Ok(Record::Crashed(c)) => crash = Some((c.signal, c.thread, c.describe())),
                 Ok(_) => {}
                 Err(_) => break,
             }
         }
         drop(chunk);
         self.stopped = found;
+        self.crash = crash;
     }
 
     /// When the writer stopped early (a full disk, a file size limit):
@@ -263,6 +289,13 @@ impl TraceReader {
     /// the trace, and the journal's path; `None` when none did.
     pub fn recovered(&self) -> Option<(u32, &Path)> {
         self.recovered.as_ref().map(|(n, p)| (*n, p.as_path()))
+    }
+
+    /// When the recorded process died of a fatal signal: which, in which
+    /// thread and on which line, and what the handler's last look found
+    /// (see [`crate::crash`]).
+    pub fn crashed(&self) -> Option<(i32, u64, &str)> {
+        self.crash.as_ref().map(|(s, t, d)| (*s, *t, d.as_str()))
     }
 
     /// True when the last chunk was read from the trace's journal: records
@@ -290,6 +323,7 @@ impl TraceReader {
             recovered: None,
             stopped: None,
             journal_chunk: false,
+            crash: None,
         })
     }
 
@@ -353,6 +387,10 @@ impl TraceReader {
                 p.display()
             ),
             None => String::new(),
+        };
+        let stop = match &self.crash {
+            Some((_, _, d)) => format!("; {d}{stop}"),
+            None => stop,
         };
         match self.tail {
             Tail::Closed => None,

@@ -68,6 +68,11 @@ pub enum Record<'a> {
     /// The recorded program waited for the trace's writer (format version
     /// 3 on).
     Waited(Waited),
+    /// The recorded program died of a fatal signal; what came from its
+    /// last look is before this (format version 3 on; see
+    /// [`crate::crash`]).
+    #[serde(borrow)]
+    Crashed(Crashed<'a>),
 }
 
 // changing this struct means bumping FORMAT_VERSION
@@ -426,6 +431,70 @@ pub struct Waited {
     pub waits: u64,
 }
 
+// changing this struct means bumping FORMAT_VERSION
+/// How a recorded program that died of a fatal signal ended: written by a
+/// reader that found the trace's crash area ([`crate::crash`]), after the
+/// changes the fatal-signal handler's last look found.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Crashed<'a> {
+    /// The signal (`SIGSEGV` is 11).
+    pub signal: i32,
+    /// Its `si_code`: at most 0 when sent (`kill`, `raise`, `abort`), above
+    /// 0 when the CPU raised it (a bad address, a bus error).
+    pub si_code: i32,
+    /// The thread that received it.
+    pub thread: u64,
+    /// Nanoseconds since the trace's start.
+    pub time_ns: u64,
+    /// The file and line that thread was running (`""`, 0: unknown).
+    pub file: &'a str,
+    pub line: u32,
+    /// Changes the last look found.
+    pub changes: u64,
+    /// [`crate::crash::FLAG_TRUNCATED`], [`crate::crash::FLAG_BUSY`].
+    pub flags: u32,
+    /// False when the handler was cut off before it finished.
+    pub finished: bool,
+}
+
+impl Crashed<'_> {
+    /// One line for people: "the program died of SIGSEGV in thread 123 at
+    /// train.py:14; its last look recorded 2 changes".
+    pub fn describe(&self) -> String {
+        use crate::crash::{signal_name, FLAG_BUSY, FLAG_TRUNCATED};
+        let at = if self.file.is_empty() {
+            String::new()
+        } else {
+            let file = self.file.rsplit('/').next().unwrap_or(self.file);
+            format!(" at {file}:{}", self.line)
+        };
+        let n = self.changes;
+        let look = if self.flags & FLAG_BUSY != 0 {
+            "; memwatch was updating its copies of watched memory then, so it did not look".to_string()
+        } else {
+            format!(
+                "; its last look recorded {n} {}{}{}",
+                if n == 1 { "change" } else { "changes" },
+                if self.flags & FLAG_TRUNCATED != 0 {
+                    " (not all of them: the crash area was full)"
+                } else {
+                    ""
+                },
+                if self.finished {
+                    ""
+                } else {
+                    " before it was cut off"
+                },
+            )
+        };
+        format!(
+            "the program died of {} in thread {}{at}{look}",
+            signal_name(self.signal),
+            self.thread
+        )
+    }
+}
+
 impl Record<'_> {
     /// The seq of an event record; `None` for definitions, contents,
     /// checkpoints and loss reports.
@@ -443,6 +512,7 @@ impl Record<'_> {
             | Record::Checkpoint(_)
             | Record::Lost(_)
             | Record::Waited(_)
+            | Record::Crashed(_)
             | Record::ObjectVariable(_) => None,
         }
     }
@@ -463,6 +533,7 @@ impl Record<'_> {
             Record::ObjectVariable(_) => "OBJVAR",
             Record::Delta(_) => "DELTA",
             Record::Waited(_) => "WAITED",
+            Record::Crashed(_) => "CRASHED",
         }
     }
 }

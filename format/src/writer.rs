@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::chunk::{encode_footer, ChunkKind, Trailer, NO_SEQ};
+use crate::crash::{crash_path, CrashArea};
 use crate::error::{Error, Result};
 use crate::header::{encode_header, Meta};
 use crate::journal::{journal_path, Journal};
@@ -154,6 +155,9 @@ pub struct TraceWriter<W: Output = File> {
     unjournaled: Vec<u64>,
     /// Events appended but lost when the sealer stopped.
     dropped: u64,
+    /// Where the recorder's fatal-signal handler writes its last look
+    /// (see [`crate::crash`]); made with the journal.
+    crash: Option<CrashArea>,
 }
 
 impl TraceWriter<File> {
@@ -175,7 +179,14 @@ impl TraceWriter<File> {
         let mut w = TraceWriter::with_limit(file, path, meta, opts, crate::journal::file_size_limit())?;
         let jpath = journal_path(path);
         match Journal::create(&jpath, w.header_crc, 0) {
-            Ok(j) => w.journal = Some(j),
+            Ok(j) => {
+                w.journal = Some(j);
+                // Without one, a crash loses only the line it happened on.
+                w.crash = CrashArea::create(&crash_path(path), w.header_crc).ok();
+                if w.crash.is_none() {
+                    let _ = std::fs::remove_file(crash_path(path));
+                }
+            }
             Err(e) => {
                 // Recording goes on without one: a process that dies then
                 // loses its pending records, which `journal_error` says.
@@ -253,6 +264,7 @@ impl<W: Output> TraceWriter<W> {
             journal_seq: NO_SEQ,
             unjournaled: Vec::new(),
             dropped: 0,
+            crash: None,
             header_crc: crc32fast::hash(&header),
             path,
         })
@@ -377,6 +389,21 @@ impl<W: Output> TraceWriter<W> {
         if let Some(j) = self.journal.as_mut() {
             j.note_lost(events.saturating_add(self.dropped));
         }
+    }
+
+    /// The crash area: where it is mapped and how many bytes of it are
+    /// allocated (see [`crate::crash`]); `None` without one.
+    pub fn crash_area(&self) -> Option<(*mut u8, usize)> {
+        self.crash.as_ref().map(|c| (c.base(), c.len()))
+    }
+
+    /// Grows the crash area so that `entries` bytes of entries fit; returns
+    /// its allocated length (unchanged when it cannot grow: the handler
+    /// keeps what fits).
+    pub fn ensure_crash_area(&mut self, entries: usize) -> Option<usize> {
+        let c = self.crash.as_mut()?;
+        let _ = c.ensure(entries);
+        Some(c.len())
     }
 
     /// Why this writer, made by [`create`](TraceWriter::create), has no
@@ -707,6 +734,9 @@ impl<W: Output> TraceWriter<W> {
             // The trace holds everything now. A journal that cannot be
             // removed is harmless: a closed trace never reads it.
             let _ = j.remove();
+        }
+        if let Some(c) = self.crash.take() {
+            let _ = c.remove();
         }
         Ok((out, stats))
     }
