@@ -462,7 +462,7 @@ mod tests {
         assert!(c.unfinished);
         assert_eq!(c.changes(), 2);
         assert_eq!(c.entries[1], (9, 1, 40, b"z".to_vec()));
-        let line = c.record().describe();
+        let line = c.record().describe(1);
         assert!(line.contains("SIGSEGV in thread 77 at t.py:14"), "{line}");
         assert!(
             line.contains("recorded 2 changes before it was cut off"),

@@ -266,7 +266,9 @@ impl TraceReader {
         for rec in chunk.records() {
             match rec {
                 Ok(Record::Lost(l)) => found = Some((l.after_seq, l.events, l.reason.to_string())),
-                Ok(Record::Crashed(c)) => crash = Some((c.signal, c.thread, c.describe())),
+                Ok(Record::Crashed(c)) => {
+                    crash = Some((c.signal, c.thread, c.describe(self.header.meta.pid)))
+                }
                 Ok(_) => {}
                 Err(_) => break,
             }
@@ -392,21 +394,21 @@ impl TraceReader {
             Some((_, _, d)) => format!("; {d}{stop}"),
             None => stop,
         };
+        let chunks = match self.chunks.len() {
+            1 => "1 chunk".to_string(),
+            n => format!("{n} chunks"),
+        };
         match self.tail {
             Tail::Closed => None,
-            Tail::Unclosed if self.stopped.is_some() => Some(format!(
-                "not closed cleanly: {} chunks read{from_journal}{stop}",
-                self.chunks.len()
-            )),
+            Tail::Unclosed if self.stopped.is_some() => {
+                Some(format!("not closed cleanly: {chunks} read{from_journal}{stop}"))
+            }
             Tail::Unclosed => Some(format!(
-                "not closed cleanly: {} chunks read, the recording ended without a trailer \
-                 (the process was killed or crashed){from_journal}{stop}",
-                self.chunks.len()
+                "not closed cleanly: {chunks} read, the recording ended without a trailer \
+                 (the process was killed or crashed){from_journal}{stop}"
             )),
             Tail::Truncated { bytes_ignored } => Some(format!(
-                "truncated: {} chunks read, {} bytes ignored{from_journal}{stop}",
-                self.chunks.len(),
-                bytes_ignored
+                "truncated: {chunks} read, {bytes_ignored} bytes ignored{from_journal}{stop}"
             )),
         }
     }

@@ -459,8 +459,9 @@ pub struct Crashed<'a> {
 
 impl Crashed<'_> {
     /// One line for people: "the program died of SIGSEGV in thread 123 at
-    /// train.py:14; its last look recorded 2 changes".
-    pub fn describe(&self) -> String {
+    /// train.py:14; its last look recorded 2 changes". `pid` is the
+    /// recorded process's: its main thread is named so.
+    pub fn describe(&self, pid: u32) -> String {
         use crate::crash::{signal_name, FLAG_BUSY, FLAG_TRUNCATED};
         let at = if self.file.is_empty() {
             String::new()
@@ -487,10 +488,14 @@ impl Crashed<'_> {
                 },
             )
         };
+        let thread = if self.thread == u64::from(pid) {
+            format!("the main thread ({})", self.thread)
+        } else {
+            format!("thread {}", self.thread)
+        };
         format!(
-            "the program died of {} in thread {}{at}{look}",
-            signal_name(self.signal),
-            self.thread
+            "the program died of {} in {thread}{at}{look}",
+            signal_name(self.signal)
         )
     }
 }

@@ -21,6 +21,7 @@ use crate::engine::{view_mask, Engine, Layout, RawChange, Region, Tracking};
 use crate::errors::{MemwatchError, NotWatchedError};
 use crate::kernel::{gettid, is_mapped_writable, page_size};
 use crate::monitor::{self, guarded, Boundary, LAST};
+use crate::signals::crash::{self, Busy};
 use crate::sink::{spawn_flusher, unix_ns, EventContext, TraceSink, SINK};
 
 /// A buffer export held for as long as a region is watched: it pins the
@@ -89,7 +90,6 @@ struct State {
     engine: Engine,
     watches: Vec<Watch>,
     next_region: u32,
-    seq: u64,
     live: Live,
     callbacks: Vec<Py<PyAny>>,
     history: VecDeque<Py<Change>>,
@@ -132,12 +132,61 @@ impl Live {
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
 
-fn state() -> MutexGuard<'static, Option<State>> {
+/// The recorder's state, locked. Whoever holds it may change regions or
+/// shadows, so it is held with a [`Busy`] token (the fatal-signal handler
+/// compares them only while no token is held), and releasing it shows the
+/// handler the regions as they are now.
+struct StateGuard {
+    guard: std::mem::ManuallyDrop<MutexGuard<'static, Option<State>>>,
+    _busy: Busy,
+}
+
+impl std::ops::Deref for StateGuard {
+    type Target = Option<State>;
+    fn deref(&self) -> &Option<State> {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for StateGuard {
+    fn deref_mut(&mut self) -> &mut Option<State> {
+        &mut self.guard
+    }
+}
+
+impl Drop for StateGuard {
+    fn drop(&mut self) {
+        if crash::armed() {
+            let regions = self.guard.iter().flat_map(|st| st.engine.regions.iter());
+            crash::publish(
+                regions
+                    .filter(|r| r.shadow.len() as u64 == r.len)
+                    .map(|r| crash::Published {
+                        id: r.id,
+                        start: r.start,
+                        len: r.len,
+                        shadow: r.shadow.as_ptr(),
+                        itemsize: r.layout.itemsize,
+                        origin: r.layout.origin,
+                        mask: r.mask.as_ref().map_or(std::ptr::null(), |m| m.as_ptr()),
+                    }),
+            );
+        }
+        // SAFETY: dropped once, here; the token goes after the lock.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.guard) };
+    }
+}
+
+fn state() -> StateGuard {
+    let busy = Busy::new();
     let g = STATE.lock().unwrap_or_else(|p| p.into_inner());
     // Whoever holds the lock may change regions or shadows: the line fast
     // path's copy of them is stale from here on.
     crate::fastline::invalidate();
-    g
+    StateGuard {
+        guard: std::mem::ManuallyDrop::new(g),
+        _busy: busy,
+    }
 }
 
 fn with_state<R>(f: impl FnOnce(&mut State) -> R) -> R {
@@ -159,7 +208,6 @@ fn init_state(g: &mut Option<State>) -> &mut State {
         engine: Engine::default(),
         watches: Vec::new(),
         next_region: 1,
-        seq: 0,
         live: Live::from_env(),
         callbacks: Vec::new(),
         history: VecDeque::new(),
@@ -354,7 +402,7 @@ pub fn at_boundary(py: Python<'_>, code: usize, line: u32, kind: Boundary) {
     check_and_emit(py, last);
     crate::vars::at_boundary(py, code, kind == Boundary::Return, last);
     match kind {
-        Boundary::Line => LAST.with(|l| l.set((code, line))),
+        Boundary::Line => monitor::set_last((code, line)),
         Boundary::Return => {
             let caller = if crate::vars::only_variables_watched() {
                 // Only variables watched: the caller whose line a rebinding
@@ -363,7 +411,7 @@ pub fn at_boundary(py: Python<'_>, code: usize, line: u32, kind: Boundary) {
             } else {
                 innermost_in_scope(py, true)
             };
-            LAST.with(|l| l.set(caller));
+            monitor::set_last(caller);
         }
     }
     if crate::store::active() {
@@ -384,6 +432,9 @@ fn check_and_emit(py: Python<'_>, last: (usize, u32)) {
 /// Reports what changed in watched memory since the last check; returns
 /// the regions whose objects only memwatch refers to (see [`Owner`]).
 fn check_regions(py: Python<'_>, last: (usize, u32)) -> Vec<u32> {
+    // From the check until its changes are in the journal, the shadows say
+    // more than the trace: the fatal-signal handler must wait.
+    let busy = Busy::new();
     let (raw, collected) = {
         let mut g = state();
         let Some(st) = g.as_mut() else {
@@ -417,7 +468,7 @@ fn check_regions(py: Python<'_>, last: (usize, u32)) -> Vec<u32> {
         (raw, collected)
     };
     if !raw.is_empty() {
-        emit(py, raw, last);
+        emit(py, raw, last, busy);
     }
     collected
 }
@@ -551,7 +602,11 @@ fn other_thread_context(tid: u64, own: &Arc<[FrameRef]>) -> (Arc<[FrameRef]>, Ar
     }
 }
 
-fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32)) {
+/// Numbers and records the changes of one check, then delivers them
+/// (history, callbacks, live reports). `busy` is given back in between:
+/// callbacks run Python code, which the fatal-signal handler must not wait
+/// for.
+fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32), busy: Busy) {
     let stack = attributed_stack(py, last);
     let tid = gettid();
     let tname = thread_name(py);
@@ -562,6 +617,7 @@ fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32)) {
     let later: Vec<bool> = (0..raw.len())
         .map(|i| raw[i + 1..].iter().any(|r| r.region == raw[i].region))
         .collect();
+    let mut made_all = Vec::with_capacity(raw.len());
     for (rc, later) in raw.into_iter().zip(later) {
         let (stack, tname, tid, now) = match rc.writer {
             Some(w) if w.tid != tid => {
@@ -578,8 +634,7 @@ fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32)) {
         };
         let made = with_state(|st| {
             let w = st.watches.iter().find(|w| w.id == rc.region)?;
-            st.seq += 1;
-            let seq = st.seq;
+            let seq = crash::next_seq();
             let region = st.engine.regions.iter().find(|r| r.id == rc.region)?;
             let mut sk = sink();
             let tracing = sk.is_some();
@@ -605,9 +660,10 @@ fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32)) {
             let callbacks: Vec<Py<PyAny>> = st.callbacks.iter().map(|c| c.clone_ref(py)).collect();
             Some((change, callbacks, tracing, st.live, st.max_history))
         });
-        let Some((change, callbacks, tracing, live, max_history)) = made else {
-            continue;
-        };
+        made_all.extend(made);
+    }
+    drop(busy);
+    for (change, callbacks, tracing, live, max_history) in made_all {
         deliver(py, change, callbacks, tracing, live, max_history);
     }
 }
@@ -616,8 +672,7 @@ fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32)) {
 /// callbacks and the live report, numbering it in the process's sequence.
 pub(crate) fn emit_object(py: Python<'_>, mut change: Change) {
     let (callbacks, tracing, live, max_history) = with_delivery_state(|st| {
-        st.seq += 1;
-        change.seq = st.seq;
+        change.seq = crash::next_seq();
         let mut sk = sink();
         if let (Some(s), Some(info)) = (sk.as_mut(), change.object.as_ref()) {
             let ev = EventContext {
@@ -1086,8 +1141,7 @@ pub fn _watch(
             st.engine.add(region)
         };
         st.next_region += 1;
-        st.seq += 1;
-        let seq = st.seq;
+        let seq = crash::next_seq();
         if let Some(s) = sink().as_mut() {
             let ev = EventContext::here(&tname, &stack);
             s.region_watched(seq, region, &ev);
@@ -1128,7 +1182,7 @@ pub fn _watch(
         let _ = unwatch_region(py, handle.region, UnwatchReason::Explicit);
         return Err(e);
     }
-    LAST.with(|l| l.set(innermost_in_scope(py, false)));
+    monitor::set_last(innermost_in_scope(py, false));
     Ok(handle)
 }
 
@@ -1173,8 +1227,7 @@ fn unwatch_region(py: Python<'_>, region: u32, reason: UnwatchReason) -> PyResul
         let i = st.watches.iter().position(|w| w.id == region)?;
         let w = st.watches.remove(i);
         st.engine.remove(region);
-        st.seq += 1;
-        let seq = st.seq;
+        let seq = crash::next_seq();
         if let Some(s) = sink().as_mut() {
             let ev = EventContext::here(&tname, &stack);
             s.region_unwatched(seq, region, reason, &ev);
@@ -1381,9 +1434,8 @@ pub fn _start(
         let s = sk.as_mut().expect("just set");
         for w in &st.watches {
             if let Some(r) = st.engine.regions.iter().find(|r| r.id == w.id) {
-                st.seq += 1;
                 let ev = EventContext::here(&tname, &stack);
-                s.region_watched(st.seq, r, &ev);
+                s.region_watched(crash::next_seq(), r, &ev);
             }
         }
     });
@@ -1440,11 +1492,14 @@ pub fn _shutdown(py: Python<'_>) -> PyResult<()> {
 /// them), without touching the parent's file.
 #[pyfunction]
 pub fn _after_fork_child(py: Python<'_>) {
+    crash::after_fork();
     if let Some(s) = sink().take() {
         // The parent owns the file: writing pending records from here would
-        // interleave with it.
+        // interleave with it. Nor is its crash area ours to write.
+        crash::disarm();
         std::mem::forget(s);
     }
+    crash::reset_seq();
     let old = state().take();
     if let Some(st) = old {
         for w in st.watches {

@@ -245,7 +245,7 @@ unsafe extern "C" fn line_fast(
                     && no_buffers(py)
                     && crate::vars::binds_watched(code as usize) == Some(false);
                 if !passive {
-                    LAST.with(|l| l.set((code as usize, line as u32)));
+                    crate::monitor::set_last((code as usize, line as u32));
                     // SAFETY: returning a new reference to None.
                     return unsafe { ffi::Py_NewRef(ffi::Py_None()) };
                 }

@@ -112,6 +112,14 @@ thread_local! {
     pub static GUARD: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Moves this thread's last in-scope line to `last` (and tells the
+/// fatal-signal handler, which cannot read thread-locals).
+#[inline]
+pub fn set_last(last: (usize, u32)) {
+    LAST.with(|l| l.set(last));
+    crate::signals::crash::note_line(last.0, last.1);
+}
+
 /// Runs `f` with the reentrancy guard set.
 pub fn guarded<R>(f: impl FnOnce() -> R) -> R {
     let was = GUARD.with(|g| g.replace(true));
@@ -144,6 +152,7 @@ pub fn code_info(py: Python<'_>, code: &Bound<'_, PyAny>) -> PyResult<(Arc<str>,
         in_scope,
     };
     let out = (info.file.clone(), info.function.clone(), info.in_scope);
+    crate::signals::crash::learn_code(key, &info.file, &info.function);
     codes().get_or_insert_with(AddrMap::default).insert(key, info);
     Ok(out)
 }
@@ -457,7 +466,7 @@ pub fn _mon_py_return(
     }
     if crate::fastline::line_unchanged(py) {
         // Nothing to check: only the line moves on, to the caller's.
-        LAST.with(|l| l.set(crate::api::innermost_in_scope(py, true)));
+        set_last(crate::api::innermost_in_scope(py, true));
         return py.None();
     }
     let verdict = disable_unless_needed(py, code);
@@ -685,7 +694,7 @@ extern "C" fn trace_func(
             // itself) and nothing changed.
             let key = code.as_ptr() as usize;
             if LAST.with(|l| l.get().0) == key && crate::fastline::line_unchanged(py) {
-                LAST.with(|l| l.set((key, line.max(0) as u32)));
+                set_last((key, line.max(0) as u32));
                 return 0;
             }
             if !code_in_scope(key) && !matches!(code_info(py, &code), Ok((_, _, true))) {
@@ -708,7 +717,7 @@ extern "C" fn trace_func(
             let code = unsafe { Bound::<PyAny>::from_owned_ptr(py, ffi::PyFrame_GetCode(frame).cast()) };
             if matches!(code_info(py, &code), Ok((_, _, true))) {
                 if crate::fastline::line_unchanged(py) {
-                    LAST.with(|l| l.set(crate::api::innermost_in_scope(py, true)));
+                    set_last(crate::api::innermost_in_scope(py, true));
                     return 0;
                 }
                 crate::api::at_boundary(py, code.as_ptr() as usize, 0, Boundary::Return);

@@ -2209,7 +2209,7 @@ pub fn _watch_object(
         let _ = unwatch_object(py, watch);
         return Err(e);
     }
-    LAST.with(|l| l.set(here));
+    crate::monitor::set_last(here);
     Ok(ObjectWatchHandle {
         watch,
         tag,

@@ -69,6 +69,8 @@ pub struct TraceSink {
     path: PathBuf,
     start: Instant,
     pub start_unix_ns: u64,
+    /// Bytes of each watched region: the crash area holds them all.
+    watched: HashMap<u32, u64>,
     /// Per region: bytes changed and changes since its last snapshot.
     since_checkpoint: HashMap<u32, (u64, u64)>,
     /// Set after a write error: recording stopped there.
@@ -122,10 +124,15 @@ impl TraceSink {
             ..WriterOptions::default()
         };
         let writer = TraceWriter::create(path, &meta, opts)?;
+        let start = Instant::now();
+        if let Some((base, len)) = writer.crash_area() {
+            crate::signals::crash::arm(base, len);
+        }
         Ok(TraceSink {
             writer,
             path: path.to_path_buf(),
-            start: Instant::now(),
+            start,
+            watched: HashMap::new(),
             start_unix_ns,
             since_checkpoint: HashMap::new(),
             failed: None,
@@ -161,6 +168,9 @@ impl TraceSink {
             }
         }
         let thread_name = self.writer.intern_str(ev.thread_name)?;
+        if ev.thread == crate::kernel::gettid() {
+            crate::signals::crash::note_name(thread_name);
+        }
         let mut frames = Vec::with_capacity(ev.stack.len());
         for f in ev.stack {
             frames.push(self.writer.intern_frame(&f.file, &f.function, f.line)?);
@@ -236,6 +246,8 @@ impl TraceSink {
             }))?;
             s.writer.append_contents(region.id, seq, &region.shadow)?;
             s.since_checkpoint.insert(region.id, (0, 0));
+            s.watched.insert(region.id, region.len);
+            s.size_crash_area();
             Ok(())
         });
     }
@@ -342,7 +354,25 @@ impl TraceSink {
         });
     }
 
+    /// Grows the crash area to hold every watched byte once, half again
+    /// for the entries' headers of scattered changes, and a header per
+    /// region (a full disk leaves it smaller: the last look keeps what
+    /// fits and says so).
+    fn size_crash_area(&mut self) {
+        let bytes: u64 = self.watched.values().sum();
+        let entries = bytes
+            .saturating_add(bytes / 2)
+            .saturating_add(64 * self.watched.len() as u64);
+        if let Some(len) = self
+            .writer
+            .ensure_crash_area(usize::try_from(entries).unwrap_or(usize::MAX))
+        {
+            crate::signals::crash::set_area_len(len);
+        }
+    }
+
     pub fn region_unwatched(&mut self, seq: u64, region: u32, reason: UnwatchReason, ev: &EventContext<'_>) {
+        self.watched.remove(&region);
         self.guarded(seq, |s| {
             let ctx = s.ctx(ev)?;
             s.writer.append(&Record::RegionUnwatched(RegionUnwatched {
@@ -365,6 +395,8 @@ impl TraceSink {
 
     /// Writes any loss report and the trailer. Returns the file size.
     pub fn finish(mut self) -> Result<u64, String> {
+        // The crash area goes with the trace's trailer.
+        crate::signals::crash::disarm();
         if self.lost > 0 && self.failed.is_none() {
             let reason = "events after the trace writer stopped";
             let _ = self.writer.append(&Record::Lost(Lost {

@@ -406,7 +406,7 @@ pub fn _vars_changed(
             ANY.store(false, Ordering::Release);
             return Err(e);
         }
-        monitor::LAST.with(|l| l.set(api::innermost_in_scope(py, false)));
+        monitor::set_last(api::innermost_in_scope(py, false));
     }
     if active {
         // Lines switched off as needing nothing may bind a new pattern.

@@ -1,6 +1,8 @@
-//! The only code of memwatch that runs in signal context: the two handlers
-//! of `mode="store"` and the lock-free per-thread state they share with the
-//! rest of the recorder.
+//! The only code of memwatch that runs in signal context: here, the two
+//! handlers of `mode="store"` and the lock-free per-thread state they share
+//! with the rest of the recorder; in [`crash`], the fatal-signal handler
+//! that takes the last look of a recorded process (its rules are its own,
+//! written at its top).
 //!
 //! How one store is caught (see `store.rs` for the thread side):
 //! 1. A store-mode page is write-protected through a synchronous
@@ -35,6 +37,8 @@
 //! eventfd), `sigaction` and `tgkill` (to hand a trap that is not ours to
 //! the handler that was there before). Every function in this module that
 //! runs in signal context says so in its doc comment.
+
+pub mod crash;
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
