@@ -40,20 +40,24 @@ import sys, time
 import numpy as np
 import memwatch
 
-n, steps, watch = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "watch"
+n, steps, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 rng = np.random.default_rng(0)
 w = rng.standard_normal(n, dtype=np.float32)
 grads = [rng.standard_normal(n, dtype=np.float32) for _ in range(2)]
-if watch:
+if mode == "live":
+    memwatch.configure(live=False, max_history=0)
+if mode != "plain":
     memwatch.watch(w, name="w")
-total = 0.0
+total = write = 0.0
 for i in range(steps):
     g = grads[i % 2]
     t = time.perf_counter()
-    w -= 0.001 * g
-    total += time.perf_counter() - t
+    w -= 0.001 * g; t1 = time.perf_counter()
+    t2 = time.perf_counter()
+    total += t2 - t
+    write += t1 - t
 np.save("final.npy", w)
-print(total)
+print(total, write)
 """
 
 
@@ -78,6 +82,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--levels", default="default", help="comma-separated --compression levels to compare")
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run the loop watched without a trace, and split each step into its write "
+        "(the store and its first-write faults) and the check at the next line (diff, and handing "
+        "the change to the trace writer)",
+    )
     a = ap.parse_args()
     n = a.mb * (1 << 20) // 4
     levels = [None if x == "default" else int(x) for x in a.levels.split(",")]
@@ -86,15 +97,24 @@ def main() -> None:
         prog = cwd / "sgd.py"
         prog.write_text(PROGRAM)
         plain: list[float] = []
+        plain_write: list[float] = []
+        live: list[tuple[float, float]] = []
+        split: dict[int | None, list[tuple[float, float]]] = {lv: [] for lv in levels}
         recorded: dict[int | None, list[float]] = {lv: [] for lv in levels}
         info: dict[int | None, tuple[int, float]] = {}
         for _ in range(a.repeat):
             # Side by side: one plain run, then one recorded run per level.
-            plain.append(float(run([sys.executable, str(prog), str(n), str(a.steps), "plain"], cwd)))
+            total, write = map(float, run([sys.executable, str(prog), str(n), str(a.steps), "plain"], cwd).split())
+            plain.append(total)
+            plain_write.append(write)
+            if a.floor:
+                live.append(tuple(map(float, run([sys.executable, str(prog), str(n), str(a.steps), "live"], cwd).split())))
             for lv in levels:
                 opt = [] if lv is None else [f"--compression={lv}"]
-                cmd = [str(MEMWATCH), "record", *opt, "-o", "sgd.mwt", sys.executable, str(prog), str(n), str(a.steps), "watch"]
-                recorded[lv].append(float(run(cmd, cwd)))
+                cmd = [str(MEMWATCH), "record", *opt, "-o", "sgd.mwt", sys.executable, str(prog), str(n), str(a.steps), "record"]
+                total, write = map(float, run(cmd, cwd).split())
+                recorded[lv].append(total)
+                split[lv].append((total, write))
                 trace = memwatch_open(cwd / "sgd.mwt")
                 changes = trace.changes(tag="w")
                 assert len(changes) == a.steps, f"{len(changes)} changes, expected {a.steps}"
@@ -114,6 +134,24 @@ def main() -> None:
                 f"  record, level {name:>7} {r * 1e3:8.1f} ms  ({r / a.steps * 1e3:.2f} ms/step)  "
                 f"ratio {r / p:5.1f}x  {size / elements:.2f} B/element  waited {waited:.1f} ms (last run)"
             )
+        if a.floor:
+            # Per step, medians: the write line alone (store + first-write
+            # faults), then the check at the next line.
+            pw = statistics.median(plain_write) / a.steps * 1e3
+            lw = statistics.median(x[1] for x in live) / a.steps * 1e3
+            lc = statistics.median(x[0] - x[1] for x in live) / a.steps * 1e3
+            print(f"  floor, per step: plain write {pw:.2f} ms")
+            print(f"    watched, no trace: write {lw:.2f} ms (faults {lw - pw:+.2f}), check {lc:.2f} ms (diff)")
+            for lv in levels:
+                rw = statistics.median(x[1] for x in split[lv]) / a.steps * 1e3
+                rc = statistics.median(x[0] - x[1] for x in split[lv]) / a.steps * 1e3
+                name = "default" if lv is None else str(lv)
+                print(
+                    f"    recorded, level {name}: write {rw:.2f} ms, check {rc:.2f} ms "
+                    f"(diff + handing to the writer; encode runs on the writer's thread: {rc - lc:+.2f} ms over the diff)"
+                )
+            floor = pw + (lw - pw) + lc
+            print(f"    floor without encoding {floor:.2f} ms/step = {floor / (p / a.steps * 1e3):.1f}x the plain step")
 
 
 def memwatch_open(path: Path):

@@ -229,7 +229,9 @@ unsafe extern "C" fn line_fast(
             // that differs), and reporting it is all the full boundary would
             // do before moving the line on (`api::at_boundary`).
             if !crate::objects::quiet(py) {
-                crate::objects::flush(py, LAST.with(|l| l.get()));
+                // In pyo3's attach scope, so that what the flush lets go
+                // of is freed now, not at pyo3's next entry point.
+                Python::attach(|py| crate::objects::flush(py, LAST.with(|l| l.get())));
             }
             // Watched variables: the line moves on here only if the frame
             // still binds what was seen at its last check. With nothing but

@@ -710,7 +710,7 @@ extern "C" fn trace_func(
                 }
                 return 0;
             }
-            crate::api::at_boundary(py, key, line.max(0) as u32, Boundary::Line);
+            on_boundary(key, line.max(0) as u32, Boundary::Line);
         }
         ffi::PyTrace_RETURN => {
             // SAFETY: as above.
@@ -720,12 +720,32 @@ extern "C" fn trace_func(
                     set_last(crate::api::innermost_in_scope(py, true));
                     return 0;
                 }
-                crate::api::at_boundary(py, code.as_ptr() as usize, 0, Boundary::Return);
+                on_boundary(code.as_ptr() as usize, 0, Boundary::Return);
             }
         }
         _ => {}
     }
     0
+}
+
+/// A boundary of the C trace function that takes the full check, inside
+/// pyo3's attach scope. A trace function is called with the GIL held but
+/// outside any pyo3 entry point, so pyo3 does not know the thread is
+/// attached: every `Py` dropped there (a change handed to the history and
+/// let go, say) would wait in pyo3's reference pool until the next entry
+/// point, and with it the shadow snapshot the change's bytes point into,
+/// so the next check of a large region could not reuse its snapshot
+/// buffer and took a fresh one (CPython 3.11 paid 1.4-1.8x for history
+/// on a 100 MB rewrite for this; `sys.monitoring` callbacks are pyo3
+/// functions and never did).
+#[inline(never)]
+fn on_boundary(code: usize, line: u32, kind: Boundary) {
+    let done = Python::try_attach(|py| crate::api::at_boundary(py, code, line, kind));
+    if done.is_none() {
+        // The interpreter is finalizing: check all the same, as before.
+        // SAFETY: trace functions are called with the GIL held.
+        crate::api::at_boundary(unsafe { Python::assume_attached() }, code, line, kind);
+    }
 }
 
 /// Installs the C trace function on the calling thread, on top of the
