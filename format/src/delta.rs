@@ -102,17 +102,20 @@ fn shuffle_into(out: &mut Vec<u8>, old: Option<&[u8]>, new: &[u8], width: usize)
 }
 
 /// Shuffles `new` (XOR `old` when `XOR`) by `W` into `dst` (`dst`, `old`
-/// and `new` of one length).
+/// and `new` of one length): sixteen elements at a time with SSSE3 where
+/// the CPU has it (`simd`), the rest one element at a time.
 #[inline(always)]
 fn shuffle_w<const W: usize, const XOR: bool>(dst: &mut [u8], old: &[u8], new: &[u8]) {
     let n = new.len() / W;
     let body = n * W;
+    let done = simd::shuffle::<W, XOR>(&mut dst[..body], &old[..body], &new[..body], n);
     let (planes, tail) = dst.split_at_mut(body);
-    for (i, (o, x)) in old[..body]
+    for (i, (o, x)) in old[done * W..body]
         .chunks_exact(W)
-        .zip(new[..body].chunks_exact(W))
+        .zip(new[done * W..body].chunks_exact(W))
         .enumerate()
     {
+        let i = done + i;
         for j in 0..W {
             let b = if XOR { o[j] ^ x[j] } else { x[j] };
             // SAFETY: i < n and j < W, so j * n + i < body == planes.len().
@@ -125,6 +128,131 @@ fn shuffle_w<const W: usize, const XOR: bool>(dst: &mut [u8], old: &[u8], new: &
         } else {
             new[body + k]
         };
+    }
+}
+
+/// The shuffle's vector kernel: 16 elements (16 bytes of each plane) per
+/// step. Per 16 input bytes one `pshufb` gathers each plane's bytes, then
+/// an unpack transpose puts each plane's 16 bytes together. A 16 MB float32
+/// change shuffles in a fraction of the scalar loop's 7.5 ms.
+mod simd {
+    /// Shuffles the first `16 * (n / 16)` elements of `new` (XOR `old`)
+    /// into `dst`'s `W` planes of `n` bytes; returns how many it did (0
+    /// without SSSE3, or for a `W` it has no kernel for).
+    #[inline(always)]
+    pub(super) fn shuffle<const W: usize, const XOR: bool>(
+        dst: &mut [u8],
+        old: &[u8],
+        new: &[u8],
+        n: usize,
+    ) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("ssse3") && (W == 2 || W == 4 || W == 8) {
+                assert!(dst.len() == n * W && old.len() == n * W && new.len() == n * W);
+                // SAFETY: SSSE3 is there; the lengths are checked above.
+                return unsafe { x86::shuffle::<W, XOR>(dst, old, new, n) };
+            }
+        }
+        let _ = (dst, old, new, n);
+        0
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        #[inline(always)]
+        unsafe fn load<const XOR: bool>(old: *const u8, new: *const u8) -> __m128i {
+            let x = _mm_loadu_si128(new.cast());
+            if XOR {
+                _mm_xor_si128(x, _mm_loadu_si128(old.cast()))
+            } else {
+                x
+            }
+        }
+
+        /// # Safety
+        /// SSSE3; `dst`, `old` and `new` hold `n * W` bytes.
+        #[target_feature(enable = "ssse3")]
+        pub(super) unsafe fn shuffle<const W: usize, const XOR: bool>(
+            dst: &mut [u8],
+            old: &[u8],
+            new: &[u8],
+            n: usize,
+        ) -> usize {
+            let blocks = n / 16;
+            let (o, x, d) = (old.as_ptr(), new.as_ptr(), dst.as_mut_ptr());
+            let put = |plane: usize, b: usize, v: __m128i| {
+                // SAFETY: plane < W and (b + 1) * 16 <= n.
+                unsafe { _mm_storeu_si128(d.add(plane * n + b * 16).cast(), v) };
+            };
+            for b in 0..blocks {
+                let at = b * 16 * W;
+                match W {
+                    2 => {
+                        // Even bytes, then odd ones, of 8 elements per load.
+                        let m = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+                        let v0 = _mm_shuffle_epi8(load::<XOR>(o.add(at), x.add(at)), m);
+                        let v1 = _mm_shuffle_epi8(load::<XOR>(o.add(at + 16), x.add(at + 16)), m);
+                        put(0, b, _mm_unpacklo_epi64(v0, v1));
+                        put(1, b, _mm_unpackhi_epi64(v0, v1));
+                    }
+                    4 => {
+                        // Per load of 4 elements: 4 bytes of each plane.
+                        let m = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+                        let mut v = [_mm_setzero_si128(); 4];
+                        for (k, v) in v.iter_mut().enumerate() {
+                            *v = _mm_shuffle_epi8(load::<XOR>(o.add(at + 16 * k), x.add(at + 16 * k)), m);
+                        }
+                        let t0 = _mm_unpacklo_epi32(v[0], v[1]);
+                        let t1 = _mm_unpacklo_epi32(v[2], v[3]);
+                        let t2 = _mm_unpackhi_epi32(v[0], v[1]);
+                        let t3 = _mm_unpackhi_epi32(v[2], v[3]);
+                        put(0, b, _mm_unpacklo_epi64(t0, t1));
+                        put(1, b, _mm_unpackhi_epi64(t0, t1));
+                        put(2, b, _mm_unpacklo_epi64(t2, t3));
+                        put(3, b, _mm_unpackhi_epi64(t2, t3));
+                    }
+                    8 => {
+                        // Per load of 2 elements: 2 bytes of each plane.
+                        let m = _mm_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+                        let mut v = [_mm_setzero_si128(); 8];
+                        for (k, v) in v.iter_mut().enumerate() {
+                            *v = _mm_shuffle_epi8(load::<XOR>(o.add(at + 16 * k), x.add(at + 16 * k)), m);
+                        }
+                        // v[k] holds, as 16-bit lanes, planes 0..8 of
+                        // elements 2k and 2k + 1: transpose 8 x 8 lanes.
+                        let a0 = _mm_unpacklo_epi16(v[0], v[1]);
+                        let a1 = _mm_unpackhi_epi16(v[0], v[1]);
+                        let a2 = _mm_unpacklo_epi16(v[2], v[3]);
+                        let a3 = _mm_unpackhi_epi16(v[2], v[3]);
+                        let a4 = _mm_unpacklo_epi16(v[4], v[5]);
+                        let a5 = _mm_unpackhi_epi16(v[4], v[5]);
+                        let a6 = _mm_unpacklo_epi16(v[6], v[7]);
+                        let a7 = _mm_unpackhi_epi16(v[6], v[7]);
+                        let b0 = _mm_unpacklo_epi32(a0, a2);
+                        let b1 = _mm_unpackhi_epi32(a0, a2);
+                        let b2 = _mm_unpacklo_epi32(a1, a3);
+                        let b3 = _mm_unpackhi_epi32(a1, a3);
+                        let b4 = _mm_unpacklo_epi32(a4, a6);
+                        let b5 = _mm_unpackhi_epi32(a4, a6);
+                        let b6 = _mm_unpacklo_epi32(a5, a7);
+                        let b7 = _mm_unpackhi_epi32(a5, a7);
+                        put(0, b, _mm_unpacklo_epi64(b0, b4));
+                        put(1, b, _mm_unpackhi_epi64(b0, b4));
+                        put(2, b, _mm_unpacklo_epi64(b1, b5));
+                        put(3, b, _mm_unpackhi_epi64(b1, b5));
+                        put(4, b, _mm_unpacklo_epi64(b2, b6));
+                        put(5, b, _mm_unpackhi_epi64(b2, b6));
+                        put(6, b, _mm_unpacklo_epi64(b3, b7));
+                        put(7, b, _mm_unpackhi_epi64(b3, b7));
+                    }
+                    _ => return 0,
+                }
+            }
+            blocks * 16
+        }
     }
 }
 
@@ -491,6 +619,29 @@ mod tests {
         shuffle_into(&mut out, Some(&old), &new, 4);
         // Two whole elements, then the two bytes past them as they are.
         assert_eq!(out, [1, 5, 2, 6, 3, 7, 4, 8, 9, 10]);
+    }
+
+    #[test]
+    fn the_blocked_shuffle_is_the_plain_one_at_every_length() {
+        // shuffle_any is the definition, byte by byte; shuffle_w does eight
+        // elements at a time and the rest one by one.
+        for w in [2usize, 4, 8] {
+            for len in 0..(16 * w * 3 + 2 * w + 3) {
+                let new: Vec<u8> = (0..len).map(|k| (k * 7 + 3) as u8).collect();
+                let old: Vec<u8> = (0..len).map(|k| (k * 13 + 1) as u8).collect();
+                for xor in [false, true] {
+                    let o = xor.then_some(&old[..]);
+                    let mut fast = Vec::new();
+                    shuffle_into(&mut fast, o, &new, w);
+                    let mut plain = vec![0u8; len];
+                    shuffle_any(&mut plain, o, &new, w);
+                    assert_eq!(fast, plain, "w {w} len {len} xor {xor}");
+                    let mut back = vec![0u8; len];
+                    unshuffle_into(&mut back, &old, &fast, w, !xor);
+                    assert_eq!(back, new, "round trip, w {w} len {len} xor {xor}");
+                }
+            }
+        }
     }
 
     #[test]
