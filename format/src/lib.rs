@@ -47,6 +47,7 @@
 pub mod chunk;
 pub mod crash;
 pub mod delta;
+pub mod direct;
 mod error;
 pub mod header;
 pub mod journal;

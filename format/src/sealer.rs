@@ -3,8 +3,10 @@
 //!
 //! A [`TraceWriter`](crate::TraceWriter) hands each chunk's raw payload to
 //! its sealer (`Sealer::hand`) and goes on. The sealer thread compresses
-//! it, writes header and payload with one `write`, and gives the buffer
-//! back for the writer's next chunk. Chunks are written in the order they
+//! it into a working buffer of its own (kept from chunk to chunk), writes
+//! header and payload with one `write` (a large chunk with direct I/O, past
+//! the page cache: see [`crate::direct`]), and gives the raw buffer back for
+//! the writer's next chunk. Chunks are written in the order they
 //! were handed, so the file is what a writer that sealed its chunks itself
 //! would have written.
 //!
@@ -33,10 +35,20 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::chunk::{ChunkHeader, ChunkKind, Codec, IndexEntry, CHUNK_HEADER_LEN};
+use crate::direct::{AlignedBuf, Direct, ALIGN, DIRECT_MIN};
 use crate::writer::Output;
 
 /// Raw bytes that may wait for the sealer before a writer waits too.
 pub const MAX_QUEUED: usize = 32 << 20;
+
+/// Buffers of written chunks kept for the writer's next ones: at most this
+/// many, of at most [`SPARE_BYTES`] in all. As many buffers as are ever in
+/// flight at once (the pending chunk, the queued ones and the one being
+/// sealed, at most [`MAX_QUEUED`] and two chunks) stay in circulation, so a
+/// steady stream of large chunks allocates no new memory.
+pub const MAX_SPARE: usize = 8;
+/// See [`MAX_SPARE`].
+pub const SPARE_BYTES: usize = 2 * MAX_QUEUED;
 
 /// One chunk to seal.
 pub(crate) struct Job {
@@ -80,6 +92,8 @@ pub(crate) struct State {
     pub queued_bytes: usize,
     /// Chunks written.
     pub chunks: u64,
+    /// Of them, written with direct I/O.
+    pub direct_chunks: u64,
     /// The file's length: where the next chunk goes.
     pub offset: u64,
     pub raw_bytes: u64,
@@ -101,18 +115,51 @@ impl Shared {
     }
 }
 
-/// The sealer thread's own part: the output and how to compress.
-struct Core<W> {
-    out: W,
+/// The sealer thread's own part: how to compress, and where each chunk
+/// is laid out.
+struct Compress {
     compressor: Option<zstd::bulk::Compressor<'static>>,
+    /// Where the next chunk goes in the file.
+    offset: u64,
+    /// The file's bytes from the start of its last block up to `offset`
+    /// (what a direct write of the next chunk writes again before it).
+    tail: Vec<u8>,
+    /// Large chunks are laid out for a direct write.
+    direct: bool,
+    /// Working buffers, two so that one chunk compresses while the one
+    /// before is written; they come back from the writing thread.
+    free: Receiver<AlignedBuf>,
+}
+
+/// The writing thread's part: the output.
+struct Output2<W> {
+    out: W,
+    /// Large chunks go here, past the page cache, while the file system
+    /// takes direct I/O.
+    direct: Option<Direct>,
     size_limit: Option<u64>,
-    frame: Vec<u8>,
+    free: Sender<AlignedBuf>,
+}
+
+/// A chunk compressed and laid out, for the writing thread.
+struct Frame {
+    /// [head | header | payload], `head` the file's bytes before the chunk
+    /// in its first block (laid out for a direct write only, else empty).
+    buf: AlignedBuf,
+    head: usize,
+    len: usize,
+    /// Laid out for a direct write.
+    direct: bool,
+    /// Where the chunk goes.
+    offset: u64,
+    job: Job,
 }
 
 /// The writer's handle on its sealer thread.
 pub(crate) struct Sealer<W: Output> {
     tx: Option<Sender<Msg>>,
-    thread: Option<JoinHandle<W>>,
+    sealing: Option<JoinHandle<()>>,
+    writing: Option<JoinHandle<W>>,
     pub shared: Arc<Shared>,
     /// Chunks handed so far: the index the next one gets.
     pub handed: u64,
@@ -120,8 +167,17 @@ pub(crate) struct Sealer<W: Output> {
 
 impl<W: Output> Sealer<W> {
     /// Starts the sealer thread for `out`, whose first chunk goes at
-    /// `offset`. `level` is the zstd level (0: store chunks uncompressed).
-    pub fn start(out: W, offset: u64, level: i32, size_limit: Option<u64>) -> io::Result<Self> {
+    /// `offset`, after the bytes `written` (the trace's header).
+    /// `level` is the zstd level (0: store chunks uncompressed).
+    /// `direct`, where given, takes the large chunks ([`crate::direct`]).
+    pub fn start(
+        out: W,
+        direct: Option<Direct>,
+        written: &[u8],
+        offset: u64,
+        level: i32,
+        size_limit: Option<u64>,
+    ) -> io::Result<Self> {
         let compressor = if level != 0 {
             Some(zstd::bulk::Compressor::new(level)?)
         } else {
@@ -136,19 +192,37 @@ impl<W: Output> Sealer<W> {
             changed: Condvar::new(),
         });
         let (tx, rx) = channel();
-        let core = Core {
-            out,
+        let (free_tx, free_rx) = channel();
+        for _ in 0..2 {
+            let _ = free_tx.send(AlignedBuf::default());
+        }
+        let start = (written.len() - written.len() % ALIGN).min(written.len());
+        let compress = Compress {
             compressor,
-            size_limit,
-            frame: Vec::new(),
+            offset,
+            tail: written[start..].to_vec(),
+            direct: direct.is_some(),
+            free: free_rx,
         };
+        let output = Output2 {
+            out,
+            direct,
+            size_limit,
+            free: free_tx,
+        };
+        let (ftx, frx) = channel::<Frame>();
         let sh = shared.clone();
-        let thread = std::thread::Builder::new()
+        let writing = std::thread::Builder::new()
+            .name("memwatch-write".into())
+            .spawn(move || write_all(output, frx, &sh))?;
+        let sh = shared.clone();
+        let sealing = std::thread::Builder::new()
             .name("memwatch-seal".into())
-            .spawn(move || run(core, rx, &sh))?;
+            .spawn(move || run(compress, rx, ftx, sh))?;
         Ok(Sealer {
             tx: Some(tx),
-            thread: Some(thread),
+            sealing: Some(sealing),
+            writing: Some(writing),
             shared,
             handed: 0,
         })
@@ -218,7 +292,12 @@ impl<W: Output> Sealer<W> {
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(Msg::Stop);
         }
-        self.thread.take().and_then(|t| t.join().ok())
+        // The sealing thread ends first; dropping its end of the frames'
+        // channel ends the writing thread once it has written them all.
+        if let Some(t) = self.sealing.take() {
+            let _ = t.join();
+        }
+        self.writing.take().and_then(|t| t.join().ok())
     }
 
     fn gone(&self) -> Failure {
@@ -237,96 +316,192 @@ impl<W: Output> Drop for Sealer<W> {
     }
 }
 
-fn run<W: Output>(mut core: Core<W>, rx: Receiver<Msg>, shared: &Shared) -> W {
+/// The sealer thread: compresses each chunk and passes it to the writing
+/// thread (`memwatch-write`), so that a chunk's write (a direct one waits
+/// for the device) overlaps the next chunk's compression.
+fn run(mut c: Compress, rx: Receiver<Msg>, ftx: Sender<Frame>, shared: Arc<Shared>) {
     while let Ok(Msg::Seal(job)) = rx.recv() {
-        let len = job.raw.len();
-        let failed = shared.lock().failed.is_some();
-        let done = if failed {
-            None
-        } else {
-            Some(core.seal(&job, shared))
-        };
-        let mut st = shared.lock();
-        st.queued -= 1;
-        st.queued_bytes -= len;
-        match done {
-            Some(Ok((entry, total))) => {
-                st.chunks += 1;
-                st.offset += total;
-                st.file_bytes += total;
-                st.raw_bytes += len as u64;
-                if job.kind == ChunkKind::Records {
-                    st.index.push(entry);
-                }
-                if st.spare.len() < 4 {
-                    let mut raw = job.raw;
-                    raw.clear();
-                    st.spare.push(raw);
+        if shared.lock().failed.is_some() {
+            done(&shared, &job, None);
+            continue;
+        }
+        match c.lay_out(job) {
+            Ok(frame) => {
+                if let Err(e) = ftx.send(frame) {
+                    done(&shared, &e.0.job, None);
                 }
             }
-            Some(Err(f)) => st.failed = Some(f),
-            None => {}
+            Err((job, f)) => done(&shared, &job, Some(Err(f))),
         }
-        drop(st);
-        shared.changed.notify_all();
     }
-    core.out
 }
 
-impl<W: Output> Core<W> {
-    /// Compresses and writes one chunk; returns its index entry and length.
-    fn seal(&mut self, job: &Job, shared: &Shared) -> Result<(IndexEntry, u64), Failure> {
-        let (offset, chunks) = {
-            let st = shared.lock();
-            (st.offset, st.chunks)
+/// Accounts for one handed chunk: written (`Some(Ok)`), failed
+/// (`Some(Err)`), or refused after a failure (`None`).
+fn done(shared: &Shared, job: &Job, result: Option<Result<(IndexEntry, u64, bool), Failure>>) {
+    let mut st = shared.lock();
+    st.queued -= 1;
+    st.queued_bytes -= job.raw.len();
+    match result {
+        Some(Ok((entry, total, direct))) => {
+            st.chunks += 1;
+            st.direct_chunks += u64::from(direct);
+            st.offset += total;
+            st.file_bytes += total;
+            st.raw_bytes += job.raw.len() as u64;
+            if job.kind == ChunkKind::Records {
+                st.index.push(entry);
+            }
+        }
+        Some(Err(f)) => st.failed = Some(f),
+        None => {}
+    }
+    drop(st);
+    shared.changed.notify_all();
+}
+
+/// The writing thread: writes each laid-out chunk in turn.
+fn write_all<W: Output>(mut o: Output2<W>, rx: Receiver<Frame>, shared: &Shared) -> W {
+    while let Ok(frame) = rx.recv() {
+        let result = if shared.lock().failed.is_some() {
+            None
+        } else {
+            Some(o.write(&frame, shared))
         };
+        done(shared, &frame.job, result);
+        let Frame { mut buf, job, .. } = frame;
+        // Kept for the writer's next chunks: a new buffer costs fresh
+        // pages (faults and zeroing) on every chunk.
+        {
+            let mut st = shared.lock();
+            let kept: usize = st.spare.iter().map(Vec::capacity).sum();
+            if st.spare.len() < MAX_SPARE && kept + job.raw.capacity() <= SPARE_BYTES {
+                let mut raw = job.raw;
+                raw.clear();
+                st.spare.push(raw);
+            }
+        }
+        buf.trim();
+        let _ = o.free.send(buf);
+    }
+    o.out
+}
+
+impl Compress {
+    /// Compresses one chunk into a working buffer, laid out with its
+    /// header (and, for a direct write, the block's bytes before it).
+    fn lay_out(&mut self, job: Job) -> Result<Frame, (Job, Failure)> {
+        let mut buf = self.free.recv().unwrap_or_default();
         let raw = &job.raw[..];
-        let fail = |e: io::Error, closed: String| Failure {
-            errno: e.raw_os_error(),
-            kind: e.kind(),
-            message: e.to_string(),
-            closed,
+        let direct = self.direct && raw.len() >= DIRECT_MIN;
+        let head = if direct { self.tail.len() } else { 0 };
+        let bound = match self.compressor {
+            Some(_) => zstd::zstd_safe::compress_bound(raw.len()).max(raw.len()),
+            None => raw.len(),
         };
-        let (codec, stored): (Codec, std::borrow::Cow<[u8]>) = match &mut self.compressor {
-            Some(c) => match c.compress(raw) {
-                Ok(z) if z.len() < raw.len() => (Codec::Zstd, z.into()),
-                Ok(_) => (Codec::Stored, raw.into()),
+        let b = buf.get(head + CHUNK_HEADER_LEN + bound);
+        b[..head].copy_from_slice(&self.tail[..head]);
+        let payload = &mut b[head + CHUNK_HEADER_LEN..];
+        let compressed = match &mut self.compressor {
+            Some(c) => match c.compress_to_buffer(raw, payload) {
+                Ok(n) if n < raw.len() => Some(n),
+                Ok(_) => None,
                 Err(e) => {
-                    let closed = format!("compressing chunk {chunks} failed: {e}");
-                    return Err(fail(e, closed));
+                    let f = Failure {
+                        errno: e.raw_os_error(),
+                        kind: e.kind(),
+                        message: e.to_string(),
+                        closed: format!("compressing a chunk failed: {e}"),
+                    };
+                    return Err((job, f));
                 }
             },
-            None => (Codec::Stored, raw.into()),
+            None => None,
+        };
+        let (codec, stored_len) = match compressed {
+            Some(n) => (Codec::Zstd, n),
+            None => {
+                payload[..raw.len()].copy_from_slice(raw);
+                (Codec::Stored, raw.len())
+            }
         };
         let header = ChunkHeader {
             kind: job.kind,
             codec,
-            stored_len: stored.len() as u32,
+            stored_len: stored_len as u32,
             raw_len: raw.len() as u32,
             record_count: job.record_count,
             first_seq: job.first_seq,
             last_seq: job.last_seq,
-            payload_crc: crc32fast::hash(&stored),
+            payload_crc: crc32fast::hash(&payload[..stored_len]),
             contents_only: job.contents_only,
         };
-        // One write per chunk: a process killed mid-way leaves at most one
-        // partial chunk, which readers skip.
-        self.frame.clear();
-        self.frame.reserve(CHUNK_HEADER_LEN + stored.len());
-        self.frame.extend_from_slice(&header.encode());
-        self.frame.extend_from_slice(&stored);
-        let total = self.frame.len() as u64;
+        b[head..head + CHUNK_HEADER_LEN].copy_from_slice(&header.encode());
+        let total = CHUNK_HEADER_LEN + stored_len;
+        let offset = self.offset;
+        // The new last block's bytes: from this chunk, or from the old
+        // tail and all of this chunk.
+        let end = offset + total as u64;
+        let keep = (end % ALIGN as u64) as usize;
+        let chunk = &b[head..head + total];
+        if keep <= total {
+            self.tail.clear();
+            self.tail.extend_from_slice(&chunk[total - keep..]);
+        } else {
+            self.tail.drain(..self.tail.len() - (keep - total));
+            self.tail.extend_from_slice(chunk);
+        }
+        self.offset = end;
+        Ok(Frame {
+            buf,
+            head,
+            len: head + total,
+            direct,
+            offset,
+            job,
+        })
+    }
+}
+
+impl<W: Output> Output2<W> {
+    /// Writes one laid-out chunk; returns its index entry, its length and
+    /// whether it was written directly.
+    fn write(&mut self, frame: &Frame, shared: &Shared) -> Result<(IndexEntry, u64, bool), Failure> {
+        let chunks = shared.lock().chunks;
+        let Frame {
+            head, len, offset, ..
+        } = *frame;
+        let job = &frame.job;
+        let bytes = frame.buf.filled(len);
+        let total = (len - head) as u64;
         let past_limit = self.size_limit.is_some_and(|limit| offset + total > limit);
+        let mut wrote_direct = false;
         let res = if past_limit {
             // The kernel would send SIGXFSZ, which kills a program that
             // does not ignore it.
             Err(io::Error::from_raw_os_error(libc::EFBIG))
         } else {
-            self.out.write_all(&self.frame).and_then(|()| self.out.flush())
+            let direct = match (&mut self.direct, frame.direct) {
+                (Some(d), true) => d.write(bytes, offset - head as u64),
+                _ => Ok(false),
+            };
+            match direct {
+                Ok(true) => {
+                    wrote_direct = true;
+                    Ok(())
+                }
+                Ok(false) => {
+                    if frame.direct {
+                        // Refused by the file system: buffered from now on.
+                        self.direct = None;
+                    }
+                    // One write per chunk: a process killed mid-way leaves
+                    // at most one partial chunk, which readers skip.
+                    self.out.write_all(&bytes[head..]).and_then(|()| self.out.flush())
+                }
+                Err(e) => Err(e),
+            }
         };
-        if self.frame.capacity() > 8 << 20 {
-            self.frame = Vec::new();
-        }
         if let Err(e) = res {
             // Cut back to the last whole chunk so the trace reads cleanly up
             // to where recording stopped.
@@ -334,8 +509,12 @@ impl<W: Output> Core<W> {
                 Ok(()) => format!("the trace ends after chunk {chunks}"),
                 Err(_) => "the trace ends in a partial chunk".to_string(),
             };
-            let closed = format!("writing chunk {chunks} failed: {e}; {cut}");
-            return Err(fail(e, closed));
+            return Err(Failure {
+                errno: e.raw_os_error(),
+                kind: e.kind(),
+                message: e.to_string(),
+                closed: format!("writing chunk {chunks} failed: {e}; {cut}"),
+            });
         }
         let entry = IndexEntry {
             offset,
@@ -343,6 +522,6 @@ impl<W: Output> Core<W> {
             first_seq: job.first_seq,
             last_seq: job.last_seq,
         };
-        Ok((entry, total))
+        Ok((entry, total, wrote_direct))
     }
 }

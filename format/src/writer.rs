@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::chunk::{encode_footer, ChunkKind, Trailer, NO_SEQ};
 use crate::crash::{crash_path, CrashArea};
+use crate::direct::Direct;
 use crate::error::{Error, Result};
 use crate::header::{encode_header, Meta};
 use crate::journal::{journal_path, Journal};
@@ -34,6 +35,12 @@ pub const SEPARATE_CONTENTS: usize = 64 << 10;
 /// length: after a failed write (a full disk) the writer cuts the file back
 /// to the end of its last whole chunk, so the trace stays clean up to there.
 pub trait Output: Write + Send + 'static {
+    /// A second handle on the output for writing large chunks with direct
+    /// I/O, past the page cache ([`crate::direct`]); the default has none.
+    fn direct(&self) -> Option<Direct> {
+        None
+    }
+
     /// Cuts the output back to `len` bytes; the default cannot.
     fn truncate_to(&mut self, _len: u64) -> std::io::Result<()> {
         Err(std::io::Error::new(
@@ -44,6 +51,10 @@ pub trait Output: Write + Send + 'static {
 }
 
 impl Output for File {
+    fn direct(&self) -> Option<Direct> {
+        Direct::open(self)
+    }
+
     fn truncate_to(&mut self, len: u64) -> std::io::Result<()> {
         self.set_len(len)?;
         self.seek(SeekFrom::Start(len)).map(|_| ())
@@ -68,6 +79,9 @@ pub struct WriterOptions {
     /// zstd level: negative levels are faster still, 19 is the smallest;
     /// 0 stores chunks uncompressed.
     pub zstd_level: i32,
+    /// Write large chunks with direct I/O (`O_DIRECT`) where the output and
+    /// its file system allow it ([`crate::direct`]).
+    pub direct_io: bool,
 }
 
 impl Default for WriterOptions {
@@ -76,6 +90,7 @@ impl Default for WriterOptions {
             chunk_bytes: 1 << 20,
             max_age: Duration::from_millis(500),
             zstd_level: DEFAULT_LEVEL,
+            direct_io: true,
         }
     }
 }
@@ -98,6 +113,9 @@ pub struct WriterStats {
     /// Nanoseconds the writer's callers waited for chunks to be compressed
     /// and written (see [`crate::sealer`]).
     pub waited_ns: u64,
+    /// Chunks written with direct I/O, past the page cache (see
+    /// [`crate::direct`]).
+    pub direct_chunks: u64,
 }
 
 /// Appends records to a trace, a chunk at a time.
@@ -111,7 +129,8 @@ pub struct WriterStats {
 ///
 /// Chunks are compressed and written by a thread of the writer's own (see
 /// [`crate::sealer`]), each with one `write` of header and payload, in the
-/// order they were emitted; [`flush`](Self::flush) waits until they are all
+/// order they were emitted (large ones past the page cache, see
+/// [`crate::direct`]); [`flush`](Self::flush) waits until they are all
 /// written. Without a journal a process that dies loses the records still
 /// pending or queued. Call [`finish`](Self::finish) to write the trailer; a
 /// trace without one still reads, and says it was not closed. A write that
@@ -237,7 +256,16 @@ impl<W: Output> TraceWriter<W> {
         };
         out.write_all(&header).map_err(io)?;
         out.flush().map_err(io)?;
-        let sealer = Sealer::start(out, header.len() as u64, opts.zstd_level, size_limit).map_err(io)?;
+        let direct = if opts.direct_io { out.direct() } else { None };
+        let sealer = Sealer::start(
+            out,
+            direct,
+            &header,
+            header.len() as u64,
+            opts.zstd_level,
+            size_limit,
+        )
+        .map_err(io)?;
         Ok(TraceWriter {
             sealer,
             opts,
@@ -285,6 +313,7 @@ impl<W: Output> TraceWriter<W> {
             raw_bytes: st.raw_bytes,
             file_bytes: st.file_bytes,
             waited_ns: self.waited_ns,
+            direct_chunks: st.direct_chunks,
         }
     }
 

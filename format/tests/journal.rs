@@ -44,6 +44,7 @@ fn options() -> WriterOptions {
         chunk_bytes: 64 << 10,
         max_age: std::time::Duration::from_secs(3600),
         zstd_level: 3,
+        direct_io: true,
     }
 }
 

@@ -178,3 +178,98 @@ fn a_chunk_flag_this_reader_does_not_know_is_refused_by_name() {
 fn r_first_chunk_offset(bytes: &[u8]) -> usize {
     TraceReader::from_bytes(bytes.to_vec(), "m").unwrap().chunks()[0].offset as usize
 }
+
+/// Writes the same records, large changes among them, to `out` and to
+/// memory, and returns both traces and the file's writer stats.
+fn same_trace_twice(path: &std::path::Path, direct_io: bool) -> (Vec<u8>, Vec<u8>, WriterStats) {
+    let opts = WriterOptions {
+        max_age: Duration::from_secs(3600),
+        direct_io,
+        ..WriterOptions::default()
+    };
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut noise = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    // Sizes that start and end chunks off the 4 KiB blocks, small chunks
+    // (written buffered) between large ones (written directly).
+    let sizes = [300_001, 7, 1 << 20, 4096, 2_500_003, 13, 700_000];
+    let states: Vec<(Vec<u8>, Vec<u8>)> = sizes.iter().map(|&n| (noise(n), noise(n))).collect();
+    let write = |w: &mut dyn FnMut(u64, &ByteRange<'_>)| {
+        for (i, (old, new)) in states.iter().enumerate() {
+            let r = ByteRange { offset: 0, old, new };
+            w(i as u64 + 1, &r);
+        }
+    };
+    let ctx = Context {
+        time_ns: 5,
+        thread: 1,
+        thread_name: NO_ID,
+        frame: NO_ID,
+        stack: NO_ID,
+    };
+    let mut file = TraceWriter::create(path, &Meta::default(), opts).unwrap();
+    let mut mem = TraceWriter::new(Vec::new(), "m", &Meta::default(), opts).unwrap();
+    write(&mut |seq, r| {
+        file.append_delta(seq, &ctx, 1, 4, false, std::slice::from_ref(r))
+            .unwrap();
+        file.flush().unwrap();
+        mem.append_delta(seq, &ctx, 1, 4, false, std::slice::from_ref(r))
+            .unwrap();
+        mem.flush().unwrap();
+    });
+    let stats = file.stats();
+    file.finish(9).unwrap();
+    let (mem, _) = mem.finish(9).unwrap();
+    (std::fs::read(path).unwrap(), mem, stats)
+}
+
+fn scratch(name: &str, base: &std::path::Path) -> std::path::PathBuf {
+    let d = base.join(format!("mww-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join("t.mwt")
+}
+
+#[test]
+fn a_trace_written_past_the_page_cache_holds_the_bytes_of_one_in_memory() {
+    let path = scratch("direct", &std::env::temp_dir());
+    let (file, mem, stats) = same_trace_twice(&path, true);
+    assert_eq!(file.len(), mem.len());
+    assert!(file == mem, "the file differs from the trace written to memory");
+    if stats.direct_chunks == 0 {
+        eprintln!(
+            "note: {} refuses direct I/O; the file was written buffered",
+            path.parent().unwrap().display()
+        );
+    } else {
+        // The four large chunks.
+        assert_eq!(stats.direct_chunks, 4);
+    }
+    let r = TraceReader::open(&path).unwrap();
+    assert_eq!(r.tail(), Tail::Closed);
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+}
+
+#[test]
+fn without_direct_io_or_where_it_is_refused_the_trace_is_the_same() {
+    let path = scratch("buffered", &std::env::temp_dir());
+    let (file, mem, stats) = same_trace_twice(&path, false);
+    assert_eq!(stats.direct_chunks, 0);
+    assert!(file == mem);
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    // tmpfs, where a kernel may refuse O_DIRECT.
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        let path = scratch("shm", shm);
+        let (file, mem, _) = same_trace_twice(&path, true);
+        assert!(file == mem);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+}

@@ -107,6 +107,15 @@ fn compression_level() -> i32 {
         .unwrap_or(memwatch_format::DEFAULT_LEVEL)
 }
 
+/// Whether large chunks go to the trace with direct I/O, past the page
+/// cache (`MEMWATCH_DIRECT_IO=0` turns it off; see `memwatch_format::direct`).
+fn direct_io() -> bool {
+    !matches!(
+        std::env::var("MEMWATCH_DIRECT_IO").as_deref().map(str::trim),
+        Ok("0") | Ok("off") | Ok("no") | Ok("false")
+    )
+}
+
 /// Nanoseconds since the Unix epoch.
 pub fn unix_ns() -> u64 {
     SystemTime::now()
@@ -121,6 +130,7 @@ impl TraceSink {
         let start_unix_ns = meta.start_time_ns;
         let opts = WriterOptions {
             zstd_level: compression_level(),
+            direct_io: direct_io(),
             ..WriterOptions::default()
         };
         let writer = TraceWriter::create(path, &meta, opts)?;
