@@ -72,5 +72,5 @@ pub use record::{
 pub use view::{take_view, ChangeView, RangesIter, RangesView, RecordView};
 pub use writer::{
     create_private, Output, TraceWriter, WriterOptions, WriterStats, CONTENTS_PIECE, DEFAULT_LEVEL,
-    JOURNAL_RESTART, SEPARATE_CONTENTS,
+    JOURNAL_RING, SEPARATE_CONTENTS,
 };

@@ -270,10 +270,25 @@ impl<W: Output> Sealer<W> {
         (waited, st.failed.clone())
     }
 
-    /// True when every chunk handed is written (and so none was refused).
-    pub fn idle(&self) -> bool {
+    /// How many chunks handed are not yet written: those after the first
+    /// `handed - unwritten`, which are. `None` once the sealer stopped.
+    pub fn unwritten(&self) -> Option<usize> {
         let st = self.shared.lock();
-        st.queued == 0 && st.failed.is_none()
+        st.failed.is_none().then_some(st.queued)
+    }
+
+    /// Waits until fewer than `unwritten` chunks handed are not yet
+    /// written (or the sealer stopped); returns how long, in nanoseconds.
+    pub fn wait_written(&self, unwritten: usize) -> u64 {
+        let mut st = self.shared.lock();
+        if st.queued < unwritten || st.failed.is_some() {
+            return 0;
+        }
+        let t = Instant::now();
+        while st.queued >= unwritten && st.failed.is_none() {
+            st = self.shared.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        t.elapsed().as_nanos() as u64
     }
 
     /// A buffer for the next chunk (one the sealer is done with, if any).

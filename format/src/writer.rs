@@ -1,6 +1,6 @@
 //! Appending records to a trace.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -13,12 +13,12 @@ use crate::error::{Error, Result};
 use crate::header::{encode_header, Meta};
 use crate::journal::{journal_path, Journal};
 use crate::record::{ByteRange, Context, FrameDef, Id, Record, StackDef, StringDef, Waited};
-use crate::sealer::{Failure, Job, Sealer};
+use crate::sealer::{Failure, Job, Sealer, MAX_QUEUED};
 
-/// A journal that holds this much starts over as soon as the sealer has
-/// written everything handed to it (the writer waits for that): the
-/// journal's size stays bounded however far the sealer is behind.
-pub const JOURNAL_RESTART: usize = 64 << 20;
+/// The journal's ring grows past this only when a record does not fit in
+/// it with the sealer's whole queue ([`MAX_QUEUED`]) beside it; until then,
+/// a record that finds no room waits for the sealer's next chunk instead.
+pub const JOURNAL_RING: usize = 64 << 20;
 
 /// Largest piece a writer puts in one [`Record::Contents`](crate::Record::Contents):
 /// region contents are split so no single record dominates a chunk.
@@ -172,6 +172,11 @@ pub struct TraceWriter<W: Output = File> {
     journal_seq: u64,
     /// Seqs of events the journal had no room for, since it last restarted.
     unjournaled: Vec<u64>,
+    /// For each chunk handed or pending whose records the journal may
+    /// still hold: its index, and the journal's head before its first
+    /// record (where the journal can forget up to once the chunks before
+    /// it are written).
+    marks: VecDeque<(u64, u64)>,
     /// Events appended but lost when the sealer stopped.
     dropped: u64,
     /// Where the recorder's fatal-signal handler writes its last look
@@ -291,6 +296,7 @@ impl<W: Output> TraceWriter<W> {
             unnoted: (0, 0),
             journal_seq: NO_SEQ,
             unjournaled: Vec::new(),
+            marks: VecDeque::new(),
             dropped: 0,
             crash: None,
             header_crc: crc32fast::hash(&header),
@@ -382,10 +388,7 @@ impl<W: Output> TraceWriter<W> {
         // A journal that cannot grow (a full disk, a file size limit) sends
         // the pending records, this one included, to the trace now: the
         // journal then starts over, empty.
-        let journal_full = match self.journal.as_mut() {
-            Some(j) => j.append(&self.pending[before..]).is_err(),
-            None => false,
-        };
+        let journal_full = self.journal_append(before);
         match (journal_full, seq) {
             (false, Some(seq)) => self.journal_seq = seq,
             // Only in the pending chunk: lost if that chunk is not written.
@@ -635,19 +638,79 @@ impl<W: Output> TraceWriter<W> {
         self.pending_since.get_or_insert_with(Instant::now);
     }
 
-    /// Before the first record of a chunk: a journal whose records all
-    /// reached the trace starts over, so that it stays small while the
-    /// sealer keeps up.
+    /// Before the first record of a chunk: the journal forgets the chunks
+    /// written since, and marks where this one starts.
     fn start_chunk(&mut self) {
-        if let Some(j) = self.journal.as_mut() {
-            if j.committed() > 0 && self.sealer.idle() {
-                j.restart(self.sealer.handed);
-                self.unjournaled.clear();
-            }
+        if let Some(mut j) = self.journal.take() {
+            self.forget_written(&mut j);
+            self.marks.push_back((self.sealer.handed, j.head()));
+            self.journal = Some(j);
         }
         if self.pending.capacity() == 0 {
             if let Some(buf) = self.sealer.spare() {
                 self.pending = buf;
+            }
+        }
+    }
+
+    /// Copies the pending bytes from `before` on (one record) into the
+    /// journal; `true` when the journal has no room for them and cannot
+    /// grow (a full disk, a file size limit).
+    ///
+    /// Where the ring has no room, it first forgets the chunks the sealer
+    /// has written. Still no room: while the ring is smaller than the
+    /// sealer's queue and two such records need, it grows; past that, the
+    /// record waits (counted as a wait) for the sealer's next chunk, whose
+    /// records it can then forget. Nothing unwritten is ever forgotten.
+    fn journal_append(&mut self, before: usize) -> bool {
+        let Some(mut j) = self.journal.take() else {
+            return false;
+        };
+        let len = self.pending.len() - before;
+        let want = MAX_QUEUED.saturating_add(len.saturating_mul(2)).max(JOURNAL_RING);
+        let full = loop {
+            if j.try_append(&self.pending[before..]) {
+                break false;
+            }
+            self.forget_written(&mut j);
+            if j.try_append(&self.pending[before..]) {
+                break false;
+            }
+            let unwritten = self.sealer.unwritten().unwrap_or(0);
+            if unwritten == 0 || j.capacity() < want {
+                if j.grow(len).is_ok() {
+                    continue;
+                }
+                if unwritten == 0 {
+                    break true;
+                }
+            }
+            let waited = self.sealer.wait_written(unwritten);
+            self.waited(waited);
+            if self.sealer.unwritten().is_none() {
+                // The sealer stopped: what it had is not written, and the
+                // writer closes on the next call.
+                break true;
+            }
+        };
+        self.journal = Some(j);
+        full
+    }
+
+    /// Forgets the journal's records of the chunks the sealer has written.
+    fn forget_written(&mut self, j: &mut Journal) {
+        let Some(unwritten) = self.sealer.unwritten() else {
+            return;
+        };
+        let written = self.sealer.handed - unwritten as u64;
+        while self.marks.front().is_some_and(|&(chunk, _)| chunk < written) {
+            self.marks.pop_front();
+        }
+        match self.marks.front() {
+            Some(&(chunk, at)) => j.forget(chunk, at),
+            None => {
+                j.restart(written);
+                self.unjournaled.clear();
             }
         }
     }
@@ -675,25 +738,6 @@ impl<W: Output> TraceWriter<W> {
         }
         if let Some(buf) = self.sealer.spare() {
             self.pending = buf;
-        }
-        // A journal grown large starts over once the sealer has caught up
-        // (the caller waits for it): bounded memory and disk, whatever the
-        // pace.
-        if self
-            .journal
-            .as_ref()
-            .is_some_and(|j| j.committed() >= JOURNAL_RESTART)
-        {
-            let (waited, failed) = self.sealer.drain();
-            self.waited(waited);
-            if let Some(f) = failed {
-                return Err(self.stop_on(f));
-            }
-            let next = self.sealer.handed;
-            if let Some(j) = self.journal.as_mut() {
-                j.restart(next);
-                self.unjournaled.clear();
-            }
         }
         Ok(())
     }

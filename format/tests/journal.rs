@@ -143,3 +143,48 @@ fn a_closed_trace_has_no_journal_and_a_stale_one_is_ignored() {
     std::fs::rename(journal_path(&other), journal_path(&path)).unwrap();
     assert_eq!(seqs(&TraceReader::open(&path).unwrap()), vec![1]);
 }
+
+#[test]
+fn a_killed_writer_of_large_records_loses_none_and_its_journal_stays_bounded() {
+    // 16 records of 8 MiB (4 MiB old, 4 MiB new): twice the journal's
+    // ring. The writer forgets what the sealer wrote rather than letting
+    // the journal grow with the trace.
+    let (path, mut w) = writer(&dir("large"), "run.mwt");
+    let old = vec![0u8; 4 << 20];
+    let mut most = 0;
+    for seq in 1..=16u64 {
+        let new = vec![seq as u8; 4 << 20];
+        w.append(&Record::Change(Change {
+            seq,
+            ctx: Context::default(),
+            region: 1,
+            ranges: vec![ByteRange {
+                offset: 0,
+                old: &old,
+                new: &new,
+            }],
+        }))
+        .unwrap();
+        most = most.max(std::fs::metadata(journal_path(&path)).unwrap().len());
+    }
+    std::mem::forget(w);
+    let r = TraceReader::open(&path).unwrap();
+    let mut got = Vec::new();
+    r.for_each_record(|rec| {
+        if let Record::Change(c) = rec {
+            assert!(
+                c.ranges[0].new.iter().all(|&b| b == c.seq as u8),
+                "seq {} reads its own bytes",
+                c.seq
+            );
+            got.push(c.seq);
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    assert_eq!(got, (1..=16).collect::<Vec<_>>());
+    assert!(
+        most <= (JOURNAL_RING as u64) * 2 + 4096,
+        "the journal stays near its ring's size: {most} bytes"
+    );
+}
