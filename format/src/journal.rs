@@ -325,9 +325,10 @@ impl Journal {
     /// after the rest.
     pub fn grow(&mut self, more: usize) -> io::Result<()> {
         let old = self.map.len();
-        let len = (old * 2)
-            .max(old + self.live() + more + JOURNAL_HEADER_LEN)
-            .next_power_of_two();
+        // Once unwrapped, the live records end at `a_start + live`, and
+        // `more` must fit after them.
+        let needed = self.slot.a_start + self.live() + more;
+        let len = (old * 2).max(needed.next_power_of_two());
         if file_size_limit().is_some_and(|limit| len as u64 > limit) {
             // Past the limit the kernel would also send SIGXFSZ.
             return Err(io::Error::from_raw_os_error(libc::EFBIG));
