@@ -64,16 +64,27 @@ def changes():
         memwatch._vars.unwatch_var(var)
     memwatch.remove_callback(collect)
     for region, *_ in memwatch._memwatch._regions():
-        memwatch._memwatch._unwatch(region)
+        try:
+            memwatch._memwatch._unwatch(region)
+        except memwatch.NotWatchedError:
+            pass  # ended meanwhile: collected at the check the unwatch before made
     memwatch.clear_history()
     memwatch.configure(include=[], exclude=[])
 
 
-def run_py(code: str, *args: str, env: dict | None = None, prefix: list[str] | None = None):
-    """Run Python code (dedented) in a fresh interpreter of this venv, from the repository root."""
+def run_py(
+    code: str,
+    *args: str,
+    env: dict | None = None,
+    prefix: list[str] | None = None,
+    input_text: str | None = None,
+):
+    """Run Python code (dedented) in a fresh interpreter of this venv, from the repository root
+    (with ``input_text`` on its stdin)."""
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run(
         [*(prefix or []), sys.executable, *args, "-c", textwrap.dedent(code)],
+        input=input_text,
         capture_output=True,
         text=True,
         timeout=60,

@@ -24,7 +24,7 @@ def test_python_examples_run():
         # are the comment lines that end a block.
         lines = src.splitlines()
         for line in lines:
-            if line.startswith("print(") and "#" in line:
+            if line.lstrip().startswith("print(") and "#" in line:
                 expected = line.split("#", 1)[1].strip()
                 assert expected in r.stdout, f"{expected!r} not in {r.stdout!r}"
         tail = []

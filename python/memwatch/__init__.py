@@ -7,7 +7,8 @@ queries offline.
 
 Watching buffers (``watch``, ``unwatch``, ``watching``, ``on_change``,
 ``history``, ``start``/``stop``), watching Python objects
-(``watch_object``), watching variables (``watch_var``) and reading traces back (``open_trace``,
+(``watch_object``), watching variables (``watch_var``), stopping at a change as it happens
+(``frozen``, ``freeze``/``unfreeze``, ``watch(condition=, action=)``) and reading traces back (``open_trace``,
 and the ``memwatch`` command: ``record``, ``query``, ``state``, ``blame``,
 ``summary``, ``dump``) work today.
 
@@ -19,12 +20,14 @@ True
 """
 
 from memwatch._api import configure, on_change, start, stop, unwatch, watch, watching
+from memwatch._guard import freeze, frozen, unfreeze
 from memwatch._objects import watch_object
 from memwatch._vars import VarWatchHandle, watch_var
 from memwatch._memwatch import (
     FORMAT_VERSION,
     Change,
     MemwatchError,
+    MutationError,
     NotATraceError,
     NotWatchedError,
     ObjectWatchHandle,
@@ -49,6 +52,7 @@ __all__ = [
     "FORMAT_VERSION",
     "Change",
     "MemwatchError",
+    "MutationError",
     "NotATraceError",
     "NotWatchedError",
     "ObjectWatchHandle",
@@ -64,6 +68,8 @@ __all__ = [
     "check",
     "clear_history",
     "configure",
+    "freeze",
+    "frozen",
     "Trace",
     "history",
     "on_change",
@@ -72,6 +78,7 @@ __all__ = [
     "start",
     "stop",
     "trace_info",
+    "unfreeze",
     "unwatch",
     "watch",
     "watch_object",

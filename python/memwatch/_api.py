@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from memwatch import _memwatch, _scope
+from memwatch import _guard, _memwatch, _scope
 from memwatch._memwatch import (
     Change,
     MemwatchError,
@@ -159,6 +159,8 @@ def watch(
     size: int | None = None,
     dtype: Any = None,
     shape: tuple[int, ...] | None = None,
+    condition: Any = None,
+    action: str = "record",
     _frame: Any = None,
 ) -> WatchHandle:
     """Watch a buffer; every change to it becomes a :class:`memwatch.Change`.
@@ -186,7 +188,20 @@ def watch(
     microseconds per store, so it suits sparse writes (a counter, a flag, a
     few elements), never a whole-array update. Without ``mode=``, the mode
     is ``$MEMWATCH_MODE`` (``memwatch record --mode``) or ``"line"``.
+
+    ``condition`` and ``action`` act on some changes as they happen:
+    ``action="raise"`` raises :class:`memwatch.MutationError` in the thread
+    that wrote, ``"breakpoint"`` calls ``sys.breakpointhook()`` there (pdb,
+    IPython and debuggers stop; ``PYTHONBREAKPOINT`` is honoured) and
+    ``"log"`` prints the change's ``[MEMWATCH]`` report; ``"record"`` (the
+    default) does nothing more than record. ``condition`` chooses the
+    changes the action acts on: a callable taking the :class:`Change` and
+    returning a bool, ``"nonfinite"`` (a NaN or an infinity among the new
+    values) or ``"any"`` (the default). Every change is recorded and kept
+    in the history either way. A watch with an action reports through it:
+    its changes are not printed live.
     """
+    _guard.check_guard(condition, action)
     if mode is None:
         mode = os.environ.get("MEMWATCH_MODE") or "line"
     if mode not in MODES:
@@ -247,6 +262,7 @@ def watch(
         obj,
         _memory_owner(obj) if buffer is None else None,
     )
+    _guard.set_guard(str(tag), condition, action)
     if mode == "store" and handle.tracking_note:
         warnings.warn(f"memwatch: {handle.tracking_note}", RuntimeWarning, stacklevel=2)
     _auto_start()

@@ -11,7 +11,7 @@ import threading
 import types
 from typing import Any
 
-from memwatch import _api, _memwatch
+from memwatch import _api, _guard, _memwatch
 from memwatch._memwatch import ObjectWatchHandle
 
 DEFAULT_REPR_LIMIT = 120
@@ -24,6 +24,8 @@ def watch_object(
     depth: int = 1,
     repr_limit: int = DEFAULT_REPR_LIMIT,
     key: Any = None,
+    condition: Any = None,
+    action: str = "record",
 ) -> Any:
     """Watch a Python object; every change to it becomes a :class:`memwatch.Change`
     with ``kind``, ``key``, ``old_repr`` and ``new_repr``.
@@ -48,7 +50,21 @@ def watch_object(
     pickling, identity). Unwatch with :func:`memwatch.unwatch` (the handle,
     the object or its name). When the object is garbage-collected the watch
     ends with a change of kind ``"collected"``.
+
+    ``condition`` and ``action`` act on some changes as they happen:
+    ``action="raise"`` raises :class:`memwatch.MutationError` in the thread
+    that wrote, ``"breakpoint"`` calls ``sys.breakpointhook()`` there (pdb,
+    IPython and debuggers stop; ``PYTHONBREAKPOINT`` is honoured) and
+    ``"log"`` prints the change's ``[MEMWATCH]`` report; ``"record"`` (the
+    default) does nothing more than record. ``condition`` chooses the
+    changes the action acts on: a callable taking the :class:`Change` and
+    returning a bool, ``"nonfinite"`` (a NaN or an infinity among the new
+    values) or ``"any"`` (the default). Every change is recorded and kept
+    in the history either way. A watch with an action reports through it:
+    its changes are not printed live.
+    For an object, ``"nonfinite"`` looks at a new value that is a float.
     """
+    _guard.check_guard(condition, action)
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
         raise ValueError(f"depth must be an int >= 0, not {depth!r}")
     if isinstance(repr_limit, bool) or not isinstance(repr_limit, int) or repr_limit < 8:
@@ -61,9 +77,11 @@ def watch_object(
         from memwatch._vars import watch_fingerprint
 
         handle = watch_fingerprint(obj, str(tag), variable, key, repr_limit)
+        _guard.set_guard(str(tag), condition, action)
         _api._auto_start()
         return handle
     handle = _memwatch._watch_object(obj, str(tag), variable, depth, repr_limit)
+    _guard.set_guard(str(tag), condition, action)
     _api._auto_start()
     return handle
 

@@ -107,6 +107,8 @@ def watch_var(
     scope: Any = None,
     tag: str | None = None,
     repr_limit: int = DEFAULT_REPR_LIMIT,
+    condition: Any = None,
+    action: str = "record",
 ) -> VarWatchHandle:
     """Report every rebinding of variables called ``name`` in in-scope code:
     ``x = ...``, ``x += ...``, ``for x in ...``, ``with ... as x``,
@@ -126,7 +128,14 @@ def watch_var(
     twice on one line is reported once, with the first old and the last new
     value. Only code that stores to a matching name is affected; other code
     runs as before. Stop with :func:`memwatch.unwatch` (the handle or the tag).
+
+    ``condition`` and ``action`` are as for :func:`memwatch.watch`: with
+    ``action="raise"`` a rebinding raises ``MutationError`` at the line
+    boundary after it, for example.
     """
+    from memwatch import _guard
+
+    _guard.check_guard(condition, action)
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"watch_var: {name!r} is not a variable name or a glob of one (letters, digits, _, * ? [ ])")
     if isinstance(repr_limit, bool) or not isinstance(repr_limit, int) or repr_limit < 8:
@@ -142,6 +151,7 @@ def watch_var(
     )
     with _lock:
         _watches.append(handle)
+    _guard.set_guard(handle.tag, condition, action)
     _changed()
     _api._auto_start()
     return handle

@@ -697,8 +697,10 @@ fn deliver(
     live: Live,
     max_history: usize,
 ) {
-    let report = (callbacks.is_empty() && live.prints(tracing)).then(|| change.report());
-    if report.is_none() && callbacks.is_empty() && max_history == 0 {
+    // A guarded watch reports through its action (`guard`), not live.
+    let has_guard = crate::guard::guarded(&change.tag);
+    let report = (!has_guard && callbacks.is_empty() && live.prints(tracing)).then(|| change.report());
+    if report.is_none() && callbacks.is_empty() && max_history == 0 && !has_guard {
         // Nobody sees the change as an object: the trace (if any) has it.
         return;
     }
@@ -735,6 +737,9 @@ fn deliver(
             if let Err(e) = written {
                 e.write_unraisable(py, None);
             }
+        }
+        if has_guard {
+            crate::guard::on_change(py, obj.as_any());
         }
     });
 }
@@ -1275,10 +1280,11 @@ pub fn _regions() -> Vec<(u32, String, u64, u64, Option<usize>)> {
 /// Looks for changes now (attributed to the last in-scope line of this
 /// thread) instead of waiting for the next line boundary.
 #[pyfunction]
-pub fn check(py: Python<'_>) {
+pub fn check(py: Python<'_>) -> PyResult<()> {
     let last = LAST.with(|l| l.get());
     crate::objects::flush(py, last);
     check_and_emit(py, last);
+    crate::guard::fire(py)
 }
 
 /// Registers `callback(change)`, called for every change.

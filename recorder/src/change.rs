@@ -385,6 +385,48 @@ impl Change {
         PyList::new(py, items)
     }
 
+    /// The `[MEMWATCH]` report of this change, as the live report prints it.
+    #[pyo3(name = "report")]
+    fn py_report(&self) -> String {
+        self.report()
+    }
+
+    /// True when a new value of a changed element is a NaN or an infinity
+    /// (float and complex dtypes; false for any other).
+    fn _nonfinite(&self) -> bool {
+        let Some(dtype) = self.layout.dtype.as_deref() else {
+            return false;
+        };
+        let big = dtype.starts_with('>');
+        let kind = dtype.chars().nth(1).unwrap_or('u');
+        let size = self.layout.itemsize as usize;
+        // Complex: each half is a float of half the size.
+        let (part, ok) = match (kind, size) {
+            ('f', 2 | 4 | 8) => (size, true),
+            ('c', 8 | 16) => (size / 2, true),
+            _ => (0, false),
+        };
+        if !ok {
+            return false;
+        }
+        let nonfinite = |b: &[u8]| -> bool {
+            let mut le = [0u8; 8];
+            le[..part].copy_from_slice(b);
+            if big {
+                le[..part].reverse();
+            }
+            let bits = u64::from_le_bytes(le);
+            match part {
+                2 => (bits >> 10) & 0x1f == 0x1f,
+                4 => (bits >> 23) & 0xff == 0xff,
+                _ => (bits >> 52) & 0x7ff == 0x7ff,
+            }
+        };
+        self.elements()
+            .iter()
+            .any(|(_, _, new)| new.chunks_exact(part).any(nonfinite))
+    }
+
     fn __repr__(&self) -> String {
         let at = self
             .stack

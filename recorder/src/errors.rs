@@ -4,6 +4,7 @@
 //! MemwatchError(Exception)
 //! ├── NotWatchedError             unwatch() of something not watched
 //! ├── UnsupportedError            memory memwatch cannot watch (a CUDA tensor)
+//! ├── MutationError               a frozen object (or a watch with action="raise") changed
 //! └── TraceError                  a trace file cannot be read
 //!     ├── NotATraceError          bad magic
 //!     ├── TraceVersionError       written by a newer memwatch
@@ -54,6 +55,12 @@ create_exception!(
     MemwatchError,
     "memwatch cannot watch this kind of memory (yet)."
 );
+create_exception!(
+    memwatch,
+    MutationError,
+    MemwatchError,
+    "A frozen object, or one watched with action=\"raise\", changed; `.change` is the Change."
+);
 create_exception!(memwatch, TraceTruncatedError, TraceError, "The trace ends early.");
 create_exception!(memwatch, TraceCorruptError, TraceError, "The trace is damaged.");
 
@@ -63,6 +70,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TraceError", py.get_type::<TraceError>())?;
     m.add("NotWatchedError", py.get_type::<NotWatchedError>())?;
     m.add("UnsupportedError", py.get_type::<UnsupportedError>())?;
+    m.add("MutationError", py.get_type::<MutationError>())?;
     m.add("NotATraceError", py.get_type::<NotATraceError>())?;
     m.add("TraceVersionError", py.get_type::<TraceVersionError>())?;
     m.add("TraceTruncatedError", py.get_type::<TraceTruncatedError>())?;

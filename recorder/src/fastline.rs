@@ -220,7 +220,12 @@ unsafe extern "C" fn line_fast(
 ) -> *mut ffi::PyObject {
     // SAFETY: the interpreter calls us with the GIL held.
     let py = unsafe { Python::assume_attached() };
-    if nargs == 2 && !GUARD.with(|g| g.get()) && crate::monitor::is_active() && buffers_unchanged(py) {
+    if nargs == 2
+        && !GUARD.with(|g| g.get())
+        && crate::monitor::is_active()
+        && !crate::guard::any_waiting()
+        && buffers_unchanged(py)
+    {
         // SAFETY: two arguments, as checked; the second is the line (an int).
         let (code, line) = unsafe { (*args, ffi::PyLong_AsLong(*args.add(1))) };
         if line >= 0 {

@@ -33,6 +33,7 @@ pub mod change;
 pub mod engine;
 pub mod errors;
 mod fastline;
+pub mod guard;
 pub mod kernel;
 pub mod monitor;
 pub mod objects;
@@ -140,6 +141,10 @@ fn _memwatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(monitor::_mon_py_return, m)?,
         wrap_pyfunction!(monitor::_install_tracer, m)?,
         wrap_pyfunction!(monitor::_thread_trace_hook, m)?,
+        wrap_pyfunction!(guard::_set_guard_hooks, m)?,
+        wrap_pyfunction!(guard::_set_guarded, m)?,
+        wrap_pyfunction!(guard::_forget_threads, m)?,
+        wrap_pyfunction!(guard::_unraisable, m)?,
     ] {
         m.add_function(f)?;
     }

@@ -442,15 +442,17 @@ pub fn restart_disabled(py: Python<'_>) -> PyResult<()> {
 
 /// `LINE` callback.
 #[pyfunction]
-pub fn _mon_line(py: Python<'_>, code: &Bound<'_, PyAny>, line: u32) -> Py<PyAny> {
+pub fn _mon_line(py: Python<'_>, code: &Bound<'_, PyAny>, line: u32) -> PyResult<Py<PyAny>> {
     if GUARD.with(|g| g.get()) || !is_active() {
-        return py.None();
+        return Ok(py.None());
     }
     let verdict = disable_unless_needed(py, code);
     if verdict.is_none(py) {
         crate::api::at_boundary(py, code.as_ptr() as usize, line, Boundary::Line);
+        // A guard's raise leaves here, raised in the running frame.
+        crate::guard::fire(py)?;
     }
-    verdict
+    Ok(verdict)
 }
 
 /// `PY_RETURN` callback.
@@ -460,20 +462,21 @@ pub fn _mon_py_return(
     code: &Bound<'_, PyAny>,
     _offset: i64,
     _retval: &Bound<'_, PyAny>,
-) -> Py<PyAny> {
+) -> PyResult<Py<PyAny>> {
     if GUARD.with(|g| g.get()) || !is_active() {
-        return py.None();
+        return Ok(py.None());
     }
-    if crate::fastline::line_unchanged(py) {
+    if !crate::guard::any_waiting() && crate::fastline::line_unchanged(py) {
         // Nothing to check: only the line moves on, to the caller's.
         set_last(crate::api::innermost_in_scope(py, true));
-        return py.None();
+        return Ok(py.None());
     }
     let verdict = disable_unless_needed(py, code);
     if verdict.is_none(py) {
         crate::api::at_boundary(py, code.as_ptr() as usize, 0, Boundary::Return);
+        crate::guard::fire(py)?;
     }
-    verdict
+    Ok(verdict)
 }
 
 /// Which event reached a boundary.
@@ -693,7 +696,10 @@ extern "C" fn trace_func(
             // Fast path: the code of the last in-scope line (so in scope
             // itself) and nothing changed.
             let key = code.as_ptr() as usize;
-            if LAST.with(|l| l.get().0) == key && crate::fastline::line_unchanged(py) {
+            if LAST.with(|l| l.get().0) == key
+                && !crate::guard::any_waiting()
+                && crate::fastline::line_unchanged(py)
+            {
                 set_last((key, line.max(0) as u32));
                 return 0;
             }
@@ -710,17 +716,17 @@ extern "C" fn trace_func(
                 }
                 return 0;
             }
-            on_boundary(key, line.max(0) as u32, Boundary::Line);
+            return on_boundary(key, line.max(0) as u32, Boundary::Line);
         }
         ffi::PyTrace_RETURN => {
             // SAFETY: as above.
             let code = unsafe { Bound::<PyAny>::from_owned_ptr(py, ffi::PyFrame_GetCode(frame).cast()) };
             if matches!(code_info(py, &code), Ok((_, _, true))) {
-                if crate::fastline::line_unchanged(py) {
+                if !crate::guard::any_waiting() && crate::fastline::line_unchanged(py) {
                     set_last(crate::api::innermost_in_scope(py, true));
                     return 0;
                 }
-                on_boundary(code.as_ptr() as usize, 0, Boundary::Return);
+                return on_boundary(code.as_ptr() as usize, 0, Boundary::Return);
             }
         }
         _ => {}
@@ -739,12 +745,23 @@ extern "C" fn trace_func(
 /// on a 100 MB rewrite for this; `sys.monitoring` callbacks are pyo3
 /// functions and never did).
 #[inline(never)]
-fn on_boundary(code: usize, line: u32, kind: Boundary) {
-    let done = Python::try_attach(|py| crate::api::at_boundary(py, code, line, kind));
-    if done.is_none() {
-        // The interpreter is finalizing: check all the same, as before.
-        // SAFETY: trace functions are called with the GIL held.
-        crate::api::at_boundary(unsafe { Python::assume_attached() }, code, line, kind);
+///
+/// Returns the trace function's status: -1 with the error set when a
+/// guard's action raises (the interpreter raises it in the traced frame).
+fn on_boundary(code: usize, line: u32, kind: Boundary) -> c_int {
+    let fired = Python::try_attach(|py| {
+        crate::api::at_boundary(py, code, line, kind);
+        crate::guard::fire(py).map_err(|e| e.restore(py)).is_err()
+    });
+    match fired {
+        Some(true) => -1,
+        Some(false) => 0,
+        None => {
+            // The interpreter is finalizing: check all the same, as before.
+            // SAFETY: trace functions are called with the GIL held.
+            crate::api::at_boundary(unsafe { Python::assume_attached() }, code, line, kind);
+            0
+        }
     }
 }
 
