@@ -321,13 +321,20 @@ impl Journal {
     }
 
     /// Grows the ring (at least doubling it) so that `more` bytes fit
-    /// after the live ones, unwrapping it: the part that wrapped moves
-    /// after the rest.
+    /// after the live ones. A ring that wrapped stays wrapped: its first
+    /// part moves to the end of the grown ring, so that the room opens
+    /// after the part that wrapped, and the ring needs no more than the
+    /// live records and `more` (moving the wrapped part after the first
+    /// would need the first part's offset on top, which can double the
+    /// ring once more: new pages are dear).
     pub fn grow(&mut self, more: usize) -> io::Result<()> {
         let old = self.map.len();
-        // Once unwrapped, the live records end at `a_start + live`, and
-        // `more` must fit after them.
-        let needed = self.slot.a_start + self.live() + more;
+        let s = self.slot;
+        let needed = if s.b_len > 0 {
+            JOURNAL_HEADER_LEN + self.live() + more
+        } else {
+            s.a_start + s.a_len + more
+        };
         let len = (old * 2).max(needed.next_power_of_two());
         if file_size_limit().is_some_and(|limit| len as u64 > limit) {
             // Past the limit the kernel would also send SIGXFSZ.
@@ -337,18 +344,13 @@ impl Journal {
         // SAFETY: as in `create`; the old map is dropped on assignment,
         // after the new one covers the same bytes.
         self.map = unsafe { MmapMut::map_mut(&self.file)? };
-        let s = self.slot;
         if s.b_len > 0 {
-            // The end of the old ring is at most `old`, and the part that
-            // wrapped is shorter than that: it fits in the new half.
-            let end = s.a_start + s.a_len;
-            self.map
-                .copy_within(JOURNAL_HEADER_LEN..JOURNAL_HEADER_LEN + s.b_len, end);
-            self.publish(Slot {
-                a_len: s.a_len + s.b_len,
-                b_len: 0,
-                ..s
-            });
+            // The new place is past the old ring's end (`len - a_len >=
+            // old`, as `len >= 2 * old`): the old slot does not cover it,
+            // so the copy comes first and the flip after.
+            let to = len - s.a_len;
+            self.map.copy_within(s.a_start..s.a_start + s.a_len, to);
+            self.publish(Slot { a_start: to, ..s });
         }
         Ok(())
     }
@@ -663,7 +665,7 @@ mod tests {
     }
 
     #[test]
-    fn a_grown_ring_that_had_wrapped_keeps_its_records_in_order() {
+    fn a_grown_ring_that_had_wrapped_keeps_its_records_in_order_and_room_after_them() {
         let (path, mut j) = new_journal(3, 0);
         let big = vec![1u8; INITIAL_LEN / 2];
         j.append(&big).unwrap();
@@ -671,9 +673,18 @@ mod tests {
         j.forget(1, big.len() as u64); // the first record was written
         j.append(&vec![3u8; INITIAL_LEN / 2]).unwrap(); // wraps
         assert!(j.slot.b_len > 0);
+        let cap = j.capacity();
         j.grow(1).unwrap();
-        assert_eq!(j.slot.b_len, 0, "growing unwraps");
-        j.append(&[4u8; 10]).unwrap();
+        assert_eq!(j.capacity(), 2 * cap, "no more than doubled");
+        assert!(j.slot.b_len > 0, "still wrapped");
+        assert_eq!(
+            j.slot.a_start + j.slot.a_len,
+            j.capacity(),
+            "the first part moved to the end"
+        );
+        assert!(read(&path, 3).unwrap().records.len() == 1000 + INITIAL_LEN / 2);
+        // The room is after the part that wrapped.
+        assert!(j.try_append(&[4u8; 10]));
         let p = read(&path, 3).unwrap();
         assert_eq!(p.chunk, 1);
         let mut want = vec![2u8; 1000];
