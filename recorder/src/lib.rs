@@ -9,12 +9,14 @@
 //! `memwatch-format` ([`sink`]). It does not own the file layout
 //! (`memwatch-format`) or offline analysis (`memwatch-analyzer`).
 //!
-//! Signal context: only [`signals`], and only once a region is watched
-//! with `mode="store"` ([`store`]): a real-time signal of its own and
-//! `SIGTRAP` (single-stepping), handed on when not memwatch's. Line mode
-//! (userfaultfd `WP_ASYNC` with `PAGEMAP_SCAN`) needs no signal handler.
-//! memwatch never installs a SIGSEGV or SIGBUS handler, so those reach
-//! whatever handler the program had.
+//! Signal context: only [`signals`]. Once a region is watched with
+//! `mode="store"` ([`store`]): a real-time signal of its own and `SIGTRAP`
+//! (single-stepping), handed on when not memwatch's. While a trace records:
+//! the fatal signals (`SIGSEGV`, `SIGBUS`, `SIGABRT`, `SIGFPE`, `SIGILL`, and
+//! `SIGTERM` left at its default), whose handler takes one last look at the
+//! watched regions and then hands the signal on to the action that was
+//! there before ([`signals::crash`]). Line mode itself (userfaultfd
+//! `WP_ASYNC` with `PAGEMAP_SCAN`) needs no signal handler.
 //!
 //! The module also carries the `memwatch` command line (`_cli_main`, which
 //! calls [`memwatch_cli::run`]): maturin builds one extension module per
