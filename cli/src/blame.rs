@@ -143,11 +143,11 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
         let f = row.frame.as_ref();
         writeln!(
             out,
-            "{what} of {}: seq {} at {}:{} in {} (thread {}): {}",
+            "{what} of {}: seq {} at {} in {} (thread {}): {}",
             args.tag,
             row.seq,
-            f.map(|f| f.file.to_string()).unwrap_or_else(|| "?".into()),
-            f.map(|f| f.line).unwrap_or(0),
+            f.map(|f| memwatch_format::location(&f.file, f.line))
+                .unwrap_or_else(|| "?:0".into()),
             f.map(|f| f.function.to_string()).unwrap_or_else(|| "?".into()),
             row.thread_name
                 .as_deref()

@@ -137,7 +137,7 @@ pub fn sample_text(row: &ChangeRef<'_>) -> String {
 
 fn at_text(row: &ChangeRef<'_>) -> String {
     row.frame
-        .map(|f| format!("{}:{}", f.file, f.line))
+        .map(|f| memwatch_format::location(&f.file, f.line))
         .unwrap_or_else(|| "?".into())
 }
 

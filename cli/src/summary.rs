@@ -61,7 +61,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
         t.bytes += row.bytes_changed();
         let at = row
             .frame
-            .map(|f| format!("{}:{} ({})", f.file, f.line, f.function))
+            .map(|f| format!("{} ({})", memwatch_format::location(&f.file, f.line), f.function))
             .unwrap_or_else(|| "?".into());
         let e = t.lines.entry(at.clone()).or_default();
         e.0 += 1;

@@ -74,3 +74,20 @@ pub use writer::{
     create_private, Output, TraceWriter, WriterOptions, WriterStats, CONTENTS_PIECE, DEFAULT_LEVEL,
     JOURNAL_RING, SEPARATE_CONTENTS,
 };
+
+/// How a line is written for people: `file:line`, or `cell [3], line 2`
+/// for a notebook cell (the recorder names code run in an IPython cell
+/// `cell [N]`, after the cell's execution count).
+///
+/// ```
+/// use memwatch_format::location;
+/// assert_eq!(location("/src/train.py", 12), "/src/train.py:12");
+/// assert_eq!(location("cell [3]", 2), "cell [3], line 2");
+/// ```
+pub fn location(file: &str, line: u32) -> String {
+    if file.starts_with("cell [") && file.ends_with(']') {
+        format!("{file}, line {line}")
+    } else {
+        format!("{file}:{line}")
+    }
+}

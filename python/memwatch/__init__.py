@@ -21,6 +21,8 @@ True
 
 from memwatch._api import configure, on_change, start, stop, unwatch, watch, watching
 from memwatch._guard import freeze, frozen, unfreeze
+from memwatch import _ipython
+from memwatch._ipython import load_ipython_extension, unload_ipython_extension
 from memwatch._objects import watch_object
 from memwatch._vars import VarWatchHandle, watch_var
 from memwatch._memwatch import (
@@ -85,3 +87,5 @@ __all__ = [
     "watch_var",
     "watching",
 ]
+
+_ipython._in_ipython()

@@ -162,6 +162,7 @@ def watch(
     condition: Any = None,
     action: str = "record",
     _frame: Any = None,
+    _variable: str | None = None,
 ) -> WatchHandle:
     """Watch a buffer; every change to it becomes a :class:`memwatch.Change`.
 
@@ -242,7 +243,7 @@ def watch(
         if size is not None or dtype is not None or shape is not None:
             raise TypeError("size=, dtype= and shape= are for raw memory (buffer=address) only")
     dtype_str = _normalize_dtype(dtype) if dtype is not None else None
-    variable = _variable_name(frame, address if buffer is not None else obj, buffer is not None)
+    variable = _variable or _variable_name(frame, address if buffer is not None else obj, buffer is not None)
     tag = name if name is not None else variable
     if tag is None:
         raise ValueError("cannot tell which variable this buffer is; pass name=")
@@ -417,7 +418,7 @@ def _shutdown() -> None:
         print(f"memwatch: {e}", file=sys.stderr)
 
 
-_memwatch._set_hooks(_scope.in_scope, threading.current_thread, sys)
+_memwatch._set_hooks(_scope.in_scope, threading.current_thread, sys, _scope.display_name)
 atexit.register(_shutdown)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_memwatch._after_fork_child)

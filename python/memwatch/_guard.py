@@ -21,7 +21,7 @@ import threading
 import types
 from typing import Any
 
-from memwatch import _memwatch
+from memwatch import _memwatch, _scope
 from memwatch._memwatch import Change, MutationError
 
 CONDITIONS = ("any", "nonfinite")
@@ -189,7 +189,7 @@ def _no_raise_here(frame: types.FrameType | None) -> bool:
 
 
 def _describe(change: Change) -> str:
-    where = f"{change.file}:{change.line} in {change.function}" if change.file else "an unknown line"
+    where = f"{change.location} in {change.function}" if change.file else "an unknown line"
     if change.kind == "bytes":
         what = change.report().splitlines()
         elements = next((ln[len("Elements: ") :] for ln in what if ln.startswith("Elements: ")), None)
@@ -218,7 +218,7 @@ def _writing_line(change: Change, frame: types.FrameType | None) -> types.Traceb
     f = frame
     while f is not None and line is not None:
         code = f.f_code
-        if code.co_filename == change.file and change.function in (code.co_name, getattr(code, "co_qualname", None)):
+        if change.file in (code.co_filename, _scope.display_name(code.co_filename)) and change.function in (code.co_name, getattr(code, "co_qualname", None)):
             # The instruction of that line the frame ran last (the store).
             offsets = [2 * i for i, p in enumerate(code.co_positions()) if p[0] == line]
             if not offsets:

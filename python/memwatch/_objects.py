@@ -26,6 +26,7 @@ def watch_object(
     key: Any = None,
     condition: Any = None,
     action: str = "record",
+    _variable: str | None = None,
 ) -> Any:
     """Watch a Python object; every change to it becomes a :class:`memwatch.Change`
     with ``kind``, ``key``, ``old_repr`` and ``new_repr``.
@@ -69,7 +70,7 @@ def watch_object(
         raise ValueError(f"depth must be an int >= 0, not {depth!r}")
     if isinstance(repr_limit, bool) or not isinstance(repr_limit, int) or repr_limit < 8:
         raise ValueError(f"repr_limit must be an int >= 8, not {repr_limit!r}")
-    variable = _api._variable_name(sys._getframe(1), obj, False)
+    variable = _variable or _api._variable_name(sys._getframe(1), obj, False)
     tag = name if name is not None else variable
     if tag is None:
         raise ValueError("cannot tell which variable this object is; pass name=")

@@ -13,6 +13,7 @@ import os
 import site
 import sys
 import sysconfig
+from typing import Any
 
 # Imported here, never inside a function: a function of this module may run
 # while the interpreter shuts down, when imports fail (sys.meta_path is None).
@@ -101,6 +102,36 @@ def in_scope(filename: str) -> bool:
     if _matches(path, _exclude):
         return False
     return not _matches(path, _DEFAULT_EXCLUDED)
+
+
+# Functions that name files people do not know by their path (an IPython
+# cell's `/tmp/ipykernel_…/….py`): each takes a path and returns a name or None.
+_namers: list[Any] = []
+
+
+def add_namer(namer: Any) -> None:
+    """Makes ``namer(path) -> str | None`` name code objects learnt from now on."""
+    if namer not in _namers:
+        _namers.append(namer)
+
+
+def remove_namer(namer: Any) -> None:
+    if namer in _namers:
+        _namers.remove(namer)
+
+
+def display_name(filename: str) -> str:
+    """The name code from ``filename`` is recorded under: ``cell [3]`` for a
+    notebook cell (see :mod:`memwatch._ipython`), else the file name itself.
+    Called once per code object, when the recorder first sees it."""
+    for namer in _namers:
+        try:
+            name = namer(filename)
+        except Exception:  # noqa: BLE001 - a namer must never break recording
+            name = None
+        if name:
+            return str(name)
+    return filename
 
 
 _from_env()

@@ -14,7 +14,7 @@ use memwatch_format::{Meta, UnwatchReason};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::PyDict;
 
 use crate::change::{Change, FrameRef};
 use crate::engine::{view_mask, Engine, Layout, RawChange, Region, Tracking};
@@ -1311,7 +1311,7 @@ pub fn remove_callback(py: Python<'_>, callback: &Bound<'_, PyAny>) -> PyResult<
 /// The changes seen so far (all, or those of tag `name`), oldest first.
 #[pyfunction]
 #[pyo3(signature = (name=None))]
-pub fn history<'py>(py: Python<'py>, name: Option<&str>) -> PyResult<Bound<'py, PyList>> {
+pub fn history<'py>(py: Python<'py>, name: Option<&str>) -> PyResult<Bound<'py, PyAny>> {
     let items: Vec<Py<Change>> = with_state(|st| {
         st.history
             .iter()
@@ -1319,7 +1319,7 @@ pub fn history<'py>(py: Python<'py>, name: Option<&str>) -> PyResult<Bound<'py, 
             .map(|c| c.clone_ref(py))
             .collect()
     });
-    PyList::new(py, items)
+    crate::change::change_list(py, items)
 }
 
 /// Forgets the history.

@@ -220,7 +220,11 @@ impl Change {
             self.variable.as_deref().unwrap_or("<unknown>")
         ));
         match self.stack.first() {
-            Some(f) => s.push_str(&format!("Line: {}:{} in {}\n", f.file, f.line, f.function)),
+            Some(f) => s.push_str(&format!(
+                "Line: {} in {}\n",
+                memwatch_format::location(&f.file, f.line),
+                f.function
+            )),
             None => s.push_str("Line: <unknown>\n"),
         }
     }
@@ -241,6 +245,27 @@ impl Change {
         }
         self.push_variable_and_line(&mut s);
         s
+    }
+}
+
+/// `file:line`, or `cell [3], line 2` for a notebook cell
+/// ([`memwatch_format::location`]).
+#[pyfunction]
+pub fn location(file: &str, line: u32) -> String {
+    memwatch_format::location(file, line)
+}
+
+/// A list of changes as Python sees it: a `memwatch._display.ChangeList`
+/// (a `list` that Jupyter shows as a table), or a plain list should that
+/// module be missing.
+pub fn change_list<'py>(py: Python<'py>, items: Vec<Py<Change>>) -> PyResult<Bound<'py, PyAny>> {
+    let list = PyList::new(py, items)?;
+    match py
+        .import("memwatch._display")
+        .and_then(|m| m.getattr("ChangeList"))
+    {
+        Ok(cls) => cls.call1((list,)),
+        Err(_) => Ok(list.into_any()),
     }
 }
 
@@ -365,6 +390,15 @@ impl Change {
         self.stack.first().map(|f| f.file.to_string())
     }
 
+    /// The line the change is attributed to, as people write it:
+    /// `file:line`, or `cell [3], line 2` for a notebook cell.
+    #[getter]
+    fn location(&self) -> Option<String> {
+        self.stack
+            .first()
+            .map(|f| memwatch_format::location(&f.file, f.line))
+    }
+
     #[getter]
     fn line(&self) -> Option<u32> {
         self.stack.first().map(|f| f.line)
@@ -427,11 +461,20 @@ impl Change {
             .any(|(_, _, new)| new.chunks_exact(part).any(nonfinite))
     }
 
+    /// The change as an HTML table, for Jupyter (`memwatch._display`).
+    fn _repr_html_(slf: &Bound<'_, Self>) -> PyResult<String> {
+        let py = slf.py();
+        py.import("memwatch._display")?
+            .getattr("change_html")?
+            .call1((slf,))?
+            .extract()
+    }
+
     fn __repr__(&self) -> String {
         let at = self
             .stack
             .first()
-            .map(|f| format!("{}:{}", f.file, f.line))
+            .map(|f| memwatch_format::location(&f.file, f.line))
             .unwrap_or_else(|| "?".into());
         if let Some(o) = &self.object {
             return format!(

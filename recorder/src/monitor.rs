@@ -38,17 +38,21 @@ pub struct Hooks {
     pub in_scope: Py<PyAny>,
     pub current_thread: Py<PyAny>,
     pub sys: Py<PyAny>,
+    /// `display_name(path)`: the name a code object's file is recorded
+    /// under (`cell [3]` for an IPython cell, else the path itself).
+    pub display_name: Py<PyAny>,
 }
 
 pub static HOOKS: OnceLock<Hooks> = OnceLock::new();
 
 /// Receives the hooks from `memwatch._api`.
 #[pyfunction]
-pub fn _set_hooks(in_scope: Py<PyAny>, current_thread: Py<PyAny>, sys: Py<PyAny>) {
+pub fn _set_hooks(in_scope: Py<PyAny>, current_thread: Py<PyAny>, sys: Py<PyAny>, display_name: Py<PyAny>) {
     let _ = HOOKS.set(Hooks {
         in_scope,
         current_thread,
         sys,
+        display_name,
     });
 }
 
@@ -63,7 +67,10 @@ pub fn hooks() -> PyResult<&'static Hooks> {
 pub struct CodeInfo {
     /// Keeps the code object (and so the map's key) alive.
     pub code: Py<PyAny>,
+    /// The file as recorded and reported (see [`Hooks::display_name`]).
     pub file: Arc<str>,
+    /// The code object's own (normalized) file name, which scope decides on.
+    pub path: Arc<str>,
     pub function: Arc<str>,
     pub in_scope: bool,
 }
@@ -139,15 +146,21 @@ pub fn code_info(py: Python<'_>, code: &Bound<'_, PyAny>) -> PyResult<(Arc<str>,
     if let Some(i) = codes().as_ref().and_then(|m| m.get(&key)) {
         return Ok((i.file.clone(), i.function.clone(), i.in_scope));
     }
-    let file = normalize(&code.getattr("co_filename")?.extract::<String>()?);
+    let path = normalize(&code.getattr("co_filename")?.extract::<String>()?);
     let function: String = code
         .getattr("co_qualname")
         .or_else(|_| code.getattr("co_name"))?
         .extract()?;
-    let in_scope = guarded(|| -> PyResult<bool> { hooks()?.in_scope.bind(py).call1((&file,))?.extract() })?;
+    let (in_scope, file) = guarded(|| -> PyResult<(bool, String)> {
+        let h = hooks()?;
+        let in_scope = h.in_scope.bind(py).call1((&path,))?.extract()?;
+        let file = h.display_name.bind(py).call1((&path,))?.extract()?;
+        Ok((in_scope, file))
+    })?;
     let info = CodeInfo {
         code: code.clone().unbind(),
         file: file.into(),
+        path: path.into(),
         function: function.into(),
         in_scope,
     };
@@ -227,7 +240,7 @@ pub fn rescope(py: Python<'_>) -> PyResult<()> {
         .as_ref()
         .map(|m| {
             m.iter()
-                .map(|(k, i)| (*k, i.code.clone_ref(py), i.file.clone(), i.in_scope))
+                .map(|(k, i)| (*k, i.code.clone_ref(py), i.path.clone(), i.in_scope))
                 .collect()
         })
         .unwrap_or_default();

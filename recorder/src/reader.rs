@@ -10,7 +10,7 @@ use memwatch_cli::{parse_point, Point};
 use memwatch_format::TraceReader;
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict};
 
 use crate::change::{Change, FrameRef, ObjectInfo};
 use crate::engine::{Bytes, Layout};
@@ -160,7 +160,7 @@ impl Trace {
         thread: Option<String>,
         seq: Option<(u64, u64)>,
         limit: Option<usize>,
-    ) -> PyResult<Bound<'py, PyList>> {
+    ) -> PyResult<Bound<'py, PyAny>> {
         let filter = Filter {
             tag,
             file,
@@ -185,7 +185,7 @@ impl Trace {
         })
         .map_err(analyzer_error)?;
         let objs: PyResult<Vec<Py<Change>>> = rows.into_iter().map(|c| Py::new(py, c)).collect();
-        PyList::new(py, objs?)
+        crate::change::change_list(py, objs?)
     }
 
     /// The region's contents after event `at` (default: the end), as a
