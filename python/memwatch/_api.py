@@ -385,11 +385,19 @@ def configure(
     return opts
 
 
+# Set while a recording that gives way to the program's own is on (the
+# pytest plugin's trace of the running test): start() calls it first, and
+# it stops that recording.
+_give_way: Callable[[], None] | None = None
+
+
 def start(trace: str | os.PathLike[str] = "memwatch.mwt") -> None:
     """Record every change of every watch to ``trace`` until :func:`stop`
     (or interpreter exit). Regions already watched are recorded with their
     current contents."""
     path = Path(trace)
+    if _give_way is not None and _memwatch._recording() is not None:
+        _give_way()
     _memwatch._start(path, list(sys.argv), sys.version.split()[0])
 
 

@@ -67,6 +67,12 @@ _freezes: dict[str, int] = {}
 _FROZEN = _Guard("any", "raise", "changed while frozen")
 # The action each waiting change asked for, by seq, until it fires.
 _waiting: dict[int, tuple[str, str]] = {}
+# Called with each change to a frozen object, in the thread that found it,
+# before its MutationError is raised (in the thread that wrote): for those
+# that must know of a change even when the error is raised in another
+# thread or caught (the pytest plugin). A listener must be cheap and must
+# not raise.
+violation_listeners: list[Any] = []
 _lock = threading.Lock()
 
 
@@ -132,6 +138,9 @@ def _on_change(change: Change) -> int | None:
         return None
     if not hit:
         return None
+    if guard is _FROZEN:
+        for listener in list(violation_listeners):
+            listener(change)
     if guard.action == "log":
         sys.stderr.write(change.report())
         return None
