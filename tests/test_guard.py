@@ -145,6 +145,37 @@ def test_frozen_objects_dicts_and_decorated_functions(changes):
     assert table == {"a": 1, "b": 2, "c": 3}
 
 
+def test_a_frozen_object_raises_before_the_next_line_runs(changes):
+    # As with a buffer, the boundary right after the writing line raises:
+    # the line after it never runs (the line fast path once let it run).
+    class Box:
+        v = 0
+
+    box, table, items, ran = Box(), {"k": 0}, [0], []
+    with pytest.raises(memwatch.MutationError) as ei:
+        with memwatch.frozen(box):
+            line = here() + 1
+            box.v = 1
+            ran.append("box")
+            ran.append("box, again")
+    assert (ei.value.change.line, ei.value.change.key) == (line, ".v")
+    with pytest.raises(memwatch.MutationError) as ei:
+        with memwatch.frozen(table):
+            line = here() + 1
+            table["k"] = 1
+            ran.append("table")
+            ran.append("table, again")
+    assert (ei.value.change.line, ei.value.change.key) == (line, "['k']")
+    with pytest.raises(memwatch.MutationError) as ei:
+        with memwatch.frozen(items):
+            line = here() + 1
+            items.append(1)
+            ran.append("items")
+            ran.append("items, again")
+    assert ei.value.change.line == line
+    assert ran == []
+
+
 def test_freeze_and_unfreeze_nest_and_keep_an_existing_watch(changes):
     a = np.zeros(4, dtype=np.int32)
     memwatch.watch(a, name="weights")

@@ -238,6 +238,10 @@ unsafe extern "C" fn line_fast(
                 // of is freed now, not at pyo3's next entry point.
                 Python::attach(|py| crate::objects::flush(py, LAST.with(|l| l.get())));
             }
+            // A change the flush reported may have armed a guard (a frozen
+            // dict): its raise is due here, at this boundary, which the
+            // full callback gives (the flush found nothing more to do).
+            let armed = crate::guard::any_waiting();
             // Watched variables: the line moves on here only if the frame
             // still binds what was seen at its last check. With nothing but
             // variables watched, a line of code that binds none of them
@@ -246,7 +250,7 @@ unsafe extern "C" fn line_fast(
             // seen (its events are switched off). The full callback
             // switches this line's event off without moving the line.
             let vars = crate::vars::any();
-            if !vars || crate::vars::line_unchanged(py, code as usize) {
+            if !armed && (!vars || crate::vars::line_unchanged(py, code as usize)) {
                 let passive = vars
                     && !crate::objects::any()
                     && no_buffers(py)
