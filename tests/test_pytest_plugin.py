@@ -756,3 +756,15 @@ def test_a_write_from_another_thread_fails_the_test(pytester):
     # The fixture's freeze lasts to its teardown: the failure is the call's.
     assert "ERROR at teardown" not in result.stdout.str()
     result.stdout.fnmatch_lines(["FAILED test_thread.py::test_marker - memwatch.MutationError: *"])
+
+
+def test_the_guides_example_runs(pytester: pytest.Pytester) -> None:
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "index.md").read_text()
+    section = guide.split("## In a test suite: the pytest plugin")[1].split("\n## ")[0]
+    (src,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    pytester.makepyfile(test_normalize=src)
+    result = pytester.runpytest_subprocess("--memwatch", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(["*w /= w.sum()*", "*MutationError: 'weights' changed while frozen*"])
+    kept = sorted(p.name for p in (pytester.path / ".memwatch").iterdir())
+    assert kept == ["test_normalize.py__test_normalize_leaves_its_input_alone.mwt"]

@@ -52,3 +52,21 @@ def test_memwatch_shell_examples_run(tmp_path):
         assert r.stdout.strip(), cmd
         if shlex.split(cmd)[1] == "dump" and "grep" in cmd:
             assert all(ln.startswith("CHANGE ") for ln in r.stdout.splitlines())
+
+
+def test_pytest_plugin_example_runs(tmp_path):
+    import memwatch
+
+    src = next(b for b in blocks("python") if b.startswith("# test_normalize.py"))
+    (tmp_path / "test_normalize.py").write_text(src)
+    line = next(ln for b in blocks("sh") for ln in b.splitlines() if ln.startswith("pytest "))
+    cmd, comment = line.split("  #", 1)
+    r = run(["python", "-m", *shlex.split(cmd), "-p", "no:cacheprovider"], cwd_override=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "MutationError: 'weights' changed while frozen" in r.stdout
+    assert ">       w /= w.sum()" in r.stdout or "w /= w.sum()" in r.stdout.split("MutationError")[0]
+    kept = tmp_path / ".memwatch" / "test_normalize.py__test_normalize_leaves_its_input_alone.mwt"
+    assert f".memwatch/{kept.name}" in comment and kept.exists(), r.stdout
+    changes = memwatch.open_trace(kept).changes(tag="weights")
+    writing = src.splitlines().index("    w /= w.sum()                  # in place: the caller's array changes") + 1
+    assert [(c.line, c.new_values) for c in changes] == [(writing, [0.25] * 4)]
