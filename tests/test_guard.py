@@ -71,6 +71,29 @@ def test_numpy_kernels_and_ctypes_writes_raise_inside_frozen(changes):
     assert ei.value.change.ranges == [(4, b"\x00\x00", b"\xff\xff")]
 
 
+def test_torch_kernels_and_an_optimizer_step_raise_inside_frozen(changes):
+    # torch is in the CPython 3.12 test venv only (tests/requirements-3.12.txt).
+    torch = pytest.importorskip("torch")
+    t = torch.zeros(4)
+    with pytest.raises(memwatch.MutationError) as ei:
+        with memwatch.frozen(t):
+            line = here() + 1
+            t.add_(2.5)
+    assert_raised_for_line(ei.value, line, "test_torch_kernels_and_an_optimizer_step_raise_inside_frozen")
+    assert (ei.value.change.tag, ei.value.change.new_values) == ("t", [2.5] * 4)
+    # A parameter an optimizer must not touch (a frozen layer).
+    layer = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.ones(1, 3)).sum().backward()
+    before = layer.weight.detach().clone()
+    with pytest.raises(memwatch.MutationError) as ei:
+        with memwatch.frozen(layer.weight, name="layer.weight"):
+            line = here() + 1
+            opt.step()
+    assert ei.value.change.tag == "layer.weight" and ei.value.change.line == line
+    assert torch.allclose(layer.weight.detach(), before - 0.1)  # the memory holds the new values
+
+
 def test_a_kernel_write_into_a_frozen_buffer_raises(changes, tmp_path):
     p = tmp_path / "data"
     p.write_bytes(b"hello")
