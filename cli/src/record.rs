@@ -63,8 +63,9 @@ pub struct Args {
     pub live: bool,
     /// zstd level of the trace's chunks: negative levels (down to -7) are
     /// faster and larger, 19 smallest and slowest; 0 stores them as they
-    /// are. Compression runs off the program's threads, but a program that
-    /// changes memory faster than the level compresses waits for it.
+    /// are. Compression runs off the program's threads; while it falls
+    /// behind, chunks are compressed at level -50 (faster, larger), and a
+    /// program that changes memory faster than even that waits for it.
     #[arg(long, value_name = "LEVEL", default_value_t = memwatch_format::DEFAULT_LEVEL,
           allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-7..=19))]
     pub compression: i32,

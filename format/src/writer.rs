@@ -116,6 +116,9 @@ pub struct WriterStats {
     /// Chunks written with direct I/O, past the page cache (see
     /// [`crate::direct`]).
     pub direct_chunks: u64,
+    /// Chunks compressed at the sealer's fast level because it was behind
+    /// (see [`crate::sealer::FAST_LEVEL`]).
+    pub fast_chunks: u64,
 }
 
 /// Appends records to a trace, a chunk at a time.
@@ -320,6 +323,7 @@ impl<W: Output> TraceWriter<W> {
             file_bytes: st.file_bytes,
             waited_ns: self.waited_ns,
             direct_chunks: st.direct_chunks,
+            fast_chunks: st.fast_chunks,
         }
     }
 

@@ -273,3 +273,76 @@ fn without_direct_io_or_where_it_is_refused_the_trace_is_the_same() {
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 }
+
+#[test]
+fn a_sealer_that_falls_behind_compresses_faster_and_the_trace_reads_the_same() {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let opts = WriterOptions {
+        max_age: Duration::from_secs(3600),
+        ..WriterOptions::default()
+    };
+    // Made before writing, so that the writer hands chunks much faster
+    // than the sealer compresses them (half noise, half runs: zstd works).
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let pieces: Vec<Vec<u8>> = (0..24u64)
+        .map(|i| {
+            (0..(2u64 << 20) / 8)
+                .flat_map(|j| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    ((x & 0xffff_ffff) | ((i + j / 512) << 32)).to_le_bytes()
+                })
+                .collect()
+        })
+        .collect();
+    let mut behind = TraceWriter::new(Vec::new(), "b", &Meta::default(), opts).unwrap();
+    let mut steady = TraceWriter::new(Vec::new(), "s", &Meta::default(), opts).unwrap();
+    for (i, p) in pieces.iter().enumerate() {
+        behind.append_contents(1, i as u64 + 1, p).unwrap();
+    }
+    let fast = behind.stats().fast_chunks;
+    for (i, p) in pieces.iter().enumerate() {
+        steady.append_contents(1, i as u64 + 1, p).unwrap();
+        steady.flush().unwrap(); // never more than one chunk waits
+    }
+    let never = steady.stats().fast_chunks;
+    assert!(
+        fast > 0,
+        "24 chunks of 2 MiB handed at once: none compressed at the fast level"
+    );
+    assert_eq!(never, 0);
+    let records = |bytes: Vec<u8>| -> (Vec<u64>, usize) {
+        let r = TraceReader::from_bytes(bytes, "m").unwrap();
+        let mut hashes = Vec::new();
+        r.for_each_record(|rec| {
+            if matches!(rec, Record::Waited(_)) {
+                return Ok(()); // the writer that fell behind waited, too
+            }
+            let mut h = DefaultHasher::new();
+            match rec {
+                Record::Contents(c) => (c.region, c.at_seq, c.offset, c.data).hash(&mut h),
+                other => format!("{other:?}").hash(&mut h),
+            }
+            hashes.push(h.finish());
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+        (hashes, r.chunks().len())
+    };
+    let (b, _) = behind.finish(25).unwrap();
+    let (s, _) = steady.finish(25).unwrap();
+    let (b_len, s_len) = (b.len(), s.len());
+    let ((hb, _), (hs, chunks)) = (records(b), records(s));
+    assert_eq!(hb.len(), hs.len());
+    assert!(hb == hs, "the records read back differ");
+    assert!(
+        fast < chunks as u64,
+        "{fast} of {chunks} chunks at the fast level: not only when behind"
+    );
+    // The fast level trades size for speed.
+    assert!(
+        b_len > s_len,
+        "{b_len} bytes at the fast level, {s_len} at the default"
+    );
+}
