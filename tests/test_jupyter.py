@@ -240,3 +240,27 @@ def test_change_list_is_a_list_shown_as_a_table(tmp_path):
     read = memwatch.open_trace(tmp_path / "t.mwt").changes(tag="jt")
     assert type(read).__name__ == "ChangeList" and [c.new for c in read] == [b"\x03"]
     assert "jt" in read._repr_html_()
+
+
+def test_the_guides_notebook_example_shows_the_guides_table(tmp_path):
+    from conftest import ROOT
+
+    guide = (ROOT / "docs" / "index.md").read_text()
+    section = guide.split("## In Jupyter and IPython")[1].split("\n## ")[0]
+    transcript = re.search(r"```\n(In \[1\]:.*?)```", section, re.S).group(1)
+    # "In [N]: " starts a cell; its later lines are indented to match.
+    parts = re.split(r"^In \[\d+\]: ", transcript, flags=re.M)[1:]
+    cells = ["\n".join([p.splitlines()[0], *(ln[8:] for ln in p.splitlines()[1:])]).strip("\n") for p in parts]
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
+    env = dict(os.environ)
+    env.pop("MEMWATCH_TRACE", None)
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute(
+        env=env
+    )
+    page = _out(nb.cells[-1], "display_data", "text/html")
+    rows = re.findall(r"<tr>(.*?)</tr>", page)[1:]
+    shown = [[html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", r)] for r in rows]
+    table = [ln for ln in section.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    documented = [[c.strip().strip("`") for c in ln.strip("|").split("|")] for ln in table]
+    assert shown == documented, shown
