@@ -226,14 +226,14 @@ def _tensor_target(t: Any) -> tuple[Any, str | None]:
     memory, same strides) and the dtype string its elements have when the
     view's own dtype is a stand-in (bfloat16 and float8 are exported as
     integers of their size)."""
-    why = _unsupported_tensor(t)
-    if why is not None:
-        raise UnsupportedError(f"cannot watch {why}")
-    if t.device.type != "cpu":
+    if t.device.type not in ("cpu", "meta"):
         raise UnsupportedError(
             f"cannot watch a tensor on {t.device}: only CPU tensors are supported for now "
             "(copy it to the CPU, or watch a CPU tensor instead)"
         )
+    why = _unsupported_tensor(t)
+    if why is not None:
+        raise UnsupportedError(f"cannot watch {why}")
     name = str(t.dtype).removeprefix("torch.")
     t = t.detach()
     named = _TORCH_NAMED.get(name)
