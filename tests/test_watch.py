@@ -750,3 +750,17 @@ def test_resize_and_set_of_a_watched_tensor(changes):
     other.resize_(16)
     other.set_(torch.ones(3))
     assert other.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_raw_memory_with_a_torch_dtype(changes):
+    torch = pytest.importorskip("torch")
+    t = torch.zeros(4, dtype=torch.bfloat16)
+    memwatch.watch(buffer=t.data_ptr(), size=t.nbytes, name="raw", dtype=torch.bfloat16)
+    memwatch.watch(buffer=t.data_ptr(), size=t.nbytes, name="grid", dtype="bfloat16", shape=(2, 2))
+    t[1] = 0.1; line = here()  # noqa: E702
+    assert [(c.tag, c.dtype, c.line, c.indices, c.new_values) for c in changes] == [
+        ("raw", "<bfloat16", line, [1], [0.10009765625]),
+        ("grid", "<bfloat16", line, [(0, 1)], [0.10009765625]),
+    ]
+    with pytest.raises(ValueError, match="'bf16' is not a numpy dtype"):
+        memwatch.watch(buffer=t.data_ptr(), size=t.nbytes, name="bad", dtype="bf16")
