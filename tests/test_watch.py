@@ -445,5 +445,322 @@ def test_torch_shapes_views_optimizers_and_raw_pointers(changes):
     memwatch.watch(buffer=raw.data_ptr(), size=raw.nbytes, name="raw", dtype="float64")
     raw[3] = 2.5; line = here()  # noqa: E702
     assert [(c.variable, c.line, c.indices, c.new_values) for c in changes] == [("raw", line, [3], [2.5])]
-    with pytest.raises(memwatch.UnsupportedError, match="only CPU tensors"):
+    with pytest.raises(memwatch.UnsupportedError, match="a meta tensor: it has a shape and a dtype but no data"):
         memwatch.watch(torch.zeros(2, device="meta"), name="m")
+
+
+# --- every torch dtype ------------------------------------------------------------
+
+# (dtype, two values written, the values they are stored as): chosen so the
+# float types round (0.1 is not exact in any of them) and the integer types
+# reach their limits. Expected values are what torch itself reads back.
+TORCH_WRITES = [
+    ("bool", (True, True), [True, True]),
+    ("uint8", (200, 255), [200, 255]),
+    ("int8", (-128, 127), [-128, 127]),
+    ("int16", (-32768, 12345), [-32768, 12345]),
+    ("int32", (-(2**31), 2**31 - 1), [-(2**31), 2**31 - 1]),
+    ("int64", (-(2**63), 2**63 - 1), [-(2**63), 2**63 - 1]),
+    ("uint16", (65535, 7), [65535, 7]),
+    ("uint32", (2**32 - 1, 7), [2**32 - 1, 7]),
+    ("uint64", (2**64 - 1, 7), [2**64 - 1, 7]),
+    ("float16", (0.1, -65504.0), [0.0999755859375, -65504.0]),
+    ("bfloat16", (0.1, 3.14159), [0.10009765625, 3.140625]),
+    ("float32", (0.1, -2.0), [0.10000000149011612, -2.0]),
+    ("float64", (0.1, -2.0), [0.1, -2.0]),
+    ("float8_e4m3fn", (0.1, 448.0), [0.1015625, 448.0]),
+    ("float8_e4m3fnuz", (0.1, -240.0), [0.1015625, -240.0]),
+    ("float8_e5m2", (0.1, -57344.0), [0.09375, -57344.0]),
+    ("float8_e5m2fnuz", (0.1, 57344.0), [0.09375, 57344.0]),
+    ("float8_e8m0fnu", (0.5, 4.0), [0.5, 4.0]),
+    ("complex32", (1 + 2j, complex(0, -0.1)), [1 + 2j, complex(0, -0.0999755859375)]),
+    ("complex64", (1 + 2j, complex(0, -0.1)), [1 + 2j, complex(0, -0.10000000149011612)]),
+    ("complex128", (1 + 2j, complex(0, -0.1)), [1 + 2j, complex(0, -0.1)]),
+]
+
+
+def _zeros(torch, name, n=4):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "ComplexHalf support is experimental"
+        return torch.zeros(n, dtype=getattr(torch, name))
+
+
+def _torch_values(t):
+    """Python values of tensor t's elements, as torch reads them (float8 and
+    bfloat16 through float64, which holds each exactly)."""
+    import torch
+
+    if t.dtype.is_complex:
+        return t.to(torch.complex128).tolist()
+    if t.dtype.is_floating_point:
+        return t.to(torch.float64).tolist()
+    return t.tolist()
+
+
+def _same(a, b):
+    """Equal lists of values, NaN equal to NaN and -0.0 told from 0.0."""
+    import math
+    import struct
+
+    def key(x):
+        if isinstance(x, complex):
+            return (key(x.real), key(x.imag))
+        if isinstance(x, float):
+            return "nan" if math.isnan(x) else struct.pack("<d", x)
+        return (type(x), x)
+
+    return [key(x) for x in a] == [key(x) for x in b]
+
+
+@pytest.mark.parametrize("name,written,stored", TORCH_WRITES, ids=[w[0] for w in TORCH_WRITES])
+def test_torch_dtype_gives_element_values(changes, name, written, stored):
+    torch = pytest.importorskip("torch")
+    if not hasattr(torch, name):
+        pytest.skip(f"torch {torch.__version__} has no {name}")
+    t = _zeros(torch, name)
+    old = _torch_values(t[[1, 3]])
+    h = memwatch.watch(t, name="t")
+    t[1] = written[0]; t[3] = written[1]; line = here()  # noqa: E702
+    assert _torch_values(t[[1, 3]]) == stored  # the table above is torch's own rounding
+    c = only(changes)
+    assert (c.line, c.indices) == (line, [1, 3])
+    assert _same(c.old_values, old) and _same(c.new_values, stored), (c.old_values, c.new_values)
+    assert all(type(v) is type(w) for v, w in zip(c.new_values, stored))
+    assert c.dtype == h.dtype
+    if name in ("bfloat16", "complex32") or name.startswith("float8"):
+        assert c.dtype in (f"<{name}", f"|{name}")
+    # The live report shows the values too.
+    assert f"[1] {old[0]!r} -> {stored[0]!r}; [3] {old[1]!r} -> {stored[1]!r}" in c.report()
+
+
+def test_torch_dtypes_recorded_queried_and_exported(tmp_path, changes):
+    """Every dtype through a trace: Trace.changes, Trace.state, and the CLI's
+    query, state --format values / npy and export --elements."""
+    torch = pytest.importorskip("torch")
+    import json
+
+    from conftest import BIN, run
+
+    cases = [(n, w, s) for n, w, s in TORCH_WRITES if hasattr(torch, n)]
+    tensors = {n: _zeros(torch, n) for n, _, _ in cases}
+    olds = {n: _torch_values(t[[1, 3]]) for n, t in tensors.items()}
+    path = tmp_path / "dtypes.mwt"
+    memwatch.start(path)
+    for n, t in tensors.items():
+        memwatch.watch(t, name=n)
+    for n, w, _ in cases:
+        tensors[n][1] = w[0]; tensors[n][3] = w[1]  # noqa: E702
+    memwatch.stop()
+    trace = memwatch.open_trace(path)
+    for n, _, stored in cases:
+        got = trace.changes(tag=n)
+        assert len(got) == 1, (n, got)
+        assert got[0].indices == [1, 3]
+        assert _same(got[0].old_values, olds[n]) and _same(got[0].new_values, stored), (n, got[0].new_values)
+        # state(): the recorded dtype, or float32/complex64 for those numpy lacks, each value exact.
+        st = trace.state(n)
+        want = tensors[n]
+        if n in ("bfloat16", "complex32") or n.startswith("float8"):
+            assert st.dtype == (np.complex64 if n == "complex32" else np.float32), n
+            assert _same(st.tolist(), _torch_values(want)), n
+            back = torch.from_numpy(st).to(want.dtype)
+            assert torch.equal(back.view(torch.uint8), want.view(torch.uint8)), n
+        else:
+            assert st.dtype == want.numpy().dtype and st.tolist() == want.tolist(), n
+
+    def mw(*args):
+        r = run([str(BIN / "memwatch"), *args], cwd_override=tmp_path)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    def text(v, n):  # how the CLI prints a value: as Python does, a float32 as numpy does
+        if isinstance(v, bool):
+            return str(v).lower()
+        return str(np.float32(v)) if n == "float32" else repr(v)
+
+    for n, _, stored in cases:
+        # query: the first changed element, old -> new.
+        table = mw("query", str(path), "--tag", n).splitlines()
+        assert len(table) == 2 and table[1].endswith(f"  {text(olds[n][0], n)} -> {text(stored[0], n)}"), (n, table)
+        # state --format values: every element, index and value.
+        values = mw("state", str(path), "--tag", n, "--format", "values").splitlines()
+        assert values == [f"[{i}] {text(v, n)}" for i, v in enumerate(_torch_values(tensors[n]))], n
+        # state --format npy: a file numpy reads.
+        mw("state", str(path), "--tag", n, "--format", "npy", "-o", f"{n}.npy")
+        assert _same(np.load(tmp_path / f"{n}.npy").tolist(), _torch_values(tensors[n])), n
+        # export --elements: old and new values of each element (numbers only).
+        mw("export", str(path), "-o", f"{n}.jsonl", "--elements", "--tag", n)
+        rows = [json.loads(x) for x in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
+        assert [r["index"] for r in rows] == ["1", "3"], n
+        if not n.startswith("complex"):
+            as_f = [float(v) for v in stored]
+            assert [float(r["new_value"]) for r in rows] == as_f, n
+            assert [float(r["old_value"]) for r in rows] == [float(v) for v in olds[n]], n
+        else:
+            assert [r["new_value"] for r in rows] == [None, None], n  # complex: no single float
+
+
+def test_float8_table_matches_torch(changes):
+    """All 256 bytes of each float8 type decode as torch converts them, in a
+    live change; and format/tests/data/float8_torch.txt (the Rust unit
+    test's table) is what the installed torch computes."""
+    torch = pytest.importorskip("torch")
+    import struct
+    from pathlib import Path
+
+    table = {}
+    for line in (Path(__file__).parent.parent / "format/tests/data/float8_torch.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, bits = line.split(":")
+            table[name] = [struct.unpack("<f", int(b, 16).to_bytes(4, "little"))[0] for b in bits.split()]
+    assert len(table) == 5
+    for name, want_table in table.items():
+        if not hasattr(torch, name):
+            continue
+        f8 = getattr(torch, name)
+        everything = torch.arange(256, dtype=torch.uint8)
+        want = everything.view(f8).float().tolist()
+        assert _same(want, want_table), name
+        t = everything.roll(1).view(f8).clone()  # every byte changes
+        memwatch.watch(t, name=name)
+        t.view(torch.uint8).copy_(everything)
+        c = only(changes, name)
+        assert c.indices == list(range(256))
+        assert _same(c.new_values, want), name
+        assert _same([memwatch._memwatch._decode(f"|{name}", bytes([b])) for b in range(256)], want)
+
+
+def test_bfloat16_sample_matches_torch(changes):
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(17)
+    bits = torch.randint(-(2**15), 2**15, (4096,), dtype=torch.int16, generator=gen)
+    specials = torch.tensor([0x0000, -0x8000, 0x7F80, 0xFF80 - 2**16, 0x7FC0, 0x0001, 0x7F7F, 0x3F80], dtype=torch.int16)
+    bits = torch.cat([specials, bits])
+    t = torch.zeros(bits.numel(), dtype=torch.bfloat16)
+    t.view(torch.int16).fill_(0x1234)
+    memwatch.watch(t, name="bf")
+    t.view(torch.int16).copy_(bits)
+    c = only(changes)
+    changed = [i for i in range(bits.numel()) if bits[i] != 0x1234]
+    assert c.indices == changed
+    want = bits.view(torch.bfloat16).double().tolist()
+    assert _same(c.new_values, [want[i] for i in changed])
+    assert c._nonfinite()  # the infinities and the NaN among them
+
+
+def test_strided_bfloat16_view_reports_only_its_elements(tmp_path, changes):
+    torch = pytest.importorskip("torch")
+    w = torch.zeros(4, 4, dtype=torch.bfloat16)
+    col = w[:, 1]
+    path = tmp_path / "col.mwt"
+    memwatch.start(path)
+    memwatch.watch(col, name="col")
+    w[:, 0] = 1.0  # its neighbours: not its changes
+    w[:, 2:] = 2.0
+    w[:, :] += 0.1; line = here()  # noqa: E702
+    memwatch.stop()
+    got = [c for c in changes if c.tag == "col"]
+    assert [(c.line, c.indices, c.old_values, c.new_values) for c in got] == [
+        (line, [0, 1, 2, 3], [0.0] * 4, [0.10009765625] * 4)
+    ]
+    trace = memwatch.open_trace(path)
+    st = trace.state("col")
+    assert st.shape == (4,) and st.dtype == np.float32 and st.tolist() == [0.10009765625] * 4
+    assert [c.indices for c in trace.changes(tag="col")] == [[0, 1, 2, 3]]
+
+
+def _unsupported_tensors(torch):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nested and quantized tensors warn that they are prototypes
+        yield "sparse_coo", torch.eye(3).to_sparse(), ["sparse tensor (layout sparse_coo)", "t.to_dense()", "t._values()"]
+        yield "sparse_csr", torch.eye(3).to_sparse_csr(), ["sparse tensor (layout sparse_csr)", "t.to_dense()", "t.crow_indices()"]
+        yield "nested", torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)]), ["a nested tensor", "t.unbind()"]
+        yield (
+            "quantized",
+            torch.quantize_per_tensor(torch.zeros(3), 0.1, 0, torch.quint8),
+            ["a quantized tensor (torch.quint8)", "t.dequantize()", "t.int_repr()"],
+        )
+        yield "meta", torch.zeros(3, device="meta"), ["a meta tensor", "no data", "device='cpu'"]
+        yield "conj", torch.zeros(3, dtype=torch.complex64).conj(), ["conjugate bit", "t.resolve_conj()"]
+        yield "neg", torch.zeros(3, dtype=torch.complex64).conj().imag, ["negative bit", "t.resolve_neg()"]
+        if hasattr(torch, "float4_e2m1fn_x2"):
+            yield "float4", torch.zeros(3, dtype=torch.uint8).view(torch.float4_e2m1fn_x2), ["dtype torch.float4_e2m1fn_x2", "t.to(torch.float32)"]
+
+
+def test_unsupported_tensor_kinds_say_what_to_do(changes):
+    torch = pytest.importorskip("torch")
+    for kind, t, words in _unsupported_tensors(torch):
+        for how in (memwatch.watch, memwatch.frozen):
+            with pytest.raises(memwatch.UnsupportedError) as e:
+                if how is memwatch.frozen:
+                    with memwatch.frozen(t, name=kind):
+                        pass
+                else:
+                    memwatch.watch(t, name=kind)
+            msg = str(e.value)
+            assert msg.startswith("cannot watch "), (kind, msg)
+            for w in words:
+                assert w in msg, (kind, w, msg)
+            # Nothing of torch's own errors leaks, and nothing was watched.
+            assert "numpy" not in msg and "ScalarType" not in msg, (kind, msg)
+            assert e.value.__context__ is None or e.value.__suppress_context__, kind
+            assert memwatch._memwatch._regions() == [], kind
+
+
+def test_resize_and_set_of_a_watched_tensor(changes):
+    torch = pytest.importorskip("torch")
+    t = torch.zeros(4)
+    memwatch.watch(t, name="t")
+    for call in (
+        lambda: t.resize_(8),
+        lambda: t.resize_(2),  # shrinking would change its shape just as much
+        lambda: t.resize_((4,), memory_format=torch.contiguous_format),
+        lambda: t.resize_as_(torch.zeros(8)),
+        lambda: t.set_(torch.zeros(8)),
+        lambda: t.untyped_storage().resize_(64),
+    ):
+        with pytest.raises(memwatch.MemwatchError, match=r"memwatch watches \('t'\).*memwatch.unwatch\('t'\) first"):
+            call()
+    assert t.shape == (4,) and t.untyped_storage().nbytes() == 16
+    t.resize_(4)  # its own shape: a no-op, let through
+    t.resize_as_(torch.ones(4))
+    # A view's watch guards the memory of its base too.
+    base = torch.zeros(8)
+    memwatch.watch(base[2:4], name="part")
+    with pytest.raises(memwatch.MemwatchError, match="'part'"):
+        base.resize_(100)
+    # Still watched and followed after the refusals.
+    t[0] = 5.0; line = here()  # noqa: E702
+    assert [(c.line, c.new_values) for c in changes if c.tag == "t"] == [(line, [5.0])]
+    # Unwatched, the storage still cannot grow (torch cannot undo numpy's
+    # mark): torch's error, with a note saying why.
+    memwatch.unwatch(t)
+    with pytest.raises(RuntimeError, match="not resizable") as e:
+        t.resize_(8)
+    assert any("watched by memwatch (as 't')" in n and "t.clone()" in n for n in getattr(e.value, "__notes__", []))
+    t2 = t.clone()
+    t2.resize_(8)
+    assert t2.shape == (8,)
+    # A tensor memwatch never watched is untouched by all this.
+    other = torch.zeros(2)
+    other.resize_(16)
+    other.set_(torch.ones(3))
+    assert other.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_raw_memory_with_a_torch_dtype(changes):
+    torch = pytest.importorskip("torch")
+    t = torch.zeros(4, dtype=torch.bfloat16)
+    memwatch.watch(buffer=t.data_ptr(), size=t.nbytes, name="raw", dtype=torch.bfloat16)
+    memwatch.watch(buffer=t.data_ptr(), size=t.nbytes, name="grid", dtype="bfloat16", shape=(2, 2))
+    t[1] = 0.1; line = here()  # noqa: E702
+    assert [(c.tag, c.dtype, c.line, c.indices, c.new_values) for c in changes] == [
+        ("raw", "<bfloat16", line, [1], [0.10009765625]),
+        ("grid", "<bfloat16", line, [(0, 1)], [0.10009765625]),
+    ]
+    with pytest.raises(ValueError, match="'bf16' is not a numpy dtype"):
+        memwatch.watch(buffer=t.data_ptr(), size=t.nbytes, name="bad", dtype="bf16")

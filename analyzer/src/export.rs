@@ -212,27 +212,11 @@ impl RowParts<'_> {
     };
 }
 
-/// A numeric element as f64 (ints beyond 2^53 lose precision).
+/// A numeric element as f64 (ints beyond 2^53 lose precision; every
+/// float dtype, bfloat16 and float8 included, is exact); `None` for a
+/// complex element or a dtype [`memwatch_format::dtype`] does not know.
 pub fn element_f64(dtype: &str, b: &[u8]) -> Option<f64> {
-    let (order, rest) = dtype.split_at(1);
-    let mut le = b.to_vec();
-    if order == ">" {
-        le.reverse();
-    }
-    let n = le.len();
-    let mut a = [0u8; 8];
-    a[..n.min(8)].copy_from_slice(&le[..n.min(8)]);
-    Some(match (rest.chars().next()?, n) {
-        ('f', 4) => f64::from(f32::from_le_bytes(le[..4].try_into().ok()?)),
-        ('f', 8) => f64::from_le_bytes(a),
-        ('i', 1..=8) => {
-            let shift = 64 - 8 * n as u32;
-            ((i64::from_le_bytes(a) << shift) >> shift) as f64
-        }
-        ('u', 1..=8) => u64::from_le_bytes(a) as f64,
-        ('b', 1) => f64::from(u8::from(le[0] != 0)),
-        _ => return None,
-    })
+    memwatch_format::dtype::Dtype::parse(dtype)?.decode(b)?.as_f64()
 }
 
 impl Columns {

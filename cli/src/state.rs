@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use memwatch_analyzer::{c_order, element_bytes, shape_of, state, RegionInfo};
+use memwatch_format::dtype::{Dtype, FloatFormat, Kind, Value};
 use memwatch_format::TraceReader;
 
 use crate::text::{element, parse_point, Point};
@@ -16,7 +17,8 @@ to reach however long the trace is.
 
 Formats: hex (offset and bytes, 16 a line), raw (the bytes as they were in
 memory), npy (a numpy .npy file with the recorded dtype and shape; load it
-with numpy.load), values (one element per line: index and value).
+with numpy.load; numpy has no bfloat16, float8 or complex32, so those are
+written as float32 or complex64, every value exact), values (one element per line: index and value).
 
 A tag watched, unwatched and watched again is several regions: the one
 watched at the point is shown (an error says when none was).
@@ -97,11 +99,25 @@ fn for_each_element(
     Ok(())
 }
 
+/// The numpy type a `.npy` file holds for a dtype numpy lacks (`<f4` for
+/// bfloat16 and float8, `<c8` for complex32); `None` for one numpy has.
+fn npy_widened(dtype: &str) -> Option<&'static str> {
+    match Dtype::parse(dtype)?.kind {
+        Kind::Float(FloatFormat::F16 | FloatFormat::F32 | FloatFormat::F64) => None,
+        Kind::Float(_) => Some("<f4"),
+        Kind::Complex(FloatFormat::F16) => Some("<c8"),
+        _ => None,
+    }
+}
+
 /// The `.npy` (version 1.0) header for the region: magic, version, length
 /// and the padded dict.
 fn npy_header(region: &RegionInfo) -> Vec<u8> {
     let (descr, shape): (String, Vec<u64>) = match &region.dtype {
-        Some(d) => (d.to_string(), shape_of(region)),
+        Some(d) => (
+            npy_widened(d).map_or_else(|| d.to_string(), |w| w.to_string()),
+            shape_of(region),
+        ),
         None => ("|u1".into(), vec![region.len]),
     };
     let shape_txt = match shape.len() {
@@ -127,6 +143,16 @@ pub fn write_npy(region: &RegionInfo, data: &[u8], w: &mut dyn Write) -> std::io
     w.write_all(&npy_header(region))?;
     if region.dtype.is_none() {
         return w.write_all(data);
+    }
+    if let Some(d) = region.dtype.as_deref().filter(|d| npy_widened(d).is_some()) {
+        let d = Dtype::parse(d).expect("npy_widened parsed it");
+        return for_each_element(region, data, |_, b| match d.decode(b) {
+            Some(Value::Complex(re, im)) => {
+                w.write_all(&(re as f32).to_le_bytes())?;
+                w.write_all(&(im as f32).to_le_bytes())
+            }
+            v => w.write_all(&(v.and_then(|v| v.as_f64()).unwrap_or(f64::NAN) as f32).to_le_bytes()),
+        });
     }
     let itemsize = region.itemsize.max(1) as usize;
     let count = shape_of(region).iter().product::<u64>() as usize;

@@ -38,11 +38,9 @@ struct TagStats {
 }
 
 fn non_finite(dtype: &str, b: &[u8]) -> bool {
-    match (dtype.get(1..), b.len()) {
-        (Some("f4"), 4) => !f32::from_le_bytes(b.try_into().expect("4")).is_finite(),
-        (Some("f8"), 8) => !f64::from_le_bytes(b.try_into().expect("8")).is_finite(),
-        _ => false,
-    }
+    memwatch_format::dtype::Dtype::parse(dtype)
+        .and_then(|d| d.decode(b))
+        .is_some_and(|v| v.is_nonfinite())
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {

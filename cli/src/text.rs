@@ -1,5 +1,6 @@
 //! Small text helpers shared by the subcommands' output.
 
+use memwatch_format::dtype::{Dtype, FloatFormat, Value};
 use std::fmt::Write as _;
 
 /// A value for a `key=value` token: as is when it is a plain word, else in
@@ -74,6 +75,36 @@ mod tests {
     }
 
     #[test]
+    fn floats_print_as_python_and_numpy_do() {
+        assert_eq!(fmt_float(0.5), "0.5");
+        assert_eq!(fmt_float(-2.0), "-2.0");
+        assert_eq!(fmt_float(1e-5), "1e-05");
+        assert_eq!(fmt_float(5.877471754111438e-39), "5.877471754111438e-39");
+        assert_eq!(fmt_float(1.8446744073709552e19), "1.8446744073709552e+19");
+        assert_eq!(fmt_float(1e16), "1e+16");
+        assert_eq!(fmt_float(9999999999999998.0), "9999999999999998.0");
+        assert_eq!(fmt_float(-0.0), "-0.0");
+        assert_eq!(element("<f4", &0.1f32.to_le_bytes()).as_deref(), Some("0.1"));
+        assert_eq!(element("<f4", &1e-10f32.to_le_bytes()).as_deref(), Some("1e-10"));
+        assert_eq!(element("<f4", &3.0f32.to_le_bytes()).as_deref(), Some("3.0"));
+        assert_eq!(
+            element("<bfloat16", &0x3dcdu16.to_le_bytes()).as_deref(),
+            Some("0.10009765625")
+        );
+        assert_eq!(element("|float8_e5m2", &[0x7c]).as_deref(), Some("inf"));
+        assert_eq!(element("|b1", &[1]).as_deref(), Some("true"));
+        assert_eq!(
+            element("<c8", &[0, 0, 0, 0, 0, 0, 0x80, 0x3f]).as_deref(),
+            Some("1j")
+        );
+        assert_eq!(
+            element("<c8", &[0, 0, 0x80, 0x3f, 0, 0, 0, 0xc0]).as_deref(),
+            Some("(1-2j)")
+        );
+        assert_eq!(element("<bf16", &[0, 0]), None);
+    }
+
+    #[test]
     fn utc_formats_known_instants() {
         assert_eq!(utc(0), "1970-01-01T00:00:00.000000000Z");
         assert_eq!(utc(1_764_115_200_000_000_000), "2025-11-26T00:00:00.000000000Z");
@@ -81,61 +112,79 @@ mod tests {
     }
 }
 
-/// One element of array-protocol dtype `dtype` (`<f4`, `|u1`, `>i2`) as
-/// text, or `None` when the dtype is not a plain number.
+/// One element of dtype `dtype` (`<f4`, `|u1`, `>i2`, `<bfloat16`, see
+/// [`memwatch_format::dtype`]) as text, as Python prints the value (a
+/// complex one as `(1+2j)`), or `None` when the dtype is not a number
+/// type this build knows.
 pub fn element(dtype: &str, b: &[u8]) -> Option<String> {
-    let (order, rest) = dtype.split_at(1);
-    let mut le = b.to_vec();
-    if order == ">" {
-        le.reverse();
-    }
-    let kind = rest.chars().next()?;
-    let n = le.len();
-    let mut a = [0u8; 8];
-    a[..n.min(8)].copy_from_slice(&le[..n.min(8)]);
-    Some(match (kind, n) {
-        ('f', 4) => {
-            // Shortest text that reads back as the same float32, as numpy prints it.
-            let x = f32::from_le_bytes(le[..4].try_into().ok()?);
-            if x.is_finite() && x != x.trunc() {
-                format!("{x}")
-            } else {
-                fmt_float(f64::from(x))
-            }
-        }
-        ('f', 8) => fmt_float(f64::from_le_bytes(a)),
-        ('f', 2) => {
-            let h = u16::from_le_bytes([le[0], le[1]]);
-            let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
-            let (e, f) = ((h >> 10) & 0x1f, f64::from(h & 0x3ff));
-            fmt_float(match e {
-                0 => sign * f * 2f64.powi(-24),
-                31 if f == 0.0 => sign * f64::INFINITY,
-                31 => f64::NAN,
-                e => sign * (1.0 + f / 1024.0) * 2f64.powi(i32::from(e) - 15),
-            })
-        }
-        ('i', 1..=8) => {
-            let shift = 64 - 8 * n as u32;
-            ((i64::from_le_bytes(a) << shift) >> shift).to_string()
-        }
-        ('u', 1..=8) => u64::from_le_bytes(a).to_string(),
-        ('b', 1) => (le[0] != 0).to_string(),
-        _ => return None,
+    let d = Dtype::parse(dtype)?;
+    Some(match d.decode(b)? {
+        // Shortest text that reads back as the same float32, as numpy prints it.
+        Value::Float(x) if d.float_format() == Some(FloatFormat::F32) => fmt_f32(x as f32),
+        Value::Float(x) => fmt_float(x),
+        Value::Complex(re, im) => fmt_complex(re, im),
+        Value::Int(i) => i.to_string(),
+        Value::UInt(u) => u.to_string(),
+        Value::Bool(v) => v.to_string(),
     })
 }
 
-/// A float the way Python prints it (`0.5`, `1.0`, `nan`, `inf`).
+/// A complex number the way Python prints it: `(1+2j)`, `-3j`, `(nan+infj)`.
+fn fmt_complex(re: f64, im: f64) -> String {
+    let part = |x: f64| {
+        let s = fmt_float(x);
+        s.strip_suffix(".0").map(str::to_string).unwrap_or(s)
+    };
+    let im_txt = if im.is_nan() || im.is_sign_positive() {
+        format!("+{}", part(im))
+    } else {
+        part(im)
+    };
+    if re == 0.0 && re.is_sign_positive() {
+        format!("{}j", part(im))
+    } else {
+        format!("({}{im_txt}j)", part(re))
+    }
+}
+
+/// A float the way Python prints it (`0.5`, `1.0`, `1e-05`, `1.5e+16`,
+/// `nan`, `inf`).
 pub fn fmt_float(x: f64) -> String {
     if x.is_nan() {
         "nan".into()
     } else if x.is_infinite() {
         if x > 0.0 { "inf" } else { "-inf" }.into()
-    } else if x == x.trunc() && x.abs() < 1e16 {
+    } else if x != 0.0 && !(1e-4..1e16).contains(&x.abs()) {
+        python_exponent(&format!("{x:e}"))
+    } else if x == x.trunc() {
         format!("{x:.1}")
     } else {
         format!("{x}")
     }
+}
+
+/// A float32 the way numpy prints it: its shortest digits, an exponent as
+/// Python writes one outside `[1e-4, 1e16)`.
+fn fmt_f32(x: f32) -> String {
+    if x.is_finite() && x != 0.0 && !(1e-4..1e16).contains(&x.abs()) {
+        python_exponent(&format!("{x:e}"))
+    } else if x.is_finite() && x != x.trunc() {
+        format!("{x}")
+    } else {
+        fmt_float(f64::from(x))
+    }
+}
+
+/// Rust's `1.5e16` / `1e-5` as Python writes them: `1.5e+16`, `1e-05`.
+fn python_exponent(rust: &str) -> String {
+    let Some((mantissa, exp)) = rust.split_once('e') else {
+        return rust.to_string();
+    };
+    let (sign, digits) = match exp.strip_prefix('-') {
+        Some(d) => ('-', d),
+        None => ('+', exp),
+    };
+    format!("{mantissa}e{sign}{digits:0>2}")
 }
 
 /// A time after the trace started: `2.5s`, `150ms`, `20us`, `100ns`, or a
@@ -261,7 +310,9 @@ mod element_tests {
         assert_eq!(element(">i4", &7i32.to_be_bytes()).unwrap(), "7");
         assert_eq!(element("<f4", &f32::NAN.to_le_bytes()).unwrap(), "nan");
         assert_eq!(element("|b1", &[1]).unwrap(), "true");
-        assert_eq!(element("<c8", &[0; 8]), None);
+        // Complex values print as Python prints them (they showed as hex before).
+        assert_eq!(element("<c8", &[0; 8]).unwrap(), "0j");
+        assert_eq!(element("<M8[ns]", &[0; 8]), None);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The memwatch trace format (`.mwt`): bytes ↔ records.
 //!
 //! This crate owns the file layout (header, chunk framing, trailer), the
-//! record types, a [`TraceWriter`] that appends records and emits
+//! record types, the element types a region's dtype names and their
+//! decoding ([`dtype`]), a [`TraceWriter`] that appends records and emits
 //! independently zstd-compressed chunks, and a streaming [`TraceReader`]
 //! that memory-maps a trace and decodes it chunk by chunk. It does not own
 //! what gets recorded (that is `memwatch-recorder`) nor queries over a trace
@@ -48,6 +49,7 @@ pub mod chunk;
 pub mod crash;
 pub mod delta;
 pub mod direct;
+pub mod dtype;
 mod error;
 pub mod header;
 pub mod journal;

@@ -125,8 +125,9 @@ pub struct Context {
 // changing this struct means bumping FORMAT_VERSION
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 pub struct Layout<'a> {
-    /// A numpy array-protocol type string (`"<f4"`, `"|u1"`, `"<i8"`), or
-    /// `None` for plain bytes.
+    /// A numpy array-protocol type string (`"<f4"`, `"|u1"`, `"<i8"`) or
+    /// one of memwatch's names for types numpy lacks (`"<bfloat16"`,
+    /// `"|float8_e4m3fn"`, see [`crate::dtype`]), or `None` for plain bytes.
     #[serde(borrow)]
     pub dtype: Option<&'a str>,
     /// Element size in bytes (1 for plain bytes).

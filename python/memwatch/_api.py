@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from memwatch import _guard, _memwatch, _scope
+from memwatch import _guard, _memwatch, _scope, _torch_resize
 from memwatch._memwatch import (
     Change,
     MemwatchError,
@@ -134,7 +134,31 @@ def _memory_owner(obj: Any) -> Any:
     return base
 
 
+# Torch dtypes numpy has no type for: memwatch's dtype string for each (see
+# docs/format.md) and the same-size integer dtype the tensor is exported as.
+_TORCH_NAMED = {
+    "bfloat16": ("<bfloat16", "int16"),
+    "float8_e4m3fn": ("|float8_e4m3fn", "uint8"),
+    "float8_e4m3fnuz": ("|float8_e4m3fnuz", "uint8"),
+    "float8_e5m2": ("|float8_e5m2", "uint8"),
+    "float8_e5m2fnuz": ("|float8_e5m2fnuz", "uint8"),
+    "float8_e8m0fnu": ("|float8_e8m0fnu", "uint8"),
+    "complex32": ("<complex32", "int32"),
+}
+_NAMED_DTYPES = {v[0] for v in _TORCH_NAMED.values()}
+
+
 def _normalize_dtype(dtype: Any) -> str:
+    """The dtype string for ``dtype=``: a numpy dtype's array-protocol
+    string (``"float32"`` -> ``"<f4"``), or memwatch's name for a torch
+    dtype numpy lacks (``torch.bfloat16`` or ``"bfloat16"`` -> ``"<bfloat16"``)."""
+    text = str(dtype).removeprefix("torch.")
+    if text in _NAMED_DTYPES:
+        return text
+    if text in _TORCH_NAMED:
+        return _TORCH_NAMED[text][0]
+    if _is_torch_dtype(dtype):
+        dtype = text
     try:
         import numpy as np
     except ImportError:
@@ -145,6 +169,84 @@ def _normalize_dtype(dtype: Any) -> str:
         except TypeError as e:
             raise ValueError(f"dtype {dtype!r} is not a numpy dtype: {e}") from None
     return str(dtype)
+
+
+def _is_torch_dtype(obj: Any) -> bool:
+    return type(obj).__module__ == "torch" and type(obj).__name__ == "dtype"
+
+
+def _unsupported_tensor(t: Any) -> str | None:
+    """Why tensor ``t`` cannot be watched, and what to do instead; None if it can."""
+    if t.is_nested:
+        return (
+            "a nested tensor: its components live in one buffer that memwatch cannot index; "
+            "watch each component instead (for i, part in enumerate(t.unbind()): "
+            "memwatch.watch(part, name=f'part{i}'); they share t's memory), "
+            "or a padded copy (t.to_padded_tensor(0))"
+        )
+    if t.is_quantized:
+        return (
+            f"a quantized tensor ({t.dtype}): its elements are scaled integers with their own "
+            "scale and zero point; watch a float copy (t.dequantize()) or the integers (t.int_repr(), "
+            "also a copy), or the float tensor before quantization"
+        )
+    if t.layout != __import__("torch").strided:
+        layout = str(t.layout).removeprefix("torch.")
+        if layout.startswith("sparse"):
+            parts = (
+                "t._values() and t._indices()"
+                if layout == "sparse_coo"
+                else "t.values() and its index tensors (t.crow_indices(), t.col_indices() and the like)"
+            )
+            return (
+                f"a sparse tensor (layout {layout}): memwatch watches strided memory; watch a dense "
+                f"copy (t.to_dense()), or the strided tensors it is made of, {parts}, which share its memory"
+            )
+        return f"a tensor with layout {layout}: memwatch watches strided tensors; watch t.to_dense() (a copy)"
+    if t.device.type == "meta":
+        return (
+            "a meta tensor: it has a shape and a dtype but no data; materialize it on the CPU "
+            "(torch.empty_like(t, device='cpu'), or module.to_empty(device='cpu') for a model) and watch that"
+        )
+    if t.is_conj():
+        return (
+            "a tensor with its conjugate bit set (a lazy view from .conj()): its memory holds the "
+            "unconjugated values; watch the tensor it was made from, or a resolved copy (t.resolve_conj())"
+        )
+    if t.is_neg():
+        return (
+            "a tensor with its negative bit set (a lazy view, e.g. .conj().imag): its memory holds the "
+            "values' negations; watch the tensor it was made from, or a resolved copy (t.resolve_neg())"
+        )
+    return None
+
+
+def _tensor_target(t: Any) -> tuple[Any, str | None]:
+    """What memwatch exports for CPU tensor ``t`` (a numpy view of its
+    memory, same strides) and the dtype string its elements have when the
+    view's own dtype is a stand-in (bfloat16 and float8 are exported as
+    integers of their size)."""
+    if t.device.type not in ("cpu", "meta"):
+        raise UnsupportedError(
+            f"cannot watch a tensor on {t.device}: only CPU tensors are supported for now "
+            "(copy it to the CPU, or watch a CPU tensor instead)"
+        )
+    why = _unsupported_tensor(t)
+    if why is not None:
+        raise UnsupportedError(f"cannot watch {why}")
+    name = str(t.dtype).removeprefix("torch.")
+    t = t.detach()
+    named = _TORCH_NAMED.get(name)
+    if named is not None:
+        t = t.view(getattr(__import__("torch"), named[1]))
+    try:
+        return t.numpy(), named[0] if named else None
+    except (TypeError, RuntimeError):
+        raise UnsupportedError(
+            f"cannot watch a tensor of dtype torch.{name}: memwatch decodes bool, integer, float "
+            "(float16, bfloat16, float32, float64, float8_*) and complex tensors; "
+            "watch a copy in one of those (e.g. t.to(torch.float32))"
+        ) from None
 
 
 _auto_started = False
@@ -169,8 +271,15 @@ def watch(
     ``obj`` is anything exporting a writable buffer: ``bytearray``,
     ``array.array``, ``memoryview``, ``mmap.mmap``, a numpy array (contiguous
     or a strided view, which reports only its own elements) or a torch CPU
-    tensor. For raw memory pass ``buffer=address, size=nbytes`` (and
-    optionally ``dtype=`` and ``shape=`` to get element values).
+    tensor of any strided dtype (bool, integers, float16, bfloat16, float32,
+    float64, the float8 types, complex), also a strided view; sparse,
+    nested, quantized and meta tensors raise :class:`memwatch.UnsupportedError`
+    saying what to watch instead. A watched tensor cannot be resized or
+    ``set_`` to other memory (:class:`memwatch.MemwatchError`; unwatch first),
+    and its storage stays not resizable after the watch (torch cannot undo
+    it). For raw memory pass ``buffer=address, size=nbytes`` (and
+    optionally ``dtype=`` and ``shape=`` to get element values; ``dtype=``
+    is a numpy dtype or a torch dtype, ``torch.bfloat16`` included).
 
     ``name`` is the tag; without it, the name of the variable passed in.
     A name is watched once at a time: watching a second object under a
@@ -214,6 +323,7 @@ def watch(
     bytes_like = False
     address: int | None = None
     target: Any = None
+    tensor_dtype: str | None = None
     if buffer is not None:
         if obj is not None:
             raise TypeError("pass either an object or buffer=address, not both")
@@ -229,26 +339,25 @@ def watch(
     else:
         target = obj
         if _is_torch_tensor(obj):
-            if obj.device.type != "cpu":
-                raise UnsupportedError(
-                    f"cannot watch a tensor on {obj.device}: only CPU tensors are supported for now "
-                    "(copy it to the CPU, or watch a CPU tensor instead)"
-                )
+            target, tensor_dtype = _tensor_target(obj)
             keep.append(obj)
-            target = obj.detach().numpy()
         elif isinstance(obj, bytearray | mmap.mmap) or (
             isinstance(obj, memoryview) and obj.format in ("B", "b", "c") and not hasattr(obj.obj, "__array_interface__")
         ):
             bytes_like = True
         if size is not None or dtype is not None or shape is not None:
             raise TypeError("size=, dtype= and shape= are for raw memory (buffer=address) only")
-    dtype_str = _normalize_dtype(dtype) if dtype is not None else None
+    dtype_str = _normalize_dtype(dtype) if dtype is not None else tensor_dtype
     variable = _variable or _variable_name(frame, address if buffer is not None else obj, buffer is not None)
     tag = name if name is not None else variable
     if tag is None:
         raise ValueError("cannot tell which variable this buffer is; pass name=")
     if any(t == str(tag) for _, t, _ in _memwatch._object_watches()):
         raise ValueError(f"'{tag}' is already watched (an object); pass another name= or unwatch it first")
+    if tensor_dtype is not None or (buffer is None and _is_torch_tensor(obj)):
+        # The numpy view made the storage not resizable: say so when resized.
+        _torch_resize.install()
+        _torch_resize.pinned(obj, str(tag))
     handle = _memwatch._watch(
         target,
         address,

@@ -779,20 +779,10 @@ fn array_protocol_dtype(format: &str, itemsize: usize) -> Option<String> {
     Some(format!("{e}{kind}{size}"))
 }
 
-/// Parses an array-protocol dtype string (`<f4`, `|u1`) into its item size.
+/// The item size of a dtype string memwatch decodes (`<f4`, `|u1`,
+/// `<bfloat16`: [`memwatch_format::dtype`]).
 fn dtype_itemsize(dtype: &str) -> Option<u32> {
-    let mut chars = dtype.chars();
-    let first = chars.next()?;
-    let rest: &str = if matches!(first, '<' | '>' | '|' | '=') {
-        &dtype[1..]
-    } else {
-        dtype
-    };
-    let kind = rest.chars().next()?;
-    if !matches!(kind, 'f' | 'i' | 'u' | 'b' | 'c') {
-        return None;
-    }
-    rest[1..].parse().ok().filter(|n| [1, 2, 4, 8, 16].contains(n))
+    memwatch_format::dtype::Dtype::parse(dtype).map(|d| d.itemsize)
 }
 
 struct Span {
@@ -979,7 +969,9 @@ pub fn _store_stats() -> std::collections::HashMap<&'static str, u64> {
 }
 
 /// Starts watching. Called by `memwatch.watch` after it resolved the
-/// arguments; see its docstring.
+/// arguments; see its docstring. With `obj`, `dtype` (when given) replaces
+/// the dtype of the buffer's format, for elements of the same size that
+/// the format cannot name (a torch `bfloat16` tensor exported as int16).
 #[pyfunction]
 #[pyo3(signature = (obj, address, size, tag, variable, dtype, shape, keepalive, bytes_like, mode="line", owner=None, memory_owner=None))]
 #[allow(clippy::too_many_arguments)]
@@ -1022,7 +1014,21 @@ pub fn _watch(
     let (span, mut pinned) = match (obj, address) {
         (Some(obj), _) => {
             let pinned = export(py, obj)?;
-            match span_of(&pinned.0, bytes_like) {
+            // `dtype` names what the exported elements really are when the
+            // buffer's format cannot (a torch bfloat16 tensor exports int16).
+            let span = span_of(&pinned.0, bytes_like).and_then(|mut s| {
+                if let Some(d) = dtype {
+                    if dtype_itemsize(&d) != Some(s.layout.itemsize) {
+                        return Err(PyValueError::new_err(format!(
+                            "dtype {d:?} does not match the buffer's {}-byte elements",
+                            s.layout.itemsize
+                        )));
+                    }
+                    s.layout.dtype = Some(d);
+                }
+                Ok(s)
+            });
+            match span {
                 Ok(s) => (s, Some(pinned)),
                 Err(e) => {
                     let mut p = pinned;
@@ -1063,7 +1069,8 @@ pub fn _watch(
                 Some(d) => {
                     let n = dtype_itemsize(&d).ok_or_else(|| {
                         PyValueError::new_err(format!(
-                            "dtype {d:?} is not a numeric array-protocol type like '<f4' or '|u1'"
+                            "dtype {d:?} is not a numeric type memwatch decodes: an array-protocol \
+                             string like '<f4' or '|u1', or one of memwatch's names like '<bfloat16'"
                         ))
                     })?;
                     (Some(d), n)
@@ -1105,7 +1112,9 @@ pub fn _watch(
             ))
         }
     };
-    let obj_id = obj.map(|o| o.as_ptr() as usize);
+    // The caller's object (a tensor, not the numpy view exported for it):
+    // what `unwatch(obj)` finds the region by.
+    let obj_id = owner.or(obj).map(|o| o.as_ptr() as usize);
     let mut keep = keepalive;
     if let Some(o) = obj {
         keep.push(o.clone().unbind());

@@ -1,10 +1,12 @@
-//! `memwatch.Change`: one change to one watched region, as Python sees it.
+//! `memwatch.Change`: one change to one watched region, as Python sees it,
+//! with its elements decoded by dtype ([`memwatch_format::dtype`]).
 
 use std::sync::Arc;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyComplex, PyList, PyTuple};
 
+use memwatch_format::dtype::{Dtype, Value};
 use memwatch_format::ObjectChangeKind;
 
 use crate::engine::{ChangedRange, Layout};
@@ -59,63 +61,37 @@ pub struct Change {
     pub object: Option<ObjectInfo>,
 }
 
-fn half_to_f64(h: u16) -> f64 {
-    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
-    let exp = (h >> 10) & 0x1f;
-    let frac = f64::from(h & 0x3ff);
-    match exp {
-        0 => sign * frac * 2f64.powi(-24),
-        31 if frac == 0.0 => sign * f64::INFINITY,
-        31 => f64::NAN,
-        e => sign * (1.0 + frac / 1024.0) * 2f64.powi(i32::from(e) - 15),
-    }
+/// Decodes one element of dtype `dtype` (a region's dtype string, see
+/// [`memwatch_format::dtype`]) from `b`: a `float`, `complex`, `bool` or
+/// `int`; the bytes' unsigned integer for a dtype this build does not know.
+fn decode<'py>(py: Python<'py>, dtype: &str, b: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    let value = Dtype::parse(dtype).and_then(|d| d.decode(b));
+    Ok(match value {
+        Some(Value::Float(x)) => x.into_pyobject(py)?.into_any(),
+        Some(Value::Complex(re, im)) => PyComplex::from_doubles(py, re, im).into_any(),
+        Some(Value::Bool(v)) => pyo3::types::PyBool::new(py, v).to_owned().into_any(),
+        Some(Value::Int(i)) => i.into_pyobject(py)?.into_any(),
+        Some(Value::UInt(u)) => u.into_pyobject(py)?.into_any(),
+        None => {
+            let mut a = [0u8; 8];
+            let n = b.len().min(8);
+            a[..n].copy_from_slice(&b[..n]);
+            u64::from_le_bytes(a).into_pyobject(py)?.into_any()
+        }
+    })
 }
 
-/// Decodes one element of dtype `dtype` (array-protocol string) from `b`.
-fn decode<'py>(py: Python<'py>, dtype: &str, b: &[u8]) -> PyResult<Bound<'py, PyAny>> {
-    let (order, rest) = dtype.split_at(1.min(dtype.len()));
-    let mut le = b.to_vec();
-    if order == ">" {
-        le.reverse();
+/// Decodes `b` as one element of `dtype` (`_memwatch._decode`), the way
+/// `Change.old_values` does; for tests and tools.
+#[pyfunction]
+pub fn _decode<'py>(py: Python<'py>, dtype: &str, b: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    if Dtype::parse(dtype).map(|d| d.itemsize as usize) != Some(b.len()) {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "{} bytes are not one element of dtype {dtype:?}",
+            b.len()
+        )));
     }
-    let kind = rest.chars().next().unwrap_or('u');
-    let arr = |n: usize| -> [u8; 8] {
-        let mut a = [0u8; 8];
-        a[..n.min(8)].copy_from_slice(&le[..n.min(8)]);
-        a
-    };
-    let n = le.len();
-    Ok(match (kind, n) {
-        ('f', 2) => half_to_f64(u16::from_le_bytes([le[0], le[1]]))
-            .into_pyobject(py)?
-            .into_any(),
-        ('f', 4) => f64::from(f32::from_le_bytes(le[..4].try_into().expect("4")))
-            .into_pyobject(py)?
-            .into_any(),
-        ('f', 8) => f64::from_le_bytes(arr(8)).into_pyobject(py)?.into_any(),
-        ('c', 8) | ('c', 16) => {
-            let h = n / 2;
-            let part = |s: &[u8]| -> f64 {
-                if h == 4 {
-                    f64::from(f32::from_le_bytes(s.try_into().expect("4")))
-                } else {
-                    f64::from_le_bytes(s.try_into().expect("8"))
-                }
-            };
-            let builtins = py.import("builtins")?;
-            builtins
-                .getattr("complex")?
-                .call1((part(&le[..h]), part(&le[h..])))?
-        }
-        ('b', 1) => pyo3::types::PyBool::new(py, le[0] != 0).to_owned().into_any(),
-        ('i', 1..=8) => {
-            let shift = 64 - 8 * n as u32;
-            ((i64::from_le_bytes(arr(n)) << shift) >> shift)
-                .into_pyobject(py)?
-                .into_any()
-        }
-        _ => u64::from_le_bytes(arr(n)).into_pyobject(py)?.into_any(),
-    })
+    decode(py, dtype, b)
 }
 
 impl Change {
@@ -428,37 +404,15 @@ impl Change {
     /// True when a new value of a changed element is a NaN or an infinity
     /// (float and complex dtypes; false for any other).
     fn _nonfinite(&self) -> bool {
-        let Some(dtype) = self.layout.dtype.as_deref() else {
+        let Some(dtype) = self.layout.dtype.as_deref().and_then(Dtype::parse) else {
             return false;
         };
-        let big = dtype.starts_with('>');
-        let kind = dtype.chars().nth(1).unwrap_or('u');
-        let size = self.layout.itemsize as usize;
-        // Complex: each half is a float of half the size.
-        let (part, ok) = match (kind, size) {
-            ('f', 2 | 4 | 8) => (size, true),
-            ('c', 8 | 16) => (size / 2, true),
-            _ => (0, false),
-        };
-        if !ok {
+        if dtype.float_format().is_none() {
             return false;
         }
-        let nonfinite = |b: &[u8]| -> bool {
-            let mut le = [0u8; 8];
-            le[..part].copy_from_slice(b);
-            if big {
-                le[..part].reverse();
-            }
-            let bits = u64::from_le_bytes(le);
-            match part {
-                2 => (bits >> 10) & 0x1f == 0x1f,
-                4 => (bits >> 23) & 0xff == 0xff,
-                _ => (bits >> 52) & 0x7ff == 0x7ff,
-            }
-        };
         self.elements()
             .iter()
-            .any(|(_, _, new)| new.chunks_exact(part).any(nonfinite))
+            .any(|(_, _, new)| dtype.decode(new).is_some_and(|v| v.is_nonfinite()))
     }
 
     /// The change as an HTML table, for Jupyter (`memwatch._display`).

@@ -77,7 +77,7 @@ pub const COMPARE_MAX: u64 = 16 * 1024;
 /// How a region lays out its elements.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Layout {
-    /// numpy array-protocol type string (`<f4`), or `None` for plain bytes.
+    /// The dtype string (`<f4`, `<bfloat16`: [`memwatch_format::dtype`]), or `None` for plain bytes.
     pub dtype: Option<String>,
     pub itemsize: u32,
     pub shape: Vec<u64>,

@@ -123,6 +123,7 @@ fn _memwatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(api::_rescope, m)?,
         wrap_pyfunction!(api::backend, m)?,
         wrap_pyfunction!(change::location, m)?,
+        wrap_pyfunction!(change::_decode, m)?,
         wrap_pyfunction!(api::_store_stats, m)?,
         wrap_pyfunction!(api::_backend_problem, m)?,
         wrap_pyfunction!(api::_start, m)?,

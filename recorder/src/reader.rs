@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use memwatch_analyzer::{self as analyzer, ChangeRow, Filter, RegionInfo, What};
 use memwatch_cli::{parse_point, Point};
+use memwatch_format::dtype::{Dtype, FloatFormat, Kind, Value};
 use memwatch_format::TraceReader;
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
@@ -190,7 +191,10 @@ impl Trace {
 
     /// The region's contents after event `at` (default: the end), as a
     /// numpy array with the recorded dtype and shape (`bytes` when the
-    /// region has no dtype or numpy is missing). `at` is a seq (int) or a
+    /// region has no dtype or numpy is missing). numpy has no bfloat16,
+    /// float8 or complex32: those regions come back as float32 (complex64)
+    /// arrays, every value exact (`torch.from_numpy(a).to(torch.bfloat16)`
+    /// gives the recorded tensor back bit for bit, NaN payloads aside). `at` is a seq (int) or a
     /// time since the trace started (`datetime.timedelta`, or `"2.5s"`):
     /// the last event at or before it.
     #[pyo3(signature = (tag, at=None))]
@@ -201,7 +205,7 @@ impl Trace {
         at: Option<Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let at = point_of(at.as_ref())?;
-        let st = py
+        let mut st = py
             .detach(|| {
                 let at = at.map(|p| p.seq(&self.reader)).transpose()?;
                 analyzer::state(&self.reader, tag, at)
@@ -219,6 +223,33 @@ impl Trace {
             vec![st.region.len / itemsize as u64]
         } else {
             st.region.shape.clone()
+        };
+        // numpy has no bfloat16, float8 or complex32: such a region comes
+        // back as float32 (complex64) values, each exact, NaN and inf kept.
+        let Some(parsed) = Dtype::parse(dtype) else {
+            // A dtype this build does not know (from a newer memwatch): the bytes.
+            return Ok(raw.into_any());
+        };
+        let (raw, dtype) = match widened(parsed) {
+            Some((wide, size)) => {
+                let mut out = Vec::with_capacity(st.data.len() / itemsize as usize * size);
+                for el in st.data.chunks_exact(itemsize as usize) {
+                    match parsed.decode(el) {
+                        Some(Value::Complex(re, im)) => {
+                            out.extend((re as f32).to_le_bytes());
+                            out.extend((im as f32).to_le_bytes());
+                        }
+                        Some(v) => out.extend((v.as_f64().unwrap_or(f64::NAN) as f32).to_le_bytes()),
+                        None => out.extend(std::iter::repeat_n(0, size)),
+                    }
+                }
+                st.region.origin = st.region.origin / itemsize as u64 * size as u64;
+                for s in &mut st.region.strides {
+                    *s = *s / itemsize * size as i64;
+                }
+                (PyBytes::new(py, &out), wide)
+            }
+            None => (raw, dtype),
         };
         let flat = np.getattr("frombuffer")?.call1((raw, dtype))?;
         let kwargs = PyDict::new(py);
@@ -334,4 +365,16 @@ impl Trace {
 pub fn open_trace(py: Python<'_>, path: PathBuf) -> PyResult<Trace> {
     let reader = py.detach(|| TraceReader::open(&path)).map_err(trace_error)?;
     Ok(Trace { reader, path })
+}
+
+/// The numpy dtype (and its item size) that `Trace.state` widens a dtype
+/// numpy lacks to: float32 for bfloat16 and float8, complex64 for
+/// complex32; `None` for a dtype numpy has.
+fn widened(d: Dtype) -> Option<(&'static str, usize)> {
+    let numpy = |f: FloatFormat| matches!(f, FloatFormat::F16 | FloatFormat::F32 | FloatFormat::F64);
+    match d.kind {
+        Kind::Float(f) if !numpy(f) => Some(("<f4", 4)),
+        Kind::Complex(FloatFormat::F16) => Some(("<c8", 8)),
+        _ => None,
+    }
 }
