@@ -216,7 +216,12 @@ impl RowParts<'_> {
 /// float dtype, bfloat16 and float8 included, is exact); `None` for a
 /// complex element or a dtype [`memwatch_format::dtype`] does not know.
 pub fn element_f64(dtype: &str, b: &[u8]) -> Option<f64> {
-    memwatch_format::dtype::Dtype::parse(dtype)?.decode(b)?.as_f64()
+    parsed_element_f64(memwatch_format::dtype::Dtype::parse(dtype), b)
+}
+
+/// [`element_f64`] with the dtype parsed once (per change, not per element).
+fn parsed_element_f64(dtype: Option<memwatch_format::dtype::Dtype>, b: &[u8]) -> Option<f64> {
+    dtype?.decode(b)?.as_f64()
 }
 
 impl Columns {
@@ -290,6 +295,7 @@ impl Columns {
                     return;
                 };
                 let size = region.itemsize.max(1) as usize;
+                let parsed = memwatch_format::dtype::Dtype::parse(dtype);
                 for r in ranges {
                     for (k, (o, n)) in r.old.chunks_exact(size).zip(r.new.chunks_exact(size)).enumerate() {
                         if o == n {
@@ -307,7 +313,7 @@ impl Columns {
                                 index: element_index(region, at),
                                 old: Some(o),
                                 new: Some(n),
-                                values: (element_f64(dtype, o), element_f64(dtype, n)),
+                                values: (parsed_element_f64(parsed, o), parsed_element_f64(parsed, n)),
                                 object: (None, None, None),
                             },
                         );

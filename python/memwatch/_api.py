@@ -190,7 +190,9 @@ def _unsupported_tensor(t: Any) -> str | None:
             "scale and zero point; watch a float copy (t.dequantize()) or the integers (t.int_repr(), "
             "also a copy), or the float tensor before quantization"
         )
-    if t.layout != __import__("torch").strided:
+    import torch
+
+    if t.layout != torch.strided:
         layout = str(t.layout).removeprefix("torch.")
         if layout.startswith("sparse"):
             parts = (
@@ -234,11 +236,13 @@ def _tensor_target(t: Any) -> tuple[Any, str | None]:
     why = _unsupported_tensor(t)
     if why is not None:
         raise UnsupportedError(f"cannot watch {why}")
+    import torch
+
     name = str(t.dtype).removeprefix("torch.")
     t = t.detach()
     named = _TORCH_NAMED.get(name)
     if named is not None:
-        t = t.view(getattr(__import__("torch"), named[1]))
+        t = t.view(getattr(torch, named[1]))
     try:
         return t.numpy(), named[0] if named else None
     except (TypeError, RuntimeError):

@@ -65,20 +65,6 @@ def _in_ipython() -> None:
         name_cells(shell)
 
 
-def _has_buffer(obj: Any) -> bool:
-    from memwatch._guard import _has_buffer as has
-
-    return has(obj)
-
-
-def _watched(obj: Any, name: str) -> bool:
-    regions = _memwatch._regions()
-    objects = _memwatch._object_watches()
-    return any(oid == id(obj) or tag == name for _, tag, _, _, oid in regions) or any(
-        oid == id(obj) or tag == name for _, tag, oid in objects
-    )
-
-
 def _split_last_expr(tree: ast.Module) -> tuple[ast.Module, ast.Expression | None]:
     """The cell's statements, and its last expression (whose value the cell shows), if it ends in one."""
     if tree.body and isinstance(tree.body[-1], ast.Expr):
@@ -141,6 +127,12 @@ def run_watched(shell: Any, names: list[str], cell: str) -> Any:
     from IPython.display import display
 
     from memwatch._display import ChangeList
+    from memwatch._guard import _has_buffer, _watched_tags
+
+    def watched(obj: Any, name: str) -> bool:
+        """Already watched by the user: this object, or something under this name."""
+        tags = [t for _, t, *_ in _memwatch._regions()] + [t for _, t, _ in _memwatch._object_watches()]
+        return bool(_watched_tags(obj)) or name in tags
 
     ns = shell.user_ns
     tags = set(names)
@@ -154,7 +146,7 @@ def run_watched(shell: Any, names: list[str], cell: str) -> Any:
     memwatch.check()  # what earlier cells changed is theirs
     try:
         for name in names:
-            if name in ns and not _watched(ns[name], name):
+            if name in ns and not watched(ns[name], name):
                 obj = ns[name]
                 if _has_buffer(obj):
                     mine.append(memwatch.watch(obj, name=name, _variable=name))

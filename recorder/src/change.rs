@@ -61,11 +61,12 @@ pub struct Change {
     pub object: Option<ObjectInfo>,
 }
 
-/// Decodes one element of dtype `dtype` (a region's dtype string, see
-/// [`memwatch_format::dtype`]) from `b`: a `float`, `complex`, `bool` or
-/// `int`; the bytes' unsigned integer for a dtype this build does not know.
-fn decode<'py>(py: Python<'py>, dtype: &str, b: &[u8]) -> PyResult<Bound<'py, PyAny>> {
-    let value = Dtype::parse(dtype).and_then(|d| d.decode(b));
+/// Decodes one element of `dtype` (a region's dtype string parsed once by
+/// the caller, see [`memwatch_format::dtype`]) from `b`: a `float`,
+/// `complex`, `bool` or `int`; the bytes' unsigned integer for a dtype
+/// this build does not know (`None`).
+fn decode<'py>(py: Python<'py>, dtype: Option<Dtype>, b: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    let value = dtype.and_then(|d| d.decode(b));
     Ok(match value {
         Some(Value::Float(x)) => x.into_pyobject(py)?.into_any(),
         Some(Value::Complex(re, im)) => PyComplex::from_doubles(py, re, im).into_any(),
@@ -85,13 +86,14 @@ fn decode<'py>(py: Python<'py>, dtype: &str, b: &[u8]) -> PyResult<Bound<'py, Py
 /// `Change.old_values` does; for tests and tools.
 #[pyfunction]
 pub fn _decode<'py>(py: Python<'py>, dtype: &str, b: &[u8]) -> PyResult<Bound<'py, PyAny>> {
-    if Dtype::parse(dtype).map(|d| d.itemsize as usize) != Some(b.len()) {
+    let parsed = Dtype::parse(dtype);
+    if parsed.map(|d| d.itemsize as usize) != Some(b.len()) {
         return Err(pyo3::exceptions::PyValueError::new_err(format!(
             "{} bytes are not one element of dtype {dtype:?}",
             b.len()
         )));
     }
-    decode(py, dtype, b)
+    decode(py, parsed, b)
 }
 
 impl Change {
@@ -157,7 +159,7 @@ impl Change {
         if self.layout.dtype.is_some() {
             Python::attach(|py| {
                 let els = self.elements();
-                let dtype = self.layout.dtype.as_deref().unwrap_or("|u1");
+                let dtype = Dtype::parse(self.layout.dtype.as_deref().unwrap_or("|u1"));
                 let shown: Vec<String> = els
                     .iter()
                     .take(4)
@@ -453,6 +455,7 @@ impl Change {
         let Some(dtype) = self.layout.dtype.as_deref() else {
             return Ok(None);
         };
+        let dtype = Dtype::parse(dtype);
         let items: PyResult<Vec<_>> = self
             .elements()
             .iter()
