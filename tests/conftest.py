@@ -55,6 +55,8 @@ def changes():
     memwatch.clear_history()
     memwatch.on_change(collect)
     yield seen
+    for group in [*memwatch._torch_module._modules, *memwatch._torch_module._optimizers]:
+        group.unwatch()
     for watch, *_ in memwatch._memwatch._object_watches():
         try:
             memwatch._memwatch._unwatch_object(watch)

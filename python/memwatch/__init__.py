@@ -7,7 +7,8 @@ queries offline.
 
 Watching buffers (``watch``, ``unwatch``, ``watching``, ``on_change``,
 ``history``, ``start``/``stop``), watching Python objects
-(``watch_object``), watching variables (``watch_var``), stopping at a change as it happens
+(``watch_object``), watching variables (``watch_var``), watching torch
+models and optimizers (``watch_module``, ``watch_optimizer``), stopping at a change as it happens
 (``frozen``, ``freeze``/``unfreeze``, ``watch(condition=, action=)``) and reading traces back (``open_trace``,
 and the ``memwatch`` command: ``record``, ``query``, ``state``, ``blame``,
 ``summary``, ``dump``) work today.
@@ -24,6 +25,7 @@ from memwatch._guard import freeze, frozen, unfreeze
 from memwatch import _ipython
 from memwatch._ipython import load_ipython_extension, unload_ipython_extension
 from memwatch._objects import watch_object
+from memwatch._torch_module import ModuleWatchHandle, OptimizerWatchHandle, watch_module, watch_optimizer
 from memwatch._vars import VarWatchHandle, watch_var
 from memwatch._memwatch import (
     FORMAT_VERSION,
@@ -54,10 +56,12 @@ __all__ = [
     "FORMAT_VERSION",
     "Change",
     "MemwatchError",
+    "ModuleWatchHandle",
     "MutationError",
     "NotATraceError",
     "NotWatchedError",
     "ObjectWatchHandle",
+    "OptimizerWatchHandle",
     "TraceCorruptError",
     "TraceError",
     "TraceTruncatedError",
@@ -83,7 +87,9 @@ __all__ = [
     "unfreeze",
     "unwatch",
     "watch",
+    "watch_module",
     "watch_object",
+    "watch_optimizer",
     "watch_var",
     "watching",
 ]

@@ -418,11 +418,16 @@ def _resolve(target: Any, buffer: int | None) -> list[int]:
 
 
 def unwatch(target: Any = None, *, buffer: int | None = None) -> None:
-    """Stop watching: pass the handle ``watch``, ``watch_object`` or ``watch_var`` returned,
+    """Stop watching: pass the handle ``watch``, ``watch_object``, ``watch_var``,
+    ``watch_module`` or ``watch_optimizer`` returned,
     the object, its name, or ``buffer=address``. Changes made up to now are
     reported first."""
     if buffer is None and target is not None:
+        from memwatch._torch_module import unwatch_group
         from memwatch._vars import unwatch_var
+
+        if unwatch_group(target):
+            return
 
         # A tag can name a variable watch and an object watch at once: end both.
         found_vars = unwatch_var(target)

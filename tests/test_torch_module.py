@@ -1,0 +1,296 @@
+"""watch_module and watch_optimizer: a whole model's parameters and
+buffers, an optimizer's state, each tagged by its qualified name, followed
+when the program replaces or converts them."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+
+import memwatch
+from conftest import here
+from test_record_cli import mw
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+
+
+def step_of(model, opt, x):
+    opt.zero_grad()
+    model(x).sum().backward()
+
+
+def test_every_parameter_and_buffer_by_qualified_name(changes):
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    handle = memwatch.watch_module(model)
+    assert handle.name == "model"
+    assert handle.tags == [
+        "model.0.weight",
+        "model.0.bias",
+        "model.1.weight",
+        "model.1.bias",
+        "model.1.running_mean",
+        "model.1.running_var",
+        "model.1.num_batches_tracked",
+    ]
+    assert handle.handles["0.weight"].variable == "model.0.weight"
+    assert len(handle) == 7 and "15 elements" not in repr(handle)
+    assert repr(handle) == "<ModuleWatchHandle 'model': 7 tensors, 28 elements>"
+    x = torch.ones(5, 4)
+    with torch.no_grad():
+        model[0].weight[1, 2] = 7.0; line = here()  # noqa: E702
+    assert [(c.tag, c.line, c.indices, c.new_values) for c in changes] == [("model.0.weight", line, [(1, 2)], [7.0])]
+    changes.clear()
+    model(x); line = here()  # noqa: E702 - training-mode batch norm updates its statistics
+    assert sorted(c.tag for c in changes if c.line == line) == [
+        "model.1.num_batches_tracked",
+        "model.1.running_mean",
+        "model.1.running_var",
+    ]
+    nbt = next(c for c in changes if c.tag == "model.1.num_batches_tracked")
+    assert (nbt.old_values, nbt.new_values) == ([0], [1])
+    changes.clear()
+    handle2 = memwatch.watch_module(nn.Linear(2, 2), name="head", buffers=False)
+    assert handle2.tags == ["head.weight", "head.bias"]
+
+
+def test_tied_weights_are_watched_once(changes):
+    emb = nn.Embedding(5, 3)
+    out = nn.Linear(3, 5, bias=False)
+    out.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "out": out})
+    handle = memwatch.watch_module(model, name="lm")
+    assert handle.tags == ["lm.emb.weight"]
+
+
+def test_optimizer_step_is_on_its_line_for_every_parameter(changes):
+    model = mlp()
+    memwatch.watch_module(model, name="model")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.ones(2, 4)
+    step_of(model, opt, x)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    changes.clear()
+    opt.step(); line = here()  # noqa: E702
+    got = {c.tag: c for c in changes}
+    assert sorted(got) == ["model.0.bias", "model.0.weight", "model.2.bias", "model.2.weight"]
+    for n, p in model.named_parameters():
+        c = got[f"model.{n}"]
+        assert c.line == line and c.function == "test_optimizer_step_is_on_its_line_for_every_parameter"
+        # Only the elements the step changed, each old and new value exact.
+        changed = (before[n] != p.detach()).flatten().nonzero().flatten().tolist()
+        assert len(c.new_values) == len(changed)
+        assert c.old_values == [before[n].flatten()[i].item() for i in changed]
+        assert c.new_values == [p.detach().flatten()[i].item() for i in changed]
+
+
+def test_optimizer_state_is_watched_once_it_exists(changes):
+    model = mlp()
+    memwatch.watch_module(model, name="model")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ow = memwatch.watch_optimizer(opt)
+    assert (ow.name, ow.tags) == ("opt", [])  # SGD makes its momentum in the first step
+    x = torch.ones(2, 4)
+    step_of(model, opt, x)
+    opt.step()
+    assert ow.tags == [
+        "opt.model.0.weight.momentum_buffer",
+        "opt.model.0.bias.momentum_buffer",
+        "opt.model.2.weight.momentum_buffer",
+        "opt.model.2.bias.momentum_buffer",
+    ]
+    mom = opt.state[model[2].bias]["momentum_buffer"]
+    before = mom.clone()
+    changes.clear()
+    step_of(model, opt, x)
+    opt.step(); line = here()  # noqa: E702
+    c = next(c for c in changes if c.tag == "opt.model.2.bias.momentum_buffer")
+    assert c.line == line
+    assert (c.old_values, c.new_values) == (before.tolist(), mom.tolist())
+    assert {c.tag for c in changes if c.line == line} >= {"model.2.bias", "opt.model.0.weight.momentum_buffer"}
+
+
+def test_adam_moments_and_step_count_and_unnamed_parameters(changes):
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([p], lr=0.1)
+    ow = memwatch.watch_optimizer(opt, name="adam")
+    p.grad = torch.tensor([1.0, -1.0, 0.5])
+    opt.step()
+    assert sorted(ow.tags) == ["adam.param0_0.exp_avg", "adam.param0_0.exp_avg_sq", "adam.param0_0.step"]
+    changes.clear()
+    opt.step(); line = here()  # noqa: E702
+    by_tag = {c.tag: c for c in changes}
+    assert by_tag["adam.param0_0.step"].line == line
+    assert (by_tag["adam.param0_0.step"].old_values, by_tag["adam.param0_0.step"].new_values) == ([1.0], [2.0])
+    assert by_tag["adam.param0_0.exp_avg"].new_values == opt.state[p]["exp_avg"].tolist()
+
+
+def test_reassigned_parameter_and_submodule_are_followed(changes):
+    model = mlp()
+    handle = memwatch.watch_module(model, name="model")
+    old = model[0].weight
+    model[0].weight = nn.Parameter(torch.zeros(3, 4))
+    assert handle.handles["0.weight"].address == model[0].weight.data_ptr()
+    assert old.data_ptr() not in [a for _, _, a, _, _ in memwatch._memwatch._regions()]
+    with torch.no_grad():
+        model[0].weight[0, 0] = 1.0; line = here()  # noqa: E702
+    assert [(c.tag, c.line, c.old_values, c.new_values) for c in changes] == [("model.0.weight", line, [0.0], [1.0])]
+    changes.clear()
+    model[2] = nn.Linear(3, 6)
+    assert handle.tags[-2:] == ["model.2.weight", "model.2.bias"]
+    assert handle.handles["2.weight"].size == 6 * 3 * 4
+    with torch.no_grad():
+        model[2].bias.fill_(2.0); line = here()  # noqa: E702
+    assert [(c.tag, c.line, c.new_values) for c in changes] == [("model.2.bias", line, [2.0] * 6)]
+    model[2] = nn.ReLU()
+    assert handle.tags == ["model.0.weight", "model.0.bias"]
+
+
+def test_converted_model_is_followed(changes):
+    model = mlp()
+    handle = memwatch.watch_module(model, name="model")
+    model.float()  # nothing moves: the same watches
+    assert [h.dtype for h in handle.handles.values()] == ["<f4"] * 4
+    model.double()
+    assert [h.dtype for h in handle.handles.values()] == ["<f8"] * 4
+    assert handle.handles["0.bias"].address == model[0].bias.data_ptr()
+    with torch.no_grad():
+        model[0].bias.mul_(0); line = here()  # noqa: E702
+    assert [(c.tag, c.line, c.new_values) for c in changes] == [("model.0.bias", line, [0.0] * 3)]
+    # param.data = other has no hook: refresh() follows it.
+    model[0].bias.data = torch.ones(3, dtype=torch.float64)
+    handle.refresh()
+    assert handle.handles["0.bias"].address == model[0].bias.data_ptr()
+
+
+def test_tensor_moved_where_memwatch_cannot_watch_ends_with_a_warning(changes):
+    model = nn.Linear(2, 2)
+    handle = memwatch.watch_module(model, name="model")
+    with pytest.warns(RuntimeWarning, match=r"model\.weight, model\.bias moved to meta, memory memwatch cannot watch, so their watches have ended") as w:
+        model.to("meta"); line = here()  # noqa: E702
+    assert {r.lineno for r in w} == {line} and {r.filename for r in w} == {__file__}
+    assert handle.tags == [] and memwatch._memwatch._regions() == []
+    assert handle.skipped == {"weight": "on meta: memwatch watches CPU memory", "bias": "on meta: memwatch watches CPU memory"}
+    with pytest.raises(memwatch.UnsupportedError, match=r"nothing of 'm2' can be watched: weight on meta"):
+        memwatch.watch_module(nn.Linear(2, 2, device="meta"), name="m2")
+
+
+def test_unwatch_by_model_handle_or_name_and_errors(changes):
+    model = mlp()
+    handle = memwatch.watch_module(model, name="model")
+    with pytest.raises(ValueError, match="this module is already watched as 'model'"):
+        memwatch.watch_module(model, name="again")
+    with pytest.raises(ValueError, match="'model' is already watched"):
+        memwatch.watch_module(nn.Linear(1, 1), name="model")
+    with pytest.raises(TypeError, match=r"watch_module\(\) needs a torch.nn.Module, not Tensor; use watch\(\)"):
+        memwatch.watch_module(torch.zeros(3), name="t")
+    with pytest.raises(TypeError, match="needs a torch.optim.Optimizer, not Sequential"):
+        memwatch.watch_optimizer(model, name="o")
+    memwatch.unwatch(model)
+    assert memwatch._memwatch._regions() == [] and repr(handle).endswith("unwatched>")
+    with pytest.raises(memwatch.NotWatchedError, match="is not watched any more"):
+        memwatch.unwatch(handle)
+    h2 = memwatch.watch_module(model, name="m")
+    memwatch.unwatch("m")
+    assert not h2.active and memwatch._memwatch._regions() == []
+    with memwatch.watch_module(model, name="m") as h3:
+        assert len(h3) == 4
+    assert memwatch._memwatch._regions() == []
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    memwatch.watch_optimizer(opt)
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    assert len(memwatch._memwatch._regions()) == 4
+    memwatch.unwatch(opt)
+    assert memwatch._memwatch._regions() == []
+    opt.step()  # its hooks are gone: nothing is watched again
+
+
+def test_a_failed_watch_leaves_nothing_watched(changes):
+    taken = torch.zeros(2)
+    memwatch.watch(taken, name="model.0.bias")
+    with pytest.raises(ValueError, match="'model.0.bias' is already watched"):
+        memwatch.watch_module(mlp(), name="model")
+    assert [t for _, t, *_ in memwatch._memwatch._regions()] == ["model.0.bias"]
+    assert memwatch._torch_module._modules == []
+
+
+def test_load_state_dict_copies_are_changes_and_new_state_is_followed(changes):
+    model = mlp()
+    memwatch.watch_module(model, name="model")
+    other = mlp()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    model.load_state_dict(other.state_dict()); line = here()  # noqa: E702
+    assert sorted(c.tag for c in changes if c.line == line) == [
+        "model.0.bias", "model.0.weight", "model.2.bias", "model.2.weight",
+    ]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ow = memwatch.watch_optimizer(opt)
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    first = ow.handles["model.0.bias.momentum_buffer"].address
+    opt.load_state_dict(saved)  # new state tensors: followed
+    now = opt.state[model[0].bias]["momentum_buffer"]
+    assert ow.handles["model.0.bias.momentum_buffer"].address == now.data_ptr() != first
+
+
+def test_recorded_trace_of_a_training_loop(tmp_path):
+    """Under `memwatch record`: every step's changes are in the trace, and the
+    rebuilt state of each parameter equals the model's at the end."""
+    prog = tmp_path / "train.py"
+    prog.write_text(
+        "import numpy as np, torch, memwatch\n"
+        "torch.manual_seed(0)\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))\n"
+        "memwatch.watch_module(model)\n"
+        "opt = torch.optim.Adam(model.parameters(), lr=0.01)\n"
+        "memwatch.watch_optimizer(opt)\n"
+        "x, y = torch.randn(32, 8), torch.randn(32, 1)\n"
+        "for step in range(5):\n"
+        "    opt.zero_grad()\n"
+        "    torch.nn.functional.mse_loss(model(x), y).backward()\n"
+        "    opt.step()\n"
+        "np.save('final.npy', model[2].weight.detach().numpy())\n"
+    )
+    mw("record", "-o", "t.mwt", sys.executable, str(prog), cwd=tmp_path)
+    trace = memwatch.open_trace(tmp_path / "t.mwt")
+    steps = [c for c in trace.changes() if c.tag == "model.2.weight"]
+    assert [c.line for c in steps] == [11] * 5
+    import numpy as np
+
+    final = trace.state("model.2.weight")
+    assert np.array_equal(final, np.load(tmp_path / "final.npy"))
+    moments = {c.tag for c in trace.changes() if c.tag.startswith("opt.")}
+    assert "opt.model.0.weight.exp_avg" in moments and "opt.model.2.bias.step" in moments
+
+
+def test_the_pytorch_guide_examples_run():
+    """docs/pytorch.md's Python examples run as written; the comment lines
+    that end a block are what it prints."""
+    import re
+
+    from conftest import ROOT, run
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "pytorch.md").read_text(), re.S)
+    assert blocks, "docs/pytorch.md has Python examples"
+    for src in blocks:
+        r = run([sys.executable, "-c", src])
+        assert r.returncode == 0, f"{src}\n{r.stderr}"
+        lines = src.splitlines()
+        tail = []
+        for line in reversed(lines):
+            if not line.startswith("# "):
+                break
+            tail.insert(0, line[2:])
+        assert tail, f"the example ends with what it prints:\n{src}"
+        assert r.stdout.splitlines() == tail, src
