@@ -388,6 +388,17 @@ def _after_apply(module: Any) -> None:
             ow.refresh()
 
 
+def _check_free(registry: list[Any], obj: Any, tag: str, what: str) -> None:
+    """Raises ValueError when ``obj`` (a module or optimizer) or the name
+    ``tag`` is already watched in ``registry``."""
+    article = "an" if what[0] in "aeiou" else "a"
+    for other in registry:
+        if (other.module if what == "module" else other.optimizer) is obj:
+            raise ValueError(f"this {what} is already watched as {other.name!r}; unwatch it first")
+        if other.name == tag:
+            raise ValueError(f"{tag!r} is already watched ({article} {what}); pass another name= or unwatch it first")
+
+
 def _name(frame: Any, obj: Any, name: str | None, what: str) -> tuple[str, str | None]:
     variable = _api._variable_name(frame, obj, False)
     tag = name if name is not None else variable
@@ -431,11 +442,7 @@ def watch_module(
     tag, variable = _name(frame, module, name, "module")
     options = {"mode": mode, "condition": condition, "action": action}
     with _lock:
-        for other in _modules:
-            if other.module is module:
-                raise ValueError(f"this module is already watched as {other.name!r}; unwatch it first")
-            if other.name == tag:
-                raise ValueError(f"{tag!r} is already watched (a module); pass another name= or unwatch it first")
+        _check_free(_modules, module, tag, "module")
         _install()
         mw = ModuleWatchHandle(module, tag, variable, buffers, options)
         try:
@@ -491,11 +498,7 @@ def watch_optimizer(
     tag, variable = _name(frame, optimizer, name, "optimizer")
     options = {"mode": mode, "condition": condition, "action": action}
     with _lock:
-        for other in _optimizers:
-            if other.optimizer is optimizer:
-                raise ValueError(f"this optimizer is already watched as {other.name!r}; unwatch it first")
-            if other.name == tag:
-                raise ValueError(f"{tag!r} is already watched (an optimizer); pass another name= or unwatch it first")
+        _check_free(_optimizers, optimizer, tag, "optimizer")
         _install()
         ow = OptimizerWatchHandle(optimizer, tag, variable, options)
         ref = weakref.ref(ow)
