@@ -170,6 +170,26 @@ def test_converted_model_is_followed(changes):
     assert handle.handles["0.bias"].address == model[0].bias.data_ptr()
 
 
+def test_converted_model_is_followed_when_torch_swaps_tensors(changes):
+    """With swap_module_params_on_conversion, _apply swaps each parameter's
+    contents with torch.utils.swap_tensors, which refuses tensors that have
+    a weak reference: memwatch holds none."""
+    was = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model = nn.Linear(3, 2)
+        weight = model.weight
+        handle = memwatch.watch_module(model, name="model")
+        model.double()
+        assert model.weight is weight and weight.dtype == torch.float64
+        assert handle.handles["weight"].dtype == "<f8" and handle.handles["weight"].address == weight.data_ptr()
+        with torch.no_grad():
+            weight.add_(1); line = here()  # noqa: E702
+        assert [(c.tag, c.line, len(c.new_values)) for c in changes] == [("model.weight", line, 6)]
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(was)
+
+
 def test_tensor_moved_where_memwatch_cannot_watch_ends_with_a_warning(changes):
     model = nn.Linear(2, 2)
     handle = memwatch.watch_module(model, name="model")

@@ -73,7 +73,12 @@ class _Entry:
     tag: str
     handle: WatchHandle
     signature: tuple[Any, ...]
-    tensor: Any  # a weak reference to the tensor watched
+    # id() of the tensor watched: the watch keeps it alive, so the id is
+    # its own while the watch lasts. Not a weak reference: torch refuses to
+    # swap_tensors() a tensor with one (Module._apply under
+    # torch.__future__.set_swap_module_params_on_conversion(True)).
+    tensor: int
+    numel: int
 
 
 class _Group:
@@ -119,11 +124,7 @@ class _Group:
         self.unwatch()
 
     def _elements(self) -> int:
-        n = 0
-        for e in self._entries.values():
-            t = e.tensor()
-            n += t.numel() if t is not None else 0
-        return n
+        return sum(e.numel for e in self._entries.values())
 
     def __repr__(self) -> str:
         state = "" if self.active else ", unwatched"
@@ -142,7 +143,7 @@ class _Group:
         tag = self._tag(key)
         variable = f"{self.variable}.{key}" if self.variable else tag
         handle = _api.watch(t, name=tag, _frame=sys._getframe(1), _variable=variable, **self._options)
-        self._entries[key] = _Entry(tag, handle, _signature(t), weakref.ref(t))
+        self._entries[key] = _Entry(tag, handle, _signature(t), id(t), t.numel())
         self.skipped.pop(key, None)
 
     def _end(self, key: str) -> None:
@@ -159,7 +160,7 @@ class _Group:
         Returns the device ``t`` is on when that ended a watch (memory
         memwatch cannot watch), for :meth:`_warn_lost`."""
         entry = self._entries.get(key)
-        if entry is not None and t is not None and entry.tensor() is t and entry.signature == _signature(t):
+        if entry is not None and t is not None and entry.tensor == id(t) and entry.signature == _signature(t):
             return None
         self._end(key)
         if t is None:
@@ -288,9 +289,7 @@ class OptimizerWatchHandle(_Group):
         known: dict[int, str] = {}
         for mw in _modules:
             for entry in mw._entries.values():
-                t = entry.tensor()
-                if t is not None:
-                    known.setdefault(id(t), entry.tag)
+                known.setdefault(entry.tensor, entry.tag)
         names = {}
         for g, group in enumerate(opt.param_groups):
             for i, p in enumerate(group["params"]):
