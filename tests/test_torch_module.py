@@ -314,3 +314,21 @@ def test_the_pytorch_guide_examples_run():
             tail.insert(0, line[2:])
         assert tail, f"the example ends with what it prints:\n{src}"
         assert r.stdout.splitlines() == tail, src
+
+
+def test_a_collected_model_ends_its_watch(changes):
+    import gc
+
+    def train_briefly():
+        model = mlp()
+        memwatch.watch_module(model, name="local")
+        with torch.no_grad():
+            model[0].bias.add_(1)
+
+    train_briefly()
+    gc.collect()
+    memwatch.check()  # the tensors' watches end as collected at a boundary
+    assert memwatch._torch_module._modules == []
+    assert [t for _, t, *_ in memwatch._memwatch._regions()] == []
+    again = mlp()
+    assert memwatch.watch_module(again, name="local").tags[0] == "local.0.weight"  # the name is free again

@@ -227,6 +227,7 @@ class ModuleWatchHandle(_Group):
         super().__init__(name, variable, options)
         self._module = weakref.ref(module)
         self.buffers = buffers
+        weakref.finalize(module, _forget, weakref.ref(self))
 
     @property
     def module(self) -> Any:
@@ -280,6 +281,7 @@ class OptimizerWatchHandle(_Group):
         super().__init__(name, variable, options)
         self._optimizer = weakref.ref(optimizer)
         self._hooks: list[Any] = []
+        weakref.finalize(optimizer, _forget, weakref.ref(self))
 
     @property
     def optimizer(self) -> Any:
@@ -318,6 +320,20 @@ class OptimizerWatchHandle(_Group):
             h.remove()
         self._hooks.clear()
         super().unwatch()
+
+
+def _forget(ref: Any) -> None:
+    """The watched model or optimizer is gone: its watch is over. (Its
+    tensors' own watches end as collected, once nothing else holds them.)"""
+    group = ref()
+    if group is None:
+        return
+    with _lock:
+        group.active = False
+        group._entries.clear()
+        for registry in (_modules, _optimizers):
+            if group in registry:
+                registry.remove(group)
 
 
 # --- hooks ------------------------------------------------------------------
