@@ -57,7 +57,8 @@ def test_every_parameter_and_buffer_by_qualified_name(changes):
     nbt = next(c for c in changes if c.tag == "model.1.num_batches_tracked")
     assert (nbt.old_values, nbt.new_values) == ([0], [1])
     changes.clear()
-    handle2 = memwatch.watch_module(nn.Linear(2, 2), name="head", buffers=False)
+    head = nn.Linear(2, 2)
+    handle2 = memwatch.watch_module(head, name="head", buffers=False)
     assert handle2.tags == ["head.weight", "head.bias"]
 
 
