@@ -8,7 +8,8 @@ queries offline.
 Watching buffers (``watch``, ``unwatch``, ``watching``, ``on_change``,
 ``history``, ``start``/``stop``), watching Python objects
 (``watch_object``), watching variables (``watch_var``), stopping at a change as it happens
-(``frozen``, ``freeze``/``unfreeze``, ``watch(condition=, action=)``) and reading traces back (``open_trace``,
+(``frozen``, ``freeze``/``unfreeze``, ``watch(condition=, action=)``), explaining autograd's
+"modified by an inplace operation" errors (``explain_inplace``) and reading traces back (``open_trace``,
 and the ``memwatch`` command: ``record``, ``query``, ``state``, ``blame``,
 ``summary``, ``dump``) work today.
 
@@ -24,6 +25,7 @@ from memwatch._guard import freeze, frozen, unfreeze
 from memwatch import _ipython
 from memwatch._ipython import load_ipython_extension, unload_ipython_extension
 from memwatch._objects import watch_object
+from memwatch._torch_inplace import explain_inplace
 from memwatch._vars import VarWatchHandle, watch_var
 from memwatch._memwatch import (
     FORMAT_VERSION,
@@ -70,6 +72,7 @@ __all__ = [
     "check",
     "clear_history",
     "configure",
+    "explain_inplace",
     "freeze",
     "frozen",
     "Trace",
