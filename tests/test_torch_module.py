@@ -295,21 +295,30 @@ def test_recorded_trace_of_a_training_loop(tmp_path):
     assert "opt.model.0.weight.exp_avg" in moments and "opt.model.2.bias.step" in moments
 
 
-def test_the_pytorch_guide_examples_run():
-    """docs/pytorch.md's Python examples run as written; the comment lines
-    that end a block are what it prints."""
+def test_the_pytorch_guide_examples_run(tmp_path):
+    """docs/pytorch.md's Python examples run as written, saved as train.py:
+    the comment lines that end a block are what it prints, and a block the
+    guide says "ends with" a ```text block ends its stderr with those lines."""
     import re
 
     from conftest import ROOT, run
 
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "pytorch.md").read_text(), re.S)
-    assert blocks, "docs/pytorch.md has Python examples"
-    for src in blocks:
-        r = run([sys.executable, "-c", src])
+    guide = (ROOT / "docs" / "pytorch.md").read_text()
+    found = list(re.finditer(r"```python\n(.*?)```(.*?)(?=```python|\Z)", guide, re.S))
+    assert found, "docs/pytorch.md has Python examples"
+    for m in found:
+        src, after = m.group(1), m.group(2)
+        (tmp_path / "train.py").write_text(src)
+        r = run([sys.executable, "train.py"], cwd_override=tmp_path)
+        ends = re.match(r"\s*`python train.py` ends with[^`]*```text\n(.*?)```", after, re.S)
+        if ends:
+            want = ends.group(1).splitlines()
+            assert r.returncode != 0, src
+            assert r.stderr.splitlines()[-len(want):] == want, r.stderr
+            continue
         assert r.returncode == 0, f"{src}\n{r.stderr}"
-        lines = src.splitlines()
         tail = []
-        for line in reversed(lines):
+        for line in reversed(src.splitlines()):
             if not line.startswith("# "):
                 break
             tail.insert(0, line[2:])

@@ -22,6 +22,13 @@ that COMMAND starts records; processes it starts in turn do not.
 in-scope code from the program's first line (memwatch.watch_var), with no
 change to the program at all.
 
+--torch-inplace turns memwatch.explain_inplace() on in the program as soon
+as it imports torch (a program that never does is not affected): when
+autograd raises \"one of the variables needed for gradient computation has
+been modified by an inplace operation\", the error gets a note naming the
+line and the aten op that modified the tensor, and where it was saved.
+No tensor needs to be watched.
+
 The exit status is COMMAND's; a program killed by a signal is reported and
 memwatch exits with 128 + the signal number. A program that crashes or is
 killed still leaves a readable trace of everything recorded before.
@@ -30,7 +37,8 @@ Examples:
   memwatch record python train.py
   memwatch record -o run.mwt --exclude tests/ -- python -m mypkg.train --epochs 2
   memwatch record --mode store python counter.py
-  memwatch record --vars lr --vars 'loss_*' python train.py";
+  memwatch record --vars lr --vars 'loss_*' python train.py
+  memwatch record --torch-inplace python train.py";
 
 /// Granularity of recorded changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -73,6 +81,10 @@ pub struct Args {
     /// program's start (memwatch.watch_var; repeatable).
     #[arg(long = "vars", value_name = "PATTERN")]
     pub vars: Vec<String>,
+    /// Explain autograd's "modified by an inplace operation" errors: turn
+    /// memwatch.explain_inplace() on once the program imports torch.
+    #[arg(long)]
+    pub torch_inplace: bool,
     /// The program and its arguments.
     #[arg(
         required = true,
@@ -176,21 +188,33 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     if !args.exclude.is_empty() {
         cmd.env("MEMWATCH_EXCLUDE", args.exclude.join(sep));
     }
+    if let Some(bad) = args.vars.iter().find(|v| v.is_empty() || v.contains(',')) {
+        anyhow::bail!("--vars {bad:?}: give one name or glob per --vars");
+    }
     if !args.vars.is_empty() {
-        if let Some(bad) = args.vars.iter().find(|v| v.is_empty() || v.contains(',')) {
-            anyhow::bail!("--vars {bad:?}: give one name or glob per --vars");
-        }
-        // A sitecustomize in memwatch's package starts the watches before
-        // the program's first line, then runs the one it shadows.
-        let boot = std::env::var_os("MEMWATCH_BOOT_DIR")
-            .context("--vars needs memwatch's Python package: run the `memwatch` that pip installed")?;
+        cmd.env("MEMWATCH_VARS", args.vars.join(","));
+    }
+    if args.torch_inplace {
+        cmd.env("MEMWATCH_TORCH_INPLACE", "1");
+    }
+    if !args.vars.is_empty() || args.torch_inplace {
+        // A sitecustomize in memwatch's package starts the watches (and
+        // the import hook of --torch-inplace) before the program's first
+        // line, then runs the one it shadows.
+        let flag = if args.vars.is_empty() {
+            "--torch-inplace"
+        } else {
+            "--vars"
+        };
+        let boot = std::env::var_os("MEMWATCH_BOOT_DIR").with_context(|| {
+            format!("{flag} needs memwatch's Python package: run the `memwatch` that pip installed")
+        })?;
         let mut path = std::ffi::OsString::from(&boot);
         if let Some(old) = std::env::var_os("PYTHONPATH").filter(|p| !p.is_empty()) {
             path.push(":");
             path.push(old);
         }
-        cmd.env("MEMWATCH_VARS", args.vars.join(","))
-            .env("PYTHONPATH", path);
+        cmd.env("PYTHONPATH", path);
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,

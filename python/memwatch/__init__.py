@@ -9,7 +9,8 @@ Watching buffers (``watch``, ``unwatch``, ``watching``, ``on_change``,
 ``history``, ``start``/``stop``), watching Python objects
 (``watch_object``), watching variables (``watch_var``), watching torch
 models and optimizers (``watch_module``, ``watch_optimizer``), stopping at a change as it happens
-(``frozen``, ``freeze``/``unfreeze``, ``watch(condition=, action=)``) and reading traces back (``open_trace``,
+(``frozen``, ``freeze``/``unfreeze``, ``watch(condition=, action=)``), explaining autograd's
+"modified by an inplace operation" errors (``explain_inplace``) and reading traces back (``open_trace``,
 and the ``memwatch`` command: ``record``, ``query``, ``state``, ``blame``,
 ``summary``, ``dump``) work today.
 
@@ -26,6 +27,7 @@ from memwatch import _ipython
 from memwatch._ipython import load_ipython_extension, unload_ipython_extension
 from memwatch._objects import watch_object
 from memwatch._torch_module import ModuleWatchHandle, OptimizerWatchHandle, watch_module, watch_optimizer
+from memwatch._torch_inplace import explain_inplace
 from memwatch._vars import VarWatchHandle, watch_var
 from memwatch._memwatch import (
     FORMAT_VERSION,
@@ -74,6 +76,7 @@ __all__ = [
     "check",
     "clear_history",
     "configure",
+    "explain_inplace",
     "freeze",
     "frozen",
     "Trace",

@@ -1,6 +1,9 @@
-"""Put on ``PYTHONPATH`` by ``memwatch record --vars``: watches the
-variables in ``$MEMWATCH_VARS`` from the program's first line, then runs the
-``sitecustomize`` this module shadows, if there is one.
+"""Put on ``PYTHONPATH`` by ``memwatch record --vars`` and
+``--torch-inplace``: watches the variables in ``$MEMWATCH_VARS`` from the
+program's first line, with ``$MEMWATCH_TORCH_INPLACE=1`` turns
+``memwatch.explain_inplace()`` on once the program imports torch (an import
+hook: torch is not imported for it), then runs the ``sitecustomize`` this
+module shadows, if there is one.
 
 Only the process ``memwatch record`` started directly does this; the folder
 is taken off ``PYTHONPATH`` so that processes it starts do not.
@@ -27,6 +30,13 @@ def _memwatch_boot() -> None:
             _vars._boot_from_env()
         except Exception as e:  # the program runs on, without the watches
             sys.stderr.write(f"memwatch: --vars could not start ({type(e).__name__}: {e})\n")
+        if os.environ.get("MEMWATCH_TORCH_INPLACE") == "1":
+            try:
+                from memwatch import _torch_inplace
+
+                _torch_inplace._boot_from_env()
+            except Exception as e:  # the program runs on, unexplained
+                sys.stderr.write(f"memwatch: --torch-inplace could not start ({type(e).__name__}: {e})\n")
 
     # The sitecustomize this one shadows (a virtualenv's, a distribution's).
     me = sys.modules.pop("sitecustomize", None)
