@@ -87,7 +87,7 @@ class _Entry:
         self.region = region
         self.tag = tag
         self.tensor = weakref.ref(tensor)
-        self.mirror = weakref.ref(mirror, lambda _: _forget(region))
+        self.mirror = weakref.ref(mirror, lambda _: _forget_quietly(region))
 
 
 def _written_arguments(func: Any) -> tuple[tuple[int, str], ...]:
@@ -189,7 +189,8 @@ def _reshaped(e: _Entry, t: Any, m: Any, func: Any) -> None:
         f"{tuple(t.shape)} (it was {str(m.dtype).removeprefix('torch.')}, {tuple(m.shape)} when watched), "
         f"so its watch ended; watch it again to go on (memwatch.watch(t, name={e.tag!r}, via='dispatch'))",
         RuntimeWarning,
-        stacklevel=2,
+        # At the first frame that is not memwatch's handler (the op's caller).
+        stacklevel=_own_frames() + 1,
     )
 
 
@@ -238,6 +239,17 @@ def add(region: int, tag: str, tensor: Any, mirror: Any) -> None:
 def _forget(region: int) -> None:
     if _entries.pop(region, None) is not None and not _entries:
         settle()
+
+
+def _forget_quietly(region: int) -> None:
+    """``_forget``, when a mirror is freed: that happens wherever the
+    recorder lets it go (an unwatch, a collection, interpreter exit), where
+    an error would only be printed; the mode then stays, passing ops
+    through, until a later ``settle``."""
+    try:
+        _forget(region)
+    except Exception:  # noqa: BLE001 - see above
+        pass
 
 
 def _on_top(mode: Any) -> bool:
