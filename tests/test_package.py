@@ -18,8 +18,8 @@ def test_version_matches_the_workspace():
     assert memwatch.__version__ == version
 
 
-def test_format_version_is_3():
-    assert memwatch.FORMAT_VERSION == 3
+def test_format_version_is_4():
+    assert memwatch.FORMAT_VERSION == 4
 
 
 def test_exception_hierarchy():
@@ -94,7 +94,7 @@ def test_newer_version(golden, tmp_path):
     data[8:12] = (7).to_bytes(4, "little")
     p = tmp_path / "future.mwt"
     p.write_bytes(bytes(data))
-    with pytest.raises(memwatch.TraceVersionError, match=r"format version 7, this build reads up to 3"):
+    with pytest.raises(memwatch.TraceVersionError, match=r"format version 7, this build reads up to 4"):
         memwatch.trace_info(p)
 
 

@@ -116,7 +116,7 @@ def test_query_filters_and_formats(recorded):
     assert rows[0]["bytes_changed"] == 512
     csv = mw("query", "train.mwt", "--tag", "step", "--format", "csv", "--limit", "2", cwd=d).stdout.splitlines()
     assert csv[0].startswith("seq,time_ns,tag,")
-    assert len(csv) == 3 and csv[1].split(",")[-1] == "0 -> 1"
+    assert len(csv) == 3 and csv[1].split(",")[-2:] == ["0 -> 1", ""]  # sample, op (none here)
     seqs = [r["seq"] for r in rows]
     some = mw("query", "train.mwt", "--seq", f"{seqs[1]}..{seqs[2]}", "--format", "jsonl", cwd=d).stdout.splitlines()
     assert [json.loads(x)["seq"] for x in some][0] == seqs[1]
@@ -292,7 +292,7 @@ def test_export_parquet_loads_in_pandas_with_the_recorded_values(recorded):
     assert list(df.columns) == [
         "seq", "time_ns", "wall_time_ns", "tag", "variable", "kind", "file", "line", "function", "thread",
         "thread_name", "address", "offset", "bytes_changed", "ranges", "index", "old", "new", "old_value",
-        "new_value", "key", "old_repr", "new_repr",
+        "new_value", "key", "old_repr", "new_repr", "op",
     ]
     assert (df.groupby("tag").size() == STEPS).all()
     step_rows = df[df.tag == "step"].sort_values("seq")

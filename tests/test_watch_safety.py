@@ -62,12 +62,18 @@ def test_unmapped_raw_address():
     refused(TypeError, r"must be an integer address", memwatch.watch, buffer="0x10", size=8, name="x")
 
 
-def test_cuda_tensor_is_not_supported_yet():
+def test_cuda_tensor_through_memory_is_refused_saying_to_pass_via_dispatch():
     # A stand-in with torch's shape: the real check only looks at these.
     Tensor = type("Tensor", (), {"__module__": "torch", "data_ptr": lambda self: 0})
     t = Tensor()
     t.device = types.SimpleNamespace(type="cuda", __str__=lambda self: "cuda:0")
-    refused(memwatch.UnsupportedError, r"only CPU tensors are supported", memwatch.watch, t, name="gpu")
+    refused(
+        memwatch.UnsupportedError,
+        r'cannot watch a tensor on .* through its memory: .* pass via="dispatch" to record every torch op',
+        memwatch.watch,
+        t,
+        name="gpu",
+    )
 
 
 def test_duplicate_tag_and_unknown_mode():

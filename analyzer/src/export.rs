@@ -181,6 +181,7 @@ struct Columns {
     key: StrCol,
     old_repr: StrCol,
     new_repr: StrCol,
+    op: StrCol,
     /// Added to `time_ns` for `wall_time_ns`.
     start_ns: u64,
 }
@@ -260,6 +261,7 @@ impl Columns {
         self.key.push(p.object.0);
         self.old_repr.push(p.object.1);
         self.new_repr.push(p.object.2);
+        self.op.push(row.op);
     }
 
     fn add(&mut self, row: &ChangeRef<'_>, granularity: Granularity) {
@@ -374,6 +376,7 @@ impl Columns {
             self.key.column("key"),
             self.old_repr.column("old_repr"),
             self.new_repr.column("new_repr"),
+            self.op.column("op"),
         ];
         DataFrame::new_infer_height(cols)
     }
@@ -430,7 +433,7 @@ pub fn json_str(s: &str) -> String {
 }
 
 /// Column names, in order.
-pub const COLUMNS: [&str; 23] = [
+pub const COLUMNS: [&str; 24] = [
     "seq",
     "time_ns",
     "wall_time_ns",
@@ -454,11 +457,12 @@ pub const COLUMNS: [&str; 23] = [
     "key",
     "old_repr",
     "new_repr",
+    "op",
 ];
 
 impl Columns {
     /// Cells of row `i` as text (`None` for null); bytes as hex.
-    fn cells(&self, i: usize) -> [Option<String>; 23] {
+    fn cells(&self, i: usize) -> [Option<String>; 24] {
         let s = |c: &StrCol| c.get(i).map(String::from);
         let n = |x: Option<u64>| x.map(|v| v.to_string());
         [
@@ -485,6 +489,7 @@ impl Columns {
             s(&self.key),
             s(&self.old_repr),
             s(&self.new_repr),
+            s(&self.op),
         ]
     }
 }

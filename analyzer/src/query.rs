@@ -68,6 +68,9 @@ pub struct ChangeRow {
     pub what: What,
     /// The region, for byte changes.
     pub region: Option<RegionInfo>,
+    /// The op that made the change (`aten::add_.Tensor`), for changes
+    /// recorded through `watch(t, via="dispatch")`.
+    pub op: Option<Arc<str>>,
 }
 
 impl ChangeRow {
@@ -96,6 +99,9 @@ pub struct ChangeRef<'a> {
     /// The region, for byte changes.
     pub region: Option<&'a RegionInfo>,
     pub what: WhatRef<'a>,
+    /// The op that made the change (`aten::add_.Tensor`), for changes
+    /// recorded through `watch(t, via="dispatch")`.
+    pub op: Option<&'a str>,
     stack: Id,
     syms: &'a Symbols,
 }
@@ -164,6 +170,7 @@ impl<'a> ChangeRef<'a> {
                 },
             },
             region: self.region.cloned(),
+            op: self.op.map(Arc::from),
         }
     }
 }
@@ -260,6 +267,7 @@ fn change_ref<'a>(syms: &'a Symbols, c: &ChangeView<'a>, region: &'a RegionInfo)
             region: c.region,
             ranges: c.ranges,
         },
+        op: syms.op(c.seq),
         stack: c.ctx.stack,
         syms,
     }
@@ -281,6 +289,7 @@ fn object_ref<'a>(syms: &'a Symbols, o: &ObjectChange<'a>, tag: &'a str) -> Chan
             old: o.old,
             new: o.new,
         },
+        op: syms.op(o.seq),
         stack: o.ctx.stack,
         syms,
     }

@@ -136,6 +136,10 @@ pub struct Symbols {
     /// Nanoseconds and number of times the recorded program waited for the
     /// trace's writer (`Waited` records, format version 3 on).
     pub waited: (u64, u64),
+    /// The last `op` note (format version 4 on): the seq of the change it
+    /// is about and the string id of the op. A note comes right before its
+    /// change, so the last one is the only one a scan needs.
+    last_op: Option<(u64, Id)>,
 }
 
 impl Symbols {
@@ -192,6 +196,9 @@ impl Symbols {
             Record::ObjectVariable(v) => {
                 self.object_variables.insert(v.tag, v.variable.map(Arc::from));
             }
+            Record::Note(n) if self.string(n.key) == Some(memwatch_format::NOTE_OP) => {
+                self.last_op = Some((n.seq, n.value));
+            }
             _ => {}
         }
     }
@@ -231,6 +238,17 @@ impl Symbols {
     #[inline]
     pub fn object_variable(&self, tag: Id) -> Option<&str> {
         self.object_variables.get(tag).and_then(|v| v.as_deref())
+    }
+
+    /// The op that made change `seq` (its `op` note, format version 4 on),
+    /// if it had one. Valid while a scan is at that change: only the last
+    /// note is kept.
+    #[inline]
+    pub fn op(&self, seq: u64) -> Option<&str> {
+        match self.last_op {
+            Some((s, id)) if s == seq => self.string(id),
+            _ => None,
+        }
     }
 
     /// What the trace said about region `region` when it was watched.

@@ -118,6 +118,103 @@ fn filters_select_by_line_thread_and_seq() {
     assert_eq!(collect(by_seq), vec![5]);
 }
 
+/// The sample with every format version's additions (version 4: changes
+/// made by a torch op, each after the `Note` that names it).
+fn sample_trace_v4() -> TraceReader {
+    let opts = WriterOptions {
+        chunk_bytes: 160,
+        ..WriterOptions::default()
+    };
+    let mut w = TraceWriter::new(Vec::new(), "sample.mwt", &sample::sample_meta(), opts).unwrap();
+    let seq = sample::write_sample(&mut w).unwrap();
+    let seq = sample::write_v2_additions(&mut w, seq).unwrap();
+    let seq = sample::write_v3_additions(&mut w, seq).unwrap();
+    sample::write_v4_additions(&mut w, seq).unwrap();
+    let (bytes, _) = w.finish(50_000).unwrap();
+    TraceReader::from_bytes(bytes, "sample.mwt").unwrap()
+}
+
+#[test]
+fn a_change_has_the_op_its_note_names_and_exports_it() {
+    let r = sample_trace_v4();
+    let filter = Filter {
+        tag: Some("layer2_weight".into()),
+        ..Filter::default()
+    };
+    let mut ops = Vec::new();
+    for_each_change(&r, &filter, |row| {
+        ops.push((
+            row.seq,
+            row.op.map(String::from),
+            row.to_row().op.map(|o| o.to_string()),
+        ));
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    let n = ops.len();
+    let want = |op: Option<&str>| (op.map(String::from), op.map(String::from));
+    let got: Vec<_> = ops.iter().map(|(_, a, b)| (a.clone(), b.clone())).collect();
+    assert_eq!(
+        got,
+        vec![
+            want(None),
+            want(None),
+            want(Some("aten::add_.Tensor")),
+            want(Some("aten::mul_.Tensor")),
+            want(None)
+        ],
+        "{ops:?}"
+    );
+    // The note of seq N is not the op of seq N + 1 (read through a seq filter, too).
+    let (last, ..) = ops[n - 1];
+    let filter = Filter {
+        seq: Some((last - 1, last)),
+        ..Filter::default()
+    };
+    let mut got = Vec::new();
+    for_each_change(&r, &filter, |row| {
+        got.push(row.op.map(String::from));
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(got, vec![Some("aten::mul_.Tensor".to_string()), None]);
+
+    let dir = std::env::temp_dir().join(format!("memwatch-analyzer-op-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let csv = dir.join("c.csv");
+    export(
+        &r,
+        &csv,
+        ExportFormat::Csv,
+        Granularity::Element,
+        &Filter::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(COLUMNS.last(), Some(&"op"));
+    let with_op: Vec<&str> = text.lines().filter(|l| l.contains("aten::")).collect();
+    // Two elements by add_, one by mul_, each row ending with its op.
+    assert_eq!(with_op.len(), 3, "{text}");
+    assert!(
+        with_op[..2].iter().all(|l| l.ends_with(",aten::add_.Tensor")),
+        "{text}"
+    );
+    assert!(with_op[2].ends_with(",aten::mul_.Tensor"), "{text}");
+    let pq = dir.join("c.parquet");
+    export(
+        &r,
+        &pq,
+        ExportFormat::Parquet,
+        Granularity::Change,
+        &Filter::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert!(std::fs::metadata(&pq).unwrap().len() > 0);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn export_writes_one_row_per_change_or_element() {
     let r = sample_trace();
@@ -137,7 +234,8 @@ fn export_writes_one_row_per_change_or_element() {
     let text = std::fs::read_to_string(&csv).unwrap();
     assert_eq!(text.lines().next().unwrap(), COLUMNS.join(","));
     let obj = text.lines().find(|l| l.contains(",setattr,")).unwrap();
-    assert!(obj.ends_with(",lr,0.125,0.0625"), "{obj}");
+    // The last column, op, is empty: no change of this sample has one.
+    assert!(obj.ends_with(",lr,0.125,0.0625,"), "{obj}");
     let el = dir.join("e.jsonl");
     let filter = Filter {
         tag: Some("layer1_weight".into()),

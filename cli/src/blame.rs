@@ -143,7 +143,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
         let f = row.frame.as_ref();
         writeln!(
             out,
-            "{what} of {}: seq {} at {} in {} (thread {}): {}",
+            "{what} of {}: seq {} at {} in {} (thread {}): {}{}",
             args.tag,
             row.seq,
             f.map(|f| memwatch_format::location(&f.file, f.line))
@@ -154,6 +154,10 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
                 .map(String::from)
                 .unwrap_or_else(|| row.thread.to_string()),
             blamed_text(row, start, end),
+            row.op
+                .as_deref()
+                .map(|op| format!(" by {op}"))
+                .unwrap_or_default(),
         )?;
     }
     Ok(0)

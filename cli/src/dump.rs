@@ -29,6 +29,8 @@ after --max-bytes bytes with `..(+N)` saying how many more there were.
   DELTA       seq t region tag shuffle xor|full + context, then one
               `range=OFFSET+LEN:DATA` per run (only with --raw)
   WAITED      after_seq waited_ns waits   (the program waited for the writer)
+  NOTE        seq key value                  (a fact about the event after it:
+              key=op, the op that made a change, e.g. aten::add_.Tensor)
   OBJECT      seq t tag kind key old new + context
   CHECKPOINT  region at_seq                  (CONTENTS records follow)
   UNWATCH     seq t region tag reason + context
@@ -339,6 +341,13 @@ pub fn format_record(rec: &Record<'_>, syms: &Symbols, max_bytes: usize, line: &
             Ok(())
         }
         Record::Checkpoint(c) => write!(line, "{kind} region={} at_seq={}", c.region, c.at_seq),
+        Record::Note(n) => write!(
+            line,
+            "{kind} seq={} key={} value={}",
+            n.seq,
+            opt_word(syms.string(n.key)),
+            opt_word(syms.string(n.value))
+        ),
         Record::ObjectVariable(v) => write!(
             line,
             "{kind} tag={} variable={}",

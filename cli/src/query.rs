@@ -14,8 +14,11 @@ use crate::text::{element, hex, parse_range, parse_time_range};
 const AFTER_HELP: &str = "\
 Columns: seq, time (ms since the trace started), tag, variable, the line the
 change is attributed to (file:line), function, thread, what changed (bytes,
-or elements for a known dtype, or the kind of an object change) and a sample
-of old -> new (the first changed element or bytes).
+or elements for a known dtype, or the kind of an object change), the op that
+made it (only when some change has one: those recorded through
+watch(t, via=\"dispatch\"), e.g. aten::add_.Tensor) and a sample of old -> new
+(the first changed element or bytes). JSON lines and CSV always carry op
+(null or empty when a change has none).
 
 Examples:
   memwatch query run.mwt --tag layer1_weight
@@ -191,6 +194,7 @@ pub fn json_row(row: &ChangeRef<'_>) -> String {
         .stack()
         .map(|f| format!("[{},{},{}]", json_str(&f.file), f.line, json_str(&f.function)))
         .collect();
+    s.push_str(&format!(",\"op\":{}", json_opt(row.op)));
     s.push_str(&format!(",\"stack\":[{}]}}", stack.join(",")));
     s
 }
@@ -199,13 +203,13 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     let reader = TraceReader::open(&args.trace)?;
     let filter = args.filter();
     let limit = args.limit.unwrap_or(usize::MAX);
-    let mut rows: Vec<[String; 9]> = Vec::new();
+    let mut rows: Vec<[String; COLUMNS]> = Vec::new();
     let mut n = 0usize;
     let mut io_err: Option<std::io::Error> = None;
     if args.format == Format::Csv {
         writeln!(
             out,
-            "seq,time_ns,tag,variable,file,line,function,thread,thread_name,kind,changed,sample"
+            "seq,time_ns,tag,variable,file,line,function,thread,thread_name,kind,changed,sample,op"
         )?;
     }
     for_each_change(&reader, &filter, |row| {
@@ -226,6 +230,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
                         .map(String::from)
                         .unwrap_or_else(|| row.thread.to_string()),
                     changed_text(row),
+                    row.op.unwrap_or("").to_string(),
                     sample_text(row),
                 ]);
                 Ok(())
@@ -236,7 +241,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
                 let kind = row.kind_name();
                 writeln!(
                     out,
-                    "{},{},{},{},{},{},{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{},{},{},{},{}",
                     row.seq,
                     row.time_ns,
                     csv_cell(row.tag),
@@ -249,6 +254,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
                     kind,
                     csv_cell(&changed_text(row)),
                     csv_cell(&sample_text(row)),
+                    csv_cell(row.op.unwrap_or("")),
                 )
             }
         };
@@ -276,8 +282,13 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     Ok(0)
 }
 
-fn write_table(out: &mut dyn Write, rows: &[[String; 9]]) -> std::io::Result<()> {
-    const HEAD: [&str; 9] = [
+/// Columns of the table; the op column ([`OP_COLUMN`]) is left out when no
+/// row has an op.
+const COLUMNS: usize = 10;
+const OP_COLUMN: usize = 8;
+
+fn write_table(out: &mut dyn Write, rows: &[[String; COLUMNS]]) -> std::io::Result<()> {
+    const HEAD: [&str; COLUMNS] = [
         "seq",
         "time_ms",
         "tag",
@@ -286,32 +297,46 @@ fn write_table(out: &mut dyn Write, rows: &[[String; 9]]) -> std::io::Result<()>
         "function",
         "thread",
         "changed",
+        "op",
         "old -> new",
     ];
-    let mut width = HEAD.map(str::len);
+    let with_op = rows.iter().any(|r| !r[OP_COLUMN].is_empty());
+    let shown = |i: &usize| with_op || *i != OP_COLUMN;
+    let mut width: Vec<usize> = HEAD.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, c) in width.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count().min(60));
         }
     }
+    let width: Vec<usize> = (0..COLUMNS).filter(shown).map(|i| width[i]).collect();
     let line = |cells: &[&str]| -> String {
         let parts: Vec<String> = cells
             .iter()
-            .zip(width)
+            .zip(&width)
             .enumerate()
             .map(|(i, (c, w))| {
                 if i == cells.len() - 1 {
                     c.to_string()
                 } else {
-                    format!("{c:<w$}")
+                    format!("{c:<w$}", w = *w)
                 }
             })
             .collect();
         parts.join("  ").trim_end().to_string()
     };
-    writeln!(out, "{}", line(&HEAD))?;
+    let head: Vec<&str> = (0..COLUMNS).filter(shown).map(|i| HEAD[i]).collect();
+    writeln!(out, "{}", line(&head))?;
     for r in rows {
-        let cells: Vec<&str> = r.iter().map(String::as_str).collect();
+        let cells: Vec<&str> = (0..COLUMNS)
+            .filter(shown)
+            .map(|i| {
+                if i == OP_COLUMN && r[i].is_empty() {
+                    "-"
+                } else {
+                    r[i].as_str()
+                }
+            })
+            .collect();
         writeln!(out, "{}", line(&cells))?;
     }
     Ok(())

@@ -3,7 +3,7 @@
 //! `cargo run -p memwatch-format --example sample_trace -- OUT.mwt [--chunk-bytes N]`
 //!
 //! Regenerates the golden file of the current version with
-//! `cargo run -p memwatch-format --example sample_trace -- format/tests/data/v3-sample.mwt --chunk-bytes 256`.
+//! `cargo run -p memwatch-format --example sample_trace -- format/tests/data/v4-sample.mwt --chunk-bytes 256`.
 
 use std::process::ExitCode;
 
@@ -38,7 +38,8 @@ fn main() -> ExitCode {
         let mut w = TraceWriter::create(&out, &sample::sample_meta(), opts)?;
         let seq = sample::write_sample(&mut w)?;
         let seq = sample::write_v2_additions(&mut w, seq)?;
-        sample::write_v3_additions(&mut w, seq)?;
+        let seq = sample::write_v3_additions(&mut w, seq)?;
+        sample::write_v4_additions(&mut w, seq)?;
         let (_, stats) = w.finish(50_000)?;
         println!(
             "wrote {out}: {} records in {} chunks, {} bytes",

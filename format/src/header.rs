@@ -25,8 +25,9 @@ pub const MAGIC: [u8; 8] = *b"\x89MWT\r\n\x1a\n";
 /// every older one too: version 2 added the `ObjectVariable` record (at the
 /// end of the `Record` enum), and nothing else; version 3 added the
 /// `Delta` record (also at the end), which its writers use for every byte
-/// change instead of `Change`.
-pub const FORMAT_VERSION: u32 = 3;
+/// change instead of `Change`; version 4 added the `Note` record (at the
+/// end), a fact about the event after it (the op that made a change).
+pub const FORMAT_VERSION: u32 = 4;
 
 /// Size of the fixed part of the header.
 pub const FIXED_HEADER_LEN: usize = 24;

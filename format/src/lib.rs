@@ -68,8 +68,8 @@ pub use journal::journal_path;
 pub use reader::{ChunkInfo, DecodedChunk, Records, Tail, TraceReader, Views};
 pub use record::{
     ByteRange, Change, Checkpoint, Contents, Context, Crashed, Delta, DeltaRange, FrameDef, Id, Layout, Lost,
-    ObjectChange, ObjectChangeKind, ObjectVariable, Record, RegionUnwatched, RegionWatched, StackDef,
-    StringDef, UnwatchReason, Waited, NO_ID,
+    Note, ObjectChange, ObjectChangeKind, ObjectVariable, Record, RegionUnwatched, RegionWatched, StackDef,
+    StringDef, UnwatchReason, Waited, NOTE_OP, NO_ID,
 };
 pub use view::{take_view, ChangeView, RangesIter, RangesView, RecordView};
 pub use writer::{

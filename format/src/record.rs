@@ -73,6 +73,9 @@ pub enum Record<'a> {
     /// [`crate::crash`]).
     #[serde(borrow)]
     Crashed(Crashed<'a>),
+    /// A fact about the event that follows it (format version 4 on): the
+    /// op that made a change.
+    Note(Note),
 }
 
 // changing this struct means bumping FORMAT_VERSION
@@ -501,9 +504,34 @@ impl Crashed<'_> {
     }
 }
 
+// changing this struct means bumping FORMAT_VERSION
+/// A fact about event `seq` (format version 4 on): `key` says what the
+/// fact is and `value` what it says, both interned strings. Written right
+/// before the event it is about (its first record with seq `seq`, after
+/// any checkpoint announcement), so a reader streaming the file has it
+/// when it meets the event. Like a definition it has no seq of its own: it
+/// is not an event.
+///
+/// Keys: [`NOTE_OP`], the operation that made a byte change (a torch aten
+/// op such as `aten::add_.Tensor`, recorded by `watch(t, via="dispatch")`).
+/// A reader ignores a note whose key it does not know, so new keys need no
+/// new version.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Note {
+    /// The seq of the event the note is about.
+    pub seq: u64,
+    /// String id of what the note says (`"op"`).
+    pub key: Id,
+    /// String id of its value (`"aten::add_.Tensor"`).
+    pub value: Id,
+}
+
+/// The [`Note`] key of the operation that made a change.
+pub const NOTE_OP: &str = "op";
+
 impl Record<'_> {
     /// The seq of an event record; `None` for definitions, contents,
-    /// checkpoints and loss reports.
+    /// checkpoints, loss reports and notes.
     pub fn seq(&self) -> Option<u64> {
         match self {
             Record::RegionWatched(r) => Some(r.seq),
@@ -519,6 +547,7 @@ impl Record<'_> {
             | Record::Lost(_)
             | Record::Waited(_)
             | Record::Crashed(_)
+            | Record::Note(_)
             | Record::ObjectVariable(_) => None,
         }
     }
@@ -540,6 +569,7 @@ impl Record<'_> {
             Record::Delta(_) => "DELTA",
             Record::Waited(_) => "WAITED",
             Record::Crashed(_) => "CRASHED",
+            Record::Note(_) => "NOTE",
         }
     }
 }

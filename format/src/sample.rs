@@ -2,7 +2,9 @@
 //!
 //! The golden file `format/tests/data/v1-sample.mwt` is this trace
 //! ([`write_sample`]); `v2-sample.mwt` is the same followed by what format
-//! version 2 added ([`write_v2_additions`]), and
+//! version 2 added ([`write_v2_additions`]), `v3-sample.mwt` and
+//! `v4-sample.mwt` add what versions 3 and 4 added
+//! ([`write_v3_additions`], [`write_v4_additions`]), and
 //! `cargo run -p memwatch-format --example sample_trace -- OUT` writes that
 //! again. It is made up (no process was recorded): a 4×4 float32
 //! `layer1_weight` updated over three steps, a `step` counter and a
@@ -285,5 +287,47 @@ pub fn write_v3_additions<W: Output>(w: &mut TraceWriter<W>, mut seq: u64) -> Re
         waited_ns: 1_500_000,
         waits: 2,
     }))?;
+    Ok(seq)
+}
+
+/// What format version 4 added, after [`write_v3_additions`] (which
+/// returned `seq`): two changes of region 3 made by a torch op, each with
+/// its `op` [`crate::Note`] (the second reuses the strings the first
+/// defined), then one without. Returns the last seq written.
+pub fn write_v4_additions<W: Output>(w: &mut TraceWriter<W>, mut seq: u64) -> Result<u64> {
+    let main = w.intern_str("MainThread")?;
+    let frame = w.intern_frame("samples/train.py", "step", 54)?;
+    let stack = w.intern_stack(&[frame])?;
+    let ctx = |time_ns| Context {
+        time_ns,
+        thread: 100,
+        thread_name: main,
+        frame,
+        stack,
+    };
+    // Region 3 holds 2.0 everywhere (the checkpoint of version 3's additions).
+    let steps = [
+        (f32s(&[2.0, 2.0]), f32s(&[3.0, 3.0]), 0, Some("aten::add_.Tensor")),
+        (f32s(&[3.0]), f32s(&[6.0]), 0, Some("aten::mul_.Tensor")),
+        (f32s(&[2.0]), f32s(&[0.5]), 60, None),
+    ];
+    for (i, (old, new, offset, op)) in steps.into_iter().enumerate() {
+        seq += 1;
+        if let Some(op) = op {
+            w.append_note(seq, crate::NOTE_OP, op)?;
+        }
+        w.append_delta(
+            seq,
+            &ctx(48_000 + 1_000 * i as u64),
+            3,
+            4,
+            false,
+            &[ByteRange {
+                offset,
+                old: &old,
+                new: &new,
+            }],
+        )?;
+    }
     Ok(seq)
 }

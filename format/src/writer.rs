@@ -12,7 +12,7 @@ use crate::direct::Direct;
 use crate::error::{Error, Result};
 use crate::header::{encode_header, Meta};
 use crate::journal::{journal_path, Journal};
-use crate::record::{ByteRange, Context, FrameDef, Id, Record, StackDef, StringDef, Waited};
+use crate::record::{ByteRange, Context, FrameDef, Id, Note, Record, StackDef, StringDef, Waited};
 use crate::sealer::{Failure, Job, Sealer, MAX_QUEUED};
 
 /// The journal's ring grows past this only when a record does not fit in
@@ -356,6 +356,15 @@ impl<W: Output> TraceWriter<W> {
             crate::delta::encode_delta(out, seq, ctx, region, shuffle, full, ranges);
             Ok(())
         })
+    }
+
+    /// Appends a [`Record::Note`] about event `seq` (format version 4),
+    /// defining `key` and `value` as strings the first time: appended
+    /// right before the event's own record, as readers expect it.
+    pub fn append_note(&mut self, seq: u64, key: &str, value: &str) -> Result<()> {
+        let key = self.intern_str(key)?;
+        let value = self.intern_str(value)?;
+        self.append(&Record::Note(Note { seq, key, value }))
     }
 
     /// Encodes one record with `encode` after the pending ones, copies it

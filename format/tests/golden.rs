@@ -92,6 +92,51 @@ fn v3_sample_reads_back_exactly_and_its_deltas_expand_to_the_changes_they_stand_
     assert!(expected.iter().any(|r| r.starts_with("Waited(")), "{expected:#?}");
 }
 
+#[test]
+fn v4_sample_reads_back_exactly_and_its_notes_name_the_op_of_the_change_after_them() {
+    let reader = TraceReader::open(data("v4-sample.mwt")).unwrap();
+    assert_eq!(reader.header().version, 4);
+    assert_eq!(reader.tail(), Tail::Closed);
+    let (_, expected) = sample_bytes_of(256, 4);
+    assert_eq!(read_all(&reader).unwrap(), expected);
+    // Each note is about the change right after it.
+    let mut strings = std::collections::HashMap::new();
+    let mut note: Option<Note> = None;
+    let mut ops = Vec::new();
+    let mut ex = Expander::default();
+    for info in reader.chunks() {
+        let chunk = reader.decode_chunk(info).unwrap();
+        let expanded = ex.expand(&chunk).unwrap();
+        for rec in expanded.as_ref().unwrap_or(&chunk).records() {
+            match rec.unwrap() {
+                Record::String(s) => {
+                    strings.insert(s.id, s.value.to_string());
+                }
+                Record::Note(n) => note = Some(n),
+                Record::Change(c) if c.region == 3 => {
+                    let op = note
+                        .take()
+                        .filter(|n| n.seq == c.seq && strings[&n.key] == NOTE_OP)
+                        .map(|n| strings[&n.value].clone());
+                    ops.push((f32s(c.ranges[0].new), op));
+                }
+                _ => {}
+            }
+        }
+    }
+    let last: Vec<_> = ops[ops.len() - 3..].to_vec();
+    assert_eq!(
+        last,
+        vec![
+            (vec![3.0, 3.0], Some("aten::add_.Tensor".to_string())),
+            (vec![6.0], Some("aten::mul_.Tensor".to_string())),
+            (vec![0.5], None),
+        ]
+    );
+    // The changes before version 4's have no note.
+    assert!(ops[..ops.len() - 3].iter().all(|(_, op)| op.is_none()), "{ops:?}");
+}
+
 fn f32s(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))

@@ -52,8 +52,8 @@ fn cut_at_every_offset_of_one_chunk() {
 
 #[test]
 fn cut_at_every_offset_of_the_file_never_fails_after_the_header() {
-    // The sample with every version's records, deltas included.
-    let (full, all) = sample_bytes_of(160, 3);
+    // The sample with every version's records, deltas and notes included.
+    let (full, all) = sample_bytes_of(160, 4);
     let header_len = TraceReader::from_bytes(full.clone(), "f").unwrap().header().len as usize;
     for cut in 0..=full.len() {
         match TraceReader::from_bytes(full[..cut].to_vec(), "cut.mwt") {

@@ -16,7 +16,7 @@ and the ``memwatch`` command: ``record``, ``query``, ``state``, ``blame``,
 
 >>> import memwatch
 >>> memwatch.FORMAT_VERSION
-3
+4
 >>> issubclass(memwatch.NotATraceError, memwatch.MemwatchError)
 True
 """

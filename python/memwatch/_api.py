@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from memwatch import _guard, _memwatch, _scope, _torch_resize
+from memwatch import _guard, _memwatch, _scope, _torch_dispatch, _torch_resize
 from memwatch._memwatch import (
     Change,
     MemwatchError,
@@ -27,6 +27,9 @@ from memwatch._memwatch import (
 )
 
 MODES = ("line", "store")
+# How a tensor's changes are found: its memory write-protected, or the torch
+# ops that write it (memwatch._torch_dispatch).
+VIAS = ("memory", "dispatch")
 
 
 def _root_name(expr: ast.expr | None, address: bool = False) -> str | None:
@@ -223,6 +226,18 @@ def _unsupported_tensor(t: Any) -> str | None:
     return None
 
 
+def _dispatch_target(t: Any) -> tuple[Any, str | None, Any]:
+    """What memwatch exports for tensor ``t`` on any device watched
+    ``via="dispatch"``: its mirror's numpy view, the dtype string, and the
+    mirror (a CPU copy of ``t``, see ``memwatch._torch_dispatch``)."""
+    why = _unsupported_tensor(t)
+    if why is not None:
+        raise UnsupportedError(f"cannot watch {why}")
+    mirror = _torch_dispatch.mirror_of(t)
+    target, dtype = _tensor_target(mirror)
+    return target, dtype, mirror
+
+
 def _tensor_target(t: Any) -> tuple[Any, str | None]:
     """What memwatch exports for CPU tensor ``t`` (a numpy view of its
     memory, same strides) and the dtype string its elements have when the
@@ -230,8 +245,9 @@ def _tensor_target(t: Any) -> tuple[Any, str | None]:
     integers of their size)."""
     if t.device.type not in ("cpu", "meta"):
         raise UnsupportedError(
-            f"cannot watch a tensor on {t.device}: only CPU tensors are supported for now "
-            "(copy it to the CPU, or watch a CPU tensor instead)"
+            f"cannot watch a tensor on {t.device} through its memory: memwatch write-protects host "
+            f"memory, and {t.device} memory is not host memory; pass via=\"dispatch\" to record "
+            "every torch op that writes it instead (memwatch.watch(t, via=\"dispatch\"))"
         )
     why = _unsupported_tensor(t)
     if why is not None:
@@ -267,6 +283,7 @@ def watch(
     shape: tuple[int, ...] | None = None,
     condition: Any = None,
     action: str = "record",
+    via: str | None = None,
     _frame: Any = None,
     _variable: str | None = None,
 ) -> WatchHandle:
@@ -275,7 +292,8 @@ def watch(
     ``obj`` is anything exporting a writable buffer: ``bytearray``,
     ``array.array``, ``memoryview``, ``mmap.mmap``, a numpy array (contiguous
     or a strided view, which reports only its own elements) or a torch CPU
-    tensor of any strided dtype (bool, integers, float16, bfloat16, float32,
+    tensor (a tensor on any device with ``via="dispatch"``, below) of any
+    strided dtype (bool, integers, float16, bfloat16, float32,
     float64, the float8 types, complex), also a strided view; sparse,
     nested, quantized and meta tensors raise :class:`memwatch.UnsupportedError`
     saying what to watch instead. A watched tensor cannot be resized or
@@ -303,6 +321,17 @@ def watch(
     few elements), never a whole-array update. Without ``mode=``, the mode
     is ``$MEMWATCH_MODE`` (``memwatch record --mode``) or ``"line"``.
 
+    ``via`` says how a torch tensor's changes are found. ``"memory"`` (the
+    default) write-protects its memory, as for any buffer: CPU tensors only.
+    ``"dispatch"`` records every torch op that writes the tensor or a view
+    of it (in-place ops, ``out=``, indexed assignment, the optimizer's
+    updates), for a tensor on any device (CUDA, MPS, CPU): memwatch keeps a
+    CPU copy of it, updated after each such op, and each op's effect is its
+    own change, with ``Change.op`` naming the op (``"aten::add_.Tensor"``).
+    Writes that bypass torch's dispatcher (a custom kernel, a numpy view
+    of a CPU tensor) and ops on threads that did not call ``watch`` are not
+    seen; see docs/pytorch.md. ``mode="store"`` is for ``via="memory"``.
+
     ``condition`` and ``action`` act on some changes as they happen:
     ``action="raise"`` raises :class:`memwatch.MutationError` in the thread
     that wrote, ``"breakpoint"`` calls ``sys.breakpointhook()`` there (pdb,
@@ -316,6 +345,29 @@ def watch(
     its changes are not printed live.
     """
     _guard.check_guard(condition, action)
+    if via is None:
+        via = "memory"
+    if via not in VIAS:
+        raise ValueError(f"via must be one of {', '.join(map(repr, VIAS))}, not {via!r}")
+    dispatch = via == "dispatch"
+    if dispatch:
+        if buffer is not None:
+            raise TypeError(
+                'via="dispatch" records the torch ops that write a tensor; raw memory (buffer=) is '
+                "watched through memory: leave via= out"
+            )
+        if not _is_torch_tensor(obj):
+            raise TypeError(
+                f'via="dispatch" is for torch tensors, not {type(obj).__name__}: '
+                "other objects are watched through memory (leave via= out)"
+            )
+        if mode == "store":
+            raise ValueError(
+                'mode="store" catches single stores to memory, which via="dispatch" does not watch: '
+                "it records each torch op that writes the tensor already; leave mode= out"
+            )
+        # Each op is its own change already; $MEMWATCH_MODE is for memory.
+        mode = "line"
     if mode is None:
         mode = os.environ.get("MEMWATCH_MODE") or "line"
     if mode not in MODES:
@@ -328,6 +380,7 @@ def watch(
     address: int | None = None
     target: Any = None
     tensor_dtype: str | None = None
+    mirror: Any = None
     if buffer is not None:
         if obj is not None:
             raise TypeError("pass either an object or buffer=address, not both")
@@ -342,7 +395,10 @@ def watch(
         raise TypeError("watch() needs an object with a buffer, or buffer=address and size=nbytes")
     else:
         target = obj
-        if _is_torch_tensor(obj):
+        if dispatch:
+            target, tensor_dtype, mirror = _dispatch_target(obj)
+            keep.extend((mirror, obj))
+        elif _is_torch_tensor(obj):
             target, tensor_dtype = _tensor_target(obj)
             keep.append(obj)
         elif isinstance(obj, bytearray | mmap.mmap) or (
@@ -358,7 +414,10 @@ def watch(
         raise ValueError("cannot tell which variable this buffer is; pass name=")
     if any(t == str(tag) for _, t, _ in _memwatch._object_watches()):
         raise ValueError(f"'{tag}' is already watched (an object); pass another name= or unwatch it first")
-    if tensor_dtype is not None or (buffer is None and _is_torch_tensor(obj)):
+    if dispatch:
+        # Resizing it would leave its mirror behind: refused while watched.
+        _torch_resize.install()
+    elif tensor_dtype is not None or (buffer is None and _is_torch_tensor(obj)):
         # The numpy view made the storage not resizable: say so when resized.
         _torch_resize.install()
         _torch_resize.pinned(obj, str(tag))
@@ -376,6 +435,8 @@ def watch(
         obj,
         _memory_owner(obj) if buffer is None else None,
     )
+    if dispatch:
+        _torch_dispatch.add(handle.region, str(tag), obj, mirror)
     _guard.set_guard(str(tag), condition, action)
     if mode == "store" and handle.tracking_note:
         warnings.warn(f"memwatch: {handle.tracking_note}", RuntimeWarning, stacklevel=2)
@@ -435,6 +496,7 @@ def unwatch(target: Any = None, *, buffer: int | None = None) -> None:
             return
     for region in _resolve(target, buffer):
         _memwatch._unwatch(region)
+    _torch_dispatch.settle()
 
 
 def _unwatch_objects(target: Any) -> bool:
@@ -463,6 +525,7 @@ def watching(obj: Any = None, name: str | None = None, **kwargs: Any) -> Iterato
     finally:
         if any(r == handle.region for r, *_ in _memwatch._regions()):
             _memwatch._unwatch(handle.region)
+        _torch_dispatch.settle()
 
 
 def configure(

@@ -3,7 +3,8 @@
 :class:`memwatch.Change` (its ``_repr_html_``).
 
 A table row per change: seq, line (``cell [3], line 2`` for a notebook
-cell), function, tag, what changed and the thread. A bytes change shows
+cell), function, tag, the op that made it (a column only when some change
+has one: those of ``watch(t, via="dispatch")``), what changed and the thread. A bytes change shows
 its first elements as ``[index] old -> new`` (at most four, then how many
 more), as the ``[MEMWATCH]`` report does; an object change its key and the
 old and new reprs. Long lists show their first and last rows and say how
@@ -18,6 +19,11 @@ from typing import Any
 # Rows a table shows at most: the first and the last half of these.
 MAX_ROWS = 60
 _COLUMNS = ("seq", "line", "function", "tag", "change", "thread")
+_COLUMNS_OP = ("seq", "line", "function", "tag", "op", "change", "thread")
+
+
+def _columns(changes: list[Any]) -> tuple[str, ...]:
+    return _COLUMNS_OP if any(getattr(c, "op", None) for c in changes) else _COLUMNS
 _STYLE = (
     "<style>"
     "table.memwatch{border-collapse:collapse;font-size:90%}"
@@ -45,15 +51,17 @@ def what_changed(change: Any) -> str:
     return f"{changed} bytes at offset {change.offset}: {old[:16]!r} -> {new[:16]!r}"
 
 
-def _row(change: Any) -> tuple[str, ...]:
-    return (
-        str(change.seq),
-        change.location or "?",
-        change.function or "?",
-        change.tag,
-        what_changed(change),
-        change.thread_name,
-    )
+def _row(change: Any, columns: tuple[str, ...] = _COLUMNS) -> tuple[str, ...]:
+    cells = {
+        "seq": str(change.seq),
+        "line": change.location or "?",
+        "function": change.function or "?",
+        "tag": change.tag,
+        "op": change.op or "-",
+        "change": what_changed(change),
+        "thread": change.thread_name,
+    }
+    return tuple(cells[c] for c in columns)
 
 
 def _shown(rows: list[Any]) -> tuple[list[Any], list[Any], int]:
@@ -68,16 +76,17 @@ def text_table(changes: list[Any]) -> str:
     if not changes:
         return "memwatch: no changes"
     head, tail, left_out = _shown(changes)
-    rows = [_row(c) for c in head]
+    columns = _columns(changes)
+    rows = [_row(c, columns) for c in head]
     if left_out:
-        rows.append(("…", f"{left_out} more changes", "", "", "", ""))
-        rows.extend(_row(c) for c in tail)
-    widths = [max(len(r[i]) for r in [_COLUMNS, *rows]) for i in range(len(_COLUMNS) - 1)]
+        rows.append(("…", f"{left_out} more changes", *[""] * (len(columns) - 2)))
+        rows.extend(_row(c, columns) for c in tail)
+    widths = [max(len(r[i]) for r in [columns, *rows]) for i in range(len(columns) - 1)]
     lines = []
-    for r in [_COLUMNS, *rows]:
+    for r in [columns, *rows]:
         cells = [r[i].ljust(widths[i]) for i in range(len(widths))] + [r[-1]]
         lines.append("  ".join(cells).rstrip())
-    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len(_COLUMNS[-1]))
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len(columns[-1]))
     n = len(changes)
     lines.append(f"{n} change{'s' if n != 1 else ''}")
     return "\n".join(lines)
@@ -90,19 +99,20 @@ def html_table(changes: list[Any]) -> str:
     if not changes:
         return f"<p>{html.escape(caption)}</p>"
     head, tail, left_out = _shown(changes)
+    columns = _columns(changes)
 
     def tr(cells: tuple[str, ...]) -> str:
         out = []
-        for name, cell in zip(_COLUMNS, cells):
+        for name, cell in zip(columns, cells):
             cls = ' class="change"' if name == "change" else ""
             out.append(f"<td{cls}>{html.escape(cell)}</td>")
         return "<tr>" + "".join(out) + "</tr>"
 
-    body = [tr(_row(c)) for c in head]
+    body = [tr(_row(c, columns)) for c in head]
     if left_out:
-        body.append(f'<tr><td colspan="{len(_COLUMNS)}">… {left_out} more changes …</td></tr>')
-        body.extend(tr(_row(c)) for c in tail)
-    header = "".join(f"<th>{html.escape(c)}</th>" for c in _COLUMNS)
+        body.append(f'<tr><td colspan="{len(columns)}">… {left_out} more changes …</td></tr>')
+        body.extend(tr(_row(c, columns)) for c in tail)
+    header = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     return (
         f'{_STYLE}<table class="memwatch"><caption>{html.escape(caption)}</caption>'
         f"<thead><tr>{header}</tr></thead><tbody>{''.join(body)}</tbody></table>"
@@ -121,6 +131,8 @@ def change_html(change: Any) -> str:
     ]
     if change.kind == "bytes" and change.address is not None:
         fields.insert(3, ("address", f"{change.address:#x}"))
+    if getattr(change, "op", None):
+        fields.insert(3, ("op", change.op))
     if len(change.stack) > 1:
         from memwatch._memwatch import location  # noqa: PLC0415 - only for deep stacks
 

@@ -18,6 +18,13 @@ RuntimeError then gets a note saying memwatch watched it and to resize a
 copy. Operations that resize inside torch (``out=`` arguments) are not
 wrapped: they keep torch's message.
 
+A tensor watched ``via="dispatch"`` (``memwatch._torch_dispatch``) is on
+any device and its storage stays resizable, but memwatch's copy of it has
+the shape it had when watched: the same wrappers refuse to resize it or
+``set_`` it while it is watched, saying to unwatch it first (and after
+that it resizes as usual). An ``out=`` argument torch resizes ends such a
+watch, with a warning.
+
 The wrappers cost one lookup of the watched regions per call; they stay
 installed for the life of the process.
 """
@@ -27,7 +34,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from memwatch import _memwatch
+from memwatch import _memwatch, _torch_dispatch
 from memwatch._memwatch import MemwatchError
 
 _installed = False
@@ -45,12 +52,19 @@ def _span(storage: Any) -> tuple[int, int]:
         return 0, 0
 
 
-def _watched(storage: Any) -> list[str]:
-    """Tags of the watched regions that lie in ``storage``'s memory."""
+def _watched(storage: Any) -> tuple[list[str], bool]:
+    """Tags of the watches of ``storage``'s memory: the watched regions in
+    it (host memory), else the dispatch watches of tensors on it; and
+    whether they are the latter."""
+    dispatched = _torch_dispatch.tags_of(storage)
+    if dispatched:
+        return dispatched, True
+    if getattr(getattr(storage, "device", None), "type", "cpu") != "cpu":
+        return [], False
     start, end = _span(storage)
     if start == end:
-        return []
-    return [tag for _, tag, addr, size, _ in _memwatch._regions() if addr < end and addr + size > start]
+        return [], False
+    return [tag for _, tag, addr, size, _ in _memwatch._regions() if addr < end and addr + size > start], False
 
 
 def pinned(tensor: Any, tag: str) -> None:
@@ -63,8 +77,15 @@ def pinned(tensor: Any, tag: str) -> None:
         _pinned[start] = tag
 
 
-def _refuse(what: str, tags: list[str]) -> MemwatchError:
+def _refuse(what: str, found: tuple[list[str], bool]) -> MemwatchError:
+    tags, dispatched = found
     names = ", ".join(repr(t) for t in tags)
+    if dispatched:
+        return MemwatchError(
+            f'cannot {what} a tensor that memwatch watches via="dispatch" ({names}): memwatch keeps a '
+            "copy of it with the shape it had when watched. "
+            f"Call memwatch.unwatch({tags[0]!r}) first (then resize it, and watch it again if you need to)"
+        )
     return MemwatchError(
         f"cannot {what} a tensor whose memory memwatch watches ({names}): a watched tensor's storage "
         "is pinned so that its memory cannot be freed or moved while memwatch reads it. "
@@ -111,7 +132,7 @@ def install() -> None:
     @functools.wraps(tensor_resize)
     def resize_(self: Any, *sizes: Any, memory_format: Any = None) -> Any:
         tags = _watched(self.untyped_storage())
-        if tags and not _same_shape(self, sizes, memory_format):
+        if tags[0] and not _same_shape(self, sizes, memory_format):
             raise _refuse("resize_", tags)
         try:
             if memory_format is None:
@@ -124,7 +145,7 @@ def install() -> None:
     @functools.wraps(tensor_resize_as)
     def resize_as_(self: Any, other: Any, *args: Any, **kwargs: Any) -> Any:
         tags = _watched(self.untyped_storage())
-        if tags and not (not args and not kwargs and tuple(other.shape) == tuple(self.shape)):
+        if tags[0] and not (not args and not kwargs and tuple(other.shape) == tuple(self.shape)):
             raise _refuse("resize_as_", tags)
         try:
             return tensor_resize_as(self, other, *args, **kwargs)
@@ -135,14 +156,14 @@ def install() -> None:
     @functools.wraps(tensor_set)
     def set_(self: Any, *args: Any, **kwargs: Any) -> Any:
         tags = _watched(self.untyped_storage())
-        if tags:
+        if tags[0]:
             raise _refuse("set_ (point to other memory)", tags)
         return tensor_set(self, *args, **kwargs)
 
     @functools.wraps(storage_resize)
     def storage_resize_(self: Any, size: Any) -> Any:
         tags = _watched(self)
-        if tags and int(size) != self.nbytes():
+        if tags[0] and int(size) != self.nbytes():
             raise _refuse("resize the storage of", tags)
         try:
             return storage_resize(self, size)

@@ -1,6 +1,8 @@
 //! The Python-facing recorder: watching, checking at line boundaries,
 //! turning raw changes into `memwatch.Change`s, and handing them to
-//! callbacks, history, the live report and the trace.
+//! callbacks, history, the live report and the trace. `_check_op` is the
+//! check that `watch(t, via="dispatch")` runs right after a torch op wrote a
+//! watched tensor: the changes it finds carry the op (`Change.op`).
 //!
 //! Locking: `STATE` guards the regions and everything around them and is
 //! never held while Python code runs (callbacks, reports, imports); the
@@ -607,7 +609,16 @@ fn other_thread_context(tid: u64, own: &Arc<[FrameRef]>) -> (Arc<[FrameRef]>, Ar
 /// callbacks run Python code, which the fatal-signal handler must not wait
 /// for.
 fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32), busy: Busy) {
-    let stack = attributed_stack(py, last);
+    let stack = match OP.with(|o| o.borrow().as_ref().map(|o| o.skip)) {
+        // No in-scope line led here: the whole stack, less memwatch's frames.
+        Some(skip) if last.0 == 0 => {
+            let mut frames = attributed_frames(py, last);
+            frames.drain(..skip.min(frames.len()));
+            frames.into()
+        }
+        _ => attributed_stack(py, last),
+    };
+    let op = OP.with(|o| o.borrow().as_ref().map(|o| (o.regions.clone(), o.op.clone())));
     let tid = gettid();
     let tname = thread_name(py);
     let now = unix_ns();
@@ -632,6 +643,10 @@ fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32), busy: Busy) {
             thread_name: &tname,
             stack: &stack,
         };
+        let op = op
+            .as_ref()
+            .filter(|(regions, _)| regions.contains(&rc.region))
+            .map(|(_, op)| op.clone());
         let made = with_state(|st| {
             let w = st.watches.iter().find(|w| w.id == rc.region)?;
             let seq = crash::next_seq();
@@ -642,7 +657,7 @@ fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32), busy: Busy) {
                 // The shadow is this change's state only after the region's
                 // last change of the check.
                 let after = (!later).then_some(&region.shadow[..]);
-                s.change(seq, region, &rc.ranges, after, &ev);
+                s.change(seq, region, &rc.ranges, after, &ev, op.as_deref());
             }
             let change = Change {
                 seq,
@@ -656,6 +671,7 @@ fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32), busy: Busy) {
                 thread_id: tid,
                 thread_name: tname.clone(),
                 object: None,
+                op,
             };
             let callbacks: Vec<Py<PyAny>> = st.callbacks.iter().map(|c| c.clone_ref(py)).collect();
             Some((change, callbacks, tracing, st.live, st.max_history))
@@ -1294,6 +1310,54 @@ pub fn check(py: Python<'_>) -> PyResult<()> {
     crate::objects::flush(py, last);
     check_and_emit(py, last);
     crate::guard::fire(py)
+}
+
+/// What the check `_check_op` runs says about the changes it finds.
+struct OpCheck {
+    /// The regions the op wrote: their changes carry `op`.
+    regions: Vec<u32>,
+    op: Arc<str>,
+    /// Innermost frames that are memwatch's own (the dispatch mode's), left
+    /// out of the stack of a change made where no in-scope line led to it.
+    skip: usize,
+}
+
+thread_local! {
+    /// Set while this thread runs `_check_op`.
+    static OP: std::cell::RefCell<Option<OpCheck>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Looks for changes now, as `check` does, right after torch op `op` wrote
+/// the memory of the watched `regions` (`memwatch._torch_dispatch`): their
+/// changes carry the op (`Change.op`, and an `op` note in the trace). On a
+/// thread that ran no in-scope line (an autograd worker thread), the
+/// change's stack leaves out the caller's `skip` innermost frames. Returns
+/// those of `regions` that are not watched any more.
+#[pyfunction]
+#[pyo3(signature = (regions, op, skip=0))]
+pub fn _check_op(py: Python<'_>, regions: Vec<u32>, op: String, skip: usize) -> PyResult<Vec<u32>> {
+    let mut last = LAST.with(|l| l.get());
+    if last.0 == 0 {
+        last = innermost_in_scope(py, false);
+    }
+    let check = OpCheck {
+        regions,
+        op: op.into(),
+        skip,
+    };
+    let outer = OP.with(|o| o.borrow_mut().replace(check));
+    crate::objects::flush(py, last);
+    check_and_emit(py, last);
+    let check = OP.with(|o| std::mem::replace(&mut *o.borrow_mut(), outer));
+    let regions = check.map(|c| c.regions).unwrap_or_default();
+    let gone = with_state(|st| {
+        regions
+            .into_iter()
+            .filter(|r| !st.watches.iter().any(|w| w.id == *r))
+            .collect()
+    });
+    crate::guard::fire(py)?;
+    Ok(gone)
 }
 
 /// Registers `callback(change)`, called for every change.

@@ -59,6 +59,10 @@ pub struct Change {
     pub thread_name: Arc<str>,
     /// Set for a change of a watched Python object.
     pub object: Option<ObjectInfo>,
+    /// The op that made the change (`aten::add_.Tensor`), for a change
+    /// found by `watch(t, via="dispatch")`; shared with the other changes
+    /// the op made.
+    pub op: Option<Arc<str>>,
 }
 
 /// Decodes one element of `dtype` (a region's dtype string parsed once by
@@ -181,6 +185,9 @@ impl Change {
                 s.push_str(&format!("Elements: {}{more}\n", shown.join("; ")));
             });
         }
+        if let Some(op) = &self.op {
+            s.push_str(&format!("Op: {op}\n"));
+        }
         self.push_variable_and_line(&mut s);
         if changed > old.len() {
             s.push_str(&format!(
@@ -278,6 +285,14 @@ impl Change {
     #[getter]
     fn offset(&self) -> Option<u64> {
         self.ranges.first().map(|r| r.0)
+    }
+
+    /// The op that made the change, as torch names it
+    /// (`"aten::add_.Tensor"`), for a change recorded through
+    /// `watch(t, via="dispatch")`; `None` for every other change.
+    #[getter]
+    fn op(&self) -> Option<&str> {
+        self.op.as_deref()
     }
 
     /// `"bytes"` for a buffer change; for an object change what happened
@@ -443,8 +458,13 @@ impl Change {
             );
         }
         let n: usize = self.ranges.iter().map(|r| r.1.len()).sum();
+        let op = self
+            .op
+            .as_deref()
+            .map(|op| format!(" op={op}"))
+            .unwrap_or_default();
         format!(
-            "<memwatch.Change seq={} tag={:?} offset={} bytes={} at {}>",
+            "<memwatch.Change seq={} tag={:?} offset={} bytes={}{op} at {}>",
             self.seq, self.tag, self.ranges[0].0, n, at
         )
     }

@@ -115,6 +115,7 @@ fn _memwatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(api::_unwatch, m)?,
         wrap_pyfunction!(api::_regions, m)?,
         wrap_pyfunction!(api::check, m)?,
+        wrap_pyfunction!(api::_check_op, m)?,
         wrap_pyfunction!(api::on_change, m)?,
         wrap_pyfunction!(api::remove_callback, m)?,
         wrap_pyfunction!(api::history, m)?,

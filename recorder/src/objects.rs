@@ -1924,6 +1924,7 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
                 thread_id: r.tid,
                 thread_name: r.thread_name,
                 object: Some(info),
+                op: None,
             },
         );
     }

@@ -124,6 +124,7 @@ impl Trace {
             thread_id: row.thread,
             thread_name: row.thread_name.as_deref().unwrap_or("").into(),
             object,
+            op: row.op.clone(),
         })
     }
 }

@@ -13,7 +13,9 @@
 //!
 //! Changes are stored as `Delta` records (format version 3): new XOR old,
 //! shuffled by element size, with no copy of the old bytes; readers get
-//! those from the state before (`memwatch_format::delta`).
+//! those from the state before (`memwatch_format::delta`). A change whose
+//! op is known (`watch(t, via="dispatch")`) has a `Note` naming it right
+//! before its `Delta` (format version 4).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -271,6 +273,9 @@ impl TraceSink {
     /// [`CHECKPOINT_EVERY`] changes). A due change that rewrites the whole
     /// region is stored as its new bytes and is the checkpoint itself;
     /// otherwise the checkpoint's contents follow the change.
+    ///
+    /// A change made by a known op (`op`, from `watch(t, via="dispatch")`)
+    /// has an `op` note right before it (format version 4).
     pub fn change(
         &mut self,
         seq: u64,
@@ -278,9 +283,13 @@ impl TraceSink {
         ranges: &[crate::engine::ChangedRange],
         after: Option<&[u8]>,
         ev: &EventContext<'_>,
+        op: Option<&str>,
     ) {
         self.guarded(seq, |s| {
             let ctx = s.ctx(ev)?;
+            if let Some(op) = op {
+                s.writer.append_note(seq, memwatch_format::NOTE_OP, op)?;
+            }
             let id = region.id;
             let ranges: Vec<ByteRange<'_>> = ranges
                 .iter()

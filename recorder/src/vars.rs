@@ -542,6 +542,7 @@ pub fn at_boundary(py: Python<'_>, code: usize, returning: bool, last: (usize, u
                 thread_id: tid,
                 thread_name: thread_name.clone(),
                 object: Some(info),
+                op: None,
             },
         );
     }

@@ -53,6 +53,7 @@ pub enum Owned {
         reason: String,
     },
     ObjectVariable(u32, Option<String>),
+    Note(Note),
 }
 
 impl Owned {
@@ -154,6 +155,7 @@ impl Owned {
                 tag: *tag,
                 variable: variable.as_deref(),
             }),
+            Owned::Note(n) => Record::Note(*n),
         }
     }
 }
@@ -294,6 +296,11 @@ pub fn owned_record() -> impl Strategy<Value = Owned> {
             reason,
         }),
         (any::<u32>(), prop::option::of(text())).prop_map(|(tag, v)| Owned::ObjectVariable(tag, v)),
+        (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(seq, key, value)| Owned::Note(Note {
+            seq,
+            key,
+            value
+        })),
     ]
 }
 
@@ -350,7 +357,10 @@ pub fn sample_bytes_of(chunk_bytes: usize, version: u32) -> (Vec<u8>, Vec<String
         seq = sample::write_v2_additions(&mut w, seq).unwrap();
     }
     if version >= 3 {
-        sample::write_v3_additions(&mut w, seq).unwrap();
+        seq = sample::write_v3_additions(&mut w, seq).unwrap();
+    }
+    if version >= 4 {
+        sample::write_v4_additions(&mut w, seq).unwrap();
     }
     let (bytes, _) = w.finish(50_000).unwrap();
     let all = read_all(&TraceReader::from_bytes(bytes.clone(), "sample.mwt").unwrap()).unwrap();
