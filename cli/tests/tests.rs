@@ -1,3 +1,4 @@
 //! End-to-end tests of the `memwatch` binary.
 
 mod dump;
+mod perfetto;
