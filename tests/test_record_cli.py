@@ -132,8 +132,30 @@ def test_blame_and_summary(recorded):
     every = mw("blame", "train.mwt", "--tag", "step", "--offset", "0", "--all", cwd=d).stdout.splitlines()
     assert len(every) == STEPS and every[-1].endswith(f"{STEPS - 1:02x} -> {STEPS:02x}")
     summary = mw("summary", "train.mwt", cwd=d).stdout
-    assert f"layer1_weight: {STEPS} changes, {STEPS * 512} bytes changed" in summary
-    assert f"step: {STEPS} changes, {STEPS * 8} bytes changed" in summary
+    assert f"layer1_weight: {STEPS} changes, {STEPS * 512} bytes changed, {STEPS * 128} elements changed\n" in summary
+    assert f"step: {STEPS} changes, {STEPS * 8} bytes changed, {STEPS} elements changed\n" in summary
+    # The run: program, process, how it ended, the trace's size per change.
+    lines = summary.splitlines()
+    assert lines[0] == f"program: {TRAIN} {STEPS}"  # the program's sys.argv
+    assert lines[1].startswith("process: pid ") and f"python {sys.version.split()[0]}" in lines[1]
+    assert re.fullmatch(r"ran: from \d{4}-\d\d-\d\dT[\d:.]+Z for [\d.]+(s|ms|us)", lines[2]), lines[2]
+    assert lines[3] == "ended: closed normally"
+    size = (d / "train.mwt").stat().st_size
+    assert lines[4] == (
+        f"trace: train.mwt, {size} bytes ({size / (2 * STEPS):.1f} bytes per change), {2 * STEPS} changes, "
+        "2 regions watched, 0 checkpoints"
+    )
+    w1 = [r for r in rows if r["tag"] == "layer1_weight"]
+    at = lines.index(f"layer1_weight: {STEPS} changes, {STEPS * 512} bytes changed, {STEPS * 128} elements changed")
+    assert lines[at + 1].startswith(f"  first: seq {w1[0]['seq']} at ") and f"; last: seq {w1[-1]['seq']} at " in lines[at + 1]
+    assert lines[at + 2].split() == [str(STEPS), "changes", str(STEPS * 512), "bytes", f"{TRAIN}:{w1[0]['line']}", "(<module>)"]
+    assert lines[at + 3] == f"  threads: MainThread ({STEPS})"
+    js = json.loads(mw("summary", "train.mwt", "--format", "json", cwd=d).stdout)
+    assert js["ending"] == {"how": "closed", "message": "closed normally", "time_ns": js["duration_ns"]}
+    assert js["trace_bytes"] == size and js["changes"] == 2 * STEPS and js["argv"] == [str(TRAIN), str(STEPS)]
+    tag = {t["tag"]: t for t in js["tags"]}
+    assert tag["layer1_weight"]["elements_changed"] == STEPS * 128 and tag["layer1_weight"]["first_seq"] == w1[0]["seq"]
+    assert tag["step"]["lines"][0]["changes"] == STEPS and tag["step"]["threads"][0]["thread_name"] == "MainThread"
     t = memwatch.open_trace(d / "train.mwt")
     assert t.blame("layer1_weight", index=(0, 0)).seq == rows[-1]["seq"]
     assert t.tags == ["layer1_weight", "step"]
@@ -400,6 +422,10 @@ def check_stopped_recording(r, trace: Path, snaps: Path, why: str):
         m = re.search(rf"recording stopped at (\d+\.\d+) s: {re.escape(why)}, after seq (\d+); (\d+) later events were not recorded", out.stderr)
         assert m, (cmd, out.stderr)
     stop_seq, lost = int(m.group(2)), int(m.group(3))
+    summary = mw("summary", str(trace), cwd=d).stdout
+    assert f"\nended: recording stopped at {m.group(1)} s: {why}, after seq {stop_seq}; {lost} later events were not recorded\n" in summary, summary
+    js = json.loads(mw("summary", str(trace), "--format", "json", cwd=d).stdout)
+    assert (js["ending"]["how"], js["ending"]["after_seq"], js["ending"]["lost"]) == ("stopped", stop_seq, lost)
     rows = [json.loads(x) for x in mw("query", str(trace), "--format", "jsonl", cwd=d).stdout.splitlines()]
     seqs = [row["seq"] for row in rows]
     # Everything that fitted is there, in order, up to the stop.
@@ -486,8 +512,8 @@ def test_summary_words_agree_with_their_numbers(tmp_path):
     p = script(tmp_path, "import numpy as np, memwatch\na = np.zeros(4, dtype=np.uint8)\nmemwatch.watch(a, name='a')\na[1] = 2\n")
     mw("record", "-o", "one.mwt", sys.executable, str(p), cwd=tmp_path)
     out = mw("summary", "one.mwt", cwd=tmp_path).stdout
-    assert "a: 1 change, 1 byte changed" in out
-    assert "1 changes" not in out and "1 bytes" not in out
+    assert "a: 1 change, 1 byte changed, 1 element changed\n" in out
+    assert not re.search(r"(?<![\d.])1 (changes|bytes|elements|regions|checkpoints)\b", out), out
 
 
 def test_record_live_prints_each_change_and_records_it_too(tmp_path):
