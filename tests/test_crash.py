@@ -119,6 +119,11 @@ def test_the_line_that_crashed_is_in_the_trace(tmp_path, ending, via):
     # the line's writes before the fault, so the last look finds none.
     looked = 0 if ending == "sigbus" else 2
     assert f"its last look recorded {looked} changes" in summary.stderr
+    # The summary's run part says it too, and so does its JSON.
+    assert f"\nended: {told}" in summary.stdout and f"at prog.py:{CRASH_LINE}" in summary.stdout, summary.stdout
+    js = json.loads(mw("summary", "prog.mwt", "--format", "json", cwd=tmp_path).stdout)
+    assert js["ending"]["how"] == "crashed" and js["ending"]["signal_name"] == name
+    assert js["ending"]["signal"] == sig and js["ending"]["thread"] == js["pid"]
     if via == "record":
         # Folded into the trace: nothing is left beside it.
         assert told in r.stderr
@@ -185,3 +190,4 @@ def test_a_program_that_ends_normally_leaves_no_crash_area(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["prog.mwt", "prog.py"]
     s = mw("summary", "prog.mwt", cwd=tmp_path)
     assert "died" not in s.stdout + s.stderr
+    assert "\nended: closed normally\n" in s.stdout

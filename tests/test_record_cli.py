@@ -132,8 +132,30 @@ def test_blame_and_summary(recorded):
     every = mw("blame", "train.mwt", "--tag", "step", "--offset", "0", "--all", cwd=d).stdout.splitlines()
     assert len(every) == STEPS and every[-1].endswith(f"{STEPS - 1:02x} -> {STEPS:02x}")
     summary = mw("summary", "train.mwt", cwd=d).stdout
-    assert f"layer1_weight: {STEPS} changes, {STEPS * 512} bytes changed" in summary
-    assert f"step: {STEPS} changes, {STEPS * 8} bytes changed" in summary
+    assert f"layer1_weight: {STEPS} changes, {STEPS * 512} bytes changed, {STEPS * 128} elements changed\n" in summary
+    assert f"step: {STEPS} changes, {STEPS * 8} bytes changed, {STEPS} elements changed\n" in summary
+    # The run: program, process, how it ended, the trace's size per change.
+    lines = summary.splitlines()
+    assert lines[0] == f"program: {TRAIN} {STEPS}"  # the program's sys.argv
+    assert lines[1].startswith("process: pid ") and f"python {sys.version.split()[0]}" in lines[1]
+    assert re.fullmatch(r"ran: from \d{4}-\d\d-\d\dT[\d:.]+Z for [\d.]+(s|ms|us)", lines[2]), lines[2]
+    assert lines[3] == "ended: closed normally"
+    size = (d / "train.mwt").stat().st_size
+    assert lines[4] == (
+        f"trace: train.mwt, {size} bytes ({size / (2 * STEPS):.1f} bytes per change), {2 * STEPS} changes, "
+        "2 regions watched, 0 checkpoints"
+    )
+    w1 = [r for r in rows if r["tag"] == "layer1_weight"]
+    at = lines.index(f"layer1_weight: {STEPS} changes, {STEPS * 512} bytes changed, {STEPS * 128} elements changed")
+    assert lines[at + 1].startswith(f"  first: seq {w1[0]['seq']} at ") and f"; last: seq {w1[-1]['seq']} at " in lines[at + 1]
+    assert lines[at + 2].split() == [str(STEPS), "changes", str(STEPS * 512), "bytes", f"{TRAIN}:{w1[0]['line']}", "(<module>)"]
+    assert lines[at + 3] == f"  threads: MainThread ({STEPS})"
+    js = json.loads(mw("summary", "train.mwt", "--format", "json", cwd=d).stdout)
+    assert js["ending"] == {"how": "closed", "message": "closed normally", "time_ns": js["duration_ns"]}
+    assert js["trace_bytes"] == size and js["changes"] == 2 * STEPS and js["argv"] == [str(TRAIN), str(STEPS)]
+    tag = {t["tag"]: t for t in js["tags"]}
+    assert tag["layer1_weight"]["elements_changed"] == STEPS * 128 and tag["layer1_weight"]["first_seq"] == w1[0]["seq"]
+    assert tag["step"]["lines"][0]["changes"] == STEPS and tag["step"]["threads"][0]["thread_name"] == "MainThread"
     t = memwatch.open_trace(d / "train.mwt")
     assert t.blame("layer1_weight", index=(0, 0)).seq == rows[-1]["seq"]
     assert t.tags == ["layer1_weight", "step"]
@@ -400,6 +422,10 @@ def check_stopped_recording(r, trace: Path, snaps: Path, why: str):
         m = re.search(rf"recording stopped at (\d+\.\d+) s: {re.escape(why)}, after seq (\d+); (\d+) later events were not recorded", out.stderr)
         assert m, (cmd, out.stderr)
     stop_seq, lost = int(m.group(2)), int(m.group(3))
+    summary = mw("summary", str(trace), cwd=d).stdout
+    assert f"\nended: recording stopped at {m.group(1)} s: {why}, after seq {stop_seq}; {lost} later events were not recorded\n" in summary, summary
+    js = json.loads(mw("summary", str(trace), "--format", "json", cwd=d).stdout)
+    assert (js["ending"]["how"], js["ending"]["after_seq"], js["ending"]["lost"]) == ("stopped", stop_seq, lost)
     rows = [json.loads(x) for x in mw("query", str(trace), "--format", "jsonl", cwd=d).stdout.splitlines()]
     seqs = [row["seq"] for row in rows]
     # Everything that fitted is there, in order, up to the stop.
@@ -486,8 +512,8 @@ def test_summary_words_agree_with_their_numbers(tmp_path):
     p = script(tmp_path, "import numpy as np, memwatch\na = np.zeros(4, dtype=np.uint8)\nmemwatch.watch(a, name='a')\na[1] = 2\n")
     mw("record", "-o", "one.mwt", sys.executable, str(p), cwd=tmp_path)
     out = mw("summary", "one.mwt", cwd=tmp_path).stdout
-    assert "a: 1 change, 1 byte changed" in out
-    assert "1 changes" not in out and "1 bytes" not in out
+    assert "a: 1 change, 1 byte changed, 1 element changed\n" in out
+    assert not re.search(r"(?<![\d.])1 (changes|bytes|elements|regions|checkpoints)\b", out), out
 
 
 def test_record_live_prints_each_change_and_records_it_too(tmp_path):
@@ -509,3 +535,86 @@ def test_record_live_prints_each_change_and_records_it_too(tmp_path):
     assert f"Line: {p}:5 in <module>" in reports[1] and "Elements: [2] 0 -> 9\n" in reports[1]
     rows = [json.loads(x) for x in mw("query", "live.mwt", "--format", "jsonl", cwd=tmp_path).stdout.splitlines()]
     assert [row["line"] for row in rows] == [4, 5]
+
+
+LIVE_PROGRAM = """\
+import threading, types, numpy as np, memwatch
+a = np.zeros(4, dtype=np.int32)
+memwatch.watch(a, name="a")
+a[1] = 7
+a[2:4] = 9
+f = np.ones((2, 3), dtype=np.float32)
+memwatch.watch(f, name="f")
+f[1, 2] = 0.25
+b = bytearray(16)
+memwatch.watch(b, name="b")
+b[3:5] = b"hi"
+cfg = types.SimpleNamespace(lr=0.5); memwatch.watch_object(cfg, name="cfg")
+cfg.lr = 0.25
+def work():
+    a[0] = -1
+t = threading.Thread(target=work, name="helper"); t.start(); t.join()
+"""
+
+
+def test_record_live_short_prints_one_exact_line_per_change(tmp_path):
+    # GIVEN a program that changes an int array, a 2-D float array, a
+    # bytearray, an object's attribute, and an array from another thread
+    p = script(tmp_path, LIVE_PROGRAM)
+    # WHEN it is recorded with --live=short
+    r = mw("record", "--live=short", "-o", "short.mwt", sys.executable, str(p), cwd=tmp_path)
+    # THEN stderr has one line per recorded change, in seq order, then
+    # memwatch's own summary line
+    rows = [json.loads(x) for x in mw("query", "short.mwt", "--format", "jsonl", cwd=tmp_path).stdout.splitlines()]
+    seq = [row["seq"] for row in rows]
+    assert r.stderr.splitlines()[: len(rows)] == [
+        f"memwatch: #{seq[0]} a [1] 0 -> 7 prog.py:4 in <module>",
+        f"memwatch: #{seq[1]} a [2] 0 -> 9 (+1 more) prog.py:5 in <module>",
+        f"memwatch: #{seq[2]} f [1, 2] 1.0 -> 0.25 prog.py:8 in <module>",
+        f"memwatch: #{seq[3]} b 2 bytes at offset 3 0000 -> 6869 prog.py:11 in <module>",
+        f"memwatch: #{seq[4]} cfg.lr 0.5 -> 0.25 prog.py:13 in <module>",
+        f"memwatch: #{seq[5]} a [0] 0 -> -1 prog.py:15 in work [helper]",
+    ], r.stderr
+    assert r.stderr.splitlines()[len(rows)].startswith(f"memwatch: recorded {len(rows)} changes")
+    assert "[MEMWATCH]" not in r.stderr
+
+
+def test_record_live_full_prints_the_reports_of_the_same_program(tmp_path):
+    p = script(tmp_path, LIVE_PROGRAM)
+    r = mw("record", "--live", "-o", "full.mwt", sys.executable, str(p), cwd=tmp_path)
+    reports = r.stderr.split("[MEMWATCH] ")[1:]
+    assert len(reports) == 6, r.stderr
+    assert reports[0] == (
+        f"Tag: a\nAddress: {reports[0].split()[3]}\nOld Value (sample): b'\\x00\\x00\\x00\\x00'\n"
+        f"New Value (sample): b'\\x07\\x00\\x00\\x00'\nElements: [1] 0 -> 7\nPython Variable: a\nLine: {p}:4 in <module>\n"
+    )
+    assert "Elements: [1, 2] 1.0 -> 0.25\n" in reports[2] and f"Line: {p}:8 in <module>\n" in reports[2]
+    assert reports[4].startswith("Tag: cfg\nChange: setattr cfg.lr\nOld Value: 0.5\nNew Value: 0.25\n")
+    assert f"Python Variable: a\nLine: {p}:15 in work\nmemwatch: recorded 6 changes" in reports[5]
+    assert "Elements: [0] 0 -> -1\n" in reports[5]
+    assert "memwatch: #" not in r.stderr
+
+
+def test_configure_live_takes_short_and_refuses_other_words(tmp_path):
+    p = script(
+        tmp_path,
+        """
+        import numpy as np, memwatch
+        assert memwatch.configure()["live"] is True
+        assert memwatch.configure(live="short")["live"] == "short"
+        a = np.zeros(3, dtype=np.int16)
+        memwatch.watch(a, name="a")
+        a[2] = 5
+        try:
+            memwatch.configure(live="loud")
+        except ValueError as e:
+            print(e)
+        assert memwatch.configure()["live"] == "short"
+        assert memwatch.configure(live=False)["live"] is False
+        a[0] = 1
+        """,
+    )
+    r = subprocess.run([sys.executable, str(p)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == ["memwatch: #2 a [2] 0 -> 5 prog.py:7 in <module>"], r.stderr
+    assert r.stdout.strip() == "live='loud' is not an option: pass True (a [MEMWATCH] report per change), \"short\" (one line per change) or False (none)"

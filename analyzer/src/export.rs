@@ -384,9 +384,25 @@ impl Columns {
 
 /// `3` or `1,2` for the element holding byte `at` of the region.
 fn element_index(region: &crate::RegionInfo, at: u64) -> Option<String> {
+    let idx = index_at(region, at)?;
+    Some(idx.iter().map(u64::to_string).collect::<Vec<_>>().join(","))
+}
+
+/// The index of the element of `region` whose bytes start at byte `at`
+/// of it (`[1, 2]` in a 2-D region); `None` when no element starts there.
+///
+/// ```
+/// use memwatch_analyzer::{index_at, RegionInfo};
+/// let region = RegionInfo {
+///     region: 1, tag: "w".into(), variable: None, address: 0, len: 64,
+///     dtype: Some("<f4".into()), itemsize: 4, shape: vec![4, 4], strides: vec![],
+///     origin: 0, watched_seq: 1, unwatched_seq: None,
+/// };
+/// assert_eq!(index_at(&region, 24), Some(vec![1, 2]));
+/// ```
+pub fn index_at(region: &crate::RegionInfo, at: u64) -> Option<Vec<u64>> {
     let itemsize = u64::from(region.itemsize.max(1));
     let shape = shape_of(region);
-    let text = |idx: &[u64]| idx.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
     if region.strides.is_empty() {
         // Contiguous: a division.
         let mut flat = at.checked_sub(region.origin)? / itemsize;
@@ -396,11 +412,11 @@ fn element_index(region: &crate::RegionInfo, at: u64) -> Option<String> {
             idx[d] = flat % n;
             flat /= n;
         }
-        return Some(text(&idx));
+        return Some(idx);
     }
     // Strided: the element whose bytes start there.
     let found = c_order(&shape).find(|idx| element_bytes(region, idx).is_ok_and(|(a, _)| a == at));
-    found.map(|idx| text(&idx))
+    found
 }
 
 /// Lower-case hex.

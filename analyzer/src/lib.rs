@@ -37,8 +37,13 @@ mod state;
 mod symbols;
 
 pub use error::{Error, Result};
-pub use export::{csv_cell, element_f64, export, hex, json_str, ExportFormat, Granularity, COLUMNS};
-pub use query::{for_each_change, for_each_change_progress, ChangeRef, ChangeRow, Filter, What, WhatRef};
+pub use export::{
+    csv_cell, element_f64, export, hex, index_at, json_str, ExportFormat, Granularity, COLUMNS,
+};
+pub use query::{
+    for_each_change, for_each_change_progress, for_each_event, ChangeRef, ChangeRow, Event, Filter, What,
+    WhatRef,
+};
 pub use state::{
     c_order, duration_text, element_bytes, seq_at_time, seq_bounds, shape_of, state, writes_to, State,
 };

@@ -306,6 +306,32 @@ pub fn for_each_change(
     for_each_change_progress(reader, filter, &mut |_, _| {}, f)
 }
 
+/// What [`for_each_event`] hands over: a change that matches the filter,
+/// or any other record of the chunks it reads.
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    /// A change matching the filter, as [`for_each_change`] gives it.
+    Change(&'a ChangeRef<'a>),
+    /// Any record that is not a change (a region watched or unwatched, a
+    /// checkpoint, a loss, a crash, a definition), after the symbols have
+    /// learned it, whatever the filter: the caller picks what it wants.
+    /// Chunks after a filter's seq range are not read, so their records
+    /// do not come.
+    Record(&'a Record<'a>, &'a Symbols),
+}
+
+/// [`for_each_change_progress`], also handing `f` every other record read
+/// ([`Event::Record`]), in file order: for views of a trace that show
+/// more than its changes (`memwatch summary`, the Perfetto export).
+pub fn for_each_event(
+    reader: &TraceReader,
+    filter: &Filter,
+    progress: &mut dyn FnMut(usize, usize),
+    f: impl FnMut(Event<'_>) -> ControlFlow<()>,
+) -> Result<Symbols> {
+    scan_events(reader, filter, progress, crate::scan::default_workers(), f)
+}
+
 /// [`for_each_change`], calling `progress(chunks_done, chunks_total)`
 /// before each chunk.
 pub fn for_each_change_progress(
@@ -325,6 +351,20 @@ pub(crate) fn scan_changes(
     progress: &mut dyn FnMut(usize, usize),
     workers: usize,
     mut f: impl FnMut(&ChangeRef<'_>) -> ControlFlow<()>,
+) -> Result<Symbols> {
+    scan_events(reader, filter, progress, workers, |e| match e {
+        Event::Change(c) => f(c),
+        Event::Record(..) => ControlFlow::Continue(()),
+    })
+}
+
+/// [`scan_changes`], with the other records too (see [`Event`]).
+fn scan_events(
+    reader: &TraceReader,
+    filter: &Filter,
+    progress: &mut dyn FnMut(usize, usize),
+    workers: usize,
+    mut f: impl FnMut(Event<'_>) -> ControlFlow<()>,
 ) -> Result<Symbols> {
     let mut syms = Symbols::default();
     let mut seen_tag = filter.tag.is_none();
@@ -402,12 +442,15 @@ pub(crate) fn scan_changes(
                     if !matcher.rest(&syms, &c.ctx) {
                         continue;
                     }
-                    if f(&change_ref(&syms, &c, region)).is_break() {
+                    if f(Event::Change(&change_ref(&syms, &c, region))).is_break() {
                         return Ok(ControlFlow::Break(()));
                     }
                 }
                 RecordView::Other(rec) => {
                     syms.learn(&rec);
+                    if !matches!(rec, Record::ObjectChange(_)) && f(Event::Record(&rec, &syms)).is_break() {
+                        return Ok(ControlFlow::Break(()));
+                    }
                     let o = match &rec {
                         Record::RegionWatched(r) => {
                             if filter.tag.as_deref() == Some(r.tag) {
@@ -427,7 +470,7 @@ pub(crate) fn scan_changes(
                     if before || !matcher.seq_time(o.seq, o.ctx.time_ns) || !matcher.rest(&syms, &o.ctx) {
                         continue;
                     }
-                    if f(&object_ref(&syms, o, tag)).is_break() {
+                    if f(Event::Change(&object_ref(&syms, o, tag))).is_break() {
                         return Ok(ControlFlow::Break(()));
                     }
                 }

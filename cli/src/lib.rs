@@ -23,13 +23,14 @@ use clap::{Parser, Subcommand};
 pub mod blame;
 pub mod dump;
 pub mod export;
+pub mod perfetto;
 pub mod query;
 pub mod record;
 pub mod state;
 pub mod summary;
 mod text;
 
-pub use text::{parse_point, Point};
+pub use text::{element as element_text, parse_point, Point};
 
 /// `memwatch`: record and replay memory changes in Python programs.
 #[derive(Debug, Parser)]
@@ -49,9 +50,9 @@ pub enum Command {
     State(state::Args),
     /// Show the last change that wrote a byte or element.
     Blame(blame::Args),
-    /// Summarize a trace per tag and per line.
+    /// Summarize a trace: the run, how it ended, each tag, anything suspicious.
     Summary(summary::Args),
-    /// Export the changes of a trace as a Parquet, CSV or JSON-lines table.
+    /// Export the changes of a trace as a Parquet, CSV or JSON-lines table, or a Perfetto timeline.
     Export(export::Args),
     /// Print a trace's header and every record, one per line.
     Dump(dump::Args),

@@ -18,6 +18,12 @@ watches (memwatch.watch) goes to the trace, from the first watch until the
 program ends. The program needs no other change. Only the Python process
 that COMMAND starts records; processes it starts in turn do not.
 
+--live prints each change to stderr as it happens too: a [MEMWATCH]
+report, or with --live=short one line, like
+  memwatch: #12 w [3] 0.5 -> 0.25 (+15 more) train.py:12 in step [worker]
+(seq, tag, first changed element, old -> new, how many more, line, thread
+when not the main one).
+
 --vars PATTERN watches every rebinding of matching variable names in
 in-scope code from the program's first line (memwatch.watch_var), with no
 change to the program at all.
@@ -50,6 +56,16 @@ pub enum Mode {
     Store,
 }
 
+/// How `--live` prints each change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Live {
+    /// The `[MEMWATCH]` report: tag, address, old and new bytes and
+    /// elements, variable, line.
+    Full,
+    /// One line: `memwatch: #12 w [3] 0.5 -> 0.25 (+15 more) train.py:12 in step`.
+    Short,
+}
+
 /// Run a program and record every change to the memory it watches.
 #[derive(Debug, clap::Args)]
 #[command(after_help = AFTER_HELP)]
@@ -66,9 +82,12 @@ pub struct Args {
     /// The mode of every watch that does not pass mode= itself.
     #[arg(long, value_enum, default_value_t = Mode::Line)]
     pub mode: Mode,
-    /// Also print a `[MEMWATCH]` report per change while recording.
-    #[arg(long)]
-    pub live: bool,
+    /// Also print each change while recording: `--live` a `[MEMWATCH]`
+    /// report, `--live=short` one line (seq, tag, first element's old ->
+    /// new, line, thread).
+    #[arg(long, value_enum, value_name = "STYLE", num_args = 0..=1, require_equals = true,
+          default_missing_value = "full")]
+    pub live: Option<Live>,
     /// zstd level of the trace's chunks: negative levels (down to -7) are
     /// faster and larger, 19 smallest and slowest; 0 stores them as they
     /// are. Compression runs off the program's threads; while it falls
@@ -173,7 +192,14 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     cmd.args(&args.command[1..])
         .env("MEMWATCH_TRACE", &output)
         .env("MEMWATCH_TRACE_PARENT", std::process::id().to_string())
-        .env("MEMWATCH_LIVE", if args.live { "1" } else { "0" })
+        .env(
+            "MEMWATCH_LIVE",
+            match args.live {
+                None => "0",
+                Some(Live::Full) => "1",
+                Some(Live::Short) => "short",
+            },
+        )
         .env("MEMWATCH_COMPRESSION", args.compression.to_string())
         .env(
             "MEMWATCH_MODE",
@@ -362,4 +388,40 @@ fn report(output: &Path, _out: &mut dyn Write) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Live;
+    use crate::{Cli, Command};
+    use clap::Parser;
+
+    fn record(args: &[&str]) -> Result<super::Args, clap::Error> {
+        let argv = ["memwatch", "record"].iter().chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Record(a) => Ok(a),
+            other => unreachable!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn live_takes_an_optional_style_after_an_equals_sign() {
+        let a = record(&["python", "x.py"]).unwrap();
+        assert_eq!(a.live, None);
+        let a = record(&["--live", "python", "x.py"]).unwrap();
+        assert_eq!(a.live, Some(Live::Full));
+        assert_eq!(a.command, ["python", "x.py"]);
+        assert_eq!(
+            record(&["--live=short", "python", "x.py"]).unwrap().live,
+            Some(Live::Short)
+        );
+        assert_eq!(
+            record(&["--live=full", "python", "x.py"]).unwrap().live,
+            Some(Live::Full)
+        );
+        let e = record(&["--live=loud", "python", "x.py"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("loud") && e.contains("short"), "{e}");
+    }
 }

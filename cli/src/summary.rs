@@ -1,149 +1,552 @@
-//! `memwatch summary`: per tag and per line, and anything suspicious.
+//! `memwatch summary`: the run (program, duration, how it ended, the
+//! trace), then per tag (changes, bytes and elements, first and last
+//! change, busiest lines, threads), then anything suspicious.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Result;
-use memwatch_analyzer::{for_each_change, Filter, WhatRef};
-use memwatch_format::TraceReader;
+use memwatch_analyzer::{duration_text, for_each_event, json_str, Event, Filter, FrameInfo, WhatRef};
+use memwatch_format::{Ending, Record, TraceReader, NO_SEQ};
+
+use crate::text::{elements_changed, utc};
 
 const AFTER_HELP: &str = "\
-For each tag: changes, bytes changed, first and last seq, and the lines that
-changed it most. Then anything suspicious: NaN or Inf appearing in a float
-region, writes from threads other than the main one.
+First the run: the program and its process, when it started and for how
+long it ran, how the recording ended (closed normally, the program died of
+a signal, recording stopped by a full disk or a file size limit, or the
+trace was never closed), and the trace's size per change and checkpoints.
 
-Example:
-  memwatch summary run.mwt";
+Then for each tag: changes, bytes changed, elements changed (for a known
+dtype), the first and last change (seq and time since the start), the
+lines that changed it most and the threads that did. Then anything
+suspicious: NaN or Inf appearing in a float region, writes from threads
+other than the main one.
 
-/// Summarize a trace per tag and per line.
+--format json prints the same as one JSON object, for scripts (its keys
+are in docs/index.md).
+
+Examples:
+  memwatch summary run.mwt
+  memwatch summary run.mwt --top 10
+  memwatch summary run.mwt --format json | jq '.tags[].changes'";
+
+/// Output formats of `memwatch summary`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// Summarize a trace: the run, each tag, anything suspicious.
 #[derive(Debug, clap::Args)]
 #[command(after_help = AFTER_HELP)]
 pub struct Args {
     /// The trace file (.mwt).
     pub trace: PathBuf,
-    /// How many lines to show per tag.
-    #[arg(long, default_value_t = 5)]
+    /// How many of the busiest lines to show per tag.
+    #[arg(long, default_value_t = 3)]
     pub top: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
 }
+
+/// A line, identified by its interned strings (shared by every change on
+/// it, so comparing pointers is comparing the strings) and its number.
+type LineKey = (usize, u32, usize);
 
 #[derive(Default)]
 struct TagStats {
     changes: u64,
     bytes: u64,
-    first: u64,
-    last: u64,
-    lines: BTreeMap<String, (u64, u64)>,
+    /// Elements changed, summed over the changes whose region has a dtype.
+    elements: Option<u64>,
+    first: (u64, u64),
+    last: (u64, u64),
+    lines: HashMap<LineKey, (FrameInfo, u64, u64)>,
+    /// Changes without a line.
+    unknown_line: (u64, u64),
+    /// By thread id: its last name and its changes.
+    threads: HashMap<u64, (Option<Arc<str>>, u64)>,
+    /// By kind of object change (`setattr`, ...).
+    kinds: BTreeMap<&'static str, u64>,
 }
 
-fn non_finite(dtype: &str, b: &[u8]) -> bool {
-    memwatch_format::dtype::Dtype::parse(dtype)
-        .and_then(|d| d.decode(b))
-        .is_some_and(|v| v.is_nonfinite())
+impl TagStats {
+    /// The `top` busiest lines: (where, changes, bytes), most changes first.
+    fn busiest(&self, top: usize) -> Vec<(Option<&FrameInfo>, u64, u64)> {
+        let mut v: Vec<_> = self.lines.values().map(|(f, n, b)| (Some(f), *n, *b)).collect();
+        if self.unknown_line.0 > 0 {
+            v.push((None, self.unknown_line.0, self.unknown_line.1));
+        }
+        let at = |f: &Option<&FrameInfo>| f.map(|f| (f.file.clone(), f.line));
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| at(&a.0).cmp(&at(&b.0))));
+        v.truncate(top);
+        v
+    }
+
+    /// Threads, most changes first: (id, name, changes).
+    fn threads(&self) -> Vec<(u64, Option<&str>, u64)> {
+        let mut v: Vec<_> = self
+            .threads
+            .iter()
+            .map(|(t, (n, c))| (*t, n.as_deref(), *c))
+            .collect();
+        v.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+        v
+    }
 }
 
-pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
-    let reader = TraceReader::open(&args.trace)?;
-    let mut tags: BTreeMap<String, TagStats> = BTreeMap::new();
-    let mut warnings: Vec<String> = Vec::new();
-    let mut main_thread: Option<u64> = None;
-    let mut other_threads: BTreeMap<(String, String), u64> = BTreeMap::new();
-    let syms = for_each_change(&reader, &Filter::default(), |row| {
-        let t = tags.entry(row.tag.to_string()).or_default();
+/// Everything the summary says, gathered in one scan.
+#[derive(Default)]
+struct Run {
+    tags: HashMap<Box<str>, TagStats>,
+    changes: u64,
+    bytes: u64,
+    checkpoints: u64,
+    regions: u64,
+    last_ns: u64,
+    warnings: Vec<String>,
+    /// Warnings past [`MAX_WARNINGS`], counted.
+    more_warnings: u64,
+    other_threads: BTreeMap<(String, String), u64>,
+    waited: (u64, u64),
+}
+
+/// Warnings listed; more are only counted.
+const MAX_WARNINGS: usize = 50;
+
+fn non_finite(dtype: memwatch_format::dtype::Dtype, b: &[u8]) -> bool {
+    dtype.decode(b).is_some_and(|v| v.is_nonfinite())
+}
+
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+fn at_text(f: Option<&FrameInfo>) -> String {
+    f.map(|f| format!("{} ({})", memwatch_format::location(&f.file, f.line), f.function))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn gather(reader: &TraceReader) -> Result<Run> {
+    let mut run = Run::default();
+    let syms = for_each_event(reader, &Filter::default(), &mut |_, _| {}, |e| {
+        let row = match e {
+            Event::Change(row) => row,
+            Event::Record(rec, _) => {
+                match rec {
+                    Record::Checkpoint(_) => run.checkpoints += 1,
+                    Record::RegionWatched(r) => {
+                        run.regions += 1;
+                        run.last_ns = run.last_ns.max(r.ctx.time_ns);
+                    }
+                    Record::RegionUnwatched(u) => run.last_ns = run.last_ns.max(u.ctx.time_ns),
+                    _ => {}
+                }
+                return ControlFlow::Continue(());
+            }
+        };
+        let bytes = row.bytes_changed();
+        run.changes += 1;
+        run.bytes += bytes;
+        run.last_ns = run.last_ns.max(row.time_ns);
+        if !run.tags.contains_key(row.tag) {
+            run.tags.insert(Box::from(row.tag), TagStats::default());
+        }
+        let Some(t) = run.tags.get_mut(row.tag) else {
+            return ControlFlow::Continue(());
+        };
         if t.changes == 0 {
-            t.first = row.seq;
+            t.first = (row.seq, row.time_ns);
         }
         t.changes += 1;
-        t.last = row.seq;
-        t.bytes += row.bytes_changed();
-        let at = row
-            .frame
-            .map(|f| format!("{} ({})", memwatch_format::location(&f.file, f.line), f.function))
-            .unwrap_or_else(|| "?".into());
-        let e = t.lines.entry(at.clone()).or_default();
-        e.0 += 1;
-        e.1 += row.bytes_changed();
-        if row.thread_name == Some("MainThread") {
-            main_thread.get_or_insert(row.thread);
-        } else {
+        t.last = (row.seq, row.time_ns);
+        t.bytes += bytes;
+        if let Some(n) = elements_changed(row) {
+            *t.elements.get_or_insert(0) += n;
+        }
+        if let WhatRef::Object { kind, .. } = row.what {
+            *t.kinds.entry(kind.name()).or_default() += 1;
+        }
+        match row.frame {
+            Some(f) => {
+                let key = (
+                    Arc::as_ptr(&f.file) as *const u8 as usize,
+                    f.line,
+                    Arc::as_ptr(&f.function) as *const u8 as usize,
+                );
+                let e = t.lines.entry(key).or_insert_with(|| (f.clone(), 0, 0));
+                e.1 += 1;
+                e.2 += bytes;
+            }
+            None => {
+                t.unknown_line.0 += 1;
+                t.unknown_line.1 += bytes;
+            }
+        }
+        let th = t.threads.entry(row.thread).or_insert((None, 0));
+        th.1 += 1;
+        if th.0.as_deref() != row.thread_name {
+            th.0 = row.thread_name.map(Arc::from);
+        }
+        if row.thread_name != Some("MainThread") {
             let name = row
                 .thread_name
                 .map(String::from)
                 .unwrap_or_else(|| row.thread.to_string());
-            *other_threads.entry((row.tag.to_string(), name)).or_default() += 1;
+            *run.other_threads.entry((row.tag.to_string(), name)).or_default() += 1;
         }
         if let (WhatRef::Bytes { ranges, .. }, Some(region)) = (&row.what, row.region) {
-            if let Some(d) = region.dtype.as_deref() {
-                let size = region.itemsize as usize;
+            if let Some(d) = region
+                .dtype
+                .as_deref()
+                .and_then(memwatch_format::dtype::Dtype::parse)
+            {
+                let size = region.itemsize.max(1) as usize;
                 let introduced = ranges.iter().any(|r| {
                     r.old
                         .chunks(size)
                         .zip(r.new.chunks(size))
                         .any(|(a, b)| !non_finite(d, a) && non_finite(d, b))
                 });
-                if introduced {
-                    warnings.push(format!(
-                        "NaN or Inf written into {} at seq {} by {at}",
-                        row.tag, row.seq
+                if introduced && run.warnings.len() >= MAX_WARNINGS {
+                    run.more_warnings += 1;
+                } else if introduced {
+                    run.warnings.push(format!(
+                        "NaN or Inf written into {} at seq {} by {}",
+                        row.tag,
+                        row.seq,
+                        at_text(row.frame)
                     ));
                 }
             }
         }
         ControlFlow::Continue(())
     })?;
-    if tags.is_empty() {
-        writeln!(out, "no changes recorded")?;
+    run.waited = syms.waited;
+    Ok(run)
+}
+
+/// How long the run lasted: to the trace's close, the crash, or the last
+/// event seen.
+fn duration_ns(ending: &Ending<'_>, last_ns: u64) -> u64 {
+    match ending {
+        Ending::Closed { end_time_ns } => (*end_time_ns).max(last_ns),
+        Ending::Crashed { time_ns, .. } => (*time_ns).max(last_ns),
+        _ => last_ns,
     }
-    for (tag, t) in &tags {
-        writeln!(
-            out,
-            "{tag}: {} change{}, {} byte{} changed, seq {}..{}",
-            t.changes,
-            if t.changes == 1 { "" } else { "s" },
-            t.bytes,
-            if t.bytes == 1 { "" } else { "s" },
-            t.first,
-            t.last
-        )?;
-        let mut lines: Vec<_> = t.lines.iter().collect();
-        lines.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then(a.0.cmp(b.0)));
-        for (at, (n, bytes)) in lines.into_iter().take(args.top) {
-            let (c, b) = (
-                if *n == 1 { " " } else { "s" },
-                if *bytes == 1 { " " } else { "s" },
-            );
-            writeln!(out, "  {n:>8} change{c}  {bytes:>12} byte{b}  {at}")?;
+}
+
+/// The ending in words.
+fn ending_text(reader: &TraceReader, ending: &Ending<'_>) -> String {
+    match ending {
+        Ending::Closed { .. } => "closed normally".into(),
+        Ending::Crashed { description, .. } => description.to_string(),
+        Ending::Stopped {
+            after_seq,
+            lost,
+            reason,
+        } => {
+            let after = if *after_seq == NO_SEQ {
+                "before the first event".to_string()
+            } else {
+                format!("after seq {after_seq}")
+            };
+            let lost = match lost {
+                0 => String::new(),
+                n => format!(
+                    "; {} not recorded",
+                    plural(*n, "later event was", "later events were")
+                ),
+            };
+            format!("{reason}, {after}{lost}")
         }
+        Ending::Truncated { bytes_ignored } => format!(
+            "cut off: the last {} are part of a chunk that was never finished (the process ended \
+             while writing it)",
+            plural(*bytes_ignored, "byte", "bytes")
+        ),
+        _ => match reader.recovered() {
+            Some(_) => "not closed: the process was killed or ended without closing the trace (SIGKILL, \
+                        os._exit); its last records were recovered from the journal"
+                .into(),
+            None => "not closed: the process was killed or ended without closing the trace (SIGKILL, \
+                     os._exit), or is still recording"
+                .into(),
+        },
     }
-    for ((tag, thread), n) in &other_threads {
-        warnings.push(format!(
-            "{tag} was written by thread {thread} ({n} change{})",
-            if *n == 1 { "" } else { "s" }
+}
+
+fn trace_size(reader: &TraceReader) -> u64 {
+    std::fs::metadata(reader.path()).map_or(reader.file_len(), |m| m.len())
+}
+
+pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
+    let reader = TraceReader::open(&args.trace)?;
+    let mut run = gather(&reader)?;
+    for ((tag, thread), n) in &run.other_threads {
+        if run.warnings.len() >= MAX_WARNINGS {
+            run.more_warnings += 1;
+            continue;
+        }
+        run.warnings.push(format!(
+            "{tag} was written by thread {thread} ({})",
+            plural(*n, "change", "changes")
         ));
     }
-    if !warnings.is_empty() {
-        writeln!(out, "suspicious:")?;
-        for w in warnings.iter().take(50) {
-            writeln!(out, "  {w}")?;
-        }
-        if warnings.len() > 50 {
-            writeln!(out, "  ... and {} more", warnings.len() - 50)?;
-        }
-    }
-    let (waited, waits) = syms.waited;
-    if waits > 0 {
-        writeln!(
-            out,
-            "the program waited {} for the trace's writer ({waits} time{}): it changed memory faster \
-             than the writer compressed it (`memwatch record --compression` with a lower level is faster)",
-            memwatch_analyzer::duration_text(waited),
-            if waits == 1 { "" } else { "s" },
-        )?;
+    match args.format {
+        Format::Text => write_text(args, &reader, &run, out)?,
+        Format::Json => write_json(args, &reader, &run, out)?,
     }
     if let Some(msg) = reader.tail_message() {
         out.flush()?;
         eprintln!("memwatch: note: {}: {msg}", reader.path().display());
     }
     Ok(0)
+}
+
+fn sorted_tags(run: &Run) -> Vec<(&str, &TagStats)> {
+    let mut v: Vec<_> = run.tags.iter().map(|(k, t)| (&**k, t)).collect();
+    v.sort_by(|a, b| a.0.cmp(b.0));
+    v
+}
+
+fn write_text(args: &Args, reader: &TraceReader, run: &Run, out: &mut dyn Write) -> Result<()> {
+    let meta = &reader.header().meta;
+    let ending = reader.ending();
+    if !meta.argv.is_empty() {
+        writeln!(out, "program: {}", meta.argv.join(" "))?;
+    }
+    let mut process = format!("process: pid {}", meta.pid);
+    if !meta.python_version.is_empty() {
+        process.push_str(&format!(", python {}", meta.python_version));
+    }
+    for part in [&meta.platform, &meta.writer] {
+        if !part.is_empty() {
+            process.push_str(", ");
+            process.push_str(part);
+        }
+    }
+    if !meta.properties.is_empty() {
+        let props: Vec<String> = meta.properties.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        process.push_str(&format!(" ({})", props.join(", ")));
+    }
+    writeln!(out, "{process}")?;
+    writeln!(
+        out,
+        "ran: from {} for {}",
+        utc(meta.start_time_ns),
+        duration_text(duration_ns(&ending, run.last_ns))
+    )?;
+    writeln!(out, "ended: {}", ending_text(reader, &ending))?;
+    let size = trace_size(reader);
+    let per = if run.changes > 0 {
+        format!(" ({:.1} bytes per change)", size as f64 / run.changes as f64)
+    } else {
+        String::new()
+    };
+    writeln!(
+        out,
+        "trace: {}, {}{per}, {}, {}, {}",
+        reader.path().display(),
+        plural(size, "byte", "bytes"),
+        plural(run.changes, "change", "changes"),
+        plural(run.regions, "region watched", "regions watched"),
+        plural(run.checkpoints, "checkpoint", "checkpoints"),
+    )?;
+    if run.tags.is_empty() {
+        writeln!(out, "no changes recorded")?;
+    }
+    for (tag, t) in sorted_tags(run) {
+        let mut head = format!("{tag}: {}", plural(t.changes, "change", "changes"));
+        if t.kinds.is_empty() || t.bytes > 0 {
+            head.push_str(&format!(", {} changed", plural(t.bytes, "byte", "bytes")));
+        }
+        if let Some(n) = t.elements {
+            head.push_str(&format!(", {} changed", plural(n, "element", "elements")));
+        }
+        if !t.kinds.is_empty() {
+            let kinds: Vec<String> = t.kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            head.push_str(&format!(" ({})", kinds.join(", ")));
+        }
+        writeln!(out, "{head}")?;
+        writeln!(
+            out,
+            "  first: seq {} at {}; last: seq {} at {}",
+            t.first.0,
+            duration_text(t.first.1),
+            t.last.0,
+            duration_text(t.last.1)
+        )?;
+        let objects_only = !t.kinds.is_empty() && t.bytes == 0;
+        for (f, n, bytes) in t.busiest(args.top) {
+            let (c, b) = (if n == 1 { " " } else { "s" }, if bytes == 1 { " " } else { "s" });
+            if objects_only {
+                writeln!(out, "  {n:>8} change{c}  {}", at_text(f))?;
+            } else {
+                writeln!(out, "  {n:>8} change{c}  {bytes:>12} byte{b}  {}", at_text(f))?;
+            }
+        }
+        let threads: Vec<String> = t
+            .threads()
+            .iter()
+            .map(|(id, name, n)| match name {
+                Some(name) => format!("{name} ({n})"),
+                None => format!("thread {id} ({n})"),
+            })
+            .collect();
+        writeln!(out, "  threads: {}", threads.join(", "))?;
+    }
+    if !run.warnings.is_empty() {
+        writeln!(out, "suspicious:")?;
+        for w in &run.warnings {
+            writeln!(out, "  {w}")?;
+        }
+        if run.more_warnings > 0 {
+            writeln!(out, "  ... and {} more", run.more_warnings)?;
+        }
+    }
+    let (waited, waits) = run.waited;
+    if waits > 0 {
+        writeln!(
+            out,
+            "the program waited {} for the trace's writer ({}): it changed memory faster \
+             than the writer compressed it (`memwatch record --compression` with a lower level is faster)",
+            duration_text(waited),
+            plural(waits, "time", "times"),
+        )?;
+    }
+    Ok(())
+}
+
+fn json_frame(f: Option<&FrameInfo>) -> String {
+    match f {
+        Some(f) => format!(
+            "\"file\":{},\"line\":{},\"function\":{}",
+            json_str(&f.file),
+            f.line,
+            json_str(&f.function)
+        ),
+        None => "\"file\":null,\"line\":null,\"function\":null".into(),
+    }
+}
+
+fn write_json(args: &Args, reader: &TraceReader, run: &Run, out: &mut dyn Write) -> Result<()> {
+    let meta = &reader.header().meta;
+    let ending = reader.ending();
+    let argv: Vec<String> = meta.argv.iter().map(|a| json_str(a)).collect();
+    let props: Vec<String> = meta
+        .properties
+        .iter()
+        .map(|(k, v)| format!("{}:{}", json_str(k), json_str(v)))
+        .collect();
+    let size = trace_size(reader);
+    let per = if run.changes > 0 {
+        format!("{:.3}", size as f64 / run.changes as f64)
+    } else {
+        "null".into()
+    };
+    write!(
+        out,
+        "{{\"trace\":{},\"argv\":[{}],\"pid\":{},\"python_version\":{},\"platform\":{},\"writer\":{},\
+         \"properties\":{{{}}},\"start_time_ns\":{},\"duration_ns\":{},\"trace_bytes\":{size},\
+         \"changes\":{},\"bytes_changed\":{},\"bytes_per_change\":{per},\"regions_watched\":{},\
+         \"checkpoints\":{},\"waited_ns\":{},\"waits\":{},",
+        json_str(&reader.path().display().to_string()),
+        argv.join(","),
+        meta.pid,
+        json_str(&meta.python_version),
+        json_str(&meta.platform),
+        json_str(&meta.writer),
+        props.join(","),
+        meta.start_time_ns,
+        duration_ns(&ending, run.last_ns),
+        run.changes,
+        run.bytes,
+        run.regions,
+        run.checkpoints,
+        run.waited.0,
+        run.waited.1,
+    )?;
+    let extra = match ending {
+        Ending::Crashed {
+            signal,
+            thread,
+            time_ns,
+            ..
+        } => format!(
+            ",\"signal\":{signal},\"signal_name\":{},\"thread\":{thread},\"time_ns\":{time_ns}",
+            json_str(&memwatch_format::crash::signal_name(signal))
+        ),
+        Ending::Stopped { after_seq, lost, .. } => {
+            let after = if after_seq == NO_SEQ {
+                "null".to_string()
+            } else {
+                after_seq.to_string()
+            };
+            format!(",\"after_seq\":{after},\"lost\":{lost}")
+        }
+        Ending::Closed { end_time_ns } => format!(",\"time_ns\":{end_time_ns}"),
+        Ending::Truncated { bytes_ignored } => format!(",\"bytes_ignored\":{bytes_ignored}"),
+        _ => String::new(),
+    };
+    write!(
+        out,
+        "\"ending\":{{\"how\":{},\"message\":{}{extra}}},\"tags\":[",
+        json_str(ending.name()),
+        json_str(&ending_text(reader, &ending))
+    )?;
+    for (i, (tag, t)) in sorted_tags(run).into_iter().enumerate() {
+        let lines: Vec<String> = t
+            .busiest(args.top)
+            .into_iter()
+            .map(|(f, n, b)| format!("{{{},\"changes\":{n},\"bytes_changed\":{b}}}", json_frame(f)))
+            .collect();
+        let threads: Vec<String> = t
+            .threads()
+            .into_iter()
+            .map(|(id, name, n)| {
+                format!(
+                    "{{\"thread\":{id},\"thread_name\":{},\"changes\":{n}}}",
+                    name.map_or("null".into(), json_str)
+                )
+            })
+            .collect();
+        let kinds: Vec<String> = t
+            .kinds
+            .iter()
+            .map(|(k, n)| format!("{}:{n}", json_str(k)))
+            .collect();
+        write!(
+            out,
+            "{}{{\"tag\":{},\"changes\":{},\"bytes_changed\":{},\"elements_changed\":{},\
+             \"first_seq\":{},\"first_time_ns\":{},\"last_seq\":{},\"last_time_ns\":{},\
+             \"kinds\":{{{}}},\"lines\":[{}],\"threads\":[{}]}}",
+            if i == 0 { "" } else { "," },
+            json_str(tag),
+            t.changes,
+            t.bytes,
+            t.elements.map_or("null".into(), |n| n.to_string()),
+            t.first.0,
+            t.first.1,
+            t.last.0,
+            t.last.1,
+            kinds.join(","),
+            lines.join(","),
+            threads.join(","),
+        )?;
+    }
+    let warnings: Vec<String> = run.warnings.iter().map(|w| json_str(w)).collect();
+    writeln!(
+        out,
+        "],\"suspicious\":[{}],\"more_suspicious\":{}}}",
+        warnings.join(","),
+        run.more_warnings
+    )?;
+    Ok(())
 }

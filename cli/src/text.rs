@@ -1,5 +1,6 @@
 //! Small text helpers shared by the subcommands' output.
 
+use memwatch_analyzer::{ChangeRef, WhatRef};
 use memwatch_format::dtype::{Dtype, FloatFormat, Value};
 use std::fmt::Write as _;
 
@@ -127,6 +128,50 @@ pub fn element(dtype: &str, b: &[u8]) -> Option<String> {
         Value::UInt(u) => u.to_string(),
         Value::Bool(v) => v.to_string(),
     })
+}
+
+/// How many elements a byte change changed, when its region has a dtype
+/// (elements whose bytes all stayed the same are not counted).
+pub fn elements_changed(row: &ChangeRef<'_>) -> Option<u64> {
+    let WhatRef::Bytes { ranges, .. } = &row.what else {
+        return None;
+    };
+    let size = row.region.filter(|r| r.dtype.is_some())?.itemsize.max(1) as usize;
+    let n = ranges
+        .iter()
+        .flat_map(|r| r.old.chunks(size).zip(r.new.chunks(size)))
+        .filter(|(a, b)| a != b)
+        .count();
+    Some(n as u64)
+}
+
+/// The first changed element of a byte change, when its region has a
+/// dtype this build decodes: its index (`[3, 4]`), old and new value as
+/// Python prints them.
+pub fn first_element(row: &ChangeRef<'_>) -> Option<(String, String, String)> {
+    let WhatRef::Bytes { ranges, .. } = &row.what else {
+        return None;
+    };
+    let region = row.region?;
+    let dtype = region.dtype.as_deref()?;
+    let size = region.itemsize.max(1) as usize;
+    for r in ranges.iter() {
+        let pairs = r.old.chunks_exact(size).zip(r.new.chunks_exact(size));
+        for (k, (a, b)) in pairs.enumerate() {
+            if a == b {
+                continue;
+            }
+            let at = r.offset + (k * size) as u64;
+            let idx = memwatch_analyzer::index_at(region, at)?;
+            let idx: Vec<String> = idx.iter().map(u64::to_string).collect();
+            return Some((
+                format!("[{}]", idx.join(", ")),
+                element(dtype, a)?,
+                element(dtype, b)?,
+            ));
+        }
+    }
+    None
 }
 
 /// A complex number the way Python prints it: `(1+2j)`, `-3j`, `(nan+infj)`.

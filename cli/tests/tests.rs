@@ -2,3 +2,4 @@
 
 mod dump;
 mod ops;
+mod perfetto;

@@ -65,7 +65,7 @@ pub use delta::Expander;
 pub use error::{Error, Result};
 pub use header::{Header, Meta, FORMAT_VERSION, MAGIC};
 pub use journal::journal_path;
-pub use reader::{ChunkInfo, DecodedChunk, Records, Tail, TraceReader, Views};
+pub use reader::{ChunkInfo, DecodedChunk, Ending, Records, Tail, TraceReader, Views};
 pub use record::{
     ByteRange, Change, Checkpoint, Contents, Context, Crashed, Delta, DeltaRange, FrameDef, Id, Layout, Lost,
     Note, ObjectChange, ObjectChangeKind, ObjectVariable, Record, RegionUnwatched, RegionWatched, StackDef,

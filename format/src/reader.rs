@@ -28,6 +28,54 @@ pub enum Tail {
     Truncated { bytes_ignored: u64 },
 }
 
+/// How the recording ended, as far as the trace tells
+/// ([`TraceReader::ending`]): the one thing a reader needs to know before
+/// it trusts the end of a trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Ending<'r> {
+    /// The writer closed the trace (the program ended or called
+    /// `memwatch.stop()`), `end_time_ns` after the trace's start.
+    Closed { end_time_ns: u64 },
+    /// The program died of fatal signal `signal` in thread `thread`,
+    /// `time_ns` after the trace's start; `description` is the
+    /// [`crate::Crashed`] record's line for people.
+    Crashed {
+        signal: i32,
+        thread: u64,
+        time_ns: u64,
+        description: &'r str,
+    },
+    /// The writer stopped early (a full disk, a file size limit) after
+    /// seq `after_seq` ([`NO_SEQ`] if before any), with `lost` later
+    /// events unrecorded (0: not counted); `reason` says when and why.
+    Stopped {
+        after_seq: u64,
+        lost: u64,
+        reason: &'r str,
+    },
+    /// Whole chunks but no trailer: the process was killed (`SIGKILL`),
+    /// left by `os._exit`, or is still recording.
+    Unclosed,
+    /// The last `bytes_ignored` bytes are an unfinished chunk: the
+    /// process ended while writing it.
+    Truncated { bytes_ignored: u64 },
+}
+
+impl Ending<'_> {
+    /// One word for scripts: `closed`, `crashed`, `stopped`, `unclosed`
+    /// or `truncated`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Ending::Closed { .. } => "closed",
+            Ending::Crashed { .. } => "crashed",
+            Ending::Stopped { .. } => "stopped",
+            Ending::Unclosed => "unclosed",
+            Ending::Truncated { .. } => "truncated",
+        }
+    }
+}
+
 /// Where one records chunk is, with its decoded header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkInfo {
@@ -76,6 +124,8 @@ pub struct TraceReader {
     /// The process died of a fatal signal: which, in which thread, and
     /// the [`crate::Crashed`] record's description.
     crash: Option<(i32, u64, String)>,
+    /// When it died, since the trace's start.
+    crash_time_ns: u64,
 }
 
 impl std::fmt::Debug for TraceReader {
@@ -263,10 +313,12 @@ impl TraceReader {
         };
         let mut found = None;
         let mut crash = None;
+        let mut crash_time = 0;
         for rec in chunk.records() {
             match rec {
                 Ok(Record::Lost(l)) => found = Some((l.after_seq, l.events, l.reason.to_string())),
                 Ok(Record::Crashed(c)) => {
+                    crash_time = c.time_ns;
                     crash = Some((c.signal, c.thread, c.describe(self.header.meta.pid)))
                 }
                 Ok(_) => {}
@@ -276,6 +328,7 @@ impl TraceReader {
         drop(chunk);
         self.stopped = found;
         self.crash = crash;
+        self.crash_time_ns = crash_time;
     }
 
     /// When the writer stopped early (a full disk, a file size limit):
@@ -298,6 +351,34 @@ impl TraceReader {
     /// (see [`crate::crash`]).
     pub fn crashed(&self) -> Option<(i32, u64, &str)> {
         self.crash.as_ref().map(|(s, t, d)| (*s, *t, d.as_str()))
+    }
+
+    /// How the recording ended: a crash first (a crashed program's writer
+    /// may also have stopped), then a writer that stopped early, then how
+    /// the file ends ([`tail`](Self::tail)).
+    pub fn ending(&self) -> Ending<'_> {
+        if let Some((signal, thread, description)) = &self.crash {
+            return Ending::Crashed {
+                signal: *signal,
+                thread: *thread,
+                time_ns: self.crash_time_ns,
+                description,
+            };
+        }
+        if let Some((after_seq, lost, reason)) = &self.stopped {
+            return Ending::Stopped {
+                after_seq: *after_seq,
+                lost: *lost,
+                reason,
+            };
+        }
+        match self.tail {
+            Tail::Closed => Ending::Closed {
+                end_time_ns: self.trailer.as_ref().map_or(0, |t| t.end_time_ns),
+            },
+            Tail::Unclosed => Ending::Unclosed,
+            Tail::Truncated { bytes_ignored } => Ending::Truncated { bytes_ignored },
+        }
     }
 
     /// True when the last chunk was read from the trace's journal: records
@@ -326,6 +407,7 @@ impl TraceReader {
             stopped: None,
             journal_chunk: false,
             crash: None,
+            crash_time_ns: 0,
         })
     }
 

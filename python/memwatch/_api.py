@@ -14,7 +14,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from memwatch import _guard, _memwatch, _scope, _torch_dispatch, _torch_resize
 from memwatch._memwatch import (
@@ -530,7 +530,7 @@ def watching(obj: Any = None, name: str | None = None, **kwargs: Any) -> Iterato
 
 def configure(
     *,
-    live: bool | None = None,
+    live: bool | Literal["short"] | None = None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     max_history: int | None = None,
@@ -542,6 +542,10 @@ def configure(
       callback takes it. By default reports are printed unless a trace is
       recording; ``live=True`` (or ``MEMWATCH_LIVE=1``) prints them while
       recording too, ``live=False`` (or ``MEMWATCH_LIVE=0``) never.
+      ``live="short"`` (or ``MEMWATCH_LIVE=short``, ``memwatch record
+      --live=short``) prints one line per change instead, also while
+      recording: ``memwatch: #12 w [3] 0.5 -> 0.25 (+15 more) train.py:12 in
+      step``. The returned ``live`` is ``True``, ``False`` or ``"short"``.
     - ``include`` / ``exclude``: which code is in scope (paths or globs).
     - ``max_history``: how many changes :func:`history` keeps (default 100,000).
     - ``max_history_bytes``: how many bytes of old and new values it keeps

@@ -102,7 +102,7 @@ struct State {
 }
 
 /// Whether changes are printed as `[MEMWATCH]` reports (when no callback
-/// takes them).
+/// takes them), and how.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Live {
     /// Printed unless a trace is recording (the trace has them).
@@ -110,6 +110,10 @@ enum Live {
     /// Printed, also while recording (`configure(live=True)`,
     /// `MEMWATCH_LIVE=1`, `memwatch record --live`).
     On,
+    /// Printed as one line each ([`Change::short_report`]), also while
+    /// recording (`configure(live="short")`, `MEMWATCH_LIVE=short`,
+    /// `memwatch record --live=short`).
+    Short,
     /// Never printed.
     Off,
 }
@@ -119,15 +123,18 @@ impl Live {
         match std::env::var("MEMWATCH_LIVE") {
             Err(_) => Live::Default,
             Ok(v) if v == "0" => Live::Off,
+            Ok(v) if v == "short" => Live::Short,
             Ok(_) => Live::On,
         }
     }
 
-    fn prints(self, tracing: bool) -> bool {
+    /// The text printed for `change`, if any.
+    fn report(self, tracing: bool, change: &Change) -> Option<String> {
         match self {
-            Live::Default => !tracing,
-            Live::On => true,
-            Live::Off => false,
+            Live::Default if !tracing => Some(change.report()),
+            Live::On => Some(change.report()),
+            Live::Short => Some(change.short_report()),
+            Live::Default | Live::Off => None,
         }
     }
 }
@@ -715,7 +722,11 @@ fn deliver(
 ) {
     // A guarded watch reports through its action (`guard`), not live.
     let has_guard = crate::guard::guarded(&change.tag);
-    let report = (!has_guard && callbacks.is_empty() && live.prints(tracing)).then(|| change.report());
+    let report = if !has_guard && callbacks.is_empty() {
+        live.report(tracing, &change)
+    } else {
+        None
+    };
     if report.is_none() && callbacks.is_empty() && max_history == 0 && !has_guard {
         // Nobody sees the change as an object: the trace (if any) has it.
         return;
@@ -1409,13 +1420,28 @@ pub fn clear_history() {
 #[pyo3(signature = (live=None, max_history=None, max_history_bytes=None))]
 pub fn _configure<'py>(
     py: Python<'py>,
-    live: Option<bool>,
+    live: Option<&Bound<'py, PyAny>>,
     max_history: Option<usize>,
     max_history_bytes: Option<usize>,
 ) -> PyResult<Bound<'py, PyDict>> {
+    // `live`: a bool, or "short" (checked here, before anything changes).
+    let live = match live {
+        None => None,
+        Some(v) if v.is_instance_of::<pyo3::types::PyBool>() => {
+            Some(if v.extract::<bool>()? { Live::On } else { Live::Off })
+        }
+        Some(v) if v.extract::<String>().is_ok_and(|s| s == "short") => Some(Live::Short),
+        Some(v) => {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "live={} is not an option: pass True (a [MEMWATCH] report per change), \
+                 \"short\" (one line per change) or False (none)",
+                v.repr()?
+            )))
+        }
+    };
     let (live, max_history, max_history_bytes) = with_state(|st| {
         if let Some(l) = live {
-            st.live = if l { Live::On } else { Live::Off };
+            st.live = l;
         }
         if let Some(m) = max_history {
             st.max_history = m;
@@ -1429,10 +1455,13 @@ pub fn _configure<'py>(
                 None => break,
             }
         }
-        (st.live != Live::Off, st.max_history, st.max_history_bytes)
+        (st.live, st.max_history, st.max_history_bytes)
     });
     let d = PyDict::new(py);
-    d.set_item("live", live)?;
+    match live {
+        Live::Short => d.set_item("live", "short")?,
+        other => d.set_item("live", other != Live::Off)?,
+    }
     d.set_item("max_history", max_history)?;
     d.set_item("max_history_bytes", max_history_bytes)?;
     Ok(d)
@@ -1572,6 +1601,7 @@ pub fn _shutdown(py: Python<'_>) -> PyResult<()> {
 #[pyfunction]
 pub fn _after_fork_child(py: Python<'_>) {
     crash::after_fork();
+    crate::change::forget_pid();
     if let Some(s) = sink().take() {
         // The parent owns the file: writing pending records from here would
         // interleave with it. Nor is its crash area ours to write.

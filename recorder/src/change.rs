@@ -1,6 +1,8 @@
 //! `memwatch.Change`: one change to one watched region, as Python sees it,
 //! with its elements decoded by dtype ([`memwatch_format::dtype`]).
 
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use pyo3::prelude::*;
@@ -198,6 +200,140 @@ impl Change {
         s
     }
 
+    /// The one-line report (`memwatch record --live=short`,
+    /// `configure(live="short")`), newline included:
+    ///
+    /// `memwatch: #12 w [3, 4] 0.5 -> 0.25 (+15 more) train.py:12 in step`
+    ///
+    /// The seq, the tag, then what changed: the first changed element,
+    /// its index and old and new value (as `memwatch query` writes them),
+    /// and how many more changed, when the dtype is known; otherwise how
+    /// many bytes changed, where, and the first few of them in hex; for an
+    /// object change `tag.key old -> new` (the kind too, unless the
+    /// change is an assignment). Then the line (the file without its
+    /// directory) and function, and the thread in brackets when it is
+    /// not the main thread.
+    ///
+    /// It runs for every change while printing is on, so it allocates
+    /// only the line itself (no list of the changed elements).
+    pub fn short_report(&self) -> String {
+        let mut s = String::with_capacity(96);
+        let _ = write!(s, "memwatch: #{} ", self.seq);
+        match &self.object {
+            Some(o) => self.push_short_object(&mut s, o),
+            None => self.push_short_bytes(&mut s),
+        }
+        match self.stack.first() {
+            Some(f) if f.file.starts_with("cell [") && f.file.ends_with(']') => {
+                let _ = write!(s, " {}, line {} in {}", f.file, f.line, f.function);
+            }
+            Some(f) => {
+                let file = f.file.rsplit('/').next().unwrap_or(&f.file);
+                let _ = write!(s, " {file}:{} in {}", f.line, f.function);
+            }
+            None => s.push_str(" at <unknown line>"),
+        }
+        if self.thread_id != u64::from(pid()) {
+            if self.thread_name.is_empty() {
+                let _ = write!(s, " [thread {}]", self.thread_id);
+            } else {
+                let _ = write!(s, " [{}]", self.thread_name);
+            }
+        }
+        s.push('\n');
+        s
+    }
+
+    /// The first changed element (its offset, old and new bytes) and how
+    /// many changed, without collecting them.
+    fn first_element(&self) -> (Option<Element<'_>>, usize) {
+        let size = self.layout.itemsize.max(1) as usize;
+        let (mut first, mut n) = (None, 0);
+        for (off, old, new) in &self.ranges {
+            for (k, (o, w)) in old.chunks_exact(size).zip(new.chunks_exact(size)).enumerate() {
+                if o != w {
+                    n += 1;
+                    first.get_or_insert((off + (k * size) as u64, o, w));
+                }
+            }
+        }
+        (first, n)
+    }
+
+    fn push_short_bytes(&self, s: &mut String) {
+        s.push_str(&self.tag);
+        if let Some(dtype) = self.layout.dtype.as_deref() {
+            let (first, n) = self.first_element();
+            let shown = first.and_then(|(at, o, w)| {
+                let idx = self.layout.index_of(at)?;
+                Some((
+                    idx,
+                    memwatch_cli::element_text(dtype, o)?,
+                    memwatch_cli::element_text(dtype, w)?,
+                ))
+            });
+            if let Some((idx, old, new)) = shown {
+                s.push_str(" [");
+                for (i, x) in idx.iter().enumerate() {
+                    let _ = write!(s, "{}{x}", if i == 0 { "" } else { ", " });
+                }
+                let _ = write!(s, "] {old} -> {new}");
+                if n > 1 {
+                    let _ = write!(s, " (+{} more)", n - 1);
+                }
+                return;
+            }
+        }
+        let Some((off, old, new)) = self.ranges.first() else {
+            return;
+        };
+        let changed: usize = self.ranges.iter().map(|r| r.1.len()).sum();
+        let _ = write!(
+            s,
+            " {changed} byte{} at offset {off}",
+            if changed == 1 { "" } else { "s" }
+        );
+        if self.ranges.len() > 1 {
+            let _ = write!(s, " (in {} ranges)", self.ranges.len());
+        }
+        let hex = |s: &mut String, b: &[u8]| {
+            for x in b.iter().take(8) {
+                let _ = write!(s, "{x:02x}");
+            }
+            if b.len() > 8 {
+                s.push_str("..");
+            }
+        };
+        s.push(' ');
+        hex(s, old);
+        s.push_str(" -> ");
+        hex(s, new);
+    }
+
+    fn push_short_object(&self, s: &mut String, o: &ObjectInfo) {
+        match (o.kind, o.key.as_deref()) {
+            (ObjectChangeKind::Rebind | ObjectChangeKind::Unbind, Some(name)) => s.push_str(name),
+            (_, key) => {
+                s.push_str(&self.tag);
+                s.push_str(key.unwrap_or(""));
+            }
+        }
+        let assignment = matches!(
+            o.kind,
+            ObjectChangeKind::SetAttr | ObjectChangeKind::SetItem | ObjectChangeKind::Rebind
+        );
+        if !assignment {
+            s.push(' ');
+            s.push_str(o.kind.name());
+        }
+        let _ = match (&o.old, &o.new) {
+            (Some(old), Some(new)) => write!(s, " {old} -> {new}"),
+            (None, Some(new)) if assignment => write!(s, " = {new}"),
+            (None, Some(v)) | (Some(v), None) => write!(s, " {v}"),
+            (None, None) => Ok(()),
+        };
+    }
+
     /// The report's last lines: the variable and the line.
     fn push_variable_and_line(&self, s: &mut String) {
         s.push_str(&format!(
@@ -231,6 +367,30 @@ impl Change {
         self.push_variable_and_line(&mut s);
         s
     }
+}
+
+/// One changed element: its byte offset in the region, old and new bytes.
+type Element<'a> = (u64, &'a [u8], &'a [u8]);
+
+/// The process id, cached: `getpid` is a system call, and the short
+/// report asks per change whether the main thread (whose thread id is the
+/// pid) made it. A fork child forgets it ([`forget_pid`]).
+static PID: AtomicU32 = AtomicU32::new(0);
+
+fn pid() -> u32 {
+    match PID.load(Ordering::Relaxed) {
+        0 => {
+            let p = std::process::id();
+            PID.store(p, Ordering::Relaxed);
+            p
+        }
+        p => p,
+    }
+}
+
+/// In a fork child: the pid is the child's now.
+pub(crate) fn forget_pid() {
+    PID.store(0, Ordering::Relaxed);
 }
 
 /// `file:line`, or `cell [3], line 2` for a notebook cell
