@@ -371,8 +371,10 @@ def test_the_guide_shows_real_output(tmp_path, monkeypatch):
     # docs/pytorch.md shows a program (train.py) and what it prints: run it
     # here and compare the error's last lines
     doc = (HERE.parent / "docs" / "pytorch.md").read_text()
-    program = doc.split("```python\n", 1)[1].split("```", 1)[0]
-    shown = doc.split("```text\n", 1)[1].split("```", 1)[0].splitlines()
+    section = doc.split("\n## \"Modified by an inplace operation\"", 1)[1]  # the section on explain_inplace()
+    program = section.split("```python\n", 1)[1].split("```", 1)[0]
+    shown = section.split("```text\n", 1)[1].split("```", 1)[0].splitlines()
+    assert "explain_inplace" in program
     (tmp_path / "train.py").write_text(program)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RuntimeError, match=PHRASE) as info:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 
+import numpy as np
 import pytest
 
 import memwatch
@@ -198,9 +200,74 @@ def test_tensor_moved_where_memwatch_cannot_watch_ends_with_a_warning(changes):
         model.to("meta"); line = here()  # noqa: E702
     assert {r.lineno for r in w} == {line} and {r.filename for r in w} == {__file__}
     assert handle.tags == [] and memwatch._memwatch._regions() == []
-    assert handle.skipped == {"weight": "on meta: memwatch watches CPU memory", "bias": "on meta: memwatch watches CPU memory"}
-    with pytest.raises(memwatch.UnsupportedError, match=r"nothing of 'm2' can be watched: weight on meta"):
+    no_data = "on meta: a meta tensor has no data to watch"
+    assert handle.skipped == {"weight": no_data, "bias": no_data}
+    with pytest.raises(memwatch.UnsupportedError, match=r"nothing of 'm2' can be watched: weight on meta.*materialize the model"):
         memwatch.watch_module(nn.Linear(2, 2, device="meta"), name="m2")
+
+
+def sgd_steps(model, opt, n=2):
+    x = torch.ones(4, 3)
+    for _ in range(n):
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step(); line = here()  # noqa: E702
+    return line
+
+
+def test_via_dispatch_records_each_op_of_a_module_and_its_optimizer(changes):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1))  # every gradient nonzero
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    memwatch.watch_module(model, name="m", via="dispatch")
+    memwatch.watch_optimizer(opt, name="o", via="dispatch")
+    before = model[0].bias.detach().clone()
+    line = sgd_steps(model, opt)
+    by_tag = {}
+    for c in changes:
+        by_tag.setdefault(c.tag, []).append(c)
+    assert set(by_tag) >= {"m.0.weight", "m.0.bias", "m.2.weight", "m.2.bias", "o.m.0.bias.momentum_buffer"}
+    bias = by_tag["m.0.bias"]
+    assert [c.line for c in bias] == [line, line]
+    assert {c.op for c in bias} == {"aten::add_.Tensor"}  # SGD's update of a CPU parameter, op by op
+    assert np.allclose(bias[0].old_values, before.numpy()[bias[0].indices])  # exactly the elements the op changed
+    assert np.allclose(bias[-1].new_values, model[0].bias.detach().numpy()[bias[-1].indices])
+    # The momentum buffer is watched from the end of the step that made it:
+    # the second step's update (SGD's buf.mul_(momentum).add_(grad)) is
+    # its changes, one per op.
+    momentum = by_tag["o.m.0.bias.momentum_buffer"]
+    assert [(c.line, c.op) for c in momentum] == [(line, "aten::mul_.Tensor"), (line, "aten::add_.Tensor")]
+
+
+def test_via_auto_watches_cpu_tensors_through_memory(changes):
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = memwatch.watch_module(model, name="m", via="auto")
+    line = sgd_steps(model, opt, n=1)
+    assert {(c.tag, c.line, c.op) for c in changes} == {("m.weight", line, None), ("m.bias", line, None)}
+    assert handle.skipped == {}
+
+
+def test_via_is_checked(changes):
+    with pytest.raises(ValueError, match="via must be 'memory', 'dispatch' or 'auto', not 'gpu'"):
+        memwatch.watch_module(nn.Linear(1, 1), name="m", via="gpu")
+    with pytest.raises(ValueError, match='mode="store" catches single stores to CPU memory'):
+        memwatch.watch_optimizer(torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1), name="o", mode="store", via="auto")
+    assert memwatch._torch_module._modules == [] and memwatch._torch_module._optimizers == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_via_auto_follows_a_model_to_the_gpu(changes):
+    model = nn.Linear(3, 2)
+    handle = memwatch.watch_module(model, name="m", via="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the move ends no watch
+        model.cuda()
+    assert handle.tags == ["m.weight", "m.bias"] and handle.skipped == {}
+    with torch.no_grad():
+        model.bias.add_(1); line = here()  # noqa: E702
+    [c] = [c for c in changes if c.tag == "m.bias"]
+    assert c.line == line and c.op == "aten::add_.Tensor" and np.allclose(np.asarray(c.new_values) - np.asarray(c.old_values), 1)
 
 
 def test_unwatch_by_model_handle_or_name_and_errors(changes):

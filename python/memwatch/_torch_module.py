@@ -142,7 +142,10 @@ class _Group:
             return
         tag = self._tag(key)
         variable = f"{self.variable}.{key}" if self.variable else tag
-        handle = _api.watch(t, name=tag, _frame=sys._getframe(1), _variable=variable, **self._options)
+        options = dict(self._options)
+        if options["via"] == "auto":
+            options["via"] = "memory" if t.device.type == "cpu" else "dispatch"
+        handle = _api.watch(t, name=tag, _frame=sys._getframe(1), _variable=variable, **options)
         self._entries[key] = _Entry(tag, handle, _signature(t), id(t), t.numel())
         self.skipped.pop(key, None)
 
@@ -165,8 +168,11 @@ class _Group:
         self._end(key)
         if t is None:
             return None
-        if t.device.type != "cpu":
-            self.skipped[key] = f"on {t.device}: memwatch watches CPU memory"
+        if t.device.type == "meta":
+            self.skipped[key] = "on meta: a meta tensor has no data to watch"
+            return str(t.device) if entry is not None else None
+        if t.device.type != "cpu" and self._options["via"] == "memory":
+            self.skipped[key] = f'on {t.device}: via="memory" watches CPU memory'
             return str(t.device) if entry is not None else None
         self._watch(key, t)
         return None
@@ -179,7 +185,9 @@ class _Group:
         devices = ", ".join(sorted(set(lost.values())))
         warnings.warn(
             f"memwatch: {names} moved to {devices}, memory memwatch cannot watch, so "
-            f"{'its watch has' if len(lost) == 1 else 'their watches have'} ended; watch on the CPU",
+            f"{'its watch has' if len(lost) == 1 else 'their watches have'} ended; watch on the CPU"
+            + ("" if "meta" in lost.values() and len(set(lost.values())) == 1 else
+               ', or pass via="auto" (or via="dispatch") to watch_module to follow tensors to any device'),
             RuntimeWarning,
             stacklevel=_user_stacklevel(),
         )
@@ -407,6 +415,19 @@ def _name(frame: Any, obj: Any, name: str | None, what: str) -> tuple[str, str |
     return str(tag), variable
 
 
+def _options(mode: str | None, condition: Any, action: str, via: str) -> dict[str, Any]:
+    """The options every tensor of a group is watched with; ``via`` checked
+    here, where ``"auto"`` (memory on the CPU, dispatch elsewhere) is known."""
+    if via not in ("memory", "dispatch", "auto"):
+        raise ValueError(f"via must be 'memory', 'dispatch' or 'auto', not {via!r}")
+    if via != "memory" and mode == "store":
+        raise ValueError(
+            f'mode="store" catches single stores to CPU memory, which via={via!r} does not always watch: '
+            'leave mode= out, or use via="memory"'
+        )
+    return {"mode": mode, "condition": condition, "action": action, "via": via}
+
+
 def watch_module(
     module: Any,
     name: str | None = None,
@@ -415,6 +436,7 @@ def watch_module(
     mode: str | None = None,
     condition: Any = None,
     action: str = "record",
+    via: str = "memory",
 ) -> ModuleWatchHandle:
     """Watch every parameter and buffer of a ``torch.nn.Module``.
 
@@ -425,12 +447,20 @@ def watch_module(
     buffers (batch-norm statistics) out. ``mode``, ``condition`` and
     ``action`` apply to every tensor, as in :func:`memwatch.watch`.
 
+    ``via`` says how each tensor is watched: ``"memory"`` (the default)
+    write-protects CPU memory, so tensors on another device are not
+    watched (a ``RuntimeWarning`` names them); ``"dispatch"`` records every
+    torch op that writes a tensor, on any device (see ``watch(t,
+    via="dispatch")``); ``"auto"`` uses memory for CPU tensors and dispatch
+    for the others, and so follows a model moved with ``model.cuda()``.
+
     The watch follows the model: a parameter, buffer or submodule assigned
     later (``model.fc = nn.Linear(8, 2)``) is watched in place of the old
     one, under the same tag, and ``model.double()``, ``model.half()``,
     ``model.to(...)`` re-watch each tensor whose memory moved. A tensor
     moved to memory memwatch cannot watch (a GPU) has its watch ended with
-    a ``RuntimeWarning``. ``param.data = other`` has no torch hook: call
+    a ``RuntimeWarning``, unless ``via`` is ``"auto"`` or ``"dispatch"``.
+    ``param.data = other`` has no torch hook: call
     ``handle.refresh()`` after it. Returns a :class:`ModuleWatchHandle`;
     ``memwatch.unwatch(model)`` (or the handle, or ``name``) ends it all.
     """
@@ -440,7 +470,7 @@ def watch_module(
         raise TypeError(f"watch_module() needs a torch.nn.Module, not {type(module).__name__}; use watch() for a tensor")
     frame = sys._getframe(1)
     tag, variable = _name(frame, module, name, "module")
-    options = {"mode": mode, "condition": condition, "action": action}
+    options = _options(mode, condition, action, via)
     with _lock:
         _check_free(_modules, module, tag, "module")
         _install()
@@ -456,9 +486,12 @@ def watch_module(
     if devices and not mw._entries:
         where = "; ".join(f"{k} {why}" for k, why in devices.items())
         mw.unwatch()
-        raise UnsupportedError(
-            f"nothing of {tag!r} can be watched: {where}; watch the model on the CPU"
+        fix = (
+            "materialize the model (to_empty(), then load its weights) before watching it"
+            if all("meta" in why for why in devices.values())
+            else 'pass via="auto" to watch it where it is, or watch the model on the CPU'
         )
+        raise UnsupportedError(f"nothing of {tag!r} can be watched: {where}; {fix}")
     if devices:
         warnings.warn(
             f"memwatch: {len(devices)} tensors of {tag!r} are not watched ({', '.join(devices)}): "
@@ -476,6 +509,7 @@ def watch_optimizer(
     mode: str | None = None,
     condition: Any = None,
     action: str = "record",
+    via: str = "memory",
 ) -> OptimizerWatchHandle:
     """Watch a ``torch.optim.Optimizer``'s state: momentum buffers, Adam's
     moments (``exp_avg``, ``exp_avg_sq``) and step counts, every tensor in
@@ -487,7 +521,9 @@ def watch_optimizer(
     ``opt.step()`` line. Tags are ``<name>.<param>.<key>``, where
     ``<param>`` is the parameter's tag when a :func:`watch_module` watches
     it (``opt.model.0.weight.momentum_buffer``), else ``param<group>_<index>``.
-    State replaced (``load_state_dict``) is followed. Returns an
+    State replaced (``load_state_dict``) is followed. ``mode``,
+    ``condition``, ``action`` and ``via`` are as for :func:`watch_module`.
+    Returns an
     :class:`OptimizerWatchHandle`; ``memwatch.unwatch(opt)`` ends it.
     """
     import torch
@@ -496,7 +532,7 @@ def watch_optimizer(
         raise TypeError(f"watch_optimizer() needs a torch.optim.Optimizer, not {type(optimizer).__name__}")
     frame = sys._getframe(1)
     tag, variable = _name(frame, optimizer, name, "optimizer")
-    options = {"mode": mode, "condition": condition, "action": action}
+    options = _options(mode, condition, action, via)
     with _lock:
         _check_free(_optimizers, optimizer, tag, "optimizer")
         _install()
