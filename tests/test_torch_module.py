@@ -409,3 +409,22 @@ def test_a_collected_model_ends_its_watch(changes):
     assert [t for _, t, *_ in memwatch._memwatch._regions()] == []
     again = mlp()
     assert memwatch.watch_module(again, name="local").tags[0] == "local.0.weight"  # the name is free again
+
+
+def test_building_other_modules_does_not_walk_a_watched_model(changes):
+    model = mlp()
+    memwatch.watch_module(model, name="model")
+    walks = []
+    real = model.named_modules
+    model.named_modules = lambda *a, **k: (walks.append(1), real(*a, **k))[1]
+    others = [nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)) for _ in range(20)]
+    assert len(walks) <= 1 and len(others) == 20  # at most one walk: the set of its submodules, built once
+    # An assignment into the model is still followed, and so is one into a
+    # submodule that joined the model after the watch began.
+    block = nn.Sequential()
+    model.add_module("extra", block)
+    block.add_module("fc", nn.Linear(2, 2))
+    assert "model.extra.fc.weight" in memwatch._torch_module._modules[0].tags
+    with torch.no_grad():
+        block.fc.bias.add_(1); line = here()  # noqa: E702
+    assert [(c.tag, c.line) for c in changes] == [("model.extra.fc.bias", line)]

@@ -28,7 +28,10 @@ calls in (the hooks run in the thread that assigns, converts or steps).
 Nothing here runs in signal context. Cost: nothing per line; per optimizer
 step, one comparison of each state tensor's data pointer with the watched
 one; per ``_apply``, the same for every watched tensor of every watched
-model. torch is imported only when one of these functions is called.
+model; per parameter, buffer or submodule registered anywhere in the
+process (any module being built), one set lookup per watched model, and a
+walk of the model only when the registration is on one of its modules.
+torch is imported only when one of these functions is called.
 """
 
 from __future__ import annotations
@@ -235,6 +238,10 @@ class ModuleWatchHandle(_Group):
         super().__init__(name, variable, options)
         self._module = weakref.ref(module)
         self.buffers = buffers
+        # ids of the model's submodules, so that a registration elsewhere in
+        # the process (building another model) costs a set lookup, not a walk
+        # of this one; None after a submodule assignment in this model.
+        self._ids: set[int] | None = None
         weakref.finalize(module, _forget, weakref.ref(self))
 
     @property
@@ -245,6 +252,7 @@ class ModuleWatchHandle(_Group):
         m = self._module()
         if m is None:
             return {}
+        self._ids = None  # a refresh also rereads the model's structure
         found = {k: p for k, p in m.named_parameters() if p is not None}
         if self.buffers:
             found.update((k, b) for k, b in m.named_buffers() if b is not None)
@@ -255,13 +263,23 @@ class ModuleWatchHandle(_Group):
         m = self._module()
         if m is None:
             return []
+        if self._ids is None:
+            self._ids = {id(s) for s in m.modules()}
+        if id(sub) not in self._ids:
+            # Every way a submodule joins the model goes through a module
+            # registration hook on a module of the model, which empties the
+            # cache below; an id found may be a reused one, so it is checked.
+            return []
         return [k for k, s in m.named_modules(remove_duplicate=False) if s is sub]
 
     def _assigned(self, owner: Any, attr: str, value: Any, what: str) -> None:
         """An assignment ``owner.attr = value`` is about to happen (``what``
         is parameter, buffer or module)."""
         lost = {}
-        for prefix in self._prefixes(owner):
+        prefixes = self._prefixes(owner)
+        if prefixes and what == "module":
+            self._ids = None  # the model's set of submodules changes with this assignment
+        for prefix in prefixes:
             key = f"{prefix}.{attr}" if prefix else attr
             found = []
             if what == "module":
