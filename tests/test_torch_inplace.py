@@ -348,8 +348,9 @@ def test_record_torch_inplace(tmp_path):
     assert lines[error + 1 :] == [
         "memwatch: tensor [torch.FloatTensor [3]] saved by TanhBackward0 at prog.py:6 (y = x.tanh()) was modified "
         "in place at prog.py:7 in step() (y.mul_(2)): aten::mul_.Tensor (version 0 -> 1)",
-        "memwatch: nothing recorded: the program never called memwatch.watch()",
+        "memwatch: no trace written: the program watched nothing (--torch-inplace needs no watch)",
     ]
+    assert not (tmp_path / "prog.mwt").exists()
 
 
 def test_record_torch_inplace_leaves_a_program_without_torch_alone(tmp_path):

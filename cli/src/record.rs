@@ -291,7 +291,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
         }
         _ => 1,
     };
-    report(&output, out)?;
+    report(&output, args.torch_inplace, out)?;
     Ok(code)
 }
 
@@ -338,11 +338,18 @@ fn check_command(command: &[std::ffi::OsString]) -> Result<()> {
 }
 
 /// The one-line summary printed after the program ends.
-fn report(output: &Path, _out: &mut dyn Write) -> Result<()> {
+fn report(output: &Path, torch_inplace: bool, _out: &mut dyn Write) -> Result<()> {
     let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
     if size == 0 {
         let _ = std::fs::remove_file(output);
-        eprintln!("memwatch: nothing recorded: the program never called memwatch.watch()");
+        if torch_inplace {
+            // The run was for --torch-inplace, which needs no watch: not a mistake.
+            eprintln!(
+                "memwatch: no trace written: the program watched nothing (--torch-inplace needs no watch)"
+            );
+        } else {
+            eprintln!("memwatch: nothing recorded: the program never called memwatch.watch()");
+        }
         return Ok(());
     }
     // Records the program wrote but that had not reached the trace when it
