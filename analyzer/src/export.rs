@@ -73,6 +73,18 @@ impl StrCol {
         self.values.get(self.rows[i] as usize).map(String::as_str)
     }
 
+    /// Empties the column for the next batch, keeping its memory; the table
+    /// of values is kept too while it is small (tags, files, functions),
+    /// so that the next batch finds them without hashing.
+    fn clear(&mut self) {
+        self.rows.clear();
+        if self.values.len() > 4096 {
+            self.values.clear();
+            self.index.clear();
+            self.last = 0;
+        }
+    }
+
     /// The column as arrow string views of one buffer holding each
     /// distinct value once: building it copies 16 bytes a row.
     fn column(&self, name: &str) -> Column {
@@ -141,6 +153,12 @@ impl BinCol {
     fn get(&self, i: usize) -> Option<&[u8]> {
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
         self.valid[i].then(|| &self.data[start..self.ends[i]])
+    }
+
+    fn clear(&mut self) {
+        self.data.clear();
+        self.ends.clear();
+        self.valid.clear();
     }
 
     fn column(&self, name: &str) -> Column {
@@ -235,6 +253,35 @@ impl Columns {
 
     fn len(&self) -> usize {
         self.seq.len()
+    }
+
+    /// Empties every column for the next batch, keeping the memory: a
+    /// batch of fresh vectors costs more in page faults (the kernel zeroing
+    /// new pages) and regrowth than filling them does.
+    fn clear(&mut self) {
+        self.seq.clear();
+        self.time_ns.clear();
+        self.tag.clear();
+        self.variable.clear();
+        self.kind.clear();
+        self.file.clear();
+        self.line.clear();
+        self.function.clear();
+        self.thread.clear();
+        self.thread_name.clear();
+        self.address.clear();
+        self.offset.clear();
+        self.bytes_changed.clear();
+        self.ranges.clear();
+        self.index.clear();
+        self.old.clear();
+        self.new.clear();
+        self.old_value.clear();
+        self.new_value.clear();
+        self.key.clear();
+        self.old_repr.clear();
+        self.new_repr.clear();
+        self.op.clear();
     }
 
     fn push(&mut self, row: &ChangeRef<'_>, kind: &str, p: RowParts<'_>) {
@@ -593,16 +640,19 @@ fn export_parquet(
         .as_ref()
         .clone();
     std::thread::scope(|s| {
-        // One batch waits while the writer works on another.
+        // One batch waits while the writer works on another; the writer
+        // hands each batch's columns back, emptied, to be filled again.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Columns>(1);
+        let (back_tx, back_rx) = std::sync::mpsc::sync_channel::<Columns>(2);
         let writer = s.spawn(move || -> Result<()> {
             let mut w = ParquetWriter::new(BufWriter::with_capacity(1 << 20, file))
                 .with_compression(parquet_compression())
                 .batched(&schema)
                 .map_err(polars_error)?;
-            for cols in rx {
+            for mut cols in rx {
                 let mut df = cols.frame().map_err(polars_error)?;
-                drop(cols);
+                cols.clear();
+                let _ = back_tx.try_send(cols);
                 df.align_chunks_par();
                 w.write_batch(&df).map_err(polars_error)?;
             }
@@ -615,7 +665,8 @@ fn export_parquet(
             cols.add(row, granularity);
             if cols.len() >= BATCH_ROWS {
                 rows += cols.len() as u64;
-                let full = std::mem::replace(&mut cols, Columns::new(start_ns));
+                let empty = back_rx.try_recv().unwrap_or_else(|_| Columns::new(start_ns));
+                let full = std::mem::replace(&mut cols, empty);
                 // The writer failed: its error is returned below.
                 if tx.send(full).is_err() {
                     return ControlFlow::Break(());
@@ -659,7 +710,7 @@ fn export_text(
     let mut flush = |cols: &mut Columns, w: &mut BufWriter<File>| -> std::io::Result<()> {
         write_text_rows(cols, format, w)?;
         rows += cols.len() as u64;
-        *cols = Columns::new(start_ns);
+        cols.clear();
         Ok(())
     };
     let scanned = for_each_change_progress(reader, filter, progress, |row| {
