@@ -29,7 +29,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
-use memwatch_analyzer::{for_each_event, json_str, seq_bounds, ChangeRef, Event, Filter, RegionInfo, WhatRef};
+use memwatch_analyzer::{
+    for_each_event, json_str, seq_bounds, ChangeRef, Event, Filter, RegionInfo, WhatRef,
+};
 use memwatch_format::dtype::{Dtype, FloatFormat};
 use memwatch_format::{Ending, Record, TraceReader};
 
@@ -81,7 +83,9 @@ pub fn parse_element(s: &str) -> Result<ElementSpec, String> {
         ));
     };
     if tag.is_empty() {
-        return Err(format!("{s:?} has no tag before the ':' (TAG:INDEX, like bias:3)"));
+        return Err(format!(
+            "{s:?} has no tag before the ':' (TAG:INDEX, like bias:3)"
+        ));
     }
     let inner = index.trim().trim_start_matches('[').trim_end_matches(']');
     let index: Result<Vec<u64>, _> = inner.split(',').map(|p| p.trim().parse::<u64>()).collect();
@@ -251,12 +255,18 @@ pub struct Heat {
 impl Heat {
     /// The heatmap of a region of `shape` (empty: flat, of `elements`).
     pub fn new(shape: &[u64], elements: u64) -> Self {
-        let shape: Vec<u64> = if shape.is_empty() { vec![elements] } else { shape.to_vec() };
+        let shape: Vec<u64> = if shape.is_empty() {
+            vec![elements]
+        } else {
+            shape.to_vec()
+        };
         let cols = shape.last().copied().unwrap_or(1).max(1);
         let rows = if shape.len() <= 1 {
             1
         } else {
-            shape[..shape.len() - 1].iter().fold(1u64, |a, n| a.saturating_mul((*n).max(1)))
+            shape[..shape.len() - 1]
+                .iter()
+                .fold(1u64, |a, n| a.saturating_mul((*n).max(1)))
         };
         let (cell_rows, cell_cols) = if rows == 1 {
             (1, cols.div_ceil(HEAT_1D))
@@ -307,7 +317,10 @@ impl Heat {
     /// changed in the busiest cell. `None` when nothing was placed.
     pub fn busiest(&self) -> Option<u64> {
         if let Some(e) = &self.exact {
-            let (i, n) = e.iter().enumerate().max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(&a.0)))?;
+            let (i, n) = e
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(&a.0)))?;
             return (*n > 0).then_some(i as u64);
         }
         let (i, n) = self
@@ -609,7 +622,13 @@ impl Aggregate {
             return *id;
         }
         let text = match f {
-            Some(f) => format!("{} ({})", memwatch_format::location(&f.file, f.line), f.function),
+            // The file without its folder: the page has little room (the
+            // lines table keeps whole paths).
+            Some(f) => format!(
+                "{} ({})",
+                memwatch_format::location(f.file.rsplit('/').next().unwrap_or(&f.file), f.line),
+                f.function
+            ),
             None => "?".to_string(),
         };
         let id = self.wheres.len() as u32;
@@ -635,7 +654,7 @@ impl Aggregate {
                 self.last_ns = self.last_ns.max(r.ctx.time_ns);
             }
             Record::RegionUnwatched(u) => self.last_ns = self.last_ns.max(u.ctx.time_ns),
-            Record::Lost(l) => {
+            Record::Lost(l) if l.events > 0 => {
                 self.lost += l.events;
                 self.suspect(Suspicious {
                     severity: Severity::Error,
@@ -749,11 +768,7 @@ impl Aggregate {
                     elements += 1;
                     let (old, new) = (value(a), value(b));
                     let at = r.offset + (k * size) as u64;
-                    let flat = if typed {
-                        flat_index(region, at)
-                    } else {
-                        Some(at)
-                    };
+                    let flat = if typed { flat_index(region, at) } else { Some(at) };
                     if !non_finite(old) && non_finite(new) {
                         t.nonfinite += 1;
                         if first_nonfinite.is_none() {
@@ -778,19 +793,16 @@ impl Aggregate {
         }
         let shape = t.shape.clone();
         let dtype = t.dtype.clone();
-        let line = self
-            .lines
-            .entry((ti, lk))
-            .or_insert_with(|| LineStats {
-                tag: ti,
-                frame: row.frame.cloned(),
-                changes: 0,
-                bytes: 0,
-                elements: 0,
-                first_seq: row.seq,
-                last_seq: row.seq,
-                threads: Vec::new(),
-            });
+        let line = self.lines.entry((ti, lk)).or_insert_with(|| LineStats {
+            tag: ti,
+            frame: row.frame.cloned(),
+            changes: 0,
+            bytes: 0,
+            elements: 0,
+            first_seq: row.seq,
+            last_seq: row.seq,
+            threads: Vec::new(),
+        });
         line.changes += 1;
         line.bytes += bytes;
         line.elements += elements;
@@ -802,7 +814,9 @@ impl Aggregate {
             }
         }
         if let Some((flat, old, new, raw)) = first_nonfinite {
-            let idx = flat.map(|f| index_text(&unflatten(f, &shape))).unwrap_or_default();
+            let idx = flat
+                .map(|f| index_text(&unflatten(f, &shape)))
+                .unwrap_or_default();
             let show = |v: Option<f64>| v.map_or("?".into(), crate::text::fmt_float);
             let new_text = dtype
                 .as_deref()
@@ -818,7 +832,11 @@ impl Aggregate {
                 line: Some(where_id),
                 detail: format!(
                     "{} written: element {idx} {} -> {new_text} ({n} element{} of this tag so far)",
-                    if new.is_some_and(f64::is_nan) { "NaN" } else { "Inf" },
+                    if new.is_some_and(f64::is_nan) {
+                        "NaN"
+                    } else {
+                        "Inf"
+                    },
                     show(old),
                     if n == 1 { "" } else { "s" }
                 ),
@@ -1029,7 +1047,11 @@ fn data_json(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usi
         json_str(&meta.platform),
         json_str(&meta.writer),
         reader.header().version,
-        join(&meta.properties, |(k, v)| format!("[{},{}]", json_str(k), json_str(v))),
+        join(&meta.properties, |(k, v)| format!(
+            "[{},{}]",
+            json_str(k),
+            json_str(v)
+        )),
         json_str(&utc(meta.start_time_ns)),
         facts.duration_ns,
         facts.trace_bytes,
@@ -1054,7 +1076,12 @@ fn data_json(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usi
             let mut threads: Vec<(String, u64)> = t
                 .threads
                 .iter()
-                .map(|(id, (n, c))| (n.as_deref().map_or_else(|| format!("thread {id}"), String::from), *c))
+                .map(|(id, (n, c))| {
+                    (
+                        n.as_deref().map_or_else(|| format!("thread {id}"), String::from),
+                        *c,
+                    )
+                })
                 .collect();
             threads.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
             threads.truncate(8);
@@ -1084,7 +1111,10 @@ fn data_json(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usi
     let shown: Vec<usize> = busiest.iter().copied().take(MAX_TIMELINE_TAGS).collect();
     let used_time = shown.iter().map(|&t| agg.tags[t].time.used()).max().unwrap_or(0);
     let used_seq = shown.iter().map(|&t| agg.tags[t].seq.used()).max().unwrap_or(0);
-    let (tw, sw, so) = agg.tags.first().map_or((1, 1, 0), |t| (t.time.width, t.seq.width, t.seq.origin));
+    let (tw, sw, so) = agg
+        .tags
+        .first()
+        .map_or((1, 1, 0), |t| (t.time.width, t.seq.width, t.seq.origin));
     if busiest.len() > shown.len() {
         sampled.push(format!(
             "Timeline: the {} busiest of {} tags are drawn.",
@@ -1147,7 +1177,12 @@ fn data_json(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usi
     );
     // Heatmaps: the busiest tags (by elements) with a region.
     let mut heat_tags: Vec<usize> = (0..agg.tags.len())
-        .filter(|&t| agg.tags[t].heat.as_ref().is_some_and(|h| h.counts.iter().any(|&c| c > 0)))
+        .filter(|&t| {
+            agg.tags[t]
+                .heat
+                .as_ref()
+                .is_some_and(|h| h.counts.iter().any(|&c| c > 0))
+        })
         .collect();
     heat_tags.sort_by(|&a, &b| agg.tags[b].elements.cmp(&agg.tags[a].elements).then(a.cmp(&b)));
     if heat_tags.len() > MAX_HEATMAPS {
@@ -1194,11 +1229,11 @@ fn data_json(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usi
     // Only the lines that points and events name go into the page.
     let mut wheres: Vec<&str> = Vec::new();
     let mut where_of: HashMap<u32, u32> = HashMap::new();
-    let lines_named = agg
-        .suspicious
-        .iter()
-        .filter_map(|s| s.line)
-        .chain(agg.trajectories.iter().flat_map(|t| t.finished_points().into_iter().map(|p| p.line)));
+    let lines_named = agg.suspicious.iter().filter_map(|s| s.line).chain(
+        agg.trajectories
+            .iter()
+            .flat_map(|t| t.finished_points().into_iter().map(|p| p.line)),
+    );
     for id in lines_named {
         where_of.entry(id).or_insert_with(|| {
             wheres.push(&agg.wheres[id as usize]);
@@ -1222,11 +1257,10 @@ fn data_json(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usi
         "\"trajectories\":[{}],\"asked_elements\":{asked},",
         join(&agg.trajectories, |tr| {
             let t = &agg.tags[tr.tag];
-            let f32v = t
-                .dtype
-                .as_deref()
-                .and_then(Dtype::parse)
-                .is_some_and(|d| d.float_format() != Some(FloatFormat::F64) && d.float_format().is_some());
+            let f32v =
+                t.dtype.as_deref().and_then(Dtype::parse).is_some_and(|d| {
+                    d.float_format() != Some(FloatFormat::F64) && d.float_format().is_some()
+                });
             format!(
                 "{{\"tag\":{},\"index\":[{}],\"label\":{},\"asked\":{},\"changes\":{},\"every\":{},\
                  \"initial\":{},\"points\":[{}]}}",
@@ -1261,7 +1295,8 @@ fn data_json(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usi
     let _ = write!(
         j,
         "\"suspicious\":[{}],\"more_suspicious\":{{{}}},\"wheres\":[{}],\"sampled\":[{}]}}",
-        join(&suspicious, |s| format!(
+        join(&suspicious, |s| {
+            format!(
             "{{\"severity\":\"{}\",\"kind\":\"{}\",\"tag\":{},\"seq\":{},\"ns\":{},\"where\":{},\"detail\":{}}}",
             s.severity.name(),
             s.kind,
@@ -1270,7 +1305,8 @@ fn data_json(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usi
             opt(s.time_ns),
             s.line.and_then(|l| where_of.get(&l)).map_or("null".into(), |l| l.to_string()),
             json_str(&s.detail),
-        )),
+        )
+        }),
         join(&agg.more_suspicious, |(k, n)| format!("\"{k}\":{n}")),
         join(&wheres, |w| json_str(w)),
         join(&sampled, |s| json_str(s)),
@@ -1304,9 +1340,10 @@ fn progress_bar(what: &str) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(0);
-    let style = indicatif::ProgressStyle::with_template("memwatch: {msg} [{bar:30}] {pos}/{len} chunks ({eta})")
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> ");
+    let style =
+        indicatif::ProgressStyle::with_template("memwatch: {msg} [{bar:30}] {pos}/{len} chunks ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ");
     bar.set_style(style);
     bar.set_message(what.to_string());
     bar
@@ -1355,7 +1392,11 @@ pub fn aggregate(reader: &TraceReader, elements: &[ElementSpec]) -> Result<Aggre
         return Ok(agg);
     }
     let lo = follow.iter().map(|f| agg.tags[f.0].first.0).min().unwrap_or(0);
-    let hi = follow.iter().map(|f| agg.tags[f.0].last.0).max().unwrap_or(u64::MAX);
+    let hi = follow
+        .iter()
+        .map(|f| agg.tags[f.0].last.0)
+        .max()
+        .unwrap_or(u64::MAX);
     agg.follow(follow);
     let filter = Filter {
         seq: Some((lo, hi)),
@@ -1387,7 +1428,11 @@ fn resolve(agg: &Aggregate, e: &ElementSpec) -> Result<(usize, u64, Vec<u64>, bo
             e.tag,
             join(&e.index, |n| n.to_string()),
             e.tag,
-            if known.is_empty() { "(none)".to_string() } else { known.join(", ") }
+            if known.is_empty() {
+                "(none)".to_string()
+            } else {
+                known.join(", ")
+            }
         );
     };
     let tag = &agg.tags[t];
@@ -1397,7 +1442,11 @@ fn resolve(agg: &Aggregate, e: &ElementSpec) -> Result<(usize, u64, Vec<u64>, bo
              pick a tag of an array",
             e.tag,
             e.tag,
-            if tag.heat.is_none() { "it is a Python object" } else { "it is plain bytes" }
+            if tag.heat.is_none() {
+                "it is a Python object"
+            } else {
+                "it is plain bytes"
+            }
         );
     }
     let shape = &tag.shape;
@@ -1614,7 +1663,10 @@ mod tests {
         };
         assert_eq!(parse_element("w:0,1"), Ok(e("w", vec![0, 1])));
         assert_eq!(parse_element("w:[0, 1]"), Ok(e("w", vec![0, 1])));
-        assert_eq!(parse_element("model.fc:weight:7"), Ok(e("model.fc:weight", vec![7])));
+        assert_eq!(
+            parse_element("model.fc:weight:7"),
+            Ok(e("model.fc:weight", vec![7]))
+        );
         assert!(parse_element(":3").unwrap_err().contains("no tag"));
         assert!(parse_element("w:x").unwrap_err().contains("whole numbers"));
         assert!(parse_element("w:").unwrap_err().contains("whole numbers"));

@@ -87,11 +87,13 @@
   function tagName(i) {
     return i === null || i === undefined ? '' : D.tags[i].name;
   }
-  function niceTicks(lo, hi, count) {
+  // Ticks on 1/2/5 steps; `whole`: steps of at least 1 (seqs, counts).
+  function niceTicks(lo, hi, count, whole) {
     if (!(hi > lo)) return [lo];
     var span = hi - lo, step = Math.pow(10, Math.floor(Math.log10(span / count)));
     var err = span / count / step;
     if (err >= 7.5) step *= 10; else if (err >= 3.5) step *= 5; else if (err >= 1.5) step *= 2;
+    if (whole) step = Math.max(1, step);
     var out = [], t = Math.ceil(lo / step) * step;
     for (; t <= hi + step * 1e-9; t += step) out.push(Math.abs(t) < step * 1e-9 ? 0 : t);
     return out;
@@ -322,7 +324,7 @@
       var H = top + rowH * T.tags.length + 36;
       var svg = sv('svg', { 'class': 'chart', viewBox: '0 0 ' + W + ' ' + H, role: 'img', 'aria-label': 'changes per tag over ' + opts.x });
       var bw = plotW / n;
-      var ticks = opts.x === 'time' ? timeTicks(n * width, 8) : niceTicks(origin, origin + n * width, 8);
+      var ticks = opts.x === 'time' ? timeTicks(n * width, 8) : niceTicks(origin, origin + n * width, 8, true);
       var xOf = function (v) { return L + (v - origin) / (n * width) * plotW; };
       ticks.forEach(function (t) {
         var x = xOf(t);
@@ -347,13 +349,14 @@
         svg.appendChild(sv('path', { d: d || 'M0 0', fill: r % 2 ? 'var(--bar2)' : 'var(--bar)', opacity: 0.85 }));
       });
       svg.appendChild(sv('line', { 'class': 'axis', x1: L, x2: L + plotW, y1: top + rowH * T.tags.length, y2: top + rowH * T.tags.length }));
-      var guide = sv('line', { 'class': 'guide', y1: top, y2: top + rowH * T.tags.length, x1: -10, x2: -10 });
+      var guide = sv('line', { 'class': 'guide', y1: top, y2: top + rowH * T.tags.length, x1: 0, x2: 0, visibility: 'hidden' });
       svg.appendChild(guide);
       svg.addEventListener('mousemove', function (ev) {
         var p = svgPoint(svg, ev);
         var i = Math.floor((p.x - L) / bw), r = Math.floor((p.y - top) / rowH);
-        if (i < 0 || i >= n || r < 0 || r >= T.tags.length) { hideTip(); guide.setAttribute('x1', -10); guide.setAttribute('x2', -10); return; }
+        if (i < 0 || i >= n || r < 0 || r >= T.tags.length) { hideTip(); guide.setAttribute('visibility', 'hidden'); return; }
         var gx = L + (i + 0.5) * bw;
+        guide.setAttribute('visibility', 'visible');
         guide.setAttribute('x1', gx); guide.setAttribute('x2', gx);
         var row = T.tags[r];
         var lo = origin + i * width, hi = origin + (i + 1) * width;
@@ -361,7 +364,7 @@
         var c = row[opts.x + '_changes'][i] || 0, b = row[opts.x + '_bytes'][i] || 0;
         showTip(ev, tagName(row.tag), [[opts.x === 'time' ? 'time' : 'seqs', range], ['changes', fmtInt(c)], ['bytes changed', fmtInt(b) + ' B']]);
       });
-      svg.addEventListener('mouseleave', function () { hideTip(); guide.setAttribute('x1', -10); guide.setAttribute('x2', -10); });
+      svg.addEventListener('mouseleave', function () { hideTip(); guide.setAttribute('visibility', 'hidden'); });
       holder.appendChild(svg);
     }
     draw();
@@ -491,7 +494,7 @@
         legend.textContent = '';
         add(legend, [el('span', { 'class': 'zero' }), el('span', { text: 'never' }), el('span', { text: metric === 'counts' ? '1' : fmtTick(max / 1000) }),
           el('span', { 'class': 'ramp', style: 'background:' + rampCss(ramp) }),
-          el('span', { text: (metric === 'counts' ? fmtInt(max) + ' changes' : fmtTick(max)) + ' (log scale)' })]);
+          el('span', { text: (metric === 'counts' ? plural(max, 'change', 'changes') : fmtTick(max)) + ' (log scale)' })]);
       }
       canvas.addEventListener('mousemove', function (ev) {
         var b = canvas.getBoundingClientRect();
@@ -550,7 +553,10 @@
       if (ymin === ymax) { ymin -= Math.abs(ymin) * 0.1 || 1; ymax += Math.abs(ymax) * 0.1 || 1; }
       var pad = (ymax - ymin) * 0.06; ymin -= pad; ymax += pad;
       var xmin = P[0][0], xmax = P[P.length - 1][0];
-      if (xmin === xmax) { xmin -= 1; xmax += 1; }
+      // Room on the left for the value it had before its first change.
+      var span = Math.max(2, xmax - xmin);
+      xmin -= Math.max(1, Math.round(span * 0.04));
+      if (P.length === 1) xmax += 1;
       var xOf = function (x) { return L + (x - xmin) / (xmax - xmin) * pw; };
       var yOf = function (y) { return T + (1 - (y - ymin) / (ymax - ymin)) * ph; };
       var svg = sv('svg', { 'class': 'chart', viewBox: '0 0 ' + W + ' ' + H, role: 'img', 'aria-label': 'values of ' + tr.label });
@@ -558,7 +564,7 @@
         svg.appendChild(sv('line', { 'class': 'grid', x1: L, x2: L + pw, y1: yOf(y), y2: yOf(y) }));
         svg.appendChild(sv('text', { x: L - 6, y: yOf(y) + 4, 'text-anchor': 'end', text: fmtTick(y) }));
       });
-      niceTicks(xmin, xmax, 6).forEach(function (x) {
+      niceTicks(xmin, xmax, 6, true).forEach(function (x) {
         svg.appendChild(sv('line', { 'class': 'grid', x1: xOf(x), x2: xOf(x), y1: T, y2: T + ph }));
         svg.appendChild(sv('text', { x: xOf(x), y: T + ph + 14, 'text-anchor': 'middle', text: fmtInt(Math.round(x)) }));
       });
@@ -567,7 +573,12 @@
       svg.appendChild(sv('text', { 'class': 'axis-title', x: L + pw / 2, y: H - 4, 'text-anchor': 'middle', text: 'seq' }));
       svg.appendChild(sv('text', { 'class': 'axis-title', x: 12, y: T + ph / 2, 'text-anchor': 'middle', transform: 'rotate(-90 12 ' + (T + ph / 2) + ')', text: 'value' }));
       // A step line: an element keeps its value until its next change.
-      var d = '', pen = false, prevY = isNum(tr.initial) ? yOf(tr.initial) : null;
+      var d = '', pen = false, prevY = null;
+      if (isNum(tr.initial)) {
+        d = 'M' + L + ' ' + yOf(tr.initial).toFixed(2);
+        pen = true; prevY = yOf(tr.initial);
+        svg.appendChild(sv('circle', { cx: L, cy: yOf(tr.initial), r: 2.6, fill: '#fff', stroke: 'var(--accent)', 'stroke-width': 1.4 }));
+      }
       P.forEach(function (p) {
         var x = xOf(p[0]);
         if (!isNum(p[2])) { pen = false; prevY = null; return; }
@@ -588,9 +599,9 @@
         svg.appendChild(sv('path', { d: 'M' + (x - 5) + ' ' + (T + 1) + 'h10l-5 8z', fill: 'var(--bad)' }));
       });
       if (P.some(function (p) { return !isNum(p[2]); })) {
-        svg.appendChild(sv('text', { x: L + pw, y: T + 8, 'text-anchor': 'end', fill: 'var(--bad)', text: '▼ NaN or Inf', style: 'fill:var(--bad)' }));
+        svg.appendChild(sv('text', { x: L + 6, y: T + 9, 'text-anchor': 'start', text: '▼ marks a change to NaN or Inf', style: 'fill:var(--bad)' }));
       }
-      var dot = sv('circle', { r: 4, fill: 'none', stroke: '#1f2a3d', 'stroke-width': 1.5, cx: -20, cy: -20 });
+      var dot = sv('circle', { r: 4, fill: 'none', stroke: '#1f2a3d', 'stroke-width': 1.5, cx: 0, cy: 0, visibility: 'hidden' });
       svg.appendChild(dot);
       svg.addEventListener('mousemove', function (ev) {
         var p = svgPoint(svg, ev);
@@ -600,11 +611,12 @@
         while (lo < hi) { var mid = (lo + hi) >> 1; if (P[mid][0] < want) lo = mid + 1; else hi = mid; }
         if (lo > 0 && Math.abs(P[lo - 1][0] - want) < Math.abs(P[lo][0] - want)) lo--;
         var q = P[lo];
+        dot.setAttribute('visibility', 'visible');
         dot.setAttribute('cx', xOf(q[0]));
         dot.setAttribute('cy', isNum(q[2]) ? yOf(q[2]) : T + 4);
         showTip(ev, tr.label, [['seq', fmtInt(q[0])], ['time', fmtDur(q[1])], ['value', fmtValue(q[2])], ['line', D.wheres[q[3]] || '?']]);
       });
-      svg.addEventListener('mouseleave', function () { hideTip(); dot.setAttribute('cx', -20); });
+      svg.addEventListener('mouseleave', function () { hideTip(); dot.setAttribute('visibility', 'hidden'); });
       box.appendChild(svg);
     });
     return s;
