@@ -473,7 +473,13 @@
       var legend = el('div', { 'class': 'legend' });
       box.appendChild(legend);
       grid.appendChild(box);
-      function values() { return metric === 'counts' ? h.counts : h.delta; }
+      // Changes per element: a cell at the edge may hold fewer elements.
+      var perElement = h.counts.map(function (c, k) {
+        var gy = Math.floor(k / h.grid_cols), gx = k % h.grid_cols;
+        var n = (Math.min(h.rows, (gy + 1) * h.cell_rows) - gy * h.cell_rows) * (Math.min(h.cols, (gx + 1) * h.cell_cols) - gx * h.cell_cols);
+        return c / Math.max(1, n);
+      });
+      function values() { return metric === 'counts' ? perElement : h.delta; }
       function draw() {
         var v = values(), max = 0;
         for (var i = 0; i < v.length; i++) if (v[i] > max) max = v[i];
@@ -492,9 +498,9 @@
           ctx.fillRect(x, y, px, cellH);
         }
         legend.textContent = '';
-        add(legend, [el('span', { 'class': 'zero' }), el('span', { text: 'never' }), el('span', { text: metric === 'counts' ? '1' : fmtTick(max / 1000) }),
+        add(legend, [el('span', { 'class': 'zero' }), el('span', { text: 'never' }), el('span', { text: metric === 'counts' && !binned ? '1' : fmtTick(max / 1000) }),
           el('span', { 'class': 'ramp', style: 'background:' + rampCss(ramp) }),
-          el('span', { text: (metric === 'counts' ? plural(max, 'change', 'changes') : fmtTick(max)) + ' (log scale)' })]);
+          el('span', { text: (metric === 'counts' ? (binned ? fmtTick(max) + ' per element' : plural(max, 'change', 'changes')) : fmtTick(max)) + ' (log scale)' })]);
       }
       canvas.addEventListener('mousemove', function (ev) {
         var b = canvas.getBoundingClientRect();
@@ -508,7 +514,7 @@
         showTip(ev, t.name + cellIndex(h, r0, r1, c0, c1), [
           ['element changes', fmtInt(h.counts[k])],
           ['mean |Δ| per change', h.counts[k] ? fmtValue(h.delta[k]) : '–']
-        ].concat(n > 1 ? [['elements in cell', fmtInt(n)]] : []));
+        ].concat(n > 1 ? [['elements in cell', fmtInt(n)], ['changes per element', fmtTick(h.counts[k] / n)]] : []));
       });
       canvas.addEventListener('mouseleave', hideTip);
       draws.push(draw);
