@@ -23,7 +23,7 @@ find_python = $(or $(lastword $(sort $(wildcard $(PYENV_ROOT)/versions/$(1).*/bi
 # The venv of version $(1); 3.11 is also the demo's .venv.
 venv = $(if $(filter 3.11,$(1)),.venv,.venv-$(1))
 
-.PHONY: help demo test lint rust-test py-test $(addprefix py-test-,$(PYTHON_VERSIONS)) clean
+.PHONY: help demo test lint rust-test py-test $(addprefix py-test-,$(PYTHON_VERSIONS)) browser clean
 
 help:
 	@echo "make demo   build, record samples/train.py and query the trace (sets up .venv)"
@@ -94,8 +94,17 @@ rust-test:
 
 py-test: $(addprefix py-test-,$(PYTHON_VERSIONS))
 
+# Debian's Chromium, for the browser tests of `memwatch report`
+# (tests/test_report.py drives it with playwright; never `playwright
+# install`, which downloads a browser). Installed only when missing and
+# when root (as in CI); otherwise those tests are skipped, saying why.
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else echo "make: chromium is missing and this is not root: the browser tests of tests/test_report.py are skipped (apt-get install chromium)" >&2; fi; }
+
 define py-test-rule
-py-test-$(1): $(call venv,$(1))/.tools
+py-test-$(1): $(call venv,$(1))/.tools browser
 	$(call install,$(1))
 	@echo "--- pytest on CPython $(1)"
 	$(call venv,$(1))/bin/python -m pytest -q

@@ -26,6 +26,7 @@ pub mod export;
 pub mod perfetto;
 pub mod query;
 pub mod record;
+pub mod report;
 pub mod state;
 pub mod summary;
 mod text;
@@ -52,6 +53,8 @@ pub enum Command {
     Blame(blame::Args),
     /// Summarize a trace: the run, how it ended, each tag, anything suspicious.
     Summary(summary::Args),
+    /// Write a self-contained HTML report of a trace: timelines, lines, heatmaps, values, anything suspicious.
+    Report(report::Args),
     /// Export the changes of a trace as a Parquet, CSV or JSON-lines table, or a Perfetto timeline.
     Export(export::Args),
     /// Print a trace's header and every record, one per line.
@@ -95,6 +98,7 @@ where
         Command::State(args) => state::run(&args, &mut out),
         Command::Blame(args) => blame::run(&args, &mut out),
         Command::Summary(args) => summary::run(&args, &mut out),
+        Command::Report(args) => report::run(&args, &mut out),
         Command::Export(args) => export::run(&args, &mut out),
         Command::Dump(args) => dump::run(&args, &mut out),
     };

@@ -234,7 +234,7 @@ fn gather(reader: &TraceReader) -> Result<Run> {
 
 /// How long the run lasted: to the trace's close, the crash, or the last
 /// event seen.
-fn duration_ns(ending: &Ending<'_>, last_ns: u64) -> u64 {
+pub(crate) fn duration_ns(ending: &Ending<'_>, last_ns: u64) -> u64 {
     match ending {
         Ending::Closed { end_time_ns } => (*end_time_ns).max(last_ns),
         Ending::Crashed { time_ns, .. } => (*time_ns).max(last_ns),
@@ -243,7 +243,7 @@ fn duration_ns(ending: &Ending<'_>, last_ns: u64) -> u64 {
 }
 
 /// The ending in words.
-fn ending_text(reader: &TraceReader, ending: &Ending<'_>) -> String {
+pub(crate) fn ending_text(reader: &TraceReader, ending: &Ending<'_>) -> String {
     match ending {
         Ending::Closed { .. } => "closed normally".into(),
         Ending::Crashed { description, .. } => description.to_string(),
@@ -282,7 +282,7 @@ fn ending_text(reader: &TraceReader, ending: &Ending<'_>) -> String {
     }
 }
 
-fn trace_size(reader: &TraceReader) -> u64 {
+pub(crate) fn trace_size(reader: &TraceReader) -> u64 {
     std::fs::metadata(reader.path()).map_or(reader.file_len(), |m| m.len())
 }
 

@@ -3,3 +3,4 @@
 mod dump;
 mod ops;
 mod perfetto;
+mod report;
