@@ -26,6 +26,7 @@ pub mod export;
 pub mod perfetto;
 pub mod query;
 pub mod record;
+pub mod run;
 pub mod state;
 pub mod summary;
 mod text;
