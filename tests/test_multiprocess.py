@@ -267,3 +267,30 @@ def test_rank_names_the_trace(tmp_path):
     assert [n.split(".")[1] for n in names] == ["rank0", "rank1"]
     for n in names:
         assert props(tmp_path / n)["rank"] == n.split(".")[1][4:]
+
+
+def test_query_reads_the_whole_run_merged_by_time_with_pid(tmp_path):
+    record(tmp_path, POOL, "spawn")
+    results = json.loads((tmp_path / "results.json").read_text())
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+
+    def query(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "memwatch"), "query", "run.mwt", *args], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+
+    rows = [json.loads(x) for x in query("--format", "jsonl").stdout.splitlines()]
+    # THEN every worker's changes are there, each with its pid, in time order
+    assert sorted((r["pid"], json.dumps(r["ranges"])) for r in rows) and len(rows) == len(results)
+    assert {r["pid"] for r in rows} == {pid for pid, _ in results}
+    starts = {pid: memwatch.trace_info(p)["start_time_ns"] for pid, p in members(tmp_path).items()}
+    times = [starts[r["pid"]] + r["time_ns"] for r in rows]
+    assert times == sorted(times)
+    # AND --pid keeps one process
+    pid = results[0][0]
+    mine = [json.loads(x) for x in query("--format", "jsonl", "--pid", str(pid)).stdout.splitlines()]
+    assert {r["pid"] for r in mine} == {pid} and len(mine) == sum(1 for p, _ in results if p == pid)
+    table = query().stdout.splitlines()
+    assert table[0].split()[0] == "pid" and len(table) == len(results) + 1
+    bad = query("--pid", "1")
+    assert bad.returncode == 1 and "--pid 1: no process of this run has that pid" in bad.stderr
