@@ -1664,7 +1664,12 @@ fn reset_in_child<T>(lock: &'static Mutex<Option<T>>) -> bool {
             // without being dropped. Every field of a `Mutex` is interior-
             // mutable, so writing it through the static's address is what
             // any lock operation does.
-            unsafe { std::ptr::write(std::ptr::addr_of!(*lock) as *mut Mutex<Option<T>>, Mutex::new(None)) };
+            unsafe {
+                std::ptr::write(
+                    std::ptr::addr_of!(*lock) as *mut Mutex<Option<T>>,
+                    Mutex::new(None),
+                )
+            };
             false
         }
     }
