@@ -116,7 +116,8 @@ def test_query_filters_and_formats(recorded):
     assert rows[0]["bytes_changed"] == 512
     csv = mw("query", "train.mwt", "--tag", "step", "--format", "csv", "--limit", "2", cwd=d).stdout.splitlines()
     assert csv[0].startswith("seq,time_ns,tag,")
-    assert len(csv) == 3 and csv[1].split(",")[-2:] == ["0 -> 1", ""]  # sample, op (none here)
+    pid = str(memwatch.trace_info(d / "train.mwt")["pid"])
+    assert len(csv) == 3 and csv[1].split(",")[-3:] == ["0 -> 1", "", pid]  # sample, op (none here), pid
     seqs = [r["seq"] for r in rows]
     some = mw("query", "train.mwt", "--seq", f"{seqs[1]}..{seqs[2]}", "--format", "jsonl", cwd=d).stdout.splitlines()
     assert [json.loads(x)["seq"] for x in some][0] == seqs[1]

@@ -332,9 +332,11 @@ def test_bad_arguments_say_what_to_do(device):
         memwatch.watch(t, name="t", via="dispatch", mode="store")
     with pytest.raises(memwatch.UnsupportedError, match="a meta tensor"):
         memwatch.watch(torch.zeros(2, device="meta"), name="m", via="dispatch")
-    memwatch.watch(t, name="t", via="dispatch")
+    h = memwatch.watch(t, name="t", via="dispatch")
+    # The same tensor under its name again is that watch (a task run twice).
+    assert memwatch.watch(t, name="t", via="dispatch").region == h.region
     with pytest.raises(ValueError, match="'t' is already watched"):
-        memwatch.watch(t, name="t", via="dispatch")
+        memwatch.watch(t.clone(), name="t", via="dispatch")
     assert len(_torch_dispatch._entries) == 1
     if device != "cpu":
         with pytest.raises(memwatch.UnsupportedError, match=r'pass via="dispatch"'):

@@ -27,6 +27,7 @@ pub mod perfetto;
 pub mod query;
 pub mod record;
 pub mod report;
+pub mod run;
 pub mod state;
 pub mod summary;
 mod text;

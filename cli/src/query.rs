@@ -7,7 +7,6 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use memwatch_analyzer::{csv_cell, for_each_change, json_str, ChangeRef, Filter, WhatRef};
-use memwatch_format::TraceReader;
 
 use crate::text::{element, hex, parse_range, parse_time_range};
 
@@ -25,7 +24,14 @@ Examples:
   memwatch query run.mwt --file train.py --line 52 --format jsonl
   memwatch query run.mwt --seq 100..200 --thread MainThread --limit 20
   memwatch query run.mwt --time 1.5s..2s --tag step
-  memwatch query run.mwt --format csv > changes.csv";
+  memwatch query run.mwt --format csv > changes.csv
+  memwatch query run.mwt --pid 4242 --tag worker
+
+A run of several processes (memwatch record of a program that forks,
+uses multiprocessing or subprocess) is read as one from its first trace:
+the changes of every process, merged by time, with a pid column (pid and
+rank in JSON lines, pid in CSV); --pid keeps some. Times are then from the
+start of the run's first trace.";
 
 /// Output formats of `memwatch query`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -63,6 +69,10 @@ pub struct Args {
     /// (inclusive): 1.5s..2s, 150ms.., ..20us; a plain number is nanoseconds.
     #[arg(long, value_name = "A..B", value_parser = parse_time_range)]
     pub time: Option<(u64, u64)>,
+    /// Only changes made by this process (a pid of the run; repeatable,
+    /// or comma-separated). Without it, every process of the run.
+    #[arg(long, value_delimiter = ',')]
+    pub pid: Vec<u32>,
     /// Stop after this many changes.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -72,7 +82,9 @@ pub struct Args {
 }
 
 impl Args {
-    fn filter(&self) -> Filter {
+    /// The filter for a trace that started `shift` ns after the run's first
+    /// (times are given from the run's start).
+    fn filter(&self, shift: u64) -> Filter {
         Filter {
             tag: self.tag.clone(),
             file: self.file.clone(),
@@ -80,7 +92,9 @@ impl Args {
             function: self.function.clone(),
             thread: self.thread.clone(),
             seq: self.seq,
-            time: self.time,
+            time: self
+                .time
+                .map(|(a, b)| (a.saturating_sub(shift), if b < shift { 0 } else { b - shift })),
         }
     }
 }
@@ -200,95 +214,125 @@ pub fn json_row(row: &ChangeRef<'_>) -> String {
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
-    let reader = TraceReader::open(&args.trace)?;
-    let filter = args.filter();
+    let procs = crate::run::open(&args.trace, &args.pid)?;
+    let several = procs.len() > 1 || !args.pid.is_empty();
+    let base = procs.iter().map(|p| p.start_ns).min().unwrap_or(0);
     let limit = args.limit.unwrap_or(usize::MAX);
-    let mut rows: Vec<[String; COLUMNS]> = Vec::new();
-    let mut n = 0usize;
-    let mut io_err: Option<std::io::Error> = None;
+    // Every process's rows, with the time they happened: merged by time.
+    let mut rows: Vec<(u64, usize, [String; COLUMNS])> = Vec::new();
+    let mut lines: Vec<(u64, usize, String)> = Vec::new();
     if args.format == Format::Csv {
         writeln!(
             out,
-            "seq,time_ns,tag,variable,file,line,function,thread,thread_name,kind,changed,sample,op"
+            "seq,time_ns,tag,variable,file,line,function,thread,thread_name,kind,changed,sample,op,pid"
         )?;
     }
-    for_each_change(&reader, &filter, |row| {
-        if n >= limit {
-            return ControlFlow::Break(());
-        }
-        n += 1;
-        let res = match args.format {
-            Format::Table => {
-                rows.push([
-                    row.seq.to_string(),
-                    format!("{:.3}", row.time_ns as f64 / 1e6),
-                    row.tag.to_string(),
-                    row.variable.unwrap_or("-").to_string(),
-                    at_text(row),
-                    row.frame.map(|f| f.function.to_string()).unwrap_or_default(),
-                    row.thread_name
-                        .map(String::from)
-                        .unwrap_or_else(|| row.thread.to_string()),
-                    changed_text(row),
-                    row.op.unwrap_or("").to_string(),
-                    sample_text(row),
-                ]);
-                Ok(())
-            }
-            Format::Jsonl => writeln!(out, "{}", json_row(row)),
-            Format::Csv => {
-                let f = row.frame;
-                let kind = row.kind_name();
-                writeln!(
-                    out,
-                    "{},{},{},{},{},{},{},{},{},{},{},{},{}",
-                    row.seq,
-                    row.time_ns,
-                    csv_cell(row.tag),
-                    csv_cell(row.variable.unwrap_or("")),
-                    csv_cell(f.map(|f| &*f.file).unwrap_or("")),
-                    f.map(|f| f.line.to_string()).unwrap_or_default(),
-                    csv_cell(f.map(|f| &*f.function).unwrap_or("")),
-                    row.thread,
-                    csv_cell(row.thread_name.unwrap_or("")),
-                    kind,
-                    csv_cell(&changed_text(row)),
-                    csv_cell(&sample_text(row)),
-                    csv_cell(row.op.unwrap_or("")),
-                )
-            }
+    for (order, p) in procs.iter().enumerate() {
+        let shift = p.start_ns.saturating_sub(base);
+        let pid_text = match p.rank {
+            Some(r) => format!("{} (rank {r})", p.pid),
+            None => p.pid.to_string(),
         };
-        match res {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(e) => {
-                io_err = Some(e);
-                ControlFlow::Break(())
+        let mut n = 0usize;
+        for_each_change(&p.reader, &args.filter(shift), |row| {
+            // The first `limit` of each process include the first `limit` of all.
+            if n >= limit {
+                return ControlFlow::Break(());
             }
-        }
-    })?;
-    if let Some(e) = io_err {
-        return Err(e.into());
+            n += 1;
+            let at = row.time_ns + shift;
+            match args.format {
+                Format::Table => rows.push((
+                    at,
+                    order,
+                    [
+                        pid_text.clone(),
+                        row.seq.to_string(),
+                        format!("{:.3}", at as f64 / 1e6),
+                        row.tag.to_string(),
+                        row.variable.unwrap_or("-").to_string(),
+                        at_text(row),
+                        row.frame.map(|f| f.function.to_string()).unwrap_or_default(),
+                        row.thread_name
+                            .map(String::from)
+                            .unwrap_or_else(|| row.thread.to_string()),
+                        changed_text(row),
+                        row.op.unwrap_or("").to_string(),
+                        sample_text(row),
+                    ],
+                )),
+                Format::Jsonl => {
+                    let mut j = json_row(row);
+                    j.pop();
+                    j.push_str(&format!(",\"pid\":{}", p.pid));
+                    if let Some(r) = p.rank {
+                        j.push_str(&format!(",\"rank\":{r}"));
+                    }
+                    j.push('}');
+                    lines.push((at, order, j));
+                }
+                Format::Csv => {
+                    let f = row.frame;
+                    let kind = row.kind_name();
+                    lines.push((
+                        at,
+                        order,
+                        format!(
+                            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                            row.seq,
+                            row.time_ns,
+                            csv_cell(row.tag),
+                            csv_cell(row.variable.unwrap_or("")),
+                            csv_cell(f.map(|f| &*f.file).unwrap_or("")),
+                            f.map(|f| f.line.to_string()).unwrap_or_default(),
+                            csv_cell(f.map(|f| &*f.function).unwrap_or("")),
+                            row.thread,
+                            csv_cell(row.thread_name.unwrap_or("")),
+                            kind,
+                            csv_cell(&changed_text(row)),
+                            csv_cell(&sample_text(row)),
+                            csv_cell(row.op.unwrap_or("")),
+                            p.pid,
+                        ),
+                    ));
+                }
+            }
+            ControlFlow::Continue(())
+        })?;
+    }
+    // One process's rows are in seq order already: a stable sort by time
+    // keeps them so, and puts the others between them.
+    if procs.len() > 1 {
+        rows.sort_by_key(|(at, _, _)| *at);
+        lines.sort_by_key(|(at, _, _)| *at);
+    }
+    rows.truncate(limit);
+    lines.truncate(limit);
+    for (_, _, l) in &lines {
+        writeln!(out, "{l}")?;
     }
     if args.format == Format::Table {
-        write_table(out, &rows)?;
-        if rows.is_empty() {
+        let table: Vec<[String; COLUMNS]> = rows.into_iter().map(|(_, _, r)| r).collect();
+        write_table(out, &table, several)?;
+        if table.is_empty() {
             writeln!(out, "(no changes match)")?;
         }
     }
-    if let Some(msg) = reader.tail_message() {
-        out.flush()?;
-        eprintln!("memwatch: note: {}: {msg}", reader.path().display());
-    }
+    out.flush()?;
+    crate::run::tail_notes(&procs);
     Ok(0)
 }
 
 /// Columns of the table; the op column ([`OP_COLUMN`]) is left out when no
 /// row has an op.
-const COLUMNS: usize = 10;
-const OP_COLUMN: usize = 8;
+const COLUMNS: usize = 11;
+const OP_COLUMN: usize = 9;
+const PID_COLUMN: usize = 0;
 
-fn write_table(out: &mut dyn Write, rows: &[[String; COLUMNS]]) -> std::io::Result<()> {
+/// The table; the pid column only when the run has several processes.
+fn write_table(out: &mut dyn Write, rows: &[[String; COLUMNS]], with_pid: bool) -> std::io::Result<()> {
     const HEAD: [&str; COLUMNS] = [
+        "pid",
         "seq",
         "time_ms",
         "tag",
@@ -301,7 +345,7 @@ fn write_table(out: &mut dyn Write, rows: &[[String; COLUMNS]]) -> std::io::Resu
         "old -> new",
     ];
     let with_op = rows.iter().any(|r| !r[OP_COLUMN].is_empty());
-    let shown = |i: &usize| with_op || *i != OP_COLUMN;
+    let shown = |i: &usize| (with_op || *i != OP_COLUMN) && (with_pid || *i != PID_COLUMN);
     let mut width: Vec<usize> = HEAD.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, c) in width.iter_mut().zip(r) {

@@ -15,8 +15,12 @@ use memwatch_format::TraceReader;
 const AFTER_HELP: &str = "\
 Runs COMMAND with recording on: every change to a buffer the program
 watches (memwatch.watch) goes to the trace, from the first watch until the
-program ends. The program needs no other change. Only the Python process
-that COMMAND starts records; processes it starts in turn do not.
+program ends. The program needs no other change. Every Python process of
+the program records, to a trace of its own beside it: processes forked
+(os.fork, multiprocessing's fork and forkserver), spawned (multiprocessing
+spawn, subprocess) or launched (torchrun) write OUTPUT-STEM.PID.mwt
+(OUTPUT-STEM.rankR.PID.mwt with $RANK), and `memwatch query` and the other
+commands read the whole run from the first trace (--pid picks processes).
 
 --live prints each change to stderr as it happens too: a [MEMWATCH]
 report, or with --live=short one line, like
@@ -187,11 +191,18 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
             output.display()
         )
     })?;
+    // Traces an earlier run to the same path left beside it are not this
+    // run's: they go, as the root trace's old contents did.
+    for m in memwatch_format::run::scan(&output, None) {
+        remove_trace(&m.path);
+    }
+    let run_id = format!("{}-{}", std::process::id(), unix_ns());
     let sep = ":";
     let mut cmd = Command::new(&args.command[0]);
     cmd.args(&args.command[1..])
         .env("MEMWATCH_TRACE", &output)
         .env("MEMWATCH_TRACE_PARENT", std::process::id().to_string())
+        .env("MEMWATCH_RUN", &run_id)
         .env(
             "MEMWATCH_LIVE",
             match args.live {
@@ -291,7 +302,14 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
         }
         _ => 1,
     };
-    report(&output, args.torch_inplace, out)?;
+    report(
+        &output,
+        &run_id,
+        pid as u32,
+        &args.command,
+        args.torch_inplace,
+        out,
+    )?;
     Ok(code)
 }
 
@@ -337,38 +355,49 @@ fn check_command(command: &[std::ffi::OsString]) -> Result<()> {
     Ok(())
 }
 
-/// The one-line summary printed after the program ends.
-fn report(output: &Path, torch_inplace: bool, _out: &mut dyn Write) -> Result<()> {
-    let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
-    if size == 0 {
-        let _ = std::fs::remove_file(output);
-        if torch_inplace {
-            // The run was for --torch-inplace, which needs no watch: not a mistake.
-            eprintln!(
-                "memwatch: no trace written: the program watched nothing (--torch-inplace needs no watch)"
-            );
-        } else {
-            eprintln!("memwatch: nothing recorded: the program never called memwatch.watch()");
-        }
-        return Ok(());
-    }
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Removes a trace and the journal and crash area beside it.
+fn remove_trace(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(memwatch_format::journal_path(path));
+    let mut crash = path.as_os_str().to_owned();
+    crash.push(".crash");
+    let _ = std::fs::remove_file(crash);
+}
+
+/// What one trace of the run holds, for the summary.
+struct Counted {
+    changes: u64,
+    bytes: u64,
+    tags: usize,
+    size: u64,
+    note: Option<String>,
+    folded: Option<u32>,
+}
+
+/// Folds the journal of the trace at `path` into it and counts its changes.
+fn count(path: &Path) -> std::result::Result<Counted, String> {
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     // Records the program wrote but that had not reached the trace when it
     // ended (killed, crashed) wait in its journal: move them in, so that
     // the trace holds everything on its own.
-    let folded = match memwatch_format::journal::fold(output) {
+    let folded = match memwatch_format::journal::fold(path) {
         Ok(n) => n,
         Err(e) => {
-            eprintln!("memwatch: the trace's journal could not be moved into it: {e}");
+            eprintln!(
+                "memwatch: the journal of {} could not be moved into it: {e}",
+                path.display()
+            );
             None
         }
     };
-    let reader = match TraceReader::open(output) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("memwatch: the trace cannot be read: {e}");
-            return Ok(());
-        }
-    };
+    let reader = TraceReader::open(path).map_err(|e| e.to_string())?;
     let (mut changes, mut bytes) = (0u64, 0u64);
     let mut tags = std::collections::BTreeSet::new();
     let counted = for_each_change(&reader, &Filter::default(), |row| {
@@ -377,22 +406,127 @@ fn report(output: &Path, torch_inplace: bool, _out: &mut dyn Write) -> Result<()
         tags.insert(row.tag.to_string());
         ControlFlow::Continue(())
     });
-    let regions = counted.map(|s| s.tags().len()).unwrap_or(tags.len());
-    eprintln!(
-        "memwatch: recorded {changes} change{} to {regions} tag{} ({bytes} bytes changed) in {} ({size} bytes)",
-        if changes == 1 { "" } else { "s" },
-        if regions == 1 { "" } else { "s" },
-        output.display()
-    );
-    if let Some(msg) = reader.tail_message() {
-        eprintln!("memwatch: note: {msg}");
+    let tags = counted.map(|s| s.tags().len()).unwrap_or(tags.len());
+    Ok(Counted {
+        changes,
+        bytes,
+        tags,
+        size: std::fs::metadata(path).map(|m| m.len()).unwrap_or(size),
+        note: reader.tail_message(),
+        folded,
+    })
+}
+
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// Writes a root trace with no records for a run whose first process
+/// watched nothing while others did, so that the run is read from it as
+/// from any root.
+fn write_empty_root(output: &Path, run_id: &str, pid: u32, command: &[OsString]) -> Result<()> {
+    let meta = memwatch_format::Meta {
+        pid,
+        argv: command.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+        platform: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
+        // SAFETY: a plain query.
+        page_size: unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u32,
+        start_time_ns: unix_ns(),
+        writer: format!("memwatch {}", env!("CARGO_PKG_VERSION")),
+        properties: vec![
+            (memwatch_format::run::PROP_RUN.into(), run_id.into()),
+            ("watched".into(), "nothing".into()),
+        ],
+        ..memwatch_format::Meta::default()
+    };
+    let w = memwatch_format::TraceWriter::new(
+        Vec::new(),
+        output,
+        &meta,
+        memwatch_format::WriterOptions::default(),
+    )?;
+    let (bytes, _) = w.finish(0)?;
+    std::fs::write(output, bytes).with_context(|| format!("cannot write {}", output.display()))
+}
+
+/// The summary printed after the program ends: a line for the trace, and
+/// one for each other process of the run that recorded.
+fn report(
+    output: &Path,
+    run_id: &str,
+    pid: u32,
+    command: &[OsString],
+    torch_inplace: bool,
+    _out: &mut dyn Write,
+) -> Result<()> {
+    let members = memwatch_format::run::scan(output, Some(run_id));
+    let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    if size == 0 {
+        if members.is_empty() {
+            let _ = std::fs::remove_file(output);
+            if torch_inplace {
+                // The run was for --torch-inplace, which needs no watch: not a mistake.
+                eprintln!(
+                    "memwatch: no trace written: the program watched nothing (--torch-inplace needs no watch)"
+                );
+            } else {
+                eprintln!("memwatch: nothing recorded: the program never called memwatch.watch()");
+            }
+            return Ok(());
+        }
+        if let Err(e) = write_empty_root(output, run_id, pid, command) {
+            eprintln!("memwatch: {e:#}");
+        }
     }
-    if let Some(n) = folded {
+    let say = |label: &str, path: &Path, c: &Counted| {
         eprintln!(
-            "memwatch: note: the last {n} record{} had not reached the trace when the program ended; \
-             they were recovered from its journal",
-            if n == 1 { "" } else { "s" }
+            "memwatch: {label}{} to {} ({}) in {} ({} bytes)",
+            plural(c.changes, "change", "changes"),
+            plural(c.tags as u64, "tag", "tags"),
+            plural(c.bytes, "byte changed", "bytes changed"),
+            path.display(),
+            c.size
         );
+        if let Some(msg) = &c.note {
+            eprintln!("memwatch: note: {msg}");
+        }
+        if let Some(n) = c.folded {
+            eprintln!(
+                "memwatch: note: the last {n} record{} had not reached the trace when the program ended; \
+                 they were recovered from its journal",
+                if n == 1 { "" } else { "s" }
+            );
+        }
+    };
+    let mut total = (0u64, 0u64);
+    for m in &members {
+        match count(&m.path) {
+            Ok(c) => {
+                let who = match m.rank {
+                    Some(r) => format!("process {} (rank {r}) recorded ", m.pid),
+                    None => format!("process {} recorded ", m.pid),
+                };
+                say(&who, &m.path, &c);
+                total.0 += c.changes;
+                total.1 += 1;
+            }
+            Err(e) => eprintln!("memwatch: the trace of process {} cannot be read: {e}", m.pid),
+        }
+    }
+    match count(output) {
+        Ok(c) => {
+            let label = if members.is_empty() {
+                "recorded ".to_string()
+            } else {
+                format!(
+                    "{} of the run recorded {} in all; the first recorded ",
+                    plural(members.len() as u64 + 1, "process", "processes"),
+                    plural(total.0 + c.changes, "change", "changes"),
+                )
+            };
+            say(&label, output, &c);
+        }
+        Err(e) => eprintln!("memwatch: the trace cannot be read: {e}"),
     }
     Ok(())
 }

@@ -72,9 +72,9 @@ fn query_has_an_op_column_only_where_a_change_has_an_op() {
         ]
     );
     let csv = stdout(&["query", &trace, "--tag", "layer2_weight", "--format", "csv"]);
-    assert!(csv.lines().next().unwrap().ends_with(",sample,op"), "{csv}");
+    assert!(csv.lines().next().unwrap().ends_with(",sample,op,pid"), "{csv}");
     assert!(
-        csv.lines().nth(3).unwrap().ends_with(",aten::add_.Tensor"),
+        csv.lines().nth(3).unwrap().contains(",aten::add_.Tensor,"),
         "{csv}"
     );
 }

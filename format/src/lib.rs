@@ -55,6 +55,7 @@ pub mod header;
 pub mod journal;
 mod reader;
 mod record;
+pub mod run;
 pub mod sample;
 pub mod sealer;
 mod view;

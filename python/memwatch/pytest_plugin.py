@@ -135,11 +135,10 @@ def _recording_elsewhere() -> str | None:
     current = _memwatch._recording()
     if current is not None:
         return str(current)
-    trace_env = os.environ.get("MEMWATCH_TRACE")
-    parent = os.environ.get("MEMWATCH_TRACE_PARENT")
-    if trace_env and (parent is None or parent == str(os.getppid())):
-        return trace_env
-    return None
+    from memwatch import _api
+
+    mine = _api._trace_for_this_process()
+    return mine[0] if mine is not None else None
 
 
 # --- recording ---------------------------------------------------------------

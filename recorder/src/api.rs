@@ -1033,10 +1033,53 @@ pub fn _watch(
     // new region's baseline is this moment; a watch whose object is gone
     // ends there, freeing its name.
     check_and_emit(py, LAST.with(|l| l.get()));
-    if with_state(|st| st.watches.iter().any(|w| &*w.tag == tag.as_str())) {
-        return Err(PyValueError::new_err(format!(
-            "a region named '{tag}' is already watched; pass another name= or unwatch it first"
-        )));
+    // A name is watched once at a time. Watching the same object under its
+    // name again (a task that runs twice in one worker process) is that
+    // watch; another object under a name in use is refused, saying how to
+    // fix it.
+    let new_oid = owner.or(obj).map(|o| o.as_ptr() as usize);
+    let taken = with_state(|st| {
+        let w = st.watches.iter().find(|w| &*w.tag == tag.as_str())?;
+        let r = st.engine.regions.iter().find(|r| r.id == w.id)?;
+        let same = match (new_oid, address) {
+            (Some(oid), _) => w.obj_id == Some(oid),
+            (None, Some(a)) => r.start == a && size.is_some_and(|n| n >= 0 && n as u64 == r.len),
+            (None, None) => false,
+        };
+        let store = r.tracking == Tracking::Store;
+        let handle = WatchHandle {
+            region: r.id,
+            tag: tag.clone(),
+            variable: w.variable.as_deref().map(str::to_string),
+            address: r.start,
+            size: r.len,
+            dtype: r.layout.dtype.clone(),
+            tracking: r.tracking.name(),
+            tracking_note: r.tracking_note.clone(),
+        };
+        Some((same, store, handle))
+    });
+    if let Some((same, was_store, handle)) = taken {
+        if same && was_store == store {
+            return Ok(handle);
+        }
+        let what = match &handle.dtype {
+            Some(d) => format!("{} bytes of {d} at {:#x}", handle.size, handle.address),
+            None => format!("{} bytes at {:#x}", handle.size, handle.address),
+        };
+        return Err(PyValueError::new_err(if same {
+            format!(
+                "'{tag}' is already watched in {} mode; unwatch it before watching it in {mode} mode",
+                if was_store { "store" } else { "line" }
+            )
+        } else {
+            format!(
+                "a region named '{tag}' is already watched: another buffer ({what}) that is still \
+                 referenced; a name is watched once at a time: unwatch('{tag}') when done with \
+                 the first (or watch it in a `with memwatch.watching(...)` block), or give each \
+                 its own name= (a task that runs more than once in a worker: name=f\"{tag}-{{i}}\")"
+            )
+        }));
     }
     let (span, mut pinned) = match (obj, address) {
         (Some(obj), _) => {
@@ -1491,12 +1534,19 @@ pub fn _backend_problem() -> Option<String> {
 
 /// Starts recording to `path`; regions already watched are written with
 /// their current contents.
+///
+/// `properties` go to the header beside `backend` and `mode`: a process
+/// of a run (`memwatch record`, a fork child) names the run there (`run`,
+/// `root`, `parent`, `rank`; see docs/format.md, "Runs of several
+/// processes").
 #[pyfunction]
+#[pyo3(signature = (path, argv, python_version, properties=Vec::new()))]
 pub fn _start(
     py: Python<'_>,
     path: std::path::PathBuf,
     argv: Vec<String>,
     python_version: String,
+    properties: Vec<(String, String)>,
 ) -> PyResult<()> {
     if let Some(s) = sink().as_ref() {
         return Err(MemwatchError::new_err(format!(
@@ -1518,7 +1568,10 @@ pub fn _start(
                 "mode".into(),
                 std::env::var("MEMWATCH_MODE").unwrap_or_else(|_| "line".into()),
             ),
-        ],
+        ]
+        .into_iter()
+        .chain(properties)
+        .collect(),
     };
     let new = py
         .detach(|| TraceSink::create(&path, meta))
@@ -1596,34 +1649,146 @@ pub fn _shutdown(py: Python<'_>) -> PyResult<()> {
     }
 }
 
-/// In a fork child: forget every watch and the trace (the parent keeps
-/// them), without touching the parent's file.
+/// Makes `lock` usable in a fork child. A thread that held it in the
+/// parent does not exist here and never lets go: the lock is replaced by a
+/// fresh one and what it guarded is forgotten (leaked, never dropped: it
+/// may be half-changed). Returns false when that happened.
+///
+/// Only for the fork child's single thread, before anything else locks it.
+fn reset_in_child<T>(lock: &'static Mutex<Option<T>>) -> bool {
+    match lock.try_lock() {
+        Ok(_) | Err(std::sync::TryLockError::Poisoned(_)) => true,
+        Err(std::sync::TryLockError::WouldBlock) => {
+            // SAFETY: the child has one thread, this one, and it holds no
+            // guard of `lock`; the old lock and its contents are forgotten
+            // without being dropped. Every field of a `Mutex` is interior-
+            // mutable, so writing it through the static's address is what
+            // any lock operation does.
+            unsafe {
+                std::ptr::write(
+                    std::ptr::addr_of!(*lock) as *mut Mutex<Option<T>>,
+                    Mutex::new(None),
+                )
+            };
+            false
+        }
+    }
+}
+
+/// In a fork child: the recorder starts clean, keeping its watches. The
+/// parent's trace, journal and crash area stay the parent's (nothing of
+/// them is written from here), the seq starts again at 1, the history is
+/// empty, and every region watched before the fork is watched again here:
+/// its contents as they are now, tracked with this process's own kernel
+/// registrations (userfaultfd and store-mode registrations do not survive
+/// a fork). Callbacks and options stay.
+///
+/// Returns `(recording, problems)`: whether the parent was recording (the
+/// caller then starts this process's own trace) and one line per watch
+/// that could not be kept.
 #[pyfunction]
-pub fn _after_fork_child(py: Python<'_>) {
+pub fn _after_fork_child(py: Python<'_>) -> (bool, Vec<String>) {
     crash::after_fork();
     crate::change::forget_pid();
-    if let Some(s) = sink().take() {
-        // The parent owns the file: writing pending records from here would
-        // interleave with it. Nor is its crash area ours to write.
-        crash::disarm();
-        std::mem::forget(s);
-    }
-    crash::reset_seq();
-    let old = state().take();
-    if let Some(st) = old {
-        for w in st.watches {
-            if let Some(mut p) = w.pinned {
-                // SAFETY: GIL held in the child's only thread.
-                unsafe { ffi::PyBuffer_Release(&mut *p.0) };
-            }
+    let mut problems = Vec::new();
+    let sink_ok = reset_in_child(&SINK);
+    let state_ok = reset_in_child(&STATE);
+    let recording = match sink().take() {
+        Some(s) => {
+            // The parent owns the file: writing pending records from here
+            // would interleave with it. Nor is its crash area ours to write.
+            crash::disarm();
+            std::mem::forget(s);
+            true
         }
+        None => {
+            crash::disarm();
+            !sink_ok
+        }
+    };
+    crash::reset_seq();
+    if !state_ok {
+        problems.push(
+            "the fork came while another thread of the parent was inside memwatch: \
+             this process does not keep the parent's watches"
+                .to_string(),
+        );
+    }
+    let old = {
+        let mut g = STATE.lock().unwrap_or_else(|p| p.into_inner());
+        g.take()
+    };
+    let mut kept = false;
+    if let Some(st) = old {
+        let State {
+            engine,
+            watches,
+            next_region,
+            live,
+            callbacks,
+            history,
+            max_history,
+            max_history_bytes,
+            ..
+        } = st;
+        // The history's changes are the parent's.
+        drop(history);
+        let mut engine = engine;
+        let regions = std::mem::take(&mut engine.regions);
         // The child's userfaultfd registrations are gone with the fork; the
         // engine's descriptors are simply dropped (the store tracker's
         // threads live in the parent only: it is forgotten, not joined).
-        let mut engine = st.engine;
         engine.forget_after_fork();
         drop(engine);
-        drop(st.callbacks);
+        let mut fresh = Engine::default();
+        let mut gone = Vec::new();
+        for r in regions {
+            let store = r.tracking == Tracking::Store;
+            let region = Region {
+                shadow: Arc::new(Vec::new()),
+                spare: None,
+                tracking: Tracking::Compare,
+                tracking_note: None,
+                ..r
+            };
+            if store {
+                let (id, tag) = (region.id, region.tag.clone());
+                if let Err(why) = fresh.add_store(region) {
+                    problems.push(format!("'{tag}' is not watched in this process: {why}"));
+                    gone.push(id);
+                }
+            } else {
+                fresh.add(region);
+            }
+        }
+        let mut kept_watches = Vec::new();
+        for w in watches {
+            if gone.contains(&w.id) {
+                if let Some(mut p) = w.pinned {
+                    // SAFETY: GIL held in the child's only thread; the
+                    // export was copied with the parent's memory.
+                    unsafe { ffi::PyBuffer_Release(&mut *p.0) };
+                }
+            } else {
+                kept_watches.push(w);
+            }
+        }
+        kept = !kept_watches.is_empty();
+        let mut g = state();
+        *g = Some(State {
+            engine: fresh,
+            watches: kept_watches,
+            next_region,
+            live,
+            callbacks,
+            history: VecDeque::new(),
+            max_history,
+            history_bytes: 0,
+            max_history_bytes,
+        });
     }
-    let _ = monitor::stop(py);
+    if !kept && !crate::objects::any() && !crate::vars::any() {
+        let _ = monitor::stop(py);
+    }
+    (recording, problems)
 }

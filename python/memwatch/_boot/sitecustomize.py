@@ -5,8 +5,12 @@ program's first line, with ``$MEMWATCH_TORCH_INPLACE=1`` turns
 hook: torch is not imported for it), then runs the ``sitecustomize`` this
 module shadows, if there is one.
 
-Only the process ``memwatch record`` started directly does this; the folder
-is taken off ``PYTHONPATH`` so that processes it starts do not.
+Every Python process of the run does this (the folder stays on
+``PYTHONPATH`` for the processes it starts: multiprocessing's spawn and
+forkserver children, ``subprocess``, torchrun's ranks), while
+``$MEMWATCH_TRACE`` is set; each records to its own trace (see
+``memwatch._api._trace_for_this_process``). A process that cannot do it
+(another Python without memwatch) says so on stderr and runs on.
 """
 
 import os
@@ -15,15 +19,10 @@ import sys
 
 def _memwatch_boot() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
-    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    rest = [p for p in paths if p and os.path.abspath(p) != here]
-    if rest:
-        os.environ["PYTHONPATH"] = os.pathsep.join(rest)
-    else:
-        os.environ.pop("PYTHONPATH", None)
+    # Not in sys.path: the program's own imports do not see this folder.
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
 
-    if os.environ.get("MEMWATCH_TRACE_PARENT") == str(os.getppid()):
+    if os.environ.get("MEMWATCH_TRACE"):
         try:
             from memwatch import _vars
 
