@@ -94,7 +94,7 @@ impl Args {
             seq: self.seq,
             time: self
                 .time
-                .map(|(a, b)| (a.saturating_sub(shift), if b < shift { 0 } else { b - shift })),
+                .map(|(a, b)| (a.saturating_sub(shift), b.saturating_sub(shift))),
         }
     }
 }
