@@ -1,7 +1,7 @@
 //! The `memwatch` command line.
 //!
 //! One module per subcommand, each with its clap `Args` and a
-//! `run(args, out) -> anyhow::Result<u8>` (the exit status). [`run`] parses, dispatches
+//! `run(args, out) -> anyhow::Result<u8>` (the exit status). [`run()`] parses, dispatches
 //! and turns errors into messages and exit codes; it is the whole of
 //! `main`, and the Python package calls it too (`memwatch` installed by pip
 //! is a console script that calls this through the extension module), so

@@ -6,7 +6,7 @@
 //! trace is `STEM.mwt` (the one `memwatch record` names); every other
 //! process writes `STEM.PID.mwt` beside it, or `STEM.rankR.PID.mwt` when
 //! it has a rank (`$RANK`). Their headers say which run they belong to,
-//! with [`Meta`] properties:
+//! with [`Meta`](crate::Meta) properties:
 //!
 //! | property | in | value |
 //! |---|---|---|

@@ -19,7 +19,7 @@
 //! `WP_ASYNC` with `PAGEMAP_SCAN`) needs no signal handler.
 //!
 //! The module also carries the `memwatch` command line (`_cli_main`, which
-//! calls [`memwatch_cli::run`]): maturin builds one extension module per
+//! calls [`memwatch_cli::run()`]): maturin builds one extension module per
 //! wheel, so the console script `memwatch` that pip installs calls into it,
 //! and one `pip install` gives both `import memwatch` and the command.
 //!
