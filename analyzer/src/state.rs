@@ -48,6 +48,18 @@ pub fn seq_bounds(reader: &TraceReader) -> Option<(u64, u64)> {
     bounds
 }
 
+/// Whether the trace watched a region under `tag` at all, reading from the
+/// start only as far as its first `RegionWatched` (contents chunks are not
+/// decompressed). A run's commands use it to find the process that watched
+/// a tag.
+pub fn has_region(reader: &TraceReader, tag: &str) -> Result<bool> {
+    match find_region(reader, tag) {
+        Ok(_) => Ok(true),
+        Err(Error::UnknownTag { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Finds the region watched under `tag` (the first one), reading from the
 /// start only as far as needed. Returns it, the symbols learned so far and
 /// the index of the chunk that holds its `RegionWatched`.

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use memwatch_analyzer::{element_bytes, shape_of, state, writes_to};
-use memwatch_format::TraceReader;
 
 use memwatch_analyzer::{ChangeRow, What};
 
@@ -76,6 +75,12 @@ pub struct Args {
     /// List every write, not only the last.
     #[arg(long)]
     pub all: bool,
+    /// In a run of several processes, the process whose region to blame in
+    /// (needed when several of them watched the tag, as a fork's child
+    /// keeps its parent's watches). A time in --at counts from the run's
+    /// start.
+    #[arg(long)]
+    pub pid: Option<u32>,
 }
 
 /// A shape as Python writes it: (8, 16), (5,).
@@ -90,10 +95,19 @@ fn shape_text(shape: &[u64]) -> String {
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
-    let reader = TraceReader::open(&args.trace)?;
-    let at = args.at.map(|p| p.seq(&reader)).transpose()?;
+    let procs = crate::run::open(&args.trace, &[])?;
+    let base = crate::run::base_ns(&procs);
+    let proc = crate::run::pick(&procs, args.pid, &args.tag)?;
+    let reader = &proc.reader;
+    let at = args.at.map(|p| proc.seq_of(p, base)).transpose()?;
     // Resolves the tag (and checks --at) before scanning everything.
-    let st = state(&reader, &args.tag, at)?;
+    let st = state(reader, &args.tag, at)?;
+    // Which process, when the run has several.
+    let process = if procs.len() > 1 {
+        format!("process {}, ", proc.label())
+    } else {
+        String::new()
+    };
     let region = &st.region;
     let (start, end, what) = match (&args.offset, &args.index, &args.flat_index) {
         (Some(o), _, _) => {
@@ -125,7 +139,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
         }
         (None, None, None) => bail!("give --offset, --index or --flat-index"),
     };
-    let writes = writes_to(&reader, &args.tag, start, end, at)?;
+    let writes = writes_to(reader, &args.tag, start, end, at)?;
     let shown: Vec<_> = if args.all {
         writes.iter().collect()
     } else {
@@ -134,8 +148,15 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     if shown.is_empty() {
         writeln!(
             out,
-            "{} of {} was never written after it was watched (seq {})",
-            what, args.tag, region.watched_seq
+            "{} of {} was never written after it was watched (seq {}{})",
+            what,
+            args.tag,
+            region.watched_seq,
+            if process.is_empty() {
+                String::new()
+            } else {
+                format!(" in process {}", proc.label())
+            }
         )?;
         return Ok(0);
     }
@@ -143,7 +164,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
         let f = row.frame.as_ref();
         writeln!(
             out,
-            "{what} of {}: seq {} at {} in {} (thread {}): {}{}",
+            "{what} of {}: seq {} at {} in {} ({process}thread {}): {}{}",
             args.tag,
             row.seq,
             f.map(|f| memwatch_format::location(&f.file, f.line))

@@ -216,7 +216,7 @@ pub fn json_row(row: &ChangeRef<'_>) -> String {
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     let procs = crate::run::open(&args.trace, &args.pid)?;
     let several = procs.len() > 1 || !args.pid.is_empty();
-    let base = procs.iter().map(|p| p.start_ns).min().unwrap_or(0);
+    let base = crate::run::base_ns(&procs);
     let limit = args.limit.unwrap_or(usize::MAX);
     // Every process's rows, with the time they happened: merged by time.
     let mut rows: Vec<(u64, usize, [String; COLUMNS])> = Vec::new();
@@ -228,11 +228,8 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
         )?;
     }
     for (order, p) in procs.iter().enumerate() {
-        let shift = p.start_ns.saturating_sub(base);
-        let pid_text = match p.rank {
-            Some(r) => format!("{} (rank {r})", p.pid),
-            None => p.pid.to_string(),
-        };
+        let shift = p.shift_ns(base);
+        let pid_text = p.label();
         let mut n = 0usize;
         for_each_change(&p.reader, &args.filter(shift), |row| {
             // The first `limit` of each process include the first `limit` of all.

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use memwatch_analyzer::{c_order, element_bytes, shape_of, state, RegionInfo};
 use memwatch_format::dtype::{Dtype, FloatFormat, Kind, Value};
-use memwatch_format::TraceReader;
 
 use crate::text::{element, parse_point, Point};
 
@@ -53,6 +52,12 @@ pub struct Args {
     pub at: Option<Point>,
     #[arg(long, value_enum, default_value_t = Format::Hex)]
     pub format: Format,
+    /// In a run of several processes, the process whose region to rebuild
+    /// (needed when several of them watched the tag, as a fork's child
+    /// keeps its parent's watches). A time in --at counts from the run's
+    /// start.
+    #[arg(long)]
+    pub pid: Option<u32>,
     /// Write to this file instead of stdout.
     #[arg(short = 'o', long)]
     pub output: Option<PathBuf>,
@@ -165,9 +170,12 @@ pub fn write_npy(region: &RegionInfo, data: &[u8], w: &mut dyn Write) -> std::io
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
-    let reader = TraceReader::open(&args.trace)?;
-    let at = args.at.map(|p| p.seq(&reader)).transpose()?;
-    let st = state(&reader, &args.tag, at)?;
+    let procs = crate::run::open(&args.trace, &[])?;
+    let base = crate::run::base_ns(&procs);
+    let proc = crate::run::pick(&procs, args.pid, &args.tag)?;
+    let reader = &proc.reader;
+    let at = args.at.map(|p| proc.seq_of(p, base)).transpose()?;
+    let st = state(reader, &args.tag, at)?;
     let dtype = st.region.dtype.as_deref();
     if args.format == Format::Values && dtype.is_none() {
         anyhow::bail!(
