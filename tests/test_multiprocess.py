@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import memwatch
@@ -294,3 +296,169 @@ def test_query_reads_the_whole_run_merged_by_time_with_pid(tmp_path):
     assert table[0].split()[0] == "pid" and len(table) == len(results) + 1
     bad = query("--pid", "1")
     assert bad.returncode == 1 and "--pid 1: no process of this run has that pid" in bad.stderr
+
+
+def mw(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    return subprocess.run(
+        [str(BIN / "memwatch"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100
+    )
+
+
+FORK = """
+    import os
+    import numpy as np
+    import memwatch
+
+    w = np.zeros(4, dtype=np.int64)
+    memwatch.watch(w, name="w")
+    w[0] = 1  # before the fork
+    pid = os.fork()
+    if pid == 0:
+        c = np.zeros(2, dtype=np.float64)
+        memwatch.watch(c, name="c")
+        w[1] = 2  # in the child
+        c[1] = 0.25  # the child's own array
+        os._exit(0)
+    os.waitpid(pid, 0)
+    w[2] = 3  # in the parent, after
+    open("child", "w").write(str(pid))
+"""
+
+
+def test_state_and_blame_read_the_process_that_watched_the_tag(tmp_path):
+    # GIVEN a fork: w in both processes (the child keeps it), c only in the child
+    record(tmp_path, FORK)
+    child = int((tmp_path / "child").read_text())
+    parent = memwatch.trace_info(tmp_path / "run.mwt")["pid"]
+    # THEN a tag of one process needs no --pid
+    r = mw(tmp_path, "state", "run.mwt", "--tag", "c", "--format", "values")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["[0]", "0.0", "[1]", "0.25"]
+    # AND a tag in both asks which, naming them
+    r = mw(tmp_path, "state", "run.mwt", "--tag", "w")
+    assert r.returncode == 1
+    assert f'"w" was watched in 2 processes of this run ({parent}, {child}): name one with --pid' in r.stderr
+    def values(pid: int) -> list[str]:
+        r = mw(tmp_path, "state", "run.mwt", "--tag", "w", "--pid", str(pid), "--format", "values")
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()[1::2]
+
+    assert values(child) == ["1", "2", "0", "0"]
+    assert values(parent) == ["1", "0", "3", "0"]
+    # AND blame says which process wrote it, on which line
+    r = mw(tmp_path, "blame", "run.mwt", "--tag", "w", "--index", "1", "--pid", str(child))
+    assert r.returncode == 0, r.stderr
+    assert f"prog.py:{line_of(tmp_path, 'in the child')} in <module> (process {child}, thread" in r.stdout
+    assert r.stdout.rstrip().endswith("0 -> 2")
+    r = mw(tmp_path, "blame", "run.mwt", "--tag", "w", "--index", "1", "--pid", str(parent))
+    assert re.search(rf"element \[1\] of w was never written after it was watched \(seq \d+ in process {parent}\)", r.stdout)
+    # AND the errors name what is wrong
+    r = mw(tmp_path, "state", "run.mwt", "--tag", "w", "--pid", "1")
+    assert r.returncode == 1 and f"--pid 1: no process of this run has that pid (its processes: {parent}, {child})" in r.stderr
+    r = mw(tmp_path, "blame", "run.mwt", "--tag", "nope", "--offset", "0")
+    assert r.returncode == 1 and 'no process of this run watched a region tagged "nope"' in r.stderr
+    # AND a time counts from the run's start: at 0 the child had not begun
+    r = mw(tmp_path, "state", "run.mwt", "--tag", "c", "--at", "0ns")
+    assert r.returncode == 1 and f"process {child} started" in r.stderr and "after the run did" in r.stderr
+
+
+def test_query_of_a_tag_that_only_some_processes_watched(tmp_path):
+    record(tmp_path, FORK)
+    child = int((tmp_path / "child").read_text())
+    r = mw(tmp_path, "query", "run.mwt", "--tag", "c", "--format", "jsonl")
+    assert r.returncode == 0, r.stderr
+    assert [(j["pid"], j["tag"]) for j in map(json.loads, r.stdout.splitlines())] == [(child, "c")]
+    r = mw(tmp_path, "query", "run.mwt", "--tag", "nope")
+    assert r.returncode == 1 and 'no tag "nope"; its tags are: c, w' in r.stderr
+
+
+def test_export_of_a_run_merges_every_process_by_time(tmp_path):
+    import pandas as pd
+
+    # GIVEN a spawn Pool (the parent watches nothing) and its traces
+    record(tmp_path, POOL, "spawn")
+    results = json.loads((tmp_path / "results.json").read_text())
+    root = memwatch.trace_info(tmp_path / "run.mwt")["pid"]
+    r = mw(tmp_path, "export", "run.mwt", "-o", "all.parquet")
+    assert r.returncode == 0, r.stderr
+    workers = {pid for pid, _ in results}
+    assert r.stdout.strip() == f"wrote {len(results)} rows to all.parquet (from {len(workers) + 1} processes)"
+    df = pd.read_parquet(tmp_path / "all.parquet")
+    # THEN every worker's changes are there with its pid, in time order, with the values written
+    assert set(df.pid) == workers and df["rank"].isna().all()
+    assert list(df.wall_time_ns) == sorted(df.wall_time_ns)
+    assert sorted(zip(df.pid, (np.frombuffer(b, np.float32)[0] for b in df.new))) == sorted(map(tuple, results))
+    for pid, g in df.groupby("pid"):
+        assert list(g.seq) == sorted(g.seq)
+    # AND --tag keeps the processes that watched it; --pid keeps one
+    r = mw(tmp_path, "export", "run.mwt", "-o", "w.jsonl", "--tag", "worker", "--elements")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "w.jsonl").read_text().splitlines()]
+    assert sorted((x["pid"], x["new_value"]) for x in rows) == sorted(map(tuple, results))
+    assert all(x["index"] == "1" and x["old_value"] == 0.0 for x in rows)
+    pid = results[0][0]
+    r = mw(tmp_path, "export", "run.mwt", "-o", "one.csv", "--pid", str(pid))
+    assert r.returncode == 0, r.stderr
+    one = pd.read_csv(tmp_path / "one.csv")
+    assert set(one.pid) == {pid} and len(one) == sum(1 for p, _ in results if p == pid)
+    r = mw(tmp_path, "export", "run.mwt", "-o", "x.parquet", "--tag", "nope")
+    assert r.returncode == 1 and "nope" in r.stderr and "worker" in r.stderr
+    assert not (tmp_path / "x.parquet").exists()
+    # AND the Perfetto timeline has a process per trace
+    r = mw(tmp_path, "export", "run.mwt", "--format", "perfetto", "-o", "run.json")
+    assert r.returncode == 0, r.stderr
+    events = json.loads((tmp_path / "run.json").read_text())["traceEvents"]
+    changes = [e for e in events if e.get("cat") == "change"]
+    assert sorted(e["pid"] for e in changes) == sorted(p for p, _ in results)
+    assert {e["pid"] for e in events if e.get("name") == "process_name"} == workers | {root}
+
+
+def test_export_partitioned_by_pid_reads_in_duckdb_and_pyarrow(tmp_path):
+    # Real readers, installed by make (tests/requirements.txt): never skipped.
+    import duckdb
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    record(tmp_path, POOL, "fork")
+    results = json.loads((tmp_path / "results.json").read_text())
+    root = memwatch.trace_info(tmp_path / "run.mwt")["pid"]
+    r = mw(tmp_path, "export", "run.mwt", "-o", "by_pid", "--partition-by", "pid")
+    assert r.returncode == 0, r.stderr
+    pids = {p for p, _ in results} | {root}
+    # THEN a file per process, the root's (no changes) too, without a pid column
+    files = sorted(p.relative_to(tmp_path / "by_pid").as_posix() for p in (tmp_path / "by_pid").rglob("*.parquet"))
+    assert files == sorted(f"pid={p}/part-0.parquet" for p in pids)
+    assert "pid" not in pq.read_schema(tmp_path / "by_pid" / f"pid={root}" / "part-0.parquet").names
+    assert f"pid={root} 0 rows" in r.stdout
+    # AND DuckDB reads it with the pid back from the path
+    con = duckdb.connect()
+    got = con.execute(
+        f"SELECT pid, count(*), sum(new_value IS NULL) FROM read_parquet('{tmp_path}/by_pid/**/*.parquet', "
+        "hive_partitioning = true) GROUP BY pid ORDER BY pid"
+    ).fetchall()
+    want: dict[int, int] = {}
+    for p, _ in results:
+        want[p] = want.get(p, 0) + 1
+    assert [(int(p), n) for p, n, _ in got] == sorted(want.items())
+    # AND pyarrow.dataset too, with the values written
+    t = ds.dataset(tmp_path / "by_pid", format="parquet", partitioning="hive").to_table().to_pandas()
+    assert sorted(zip(t.pid, (np.frombuffer(b, np.float32)[1 - 1] for b in t.new))) == sorted(map(tuple, results))
+    # AND a tag that the root never watched still gives the root its (empty) file
+    r = mw(tmp_path, "export", "run.mwt", "-o", "tagged", "--partition-by", "pid", "--tag", "worker")
+    assert r.returncode == 0, r.stderr
+    assert pq.read_table(tmp_path / "tagged" / f"pid={root}" / "part-0.parquet").num_rows == 0
+    assert pq.read_schema(tmp_path / "tagged" / f"pid={root}" / "part-0.parquet") == pq.read_schema(
+        tmp_path / "by_pid" / f"pid={root}" / "part-0.parquet"
+    )
+    # AND exporting again replaces it, while a directory holding anything else is refused
+    assert mw(tmp_path, "export", "run.mwt", "-o", "by_pid", "--partition-by", "pid", "--elements").returncode == 0
+    el = ds.dataset(tmp_path / "by_pid", format="parquet", partitioning="hive").to_table().to_pandas()
+    assert sorted(zip(el.pid, el.new_value)) == sorted(map(tuple, results))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    r = mw(tmp_path, "export", "run.mwt", "-o", "mine", "--partition-by", "pid")
+    assert r.returncode == 1 and "notes.txt" in r.stderr and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    r = mw(tmp_path, "export", "run.mwt", "-o", "x.csv", "--partition-by", "pid")
+    assert r.returncode == 1 and "--partition-by writes a directory" in r.stderr
+    assert not list(tmp_path.glob("*.partial-*"))

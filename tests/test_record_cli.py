@@ -315,8 +315,10 @@ def test_export_parquet_loads_in_pandas_with_the_recorded_values(recorded):
     assert list(df.columns) == [
         "seq", "time_ns", "wall_time_ns", "tag", "variable", "kind", "file", "line", "function", "thread",
         "thread_name", "address", "offset", "bytes_changed", "ranges", "index", "old", "new", "old_value",
-        "new_value", "key", "old_repr", "new_repr", "op",
+        "new_value", "key", "old_repr", "new_repr", "op", "pid", "rank",
     ]
+    # One process, no rank: its pid on every row.
+    assert set(df.pid) == {memwatch.trace_info(d / "train.mwt")["pid"]} and df["rank"].isna().all()
     assert (df.groupby("tag").size() == STEPS).all()
     step_rows = df[df.tag == "step"].sort_values("seq")
     assert [int.from_bytes(b, "little") for b in step_rows.new] == list(range(1, STEPS + 1))

@@ -200,8 +200,17 @@ struct Columns {
     old_repr: StrCol,
     new_repr: StrCol,
     op: StrCol,
-    /// Added to `time_ns` for `wall_time_ns`.
+    wall_time_ns: Vec<u64>,
+    pid: Vec<u32>,
+    rank: Vec<Option<u32>>,
+    /// The process whose changes [`push`](Self::push) adds: its trace's
+    /// start (added to `time_ns` for `wall_time_ns`), pid and rank.
     start_ns: u64,
+    src_pid: u32,
+    src_rank: Option<u32>,
+    /// A partitioned export's files leave out the pid column: the path
+    /// holds it (`pid=N/`).
+    no_pid: bool,
 }
 
 /// What one row says beyond the change's own fields.
@@ -244,9 +253,23 @@ fn parsed_element_f64(dtype: Option<memwatch_format::dtype::Dtype>, b: &[u8]) ->
 }
 
 impl Columns {
-    fn new(start_ns: u64) -> Columns {
+    fn new(src: &ExportSource<'_>, no_pid: bool) -> Columns {
         Columns {
-            start_ns,
+            start_ns: src.reader.header().meta.start_time_ns,
+            src_pid: src.pid,
+            src_rank: src.rank,
+            no_pid,
+            ..Columns::default()
+        }
+    }
+
+    /// An empty batch for rows of the same process (or of any, merged).
+    fn like(&self) -> Columns {
+        Columns {
+            start_ns: self.start_ns,
+            src_pid: self.src_pid,
+            src_rank: self.src_rank,
+            no_pid: self.no_pid,
             ..Columns::default()
         }
     }
@@ -282,6 +305,39 @@ impl Columns {
         self.old_repr.clear();
         self.new_repr.clear();
         self.op.clear();
+        self.wall_time_ns.clear();
+        self.pid.clear();
+        self.rank.clear();
+    }
+
+    /// Appends row `i` of `src` (a batch of another process, in a merge).
+    fn push_from(&mut self, src: &Columns, i: usize) {
+        self.seq.push(src.seq[i]);
+        self.time_ns.push(src.time_ns[i]);
+        self.tag.push(src.tag.get(i));
+        self.variable.push(src.variable.get(i));
+        self.kind.push(src.kind.get(i));
+        self.file.push(src.file.get(i));
+        self.line.push(src.line[i]);
+        self.function.push(src.function.get(i));
+        self.thread.push(src.thread[i]);
+        self.thread_name.push(src.thread_name.get(i));
+        self.address.push(src.address[i]);
+        self.offset.push(src.offset[i]);
+        self.bytes_changed.push(src.bytes_changed[i]);
+        self.ranges.push(src.ranges[i]);
+        self.index.push(src.index[i].clone());
+        self.old.push(src.old.get(i));
+        self.new.push(src.new.get(i));
+        self.old_value.push(src.old_value[i]);
+        self.new_value.push(src.new_value[i]);
+        self.key.push(src.key.get(i));
+        self.old_repr.push(src.old_repr.get(i));
+        self.new_repr.push(src.new_repr.get(i));
+        self.op.push(src.op.get(i));
+        self.wall_time_ns.push(src.wall_time_ns[i]);
+        self.pid.push(src.pid[i]);
+        self.rank.push(src.rank[i]);
     }
 
     fn push(&mut self, row: &ChangeRef<'_>, kind: &str, p: RowParts<'_>) {
@@ -309,6 +365,9 @@ impl Columns {
         self.old_repr.push(p.object.1);
         self.new_repr.push(p.object.2);
         self.op.push(row.op);
+        self.wall_time_ns.push(self.start_ns + row.time_ns);
+        self.pid.push(self.src_pid);
+        self.rank.push(self.src_rank);
     }
 
     fn add(&mut self, row: &ChangeRef<'_>, granularity: Granularity) {
@@ -382,15 +441,11 @@ impl Columns {
         }
     }
 
-    fn wall_time_ns(&self) -> Vec<u64> {
-        self.time_ns.iter().map(|t| self.start_ns + t).collect()
-    }
-
     fn frame(&self) -> PolarsResult<DataFrame> {
         let cols: Vec<Column> = vec![
             UInt64Chunked::from_slice("seq".into(), &self.seq).into_column(),
             UInt64Chunked::from_slice("time_ns".into(), &self.time_ns).into_column(),
-            UInt64Chunked::from_vec("wall_time_ns".into(), self.wall_time_ns()).into_column(),
+            UInt64Chunked::from_slice("wall_time_ns".into(), &self.wall_time_ns).into_column(),
             self.tag.column("tag"),
             self.variable.column("variable"),
             self.kind.column("kind"),
@@ -425,6 +480,13 @@ impl Columns {
             self.new_repr.column("new_repr"),
             self.op.column("op"),
         ];
+        let mut cols = cols;
+        if !self.no_pid {
+            cols.push(UInt32Chunked::from_slice("pid".into(), &self.pid).into_column());
+        }
+        cols.push(Self::opt_column("rank", &self.rank, DataType::UInt32, || {
+            Column::new("rank".into(), &self.rank)
+        }));
         DataFrame::new_infer_height(cols)
     }
 }
@@ -495,8 +557,8 @@ pub fn json_str(s: &str) -> String {
     o
 }
 
-/// Column names, in order.
-pub const COLUMNS: [&str; 24] = [
+/// Column names, in order (a partitioned export's files leave out `pid`).
+pub const COLUMNS: [&str; 26] = [
     "seq",
     "time_ns",
     "wall_time_ns",
@@ -521,17 +583,19 @@ pub const COLUMNS: [&str; 24] = [
     "old_repr",
     "new_repr",
     "op",
+    "pid",
+    "rank",
 ];
 
 impl Columns {
     /// Cells of row `i` as text (`None` for null); bytes as hex.
-    fn cells(&self, i: usize) -> [Option<String>; 24] {
+    fn cells(&self, i: usize) -> [Option<String>; 26] {
         let s = |c: &StrCol| c.get(i).map(String::from);
         let n = |x: Option<u64>| x.map(|v| v.to_string());
         [
             Some(self.seq[i].to_string()),
             Some(self.time_ns[i].to_string()),
-            Some((self.start_ns + self.time_ns[i]).to_string()),
+            Some(self.wall_time_ns[i].to_string()),
             s(&self.tag),
             s(&self.variable),
             s(&self.kind),
@@ -553,13 +617,37 @@ impl Columns {
             s(&self.old_repr),
             s(&self.new_repr),
             s(&self.op),
+            Some(self.pid[i].to_string()),
+            self.rank[i].map(|r| r.to_string()),
         ]
     }
 }
 
 /// Rows per batch: a Parquet row group, and the most rows an export holds
-/// in memory at once.
+/// in memory at once (per process, in an export of a run).
 const BATCH_ROWS: usize = 256 * 1024;
+
+/// One process's trace in an export: its reader, pid and rank.
+#[derive(Clone, Copy)]
+pub struct ExportSource<'a> {
+    pub reader: &'a TraceReader,
+    pub pid: u32,
+    pub rank: Option<u32>,
+}
+
+impl<'a> ExportSource<'a> {
+    /// The trace as its own header describes its process.
+    pub fn of(reader: &'a TraceReader) -> ExportSource<'a> {
+        let meta = &reader.header().meta;
+        ExportSource {
+            reader,
+            pid: meta.pid,
+            rank: meta
+                .property(memwatch_format::run::PROP_RANK)
+                .and_then(|r| r.parse().ok()),
+        }
+    }
+}
 
 /// Exports the changes matching `filter` to `path`; returns the number of
 /// rows. `progress(done, total)` is called as chunks are read.
@@ -572,6 +660,29 @@ const BATCH_ROWS: usize = 256 * 1024;
 /// device or pipe (`/dev/stdout`) is written directly.
 pub fn export(
     reader: &TraceReader,
+    path: &Path,
+    format: ExportFormat,
+    granularity: Granularity,
+    filter: &Filter,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<u64> {
+    export_run(
+        &[ExportSource::of(reader)],
+        path,
+        format,
+        granularity,
+        filter,
+        progress,
+    )
+}
+
+/// [`export`] of the changes of several processes (the traces of a run),
+/// merged by wall-clock time: each process's trace is scanned on a thread
+/// of its own and the batches are merged row by row. With one source this
+/// is [`export`]'s single scan. A tag in `filter` that only some processes
+/// watched keeps theirs; one that none did is [`Error::UnknownTag`].
+pub fn export_run(
+    sources: &[ExportSource<'_>],
     path: &Path,
     format: ExportFormat,
     granularity: Granularity,
@@ -594,11 +705,10 @@ pub fn export(
         path.with_file_name(name)
     };
     let file = File::create(&tmp).map_err(io)?;
-    let start_ns = reader.header().meta.start_time_ns;
     let written = match format {
-        ExportFormat::Parquet => export_parquet(reader, file, granularity, filter, progress, start_ns),
+        ExportFormat::Parquet => export_parquet(sources, file, granularity, filter, progress, false),
         ExportFormat::Csv | ExportFormat::Jsonl => {
-            export_text(reader, file, format, granularity, filter, progress, start_ns, &io)
+            export_text(sources, file, format, granularity, filter, progress, &io)
         }
     };
     let done = match written {
@@ -613,6 +723,108 @@ pub fn export(
     done
 }
 
+/// Exports each process of `sources` to its own Parquet file of a
+/// hive-partitioned dataset in directory `dir`: `dir/pid=PID/part-0.parquet`,
+/// without a pid column (the path holds it; DuckDB's
+/// `read_parquet('dir/**/*.parquet', hive_partitioning=true)` and
+/// `pyarrow.dataset.dataset(dir, partitioning="hive")` give it back).
+/// Returns each process's pid and rows, a process with no matching row
+/// included (its file has the schema and no rows, so that the dataset
+/// lists every process).
+///
+/// The dataset is built in `dir.partial-PID` and moved into place at the
+/// end: a failed export leaves nothing. An existing `dir` is replaced when
+/// it is empty or holds only `pid=N` directories (an earlier export);
+/// anything else in it is refused, untouched.
+pub fn export_partitioned(
+    sources: &[ExportSource<'_>],
+    dir: &Path,
+    granularity: Granularity,
+    filter: &Filter,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<(u32, u64)>> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source: std::io::Error| Error::Format(memwatch_format::Error::Io { path, source })
+    };
+    if dir.is_file() {
+        return Err(Error::Export(format!(
+            "{}: is a file; --partition-by writes a directory of Parquet files: name a directory",
+            dir.display()
+        )));
+    }
+    if dir.is_dir() {
+        for e in std::fs::read_dir(dir).map_err(io(dir))? {
+            let e = e.map_err(io(dir))?;
+            let name = e.file_name();
+            let ok = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("pid="))
+                .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                && e.path().is_dir();
+            if !ok {
+                return Err(Error::Export(format!(
+                    "{}: holds {:?}, which an earlier export did not write; name an empty or new directory",
+                    dir.display(),
+                    name
+                )));
+            }
+        }
+    }
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".partial-{}", std::process::id()));
+    let tmp = dir.with_file_name(name);
+    let _ = std::fs::remove_dir_all(&tmp);
+    let built = (|| -> Result<Vec<(u32, u64)>> {
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        let total: usize = sources.iter().map(|s| s.reader.chunks().len()).sum();
+        let mut before = 0usize;
+        let mut out = Vec::with_capacity(sources.len());
+        let mut missing: Vec<(String, Vec<String>)> = Vec::new();
+        for src in sources {
+            let part = tmp.join(format!("pid={}", src.pid));
+            std::fs::create_dir_all(&part).map_err(io(&part))?;
+            let path = part.join("part-0.parquet");
+            let file = File::create(&path).map_err(io(&path))?;
+            let mut each = |done: usize, _: usize| progress(before + done, total);
+            let rows = match export_parquet(&[*src], file, granularity, filter, &mut each, true) {
+                // A tag this process did not watch: no rows of it, and the
+                // file still has the schema.
+                Err(Error::UnknownTag { tag, known }) if sources.len() > 1 => {
+                    missing.push((tag, known));
+                    let file = File::create(&path).map_err(io(&path))?;
+                    let none = Filter {
+                        seq: Some((1, 0)),
+                        ..Filter::default()
+                    };
+                    export_parquet(&[*src], file, granularity, &none, &mut |_, _| {}, true)?;
+                    0
+                }
+                r => r?,
+            };
+            before += src.reader.chunks().len();
+            out.push((src.pid, rows));
+        }
+        if missing.len() == sources.len() && sources.len() > 1 {
+            // No process of the run watched the tag.
+            let tag = missing[0].0.clone();
+            let mut known: Vec<String> = missing.into_iter().flat_map(|(_, k)| k).collect();
+            known.sort();
+            known.dedup();
+            return Err(Error::UnknownTag { tag, known });
+        }
+        if dir.is_dir() {
+            std::fs::remove_dir_all(dir).map_err(io(dir))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(io(dir))?;
+        Ok(out)
+    })();
+    if built.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    built
+}
+
 /// zstd at level 1. Measured on 2M changes (bench/analyzer_throughput.rs,
 /// this 2-core machine): polars' default zstd level spends 0.62 s writing
 /// them, level 1 0.52 s for a file no larger (24.6 MB), LZ4 0.41 s for
@@ -625,15 +837,163 @@ fn polars_error(e: PolarsError) -> Error {
     Error::Export(e.to_string())
 }
 
+/// Scans `sources` into batches of rows, handing each full batch (and
+/// the last, if not empty) to `emit`, which returns it emptied or not at
+/// all; `fresh` makes a new empty batch. Rows of several sources are
+/// merged by `wall_time_ns` (a stable merge: a process's rows keep their
+/// seq order, and ties go to the earlier source). Returns the rows.
+fn for_each_batch(
+    sources: &[ExportSource<'_>],
+    filter: &Filter,
+    granularity: Granularity,
+    progress: &mut dyn FnMut(usize, usize),
+    no_pid: bool,
+    emit: &mut dyn FnMut(Columns) -> std::result::Result<Option<Columns>, ()>,
+) -> Result<u64> {
+    let mut rows = 0u64;
+    if let [src] = sources {
+        let mut cols = Columns::new(src, no_pid);
+        let mut stopped = false;
+        let scanned = for_each_change_progress(src.reader, filter, progress, |row| {
+            cols.add(row, granularity);
+            if cols.len() >= BATCH_ROWS {
+                rows += cols.len() as u64;
+                let next = cols.like();
+                match emit(std::mem::replace(&mut cols, next)) {
+                    Ok(Some(back)) => cols = back,
+                    Ok(None) => {}
+                    Err(()) => {
+                        stopped = true;
+                        return ControlFlow::Break(());
+                    }
+                }
+            }
+            ControlFlow::Continue(())
+        });
+        scanned?;
+        if !stopped && cols.len() > 0 {
+            rows += cols.len() as u64;
+            let _ = emit(cols);
+        }
+        return Ok(rows);
+    }
+    let total: usize = sources.iter().map(|s| s.reader.chunks().len()).sum();
+    let done: Vec<std::sync::atomic::AtomicUsize> = sources
+        .iter()
+        .map(|_| std::sync::atomic::AtomicUsize::new(0))
+        .collect();
+    std::thread::scope(|s| -> Result<u64> {
+        let mut rxs = Vec::with_capacity(sources.len());
+        for (k, src) in sources.iter().enumerate() {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Columns>>(1);
+            let done = &done[k];
+            s.spawn(move || {
+                let mut cols = Columns::new(src, no_pid);
+                let mut progress = |d: usize, _: usize| done.store(d, std::sync::atomic::Ordering::Relaxed);
+                let scanned = for_each_change_progress(src.reader, filter, &mut progress, |row| {
+                    cols.add(row, granularity);
+                    if cols.len() >= BATCH_ROWS {
+                        let next = cols.like();
+                        if tx.send(Ok(std::mem::replace(&mut cols, next))).is_err() {
+                            return ControlFlow::Break(());
+                        }
+                    }
+                    ControlFlow::Continue(())
+                });
+                let _ = match scanned {
+                    Ok(_) if cols.len() > 0 => tx.send(Ok(cols)),
+                    Ok(_) => Ok(()),
+                    Err(e) => tx.send(Err(e)),
+                };
+            });
+            rxs.push(rx);
+        }
+        // Each source's current batch and the row of it next in line; a
+        // source whose trace never had the filter's tag has none.
+        let mut missing: Vec<Error> = Vec::new();
+        let mut next_of = |k: usize, missing: &mut Vec<Error>| -> Result<Option<(Columns, usize)>> {
+            progress(
+                done.iter()
+                    .map(|d| d.load(std::sync::atomic::Ordering::Relaxed))
+                    .sum(),
+                total,
+            );
+            match rxs[k].recv() {
+                Ok(Ok(c)) => Ok(Some((c, 0))),
+                Ok(Err(e @ Error::UnknownTag { .. })) => {
+                    missing.push(e);
+                    Ok(None)
+                }
+                Ok(Err(e)) => Err(e),
+                Err(_) => Ok(None),
+            }
+        };
+        let mut heads: Vec<Option<(Columns, usize)>> = Vec::with_capacity(sources.len());
+        for k in 0..sources.len() {
+            heads.push(next_of(k, &mut missing)?);
+        }
+        let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<(u64, usize)>> = heads
+            .iter()
+            .enumerate()
+            .filter_map(|(k, h)| {
+                h.as_ref()
+                    .map(|(c, i)| std::cmp::Reverse((c.wall_time_ns[*i], k)))
+            })
+            .collect();
+        let mut out = Columns::new(&sources[0], no_pid);
+        while let Some(std::cmp::Reverse((_, k))) = heap.pop() {
+            let (cols, i) = heads[k].as_mut().expect("a source in the heap has a batch");
+            out.push_from(cols, *i);
+            *i += 1;
+            if *i == cols.len() {
+                heads[k] = next_of(k, &mut missing)?;
+            }
+            if let Some((c, i)) = &heads[k] {
+                heap.push(std::cmp::Reverse((c.wall_time_ns[*i], k)));
+            }
+            if out.len() >= BATCH_ROWS {
+                rows += out.len() as u64;
+                let next = out.like();
+                match emit(std::mem::replace(&mut out, next)) {
+                    Ok(Some(back)) => out = back,
+                    Ok(None) => {}
+                    // The sink failed: dropping the receivers stops the scans.
+                    Err(()) => return Ok(rows),
+                }
+            }
+        }
+        if missing.len() == sources.len() {
+            // No process of the run watched the tag: say so, with every
+            // process's tags.
+            let mut known: Vec<String> = Vec::new();
+            let mut tag = String::new();
+            for e in missing {
+                if let Error::UnknownTag { tag: t, known: k } = e {
+                    tag = t;
+                    known.extend(k);
+                }
+            }
+            known.sort();
+            known.dedup();
+            return Err(Error::UnknownTag { tag, known });
+        }
+        if out.len() > 0 {
+            rows += out.len() as u64;
+            let _ = emit(out);
+        }
+        Ok(rows)
+    })
+}
+
 fn export_parquet(
-    reader: &TraceReader,
+    sources: &[ExportSource<'_>],
     file: File,
     granularity: Granularity,
     filter: &Filter,
     progress: &mut dyn FnMut(usize, usize),
-    start_ns: u64,
+    no_pid: bool,
 ) -> Result<u64> {
-    let schema = Columns::new(start_ns)
+    let schema = Columns::new(&sources[0], no_pid)
         .frame()
         .map_err(polars_error)?
         .schema()
@@ -659,81 +1019,65 @@ fn export_parquet(
             w.finish().map_err(polars_error)?;
             Ok(())
         });
-        let mut rows = 0u64;
-        let mut cols = Columns::new(start_ns);
-        let scanned = for_each_change_progress(reader, filter, progress, |row| {
-            cols.add(row, granularity);
-            if cols.len() >= BATCH_ROWS {
-                rows += cols.len() as u64;
-                let empty = back_rx.try_recv().unwrap_or_else(|_| Columns::new(start_ns));
-                let full = std::mem::replace(&mut cols, empty);
-                // The writer failed: its error is returned below.
-                if tx.send(full).is_err() {
-                    return ControlFlow::Break(());
-                }
-            }
-            ControlFlow::Continue(())
+        let scanned = for_each_batch(sources, filter, granularity, progress, no_pid, &mut |full| {
+            // The writer failed: its error is returned below.
+            tx.send(full).map_err(|_| ())?;
+            Ok(back_rx.try_recv().ok())
         });
-        if scanned.is_ok() && cols.len() > 0 {
-            rows += cols.len() as u64;
-            let _ = tx.send(cols);
-        }
         drop(tx);
         let written = match writer.join() {
             Ok(w) => w,
             Err(panic) => std::panic::resume_unwind(panic),
         };
-        scanned?;
+        let rows = scanned?;
         written?;
         Ok(rows)
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 fn export_text(
-    reader: &TraceReader,
+    sources: &[ExportSource<'_>],
     file: File,
     format: ExportFormat,
     granularity: Granularity,
     filter: &Filter,
     progress: &mut dyn FnMut(usize, usize),
-    start_ns: u64,
     io: &dyn Fn(std::io::Error) -> Error,
 ) -> Result<u64> {
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let mut failed: Option<std::io::Error> = None;
-    let mut rows = 0u64;
     if format == ExportFormat::Csv {
         writeln!(w, "{}", COLUMNS.join(",")).map_err(io)?;
     }
-    let mut cols = Columns::new(start_ns);
-    let mut flush = |cols: &mut Columns, w: &mut BufWriter<File>| -> std::io::Result<()> {
-        write_text_rows(cols, format, w)?;
-        rows += cols.len() as u64;
-        cols.clear();
-        Ok(())
-    };
-    let scanned = for_each_change_progress(reader, filter, progress, |row| {
-        cols.add(row, granularity);
-        if cols.len() >= BATCH_ROWS {
-            if let Err(e) = flush(&mut cols, &mut w) {
-                failed = Some(e);
-                return ControlFlow::Break(());
-            }
-        }
-        ControlFlow::Continue(())
-    });
+    let rows =
+        for_each_batch(
+            sources,
+            filter,
+            granularity,
+            progress,
+            false,
+            &mut |mut cols| match write_text_rows(&cols, format, &mut w) {
+                Ok(()) => {
+                    cols.clear();
+                    Ok(Some(cols))
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    Err(())
+                }
+            },
+        );
     if let Some(e) = failed {
         return Err(io(e));
     }
-    scanned?;
-    flush(&mut cols, &mut w).and_then(|()| w.flush()).map_err(io)?;
+    let rows = rows?;
+    w.flush().map_err(io)?;
     Ok(rows)
 }
 
 /// Writes the batch's rows as CSV rows or JSON lines.
 fn write_text_rows(cols: &Columns, format: ExportFormat, w: &mut impl Write) -> std::io::Result<()> {
-    let numeric = [0, 1, 2, 7, 9, 11, 12, 13, 14, 18, 19];
+    let numeric = [0, 1, 2, 7, 9, 11, 12, 13, 14, 18, 19, 24, 25];
     for i in 0..cols.len() {
         let cells = cols.cells(i);
         if format == ExportFormat::Csv {

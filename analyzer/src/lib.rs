@@ -38,13 +38,15 @@ mod symbols;
 
 pub use error::{Error, Result};
 pub use export::{
-    csv_cell, element_f64, export, hex, index_at, json_str, ExportFormat, Granularity, COLUMNS,
+    csv_cell, element_f64, export, export_partitioned, export_run, hex, index_at, json_str, ExportFormat,
+    ExportSource, Granularity, COLUMNS,
 };
 pub use query::{
     for_each_change, for_each_change_progress, for_each_event, ChangeRef, ChangeRow, Event, Filter, What,
     WhatRef,
 };
 pub use state::{
-    c_order, duration_text, element_bytes, has_region, seq_at_time, seq_bounds, shape_of, state, writes_to, State,
+    c_order, duration_text, element_bytes, has_region, seq_at_time, seq_bounds, shape_of, state, writes_to,
+    State,
 };
 pub use symbols::{FrameInfo, RegionInfo, Symbols};

@@ -192,15 +192,23 @@ fn a_change_has_the_op_its_note_names_and_exports_it() {
     )
     .unwrap();
     let text = std::fs::read_to_string(&csv).unwrap();
-    assert_eq!(COLUMNS.last(), Some(&"op"));
+    assert_eq!(COLUMNS[23], "op");
+    assert_eq!(COLUMNS[24..], ["pid", "rank"]);
+    let pid = r.header().meta.pid;
     let with_op: Vec<&str> = text.lines().filter(|l| l.contains("aten::")).collect();
-    // Two elements by add_, one by mul_, each row ending with its op.
+    // Two elements by add_, one by mul_, each row ending with its op, the
+    // trace's pid and no rank.
     assert_eq!(with_op.len(), 3, "{text}");
     assert!(
-        with_op[..2].iter().all(|l| l.ends_with(",aten::add_.Tensor")),
+        with_op[..2]
+            .iter()
+            .all(|l| l.ends_with(&format!(",aten::add_.Tensor,{pid},"))),
         "{text}"
     );
-    assert!(with_op[2].ends_with(",aten::mul_.Tensor"), "{text}");
+    assert!(
+        with_op[2].ends_with(&format!(",aten::mul_.Tensor,{pid},")),
+        "{text}"
+    );
     let pq = dir.join("c.parquet");
     export(
         &r,
@@ -234,8 +242,10 @@ fn export_writes_one_row_per_change_or_element() {
     let text = std::fs::read_to_string(&csv).unwrap();
     assert_eq!(text.lines().next().unwrap(), COLUMNS.join(","));
     let obj = text.lines().find(|l| l.contains(",setattr,")).unwrap();
-    // The last column, op, is empty: no change of this sample has one.
-    assert!(obj.ends_with(",lr,0.125,0.0625,"), "{obj}");
+    // Then op, empty (no change of this sample has one), the trace's pid
+    // and no rank.
+    let pid = r.header().meta.pid;
+    assert!(obj.ends_with(&format!(",lr,0.125,0.0625,,{pid},")), "{obj}");
     let el = dir.join("e.jsonl");
     let filter = Filter {
         tag: Some("layer1_weight".into()),

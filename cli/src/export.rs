@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use memwatch_analyzer::{export, ExportFormat, Filter, Granularity};
+use memwatch_analyzer::{export_partitioned, export_run, ExportFormat, ExportSource, Filter, Granularity};
 use memwatch_format::TraceReader;
 
 use crate::text::parse_range;
@@ -15,7 +15,7 @@ One row per change (or per changed element with --elements). The columns
 are documented in docs/export.md: seq, time_ns, wall_time_ns, tag,
 variable, kind, file, line, function, thread, thread_name, address, offset,
 bytes_changed, ranges, index, old, new, old_value, new_value, key,
-old_repr, new_repr.
+old_repr, new_repr, op, pid, rank.
 
 The format follows the output's extension (.parquet, .csv, .jsonl or .json);
 any other extension is refused unless --format says which. On a terminal, a long export shows its progress.
@@ -25,8 +25,19 @@ ui.perfetto.dev and chrome://tracing open, a track per thread with an
 event per change (named `<tag> <file>:<line>`), a counter per tag, the
 regions watched and unwatched and how the recording ended (docs/export.md).
 
+A run of several processes (memwatch record of a program that forks, uses
+multiprocessing or subprocess, or torchrun) is exported as one from its
+first trace: every process's rows merged by wall_time_ns, with their pid
+and rank; --pid keeps some. --partition-by pid writes a hive-partitioned
+Parquet dataset instead, a directory with a file per process
+(DIR/pid=PID/part-0.parquet), which DuckDB reads with
+read_parquet('DIR/**/*.parquet', hive_partitioning=true) and pyarrow
+with pyarrow.dataset.dataset('DIR', partitioning='hive').
+
 Examples:
   memwatch export run.mwt -o changes.parquet
+  memwatch export run.mwt -o by_pid/ --partition-by pid
+  memwatch export run.mwt -o worker.parquet --pid 18532
   memwatch export run.mwt -o w.parquet --tag layer1_weight --elements
   memwatch export run.mwt --format perfetto -o run.json
   python -c 'import pandas; print(pandas.read_parquet(\"changes.parquet\"))'";
@@ -59,9 +70,24 @@ pub struct Args {
     /// Only this tag.
     #[arg(long)]
     pub tag: Option<String>,
-    /// Only seqs in A..B.
+    /// Only seqs in A..B (each process of a run counts its own seqs).
     #[arg(long, value_name = "A..B", value_parser = parse_range)]
     pub seq: Option<(u64, u64)>,
+    /// Only changes made by this process (a pid of the run; repeatable,
+    /// or comma-separated).
+    #[arg(long, value_name = "PID", value_delimiter = ',')]
+    pub pid: Vec<u32>,
+    /// Write a hive-partitioned Parquet dataset: -o names a directory, with
+    /// a file per process (DIR/pid=PID/part-0.parquet).
+    #[arg(long, value_enum, value_name = "COLUMN")]
+    pub partition_by: Option<Partition>,
+}
+
+/// The columns a dataset can be partitioned by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Partition {
+    /// A directory per process: `pid=PID/`.
+    Pid,
 }
 
 /// The format an output's extension names; an unknown or missing one is
@@ -88,6 +114,9 @@ fn format_of(output: &std::path::Path) -> Result<Format> {
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
+    if args.partition_by.is_some() {
+        return run_partitioned(args, out);
+    }
     let format = match args.format {
         Some(f) => f,
         None => format_of(&args.output)?,
@@ -98,12 +127,12 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
              changed element in its args); leave it out"
         );
     }
-    let reader = TraceReader::open(&args.trace)?;
+    let procs = crate::run::open(&args.trace, &args.pid)?;
     let format = match format {
         Format::Parquet => ExportFormat::Parquet,
         Format::Csv => ExportFormat::Csv,
         Format::Jsonl => ExportFormat::Jsonl,
-        Format::Perfetto => return run_perfetto(args, &reader, out),
+        Format::Perfetto => return run_perfetto(args, &procs, out),
     };
     let granularity = if args.elements {
         Granularity::Element
@@ -117,12 +146,97 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     };
     let tty = std::io::stderr().is_terminal();
     let mut progress = progress_bar(tty);
-    let rows = export(&reader, &args.output, format, granularity, &filter, &mut progress)?;
+    let sources = sources(&procs);
+    let rows = export_run(
+        &sources,
+        &args.output,
+        format,
+        granularity,
+        &filter,
+        &mut progress,
+    )?;
     if tty {
         eprint!("\r\x1b[K");
     }
-    writeln!(out, "wrote {rows} rows to {}", args.output.display())?;
-    note_tail(&reader, out)?;
+    let from = if procs.len() > 1 {
+        format!(" (from {} processes)", procs.len())
+    } else {
+        String::new()
+    };
+    writeln!(out, "wrote {rows} rows to {}{from}", args.output.display())?;
+    out.flush()?;
+    crate::run::tail_notes(&procs);
+    Ok(0)
+}
+
+fn sources(procs: &[crate::run::Proc]) -> Vec<ExportSource<'_>> {
+    procs
+        .iter()
+        .map(|p| ExportSource {
+            reader: &p.reader,
+            pid: p.pid,
+            rank: p.rank,
+        })
+        .collect()
+}
+
+/// `--partition-by pid`: a Parquet file per process in a directory.
+fn run_partitioned(args: &Args, out: &mut dyn Write) -> Result<u8> {
+    match args.format {
+        None | Some(Format::Parquet) => {}
+        Some(f) => anyhow::bail!(
+            "--partition-by writes a Parquet dataset; leave out --format {} (or export one {} file without --partition-by)",
+            format!("{f:?}").to_lowercase(),
+            format!("{f:?}").to_lowercase()
+        ),
+    }
+    if let Some(ext) = args.output.extension().and_then(|e| e.to_str()) {
+        if ["parquet", "pq", "csv", "jsonl", "json"].contains(&ext) {
+            anyhow::bail!(
+                "{}: --partition-by writes a directory (one file per process in it); name a directory, like -o {}/",
+                args.output.display(),
+                args.output.with_extension("").display()
+            );
+        }
+    }
+    let procs = crate::run::open(&args.trace, &args.pid)?;
+    let granularity = if args.elements {
+        Granularity::Element
+    } else {
+        Granularity::Change
+    };
+    let filter = Filter {
+        tag: args.tag.clone(),
+        seq: args.seq,
+        ..Filter::default()
+    };
+    let tty = std::io::stderr().is_terminal();
+    let mut progress = progress_bar(tty);
+    let parts = export_partitioned(
+        &sources(&procs),
+        &args.output,
+        granularity,
+        &filter,
+        &mut progress,
+    )?;
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    let rows: u64 = parts.iter().map(|(_, n)| n).sum();
+    writeln!(
+        out,
+        "wrote {rows} rows to {} ({} process{}: {})",
+        args.output.display(),
+        parts.len(),
+        if parts.len() == 1 { "" } else { "es" },
+        parts
+            .iter()
+            .map(|(pid, n)| format!("pid={pid} {n} rows"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )?;
+    out.flush()?;
+    crate::run::tail_notes(&procs);
     Ok(0)
 }
 
@@ -138,19 +252,11 @@ fn progress_bar(tty: bool) -> impl FnMut(usize, usize) {
     }
 }
 
-fn note_tail(reader: &TraceReader, out: &mut dyn Write) -> Result<()> {
-    if let Some(msg) = reader.tail_message() {
-        out.flush()?;
-        eprintln!("memwatch: note: {}: {msg}", reader.path().display());
-    }
-    Ok(())
-}
-
 /// `--format perfetto`: written under a temporary name next to the output
 /// and renamed at the end (as the tables are), so a failed export leaves
 /// no partial file; a device or pipe (`-o /dev/stdout`) is written
 /// directly.
-fn run_perfetto(args: &Args, reader: &TraceReader, out: &mut dyn Write) -> Result<u8> {
+fn run_perfetto(args: &Args, procs: &[crate::run::Proc], out: &mut dyn Write) -> Result<u8> {
     let path = &args.output;
     let direct = std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir());
     let tmp = if direct {
@@ -169,14 +275,21 @@ fn run_perfetto(args: &Args, reader: &TraceReader, out: &mut dyn Write) -> Resul
     };
     let tty = std::io::stderr().is_terminal();
     let mut progress = progress_bar(tty);
-    let written = crate::perfetto::write(reader, &filter, std::io::BufWriter::new(file), &mut progress)
-        .with_context(|| format!("writing {}", path.display()))
-        .and_then(|w| {
-            if !direct {
-                std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-            }
-            Ok(w)
-        });
+    let base = crate::run::base_ns(procs);
+    let timeline: Vec<(&TraceReader, u32, u64)> = procs
+        .iter()
+        .map(|p| (&p.reader, p.pid, p.shift_ns(base)))
+        .collect();
+    let written =
+        crate::perfetto::write_run(&timeline, &filter, std::io::BufWriter::new(file), &mut progress)
+            .with_context(|| format!("writing {}", path.display()))
+            .and_then(|w| {
+                if !direct {
+                    std::fs::rename(&tmp, path)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                }
+                Ok(w)
+            });
     if tty {
         eprint!("\r\x1b[K");
     }
@@ -197,6 +310,7 @@ fn run_perfetto(args: &Args, reader: &TraceReader, out: &mut dyn Write) -> Resul
         if written.changes == 1 { "" } else { "s" },
         path.display()
     )?;
-    note_tail(reader, out)?;
+    out.flush()?;
+    crate::run::tail_notes(procs);
     Ok(0)
 }

@@ -8,7 +8,9 @@
 //!
 //! - a track per thread: a `thread_name` metadata event (`"ph": "M"`) for
 //!   each thread the first time it appears (and again if it is renamed),
-//!   under one process, the recorded one (`pid` from the trace's header);
+//!   under its process (`pid` from the trace's header): a run of several
+//!   processes ([`write_run`]) has a process per trace, its times counted
+//!   from the run's start;
 //! - a thread-scoped instant (`"ph": "i", "s": "t"`) per change, named
 //!   `<tag> <file>:<line>` (the file without its directory), whose args
 //!   say what changed: seq, tag, variable, kind, bytes and elements
@@ -152,6 +154,9 @@ impl<W: Write> ArgsOut<'_, W> {
 struct Out<W: Write> {
     w: W,
     pid: u32,
+    /// Added to every time: how much later than the run this process's
+    /// trace started.
+    shift: u64,
     events: u64,
     changes: u64,
     /// By thread id: the name its track was given (`None`: none yet).
@@ -184,7 +189,7 @@ impl<W: Write> Out<W> {
         write!(self.w, "\"cat\":\"{cat}\",\"name\":")?;
         write_json_str(&mut self.w, name)?;
         self.w.write_all(b",\"ts\":")?;
-        write_ts(&mut self.w, ts)?;
+        write_ts(&mut self.w, ts + self.shift)?;
         write!(self.w, ",\"pid\":{}", self.pid)?;
         if let Some(t) = tid {
             write!(self.w, ",\"tid\":{t}")?;
@@ -372,10 +377,23 @@ pub fn write(
     progress: &mut dyn FnMut(usize, usize),
 ) -> anyhow::Result<Written> {
     let meta = &reader.header().meta;
+    write_run(&[(reader, meta.pid, 0)], filter, w, progress)
+}
+
+/// [`write`] for the processes of a run: each `(reader, pid, shift_ns)`
+/// is a process of its own in the timeline, its times moved by `shift_ns`
+/// (how much later than the run its trace started). The metadata is the
+/// first trace's, with the list of processes.
+pub fn write_run(
+    procs: &[(&TraceReader, u32, u64)],
+    filter: &Filter,
+    w: impl Write,
+    progress: &mut dyn FnMut(usize, usize),
+) -> anyhow::Result<Written> {
     let mut out = Out {
         w,
-        // pid 0 is the kernel's to Perfetto; a trace without one gets 1.
-        pid: if meta.pid == 0 { 1 } else { meta.pid },
+        pid: 1,
+        shift: 0,
         events: 0,
         changes: 0,
         threads: HashMap::new(),
@@ -384,6 +402,95 @@ pub fn write(
         name: String::new(),
     };
     out.w.write_all(b"{\"traceEvents\":[")?;
+    let total: usize = procs.iter().map(|(r, _, _)| r.chunks().len()).sum();
+    let mut before = 0usize;
+    let mut missing = 0usize;
+    for &(reader, pid, shift) in procs {
+        // pid 0 is the kernel's to Perfetto; a trace without one gets 1.
+        out.pid = if pid == 0 { 1 } else { pid };
+        out.shift = shift;
+        out.threads.clear();
+        out.counters.clear();
+        out.last_ns = 0;
+        let mut each = |done: usize, _: usize| progress(before + done, total);
+        match write_process(&mut out, reader, filter, &mut each) {
+            // A tag only some processes of the run watched.
+            Err(e)
+                if procs.len() > 1
+                    && matches!(
+                        e.downcast_ref::<memwatch_analyzer::Error>(),
+                        Some(memwatch_analyzer::Error::UnknownTag { .. })
+                    ) =>
+            {
+                missing += 1;
+                if missing == procs.len() {
+                    return Err(e);
+                }
+            }
+            r => r?,
+        }
+        before += reader.chunks().len();
+    }
+    let reader = procs[0].0;
+    let meta = &reader.header().meta;
+    let message = reader.tail_message().unwrap_or_else(|| "closed cleanly".into());
+    let ending = reader.ending();
+    let Out {
+        mut w,
+        events,
+        changes,
+        ..
+    } = out;
+    w.write_all(b"\n],\n\"displayTimeUnit\":\"ns\",\n\"metadata\":{\"trace\":")?;
+    write_json_str(&mut w, &reader.path().display().to_string())?;
+    w.write_all(b",\"argv\":[")?;
+    for (i, a) in meta.argv.iter().enumerate() {
+        if i > 0 {
+            w.write_all(b",")?;
+        }
+        write_json_str(&mut w, a)?;
+    }
+    write!(w, "],\"pid\":{},\"python_version\":", meta.pid)?;
+    write_json_str(&mut w, &meta.python_version)?;
+    w.write_all(b",\"platform\":")?;
+    write_json_str(&mut w, &meta.platform)?;
+    write!(
+        w,
+        ",\"start_time_ns\":{},\"format_version\":{},\"writer\":",
+        meta.start_time_ns,
+        reader.header().version
+    )?;
+    write_json_str(&mut w, &meta.writer)?;
+    w.write_all(b",\"ending\":")?;
+    write_json_str(&mut w, ending.name())?;
+    w.write_all(b",\"ending_message\":")?;
+    write_json_str(&mut w, &message)?;
+    write!(w, ",\"changes\":{changes},\"events\":{events}")?;
+    if procs.len() > 1 {
+        let pids: Vec<String> = procs.iter().map(|(_, p, _)| p.to_string()).collect();
+        write!(w, ",\"processes\":[{}]", pids.join(","))?;
+    }
+    if let Some(t) = &filter.tag {
+        w.write_all(b",\"tag\":")?;
+        write_json_str(&mut w, t)?;
+    }
+    if let Some((a, b)) = filter.seq {
+        write!(w, ",\"seq\":[{a},{b}]")?;
+    }
+    w.write_all(b"}}\n")?;
+    w.flush()?;
+    Ok(Written { events, changes })
+}
+
+/// One process's events: its name, its changes and regions, and how its
+/// recording ended.
+fn write_process<W: Write>(
+    out: &mut Out<W>,
+    reader: &TraceReader,
+    filter: &Filter,
+    progress: &mut dyn FnMut(usize, usize),
+) -> anyhow::Result<()> {
+    let meta = &reader.header().meta;
     let program = if meta.argv.is_empty() {
         format!("pid {}", meta.pid)
     } else {
@@ -487,47 +594,7 @@ pub fn write(
             &[],
         )?,
     }
-    let Out {
-        mut w,
-        events,
-        changes,
-        ..
-    } = out;
-    w.write_all(b"\n],\n\"displayTimeUnit\":\"ns\",\n\"metadata\":{\"trace\":")?;
-    write_json_str(&mut w, &reader.path().display().to_string())?;
-    w.write_all(b",\"argv\":[")?;
-    for (i, a) in meta.argv.iter().enumerate() {
-        if i > 0 {
-            w.write_all(b",")?;
-        }
-        write_json_str(&mut w, a)?;
-    }
-    write!(w, "],\"pid\":{},\"python_version\":", meta.pid)?;
-    write_json_str(&mut w, &meta.python_version)?;
-    w.write_all(b",\"platform\":")?;
-    write_json_str(&mut w, &meta.platform)?;
-    write!(
-        w,
-        ",\"start_time_ns\":{},\"format_version\":{},\"writer\":",
-        meta.start_time_ns,
-        reader.header().version
-    )?;
-    write_json_str(&mut w, &meta.writer)?;
-    w.write_all(b",\"ending\":")?;
-    write_json_str(&mut w, ending.name())?;
-    w.write_all(b",\"ending_message\":")?;
-    write_json_str(&mut w, &message)?;
-    write!(w, ",\"changes\":{changes},\"events\":{events}")?;
-    if let Some(t) = &filter.tag {
-        w.write_all(b",\"tag\":")?;
-        write_json_str(&mut w, t)?;
-    }
-    if let Some((a, b)) = filter.seq {
-        write!(w, ",\"seq\":[{a},{b}]")?;
-    }
-    w.write_all(b"}}\n")?;
-    w.flush()?;
-    Ok(Written { events, changes })
+    Ok(())
 }
 
 #[cfg(test)]

@@ -227,11 +227,12 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
             "seq,time_ns,tag,variable,file,line,function,thread,thread_name,kind,changed,sample,op,pid"
         )?;
     }
+    let (mut missing, mut missing_tag, mut known_tags) = (0usize, None, Vec::new());
     for (order, p) in procs.iter().enumerate() {
         let shift = p.shift_ns(base);
         let pid_text = p.label();
         let mut n = 0usize;
-        for_each_change(&p.reader, &args.filter(shift), |row| {
+        let scanned = for_each_change(&p.reader, &args.filter(shift), |row| {
             // The first `limit` of each process include the first `limit` of all.
             if n >= limit {
                 return ControlFlow::Break(());
@@ -295,7 +296,27 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
                 }
             }
             ControlFlow::Continue(())
-        })?;
+        });
+        match scanned {
+            // A tag only some processes of the run watched: none of theirs.
+            Err(memwatch_analyzer::Error::UnknownTag { tag, known }) if procs.len() > 1 => {
+                missing_tag = Some(tag);
+                known_tags.extend(known);
+                missing += 1;
+            }
+            r => {
+                r?;
+            }
+        }
+    }
+    if let (Some(tag), true) = (missing_tag, missing == procs.len() && procs.len() > 1) {
+        known_tags.sort();
+        known_tags.dedup();
+        return Err(memwatch_analyzer::Error::UnknownTag {
+            tag,
+            known: known_tags,
+        }
+        .into());
     }
     // One process's rows are in seq order already: a stable sort by time
     // keeps them so, and puts the others between them.
