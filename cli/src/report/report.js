@@ -261,7 +261,8 @@
       ['started', run.start_utc],
       ['duration', fmtDur(run.duration_ns)],
       ['ended', null],
-      ['trace', run.trace + ' (' + fmtBytes(run.trace_bytes) + ', format v' + run.format_version + ', ' + plural(run.chunks, 'chunk', 'chunks') + ')'],
+      ['trace', run.trace + (procs && run.processes_total > 1 ? ' and ' + plural(run.processes_total - 1, 'other trace', 'other traces') + ' (' + fmtBytes(run.trace_bytes) + ' in all, ' : ' (' + fmtBytes(run.trace_bytes) + ', ') +
+        'format v' + run.format_version + ', ' + plural(run.chunks, 'chunk', 'chunks') + ')'],
       ['recorded', plural(run.changes, 'change', 'changes') + ', ' + fmtBytes(run.bytes_changed) + ' changed, ' +
         plural(run.regions_watched, 'region watched', 'regions watched') + ', ' + plural(run.checkpoints, 'checkpoint', 'checkpoints')],
       ['written by', run.writer || '?']
@@ -364,7 +365,7 @@
         svg.appendChild(sv('text', { x: x, y: top + rowH * T.tags.length + 14, 'text-anchor': 'middle', text: opts.x === 'time' ? fmtDur(t) : fmtInt(Math.round(t)) }));
       });
       svg.appendChild(sv('text', { 'class': 'axis-title', x: L + plotW / 2, y: H - 4, 'text-anchor': 'middle',
-        text: opts.x === 'time' ? 'time since the recording started (buckets of ' + fmtDur(width) + ')' : 'seq (buckets of ' + plural(width, 'seq', 'seqs') + ')' }));
+        text: opts.x === 'time' ? 'time since the ' + (procs ? 'run' : 'recording') + ' started (buckets of ' + fmtDur(width) + ')' : 'seq (buckets of ' + plural(width, 'seq', 'seqs') + ')' }));
       T.tags.forEach(function (row, r) {
         var vals = row[key], max = Math.max.apply(null, vals.concat([0]));
         var y0 = top + r * rowH;
