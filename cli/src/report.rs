@@ -53,10 +53,19 @@ else the busiest element of each of the busiest tags. A large trace is
 summarized: buckets, cells and samples of bounded size, so the page stays
 under a few MB; the page says what it sampled.
 
+A run of several processes (fork, multiprocessing, subprocess, torchrun:
+run.PID.mwt or run.rankR.PID.mwt beside run.mwt) is reported whole from
+its first trace: its processes (pid, rank, parent, trace, how each ended),
+timelines on the run's clock, each tag per process (`w (pid 4243)`: a
+fork's child keeps its parent's watches under the same tags), and the
+process of each line and suspicious event. --pid keeps some processes;
+--element TAG:INDEX follows the element in each process with that tag.
+
 Examples:
   memwatch report run.mwt                      # writes run.html
   memwatch report run.mwt -o report.html
-  memwatch report run.mwt --element layer1_weight:0,0 --element bias:3";
+  memwatch report run.mwt --element layer1_weight:0,0 --element bias:3
+  memwatch report run.mwt --pid 4243           # one process of a run";
 
 /// An element to follow through the run: `TAG:INDEX`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +122,10 @@ pub struct Args {
     /// An element whose values to plot over the run, TAG:INDEX (repeatable).
     #[arg(long = "element", value_name = "TAG:INDEX", value_parser = parse_element)]
     pub elements: Vec<ElementSpec>,
+    /// Only these processes of the run (pids; repeatable, or
+    /// comma-separated). Without it, every process of the run.
+    #[arg(long, value_delimiter = ',')]
+    pub pid: Vec<u32>,
 }
 
 /// Buckets of a timeline, per tag, over time and over seq.
@@ -474,12 +487,16 @@ pub struct Suspicious {
     /// An index into [`Aggregate::wheres`].
     pub line: Option<u32>,
     pub detail: String,
+    /// The process it happened in (an index into [`Aggregate::procs`]).
+    pub proc: usize,
 }
 
 /// What the report knows of one tag.
 #[derive(Debug, Clone)]
 pub struct TagAgg {
     pub name: Arc<str>,
+    /// The process whose tag it is (an index into [`Aggregate::procs`]).
+    pub proc: usize,
     pub variable: Option<Arc<str>>,
     pub dtype: Option<Arc<str>>,
     pub shape: Vec<u64>,
@@ -506,9 +523,20 @@ pub struct TagAgg {
 #[derive(Debug, Clone)]
 pub struct Aggregate {
     pub tags: Vec<TagAgg>,
-    by_name: HashMap<Arc<str>, usize>,
-    /// By region id: its tag's index.
-    by_region: Vec<Option<usize>>,
+    /// By process, by tag name: its index in `tags`.
+    by_name: Vec<HashMap<Arc<str>, usize>>,
+    /// By process, by region id: its tag's index.
+    by_region: Vec<Vec<Option<usize>>>,
+    /// The processes scanned, in order ([`Aggregate::begin`]); one, of
+    /// pid 0, until a process is begun.
+    pub procs: Vec<ProcAgg>,
+    /// Tags are labelled with their process (`w (pid 4243)`).
+    pub several: bool,
+    begun: bool,
+    /// The process being scanned, and how much later than the run it
+    /// started (added to its times).
+    cur: usize,
+    shift: u64,
     pub lines: HashMap<(usize, Option<LineKey>), LineStats>,
     /// `file:line (function)` strings that points and events refer to.
     pub wheres: Vec<String>,
@@ -530,6 +558,18 @@ pub struct Aggregate {
     time_width: u64,
 }
 
+/// What one process of a run did, for the report's list of processes.
+#[derive(Debug, Clone, Default)]
+pub struct ProcAgg {
+    pub pid: u32,
+    pub rank: Option<u32>,
+    pub changes: u64,
+    pub bytes: u64,
+    pub regions: u64,
+    /// Its last event, ns from its own start.
+    pub last_ns: u64,
+}
+
 fn non_finite(v: Option<f64>) -> bool {
     v.is_some_and(|x| !x.is_finite())
 }
@@ -541,8 +581,13 @@ impl Aggregate {
         let (lo, hi) = seqs.unwrap_or((0, 0));
         Aggregate {
             tags: Vec::new(),
-            by_name: HashMap::new(),
-            by_region: Vec::new(),
+            by_name: vec![HashMap::new()],
+            by_region: vec![Vec::new()],
+            procs: vec![ProcAgg::default()],
+            several: false,
+            begun: false,
+            cur: 0,
+            shift: 0,
             lines: HashMap::new(),
             wheres: Vec::new(),
             where_ids: HashMap::new(),
@@ -562,19 +607,63 @@ impl Aggregate {
         }
     }
 
+    /// Starts the scan of the next process of the run, `pid` (with
+    /// `rank`), which started `shift` ns after the run did: its tags are
+    /// its own, its times are put on the run's clock.
+    pub fn begin(&mut self, pid: u32, rank: Option<u32>, shift: u64) {
+        if !self.begun {
+            // The placeholder process of [`Aggregate::new`].
+            self.begun = true;
+            self.procs.clear();
+            self.by_region.clear();
+            self.by_name.clear();
+        }
+        self.procs.push(ProcAgg {
+            pid,
+            rank,
+            ..ProcAgg::default()
+        });
+        self.by_region.push(Vec::new());
+        self.by_name.push(HashMap::new());
+        self.cur = self.procs.len() - 1;
+        self.shift = shift;
+    }
+
+    /// Goes back to process `i` (for the second scan).
+    fn resume(&mut self, i: usize, shift: u64) {
+        self.cur = i;
+        self.shift = shift;
+    }
+
+    /// A tag's name as the page shows it: with its process when the run
+    /// has several (`w (pid 4243)`).
+    pub fn tag_label(&self, t: usize) -> String {
+        let tag = &self.tags[t];
+        if !self.several {
+            return tag.name.to_string();
+        }
+        let p = &self.procs[tag.proc];
+        match p.rank {
+            Some(r) => format!("{} (pid {}, rank {r})", tag.name, p.pid),
+            None => format!("{} (pid {})", tag.name, p.pid),
+        }
+    }
+
     fn tag_index(&mut self, name: &str, region: Option<&RegionInfo>) -> usize {
+        let cur = self.cur;
         if let Some(r) = region {
-            if let Some(Some(i)) = self.by_region.get(r.region as usize) {
+            if let Some(Some(i)) = self.by_region[cur].get(r.region as usize) {
                 return *i;
             }
         }
-        let i = match self.by_name.get(name) {
+        let i = match self.by_name[cur].get(name) {
             Some(i) => *i,
             None => {
                 let name: Arc<str> = Arc::from(name);
-                self.by_name.insert(name.clone(), self.tags.len());
+                self.by_name[cur].insert(name.clone(), self.tags.len());
                 self.tags.push(TagAgg {
                     name,
+                    proc: cur,
                     variable: None,
                     dtype: None,
                     shape: Vec::new(),
@@ -606,11 +695,12 @@ impl Aggregate {
                 t.variable = r.variable.clone();
             }
             let k = r.region as usize;
+            let by_region = &mut self.by_region[cur];
             if k < 1 << 20 {
-                if self.by_region.len() <= k {
-                    self.by_region.resize(k + 1, None);
+                if by_region.len() <= k {
+                    by_region.resize(k + 1, None);
                 }
-                self.by_region[k] = Some(i);
+                by_region[k] = Some(i);
             }
         }
         i
@@ -637,7 +727,8 @@ impl Aggregate {
         id
     }
 
-    fn suspect(&mut self, s: Suspicious) {
+    fn suspect(&mut self, mut s: Suspicious) {
+        s.proc = self.cur;
         if self.suspicious.len() >= MAX_SUSPICIOUS {
             *self.more_suspicious.entry(s.kind).or_default() += 1;
         } else {
@@ -651,9 +742,10 @@ impl Aggregate {
             Record::Checkpoint(_) => self.checkpoints += 1,
             Record::RegionWatched(r) => {
                 self.regions += 1;
-                self.last_ns = self.last_ns.max(r.ctx.time_ns);
+                self.procs[self.cur].regions += 1;
+                self.saw(r.ctx.time_ns);
             }
-            Record::RegionUnwatched(u) => self.last_ns = self.last_ns.max(u.ctx.time_ns),
+            Record::RegionUnwatched(u) => self.saw(u.ctx.time_ns),
             Record::Lost(l) if l.events > 0 => {
                 self.lost += l.events;
                 self.suspect(Suspicious {
@@ -670,10 +762,18 @@ impl Aggregate {
                         l.after_seq,
                         l.reason
                     ),
+                    proc: self.cur,
                 });
             }
             _ => {}
         }
+    }
+
+    /// An event at `time_ns` of the current process's clock.
+    fn saw(&mut self, time_ns: u64) {
+        let p = &mut self.procs[self.cur];
+        p.last_ns = p.last_ns.max(time_ns);
+        self.last_ns = self.last_ns.max(time_ns + self.shift);
     }
 
     /// Counts one change.
@@ -681,7 +781,11 @@ impl Aggregate {
         let bytes = row.bytes_changed();
         self.changes += 1;
         self.bytes += bytes;
-        self.last_ns = self.last_ns.max(row.time_ns);
+        self.saw(row.time_ns);
+        self.procs[self.cur].changes += 1;
+        self.procs[self.cur].bytes += bytes;
+        // On the run's clock.
+        let time_ns = row.time_ns + self.shift;
         let ti = self.tag_index(row.tag, row.region);
         let where_id = self.where_id(row.frame);
         let lk = row.frame.map(line_key);
@@ -702,7 +806,7 @@ impl Aggregate {
                 kind: "new_thread",
                 tag: Some(ti),
                 seq: Some(row.seq),
-                time_ns: Some(row.time_ns),
+                time_ns: Some(time_ns),
                 line: Some(where_id),
                 detail: if before > 0 {
                     format!(
@@ -713,6 +817,7 @@ impl Aggregate {
                 } else {
                     format!("written by thread {}, not the main thread", thread_text())
                 },
+                proc: 0,
             });
         }
         if new_line && before > 0 {
@@ -725,22 +830,23 @@ impl Aggregate {
                     kind: "new_line",
                     tag: Some(ti),
                     seq: Some(row.seq),
-                    time_ns: Some(row.time_ns),
+                    time_ns: Some(time_ns),
                     line: Some(where_id),
                     detail: format!(
                         "first write from this line, after {before} change{} from other lines",
                         if before == 1 { "" } else { "s" }
                     ),
+                    proc: 0,
                 });
             }
         }
         if t.changes == 0 {
-            t.first = (row.seq, row.time_ns);
+            t.first = (row.seq, time_ns);
         }
         t.changes += 1;
-        t.last = (row.seq, row.time_ns);
+        t.last = (row.seq, time_ns);
         t.bytes += bytes;
-        t.time.add(row.time_ns, bytes);
+        t.time.add(time_ns, bytes);
         t.seq.add(row.seq, bytes);
         let th = t.threads.entry(row.thread).or_insert((None, 0));
         th.1 += 1;
@@ -828,7 +934,7 @@ impl Aggregate {
                 kind: "nonfinite",
                 tag: Some(ti),
                 seq: Some(row.seq),
-                time_ns: Some(row.time_ns),
+                time_ns: Some(time_ns),
                 line: Some(where_id),
                 detail: format!(
                     "{} written: element {idx} {} -> {new_text} ({n} element{} of this tag so far)",
@@ -840,6 +946,7 @@ impl Aggregate {
                     show(old),
                     if n == 1 { "" } else { "s" }
                 ),
+                proc: 0,
             });
         }
         for e in events {
@@ -861,12 +968,11 @@ impl Aggregate {
         let Some(region) = row.region else {
             return;
         };
-        let Some(ti) = self
-            .by_region
+        let Some(ti) = self.by_region[self.cur]
             .get(region.region as usize)
             .copied()
             .flatten()
-            .or_else(|| self.by_name.get(row.tag).copied())
+            .or_else(|| self.by_name[self.cur].get(row.tag).copied())
         else {
             return;
         };
@@ -906,7 +1012,7 @@ impl Aggregate {
                     v(a),
                     Point {
                         seq: row.seq,
-                        time_ns: row.time_ns,
+                        time_ns: row.time_ns + self.shift,
                         value: v(b),
                         line: where_id,
                     },
@@ -1025,6 +1131,10 @@ struct RunFacts {
     ending_bad: bool,
     duration_ns: u64,
     trace_bytes: u64,
+    chunks: usize,
+    /// For a run: its processes' JSON objects (the first
+    /// [`MAX_PROCESSES`]) and how many it has.
+    processes: Option<(Vec<String>, usize)>,
 }
 
 /// The report's data, as JSON (the page's `<script id="data">`).
@@ -1038,7 +1148,7 @@ fn data_json(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usi
          \"platform\":{},\"writer\":{},\"format_version\":{},\"properties\":[{}],\"start_utc\":{},\
          \"duration_ns\":{},\"trace_bytes\":{},\"chunks\":{},\"changes\":{},\"bytes_changed\":{},\
          \"regions_watched\":{},\"checkpoints\":{},\"lost\":{},\"waited_ns\":{},\"waits\":{},\
-         \"ending\":{{\"how\":{},\"message\":{},\"bad\":{}}},\"note\":{}}},",
+         \"ending\":{{\"how\":{},\"message\":{},\"bad\":{}}},\"note\":{}{}}},",
         json_str(env!("CARGO_PKG_VERSION")),
         json_str(&reader.path().display().to_string()),
         join(&meta.argv, |a| json_str(a)),
@@ -1055,7 +1165,7 @@ fn data_json(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usi
         json_str(&utc(meta.start_time_ns)),
         facts.duration_ns,
         facts.trace_bytes,
-        reader.chunks().len(),
+        facts.chunks,
         agg.changes,
         agg.bytes,
         agg.regions,
@@ -1067,12 +1177,40 @@ fn data_json(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usi
         json_str(&facts.ending_text),
         facts.ending_bad,
         reader.tail_message().map_or("null".into(), |m| json_str(&m)),
+        match &facts.processes {
+            Some((listed, total)) => format!(
+                ",\"processes\":[{}],\"processes_total\":{total}",
+                listed.join(",")
+            ),
+            None => String::new(),
+        },
     );
+    if let Some((listed, total)) = &facts.processes {
+        if listed.len() < *total {
+            sampled.push(format!(
+                "Processes: the first {} of the run's {total} are listed (all are in the counts).",
+                listed.len()
+            ));
+        }
+    }
+    // A tag's process, for a run: `"pid":4243,"rank":null,` first in its object.
+    let process_of = |proc: usize| {
+        if agg.several {
+            let p = &agg.procs[proc];
+            format!(
+                "\"pid\":{},\"rank\":{},",
+                p.pid,
+                p.rank.map_or("null".into(), |r| r.to_string())
+            )
+        } else {
+            String::new()
+        }
+    };
     // Tags, in name order (the other sections refer to them by index).
     let _ = write!(
         j,
         "\"tags\":[{}],",
-        join(&agg.tags, |t| {
+        join(agg.tags.iter().enumerate(), |(i, t)| {
             let mut threads: Vec<(String, u64)> = t
                 .threads
                 .iter()
@@ -1085,8 +1223,13 @@ fn data_json(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usi
                 .collect();
             threads.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
             threads.truncate(8);
+            let process = if agg.several {
+                format!("{}\"label\":{},", process_of(t.proc), json_str(&agg.tag_label(i)))
+            } else {
+                String::new()
+            };
             format!(
-                "{{\"name\":{},\"variable\":{},\"dtype\":{},\"shape\":[{}],\"changes\":{},\"bytes\":{},\
+                "{{{process}\"name\":{},\"variable\":{},\"dtype\":{},\"shape\":[{}],\"changes\":{},\"bytes\":{},\
                  \"elements\":{},\"object_changes\":{},\"first_seq\":{},\"first_ns\":{},\"last_seq\":{},\
                  \"last_ns\":{},\"nonfinite\":{},\"threads\":[{}]}}",
                 json_str(&t.name),
@@ -1162,8 +1305,9 @@ fn data_json(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usi
                 None => ("null".into(), "null".into(), "null".into()),
             };
             format!(
-                "{{\"tag\":{},\"file\":{file},\"line\":{line},\"function\":{function},\"changes\":{},\
+                "{{{}\"tag\":{},\"file\":{file},\"line\":{line},\"function\":{function},\"changes\":{},\
                  \"bytes\":{},\"elements\":{},\"first_seq\":{},\"last_seq\":{},\"threads\":[{}]}}",
+                process_of(agg.tags[l.tag].proc),
                 l.tag,
                 l.changes,
                 l.bytes,
@@ -1197,7 +1341,11 @@ fn data_json(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usi
         if h.is_binned() {
             sampled.push(format!(
                 "Heatmap of {}: {} × {} elements are binned into cells of {} × {}.",
-                agg.tags[t].name, h.rows, h.cols, h.cell_rows, h.cell_cols
+                agg.tag_label(t),
+                h.rows,
+                h.cols,
+                h.cell_rows,
+                h.cell_cols
             ));
         }
     }
@@ -1244,9 +1392,8 @@ fn data_json(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usi
     for tr in &agg.trajectories {
         if tr.every > 1 {
             sampled.push(format!(
-                "Values of {}{}: every {}th of its {} changes is drawn (and the last).",
-                agg.tags[tr.tag].name,
-                index_text(&tr.index),
+                "Values of {}: every {}th of its {} changes is drawn (and the last).",
+                element_label(agg, tr),
                 tr.every,
                 tr.changes
             ));
@@ -1266,7 +1413,7 @@ fn data_json(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usi
                  \"initial\":{},\"points\":[{}]}}",
                 tr.tag,
                 join(&tr.index, |n| n.to_string()),
-                json_str(&format!("{}{}", t.name, index_text(&tr.index))),
+                json_str(&element_label(agg, tr)),
                 tr.asked,
                 tr.changes,
                 tr.every,
@@ -1297,7 +1444,8 @@ fn data_json(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usi
         "\"suspicious\":[{}],\"more_suspicious\":{{{}}},\"wheres\":[{}],\"sampled\":[{}]}}",
         join(&suspicious, |s| {
             format!(
-            "{{\"severity\":\"{}\",\"kind\":\"{}\",\"tag\":{},\"seq\":{},\"ns\":{},\"where\":{},\"detail\":{}}}",
+            "{{{}\"severity\":\"{}\",\"kind\":\"{}\",\"tag\":{},\"seq\":{},\"ns\":{},\"where\":{},\"detail\":{}}}",
+            if agg.several { process_of(s.proc) } else { String::new() },
             s.severity.name(),
             s.kind,
             s.tag.map_or("null".into(), |t| t.to_string()),
@@ -1314,6 +1462,18 @@ fn data_json(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usi
     // Inside a <script>, `</script` or `<!--` would end or confuse it: `<`
     // only occurs in strings, where `\u003c` is the same character.
     j.replace('<', "\\u003c")
+}
+
+/// `w[3]`, or `w[3] (pid 4243)` in a run.
+fn element_label(agg: &Aggregate, tr: &Trajectory) -> String {
+    let t = &agg.tags[tr.tag];
+    let label = format!("{}{}", t.name, index_text(&tr.index));
+    if agg.several {
+        let p = &agg.procs[t.proc];
+        format!("{label} (pid {})", p.pid)
+    } else {
+        label
+    }
 }
 
 const TEMPLATE: &str = include_str!("report/report.html");
@@ -1349,80 +1509,145 @@ fn progress_bar(what: &str) -> indicatif::ProgressBar {
     bar
 }
 
+/// Processes listed in the report of a run; more are counted.
+pub const MAX_PROCESSES: usize = 256;
+
+/// One trace of a run to aggregate: its process, and how much later than
+/// the run's start it started (ns).
+pub struct Source<'a> {
+    pub reader: &'a TraceReader,
+    pub pid: u32,
+    pub rank: Option<u32>,
+    pub shift: u64,
+}
+
 /// Scans `reader` into an [`Aggregate`]: every change, then (when there
 /// are any) the followed elements' values. `elements` are checked
 /// against the trace's tags and shapes.
 pub fn aggregate(reader: &TraceReader, elements: &[ElementSpec]) -> Result<Aggregate> {
+    let source = Source {
+        reader,
+        pid: reader.header().meta.pid,
+        rank: None,
+        shift: 0,
+    };
+    aggregate_run(&[source], false, elements)
+}
+
+/// [`aggregate`] of the traces of a run, one after the other, each
+/// process's tags its own and its times on the run's clock; `several`
+/// labels the tags with their process.
+pub fn aggregate_run(sources: &[Source<'_>], several: bool, elements: &[ElementSpec]) -> Result<Aggregate> {
     if elements.len() > MAX_ELEMENTS {
         bail!(
             "{} --element options given; at most {MAX_ELEMENTS} are drawn: leave some out",
             elements.len()
         );
     }
-    let ending = reader.ending();
-    let known_ns = match ending {
-        Ending::Closed { end_time_ns } => end_time_ns,
-        _ => 0,
-    };
-    let mut agg = Aggregate::new(seq_bounds(reader), known_ns);
-    let bar = progress_bar("reading changes");
-    let mut progress = |done: usize, total: usize| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    };
-    let syms = for_each_event(reader, &Filter::default(), &mut progress, |e| {
-        match e {
-            Event::Change(row) => agg.change(row),
-            Event::Record(rec, _) => agg.record(rec),
-        }
-        ControlFlow::Continue(())
-    })?;
-    bar.finish_and_clear();
-    agg.waited = syms.waited;
+    let known_ns = sources
+        .iter()
+        .map(|s| match s.reader.ending() {
+            Ending::Closed { end_time_ns } => s.shift + end_time_ns,
+            _ => 0,
+        })
+        .max()
+        .unwrap_or(0);
+    let seqs = sources
+        .iter()
+        .filter_map(|s| seq_bounds(s.reader))
+        .reduce(|a, b| (a.0.min(b.0), a.1.max(b.1)));
+    let mut agg = Aggregate::new(seqs, known_ns);
+    agg.several = several;
+    for s in sources {
+        agg.begin(s.pid, s.rank, s.shift);
+        let bar = progress_bar(&if several {
+            format!("reading changes of pid {}", s.pid)
+        } else {
+            "reading changes".to_string()
+        });
+        let mut progress = |done: usize, total: usize| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        };
+        let syms = for_each_event(s.reader, &Filter::default(), &mut progress, |e| {
+            match e {
+                Event::Change(row) => agg.change(row),
+                Event::Record(rec, _) => agg.record(rec),
+            }
+            ControlFlow::Continue(())
+        })?;
+        bar.finish_and_clear();
+        agg.waited.0 += syms.waited.0;
+        agg.waited.1 += syms.waited.1;
+    }
     agg.finish();
     let follow = if elements.is_empty() {
         agg.auto_elements()
     } else {
-        elements
-            .iter()
-            .map(|e| resolve(&agg, e))
-            .collect::<Result<Vec<_>>>()?
+        let mut v = Vec::new();
+        for e in elements {
+            v.extend(resolve(&agg, e)?);
+        }
+        if v.len() > MAX_ELEMENTS {
+            bail!(
+                "the --element options name {} elements in all (a tag in several processes is followed \
+                 in each); at most {MAX_ELEMENTS} are drawn: leave some out or keep fewer processes with --pid",
+                v.len()
+            );
+        }
+        v
     };
     if follow.is_empty() {
         return Ok(agg);
     }
-    let lo = follow.iter().map(|f| agg.tags[f.0].first.0).min().unwrap_or(0);
-    let hi = follow
-        .iter()
-        .map(|f| agg.tags[f.0].last.0)
-        .max()
-        .unwrap_or(u64::MAX);
     agg.follow(follow);
-    let filter = Filter {
-        seq: Some((lo, hi)),
-        ..Filter::default()
-    };
-    let bar = progress_bar("following elements");
-    let mut progress = |done: usize, total: usize| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    };
-    for_each_event(reader, &filter, &mut progress, |e| {
-        if let Event::Change(row) = e {
-            agg.change_followed(row);
-        }
-        ControlFlow::Continue(())
-    })?;
-    bar.finish_and_clear();
+    for (i, s) in sources.iter().enumerate() {
+        let mine = agg
+            .trajectories
+            .iter()
+            .map(|t| t.tag)
+            .filter(|&t| agg.tags[t].proc == i);
+        let Some((lo, hi)) = mine
+            .map(|t| (agg.tags[t].first.0, agg.tags[t].last.0))
+            .reduce(|a, b| (a.0.min(b.0), a.1.max(b.1)))
+        else {
+            continue;
+        };
+        agg.resume(i, s.shift);
+        let filter = Filter {
+            seq: Some((lo, hi)),
+            ..Filter::default()
+        };
+        let bar = progress_bar("following elements");
+        let mut progress = |done: usize, total: usize| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        };
+        for_each_event(s.reader, &filter, &mut progress, |e| {
+            if let Event::Change(row) = e {
+                agg.change_followed(row);
+            }
+            ControlFlow::Continue(())
+        })?;
+        bar.finish_and_clear();
+    }
     Ok(agg)
 }
 
-/// An asked element as (tag, flat index, index, asked), or why it is not
-/// one.
-fn resolve(agg: &Aggregate, e: &ElementSpec) -> Result<(usize, u64, Vec<u64>, bool)> {
-    let Some(&t) = agg.by_name.get(e.tag.as_str()) else {
+/// An element to follow: (tag, flat index, index, asked).
+type Followed = (usize, u64, Vec<u64>, bool);
+
+/// An asked element in each process with that tag, or why it is not one.
+fn resolve(agg: &Aggregate, e: &ElementSpec) -> Result<Vec<Followed>> {
+    let found: Vec<usize> = agg
+        .by_name
+        .iter()
+        .filter_map(|m| m.get(e.tag.as_str()).copied())
+        .collect();
+    if found.is_empty() {
         let mut known: Vec<&str> = agg.tags.iter().map(|t| &*t.name).collect();
         known.sort_unstable();
+        known.dedup();
         bail!(
             "--element {}:{}: the trace has no changes to a tag {:?}; its tags are: {}",
             e.tag,
@@ -1434,7 +1659,12 @@ fn resolve(agg: &Aggregate, e: &ElementSpec) -> Result<(usize, u64, Vec<u64>, bo
                 known.join(", ")
             }
         );
-    };
+    }
+    found.into_iter().map(|t| resolve_in(agg, t, e)).collect()
+}
+
+/// [`resolve`] in tag `t`.
+fn resolve_in(agg: &Aggregate, t: usize, e: &ElementSpec) -> Result<Followed> {
     let tag = &agg.tags[t];
     if tag.dtype.as_deref().and_then(Dtype::parse).is_none() {
         bail!(
@@ -1488,15 +1718,85 @@ pub fn render(reader: &TraceReader, elements: &[ElementSpec]) -> Result<String> 
         ending_bad: !matches!(ending, Ending::Closed { .. }),
         duration_ns: duration_ns(&ending, agg.last_ns),
         trace_bytes: trace_size(reader),
+        chunks: reader.chunks().len(),
+        processes: None,
     };
+    Ok(page_of(reader, &agg, &facts, elements.len()))
+}
+
+fn page_of(reader: &TraceReader, agg: &Aggregate, facts: &RunFacts, asked: usize) -> String {
     let meta = &reader.header().meta;
     let program = if meta.argv.is_empty() {
         reader.path().display().to_string()
     } else {
         meta.argv.join(" ")
     };
-    let data = data_json(reader, &agg, &facts, elements.len());
-    Ok(page(&format!("memwatch report: {program}"), &data))
+    let data = data_json(reader, agg, facts, asked);
+    page(&format!("memwatch report: {program}"), &data)
+}
+
+/// Builds the report of the processes `procs` of a run (all of them, or
+/// those `--pid` kept) as a whole HTML page; the first one's trace names
+/// the run.
+pub fn render_run(procs: &[crate::run::Proc], elements: &[ElementSpec]) -> Result<String> {
+    let base = crate::run::base_ns(procs);
+    let sources: Vec<Source<'_>> = procs
+        .iter()
+        .map(|p| Source {
+            reader: &p.reader,
+            pid: p.pid,
+            rank: p.rank,
+            shift: p.shift_ns(base),
+        })
+        .collect();
+    let agg = aggregate_run(&sources, true, elements)?;
+    let first = &procs[0].reader;
+    let ending = first.ending();
+    let mut listed = Vec::new();
+    let mut duration = 0;
+    let opt = |v: Option<u32>| v.map_or("null".into(), |n| n.to_string());
+    for (i, p) in procs.iter().enumerate() {
+        let e = p.reader.ending();
+        let shift = p.shift_ns(base);
+        let dur = duration_ns(&e, agg.procs[i].last_ns);
+        duration = duration.max(shift + dur);
+        if listed.len() >= MAX_PROCESSES {
+            continue;
+        }
+        let a = &agg.procs[i];
+        let path = p.reader.path();
+        let file = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        listed.push(format!(
+            "{{\"pid\":{},\"rank\":{},\"parent\":{},\"trace\":{},\"argv\":[{}],\"start_ns\":{shift},\
+             \"duration_ns\":{dur},\"trace_bytes\":{},\"changes\":{},\"bytes_changed\":{},\
+             \"regions_watched\":{},\"ending\":{{\"how\":{},\"message\":{},\"bad\":{}}}}}",
+            p.pid,
+            opt(p.rank),
+            opt(p.parent),
+            json_str(&file),
+            join(&p.reader.header().meta.argv, |a| json_str(a)),
+            trace_size(&p.reader),
+            a.changes,
+            a.bytes,
+            a.regions,
+            json_str(e.name()),
+            json_str(&ending_text(&p.reader, &e)),
+            !matches!(e, Ending::Closed { .. }),
+        ));
+    }
+    let facts = RunFacts {
+        ending_how: ending.name(),
+        ending_text: ending_text(first, &ending),
+        ending_bad: !matches!(ending, Ending::Closed { .. }),
+        duration_ns: duration,
+        trace_bytes: procs.iter().map(|p| trace_size(&p.reader)).sum(),
+        chunks: procs.iter().map(|p| p.reader.chunks().len()).sum(),
+        processes: Some((listed, procs.len())),
+    };
+    Ok(page_of(first, &agg, &facts, elements.len()))
 }
 
 /// The default output: the trace's path with `.html` for its extension.
@@ -1505,8 +1805,12 @@ fn default_output(trace: &Path) -> PathBuf {
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
-    let reader = TraceReader::open(&args.trace)?;
-    let html = render(&reader, &args.elements)?;
+    let procs = crate::run::open(&args.trace, &args.pid)?;
+    let html = if procs.len() == 1 && args.pid.is_empty() {
+        render(&procs[0].reader, &args.elements)?
+    } else {
+        render_run(&procs, &args.elements)?
+    };
     let path = args.output.clone().unwrap_or_else(|| default_output(&args.trace));
     if path.as_os_str() == "-" {
         out.write_all(html.as_bytes())?;
@@ -1527,10 +1831,8 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
             size_text(html.len() as u64)
         )?;
     }
-    if let Some(msg) = reader.tail_message() {
-        out.flush()?;
-        eprintln!("memwatch: note: {}: {msg}", reader.path().display());
-    }
+    out.flush()?;
+    crate::run::tail_notes(&procs);
     Ok(0)
 }
 
@@ -1671,6 +1973,32 @@ mod tests {
         assert!(parse_element("w:x").unwrap_err().contains("whole numbers"));
         assert!(parse_element("w:").unwrap_err().contains("whole numbers"));
         assert!(parse_element("w").unwrap_err().contains("TAG:INDEX"));
+    }
+
+    #[test]
+    fn each_process_of_a_run_has_its_own_tags_on_the_runs_clock() {
+        let mut agg = Aggregate::new(None, 0);
+        agg.several = true;
+        agg.begin(10, None, 0);
+        let a = agg.tag_index("w", None);
+        agg.saw(7);
+        agg.begin(11, Some(1), 100);
+        let b = agg.tag_index("w", None);
+        agg.saw(5);
+        // The same tag in two processes: two tags, each labelled with its process.
+        assert_ne!(a, b);
+        assert_eq!(agg.tag_index("w", None), b);
+        assert_eq!((agg.tags[a].proc, agg.tags[b].proc), (0, 1));
+        assert_eq!(agg.tag_label(a), "w (pid 10)");
+        assert_eq!(agg.tag_label(b), "w (pid 11, rank 1)");
+        assert_eq!(agg.procs.iter().map(|p| p.pid).collect::<Vec<_>>(), [10, 11]);
+        // Each process's last event on its own clock; the run's on the run's.
+        assert_eq!(
+            (agg.procs[0].last_ns, agg.procs[1].last_ns, agg.last_ns),
+            (7, 5, 105)
+        );
+        agg.several = false;
+        assert_eq!(agg.tag_label(b), "w");
     }
 
     #[test]

@@ -84,8 +84,13 @@
     if (/^cell \[\d+\]$/.test(file)) return file + ', line ' + line;
     return shortFile(file) + ':' + line;
   }
+  // A tag as shown: in a run of several processes, with its process
+  // (`w (pid 4243)`).
+  function tagLabel(t) {
+    return t.label || t.name;
+  }
   function tagName(i) {
-    return i === null || i === undefined ? '' : D.tags[i].name;
+    return i === null || i === undefined ? '' : tagLabel(D.tags[i]);
   }
   // Ticks on 1/2/5 steps; `whole`: steps of at least 1 (seqs, counts).
   function niceTicks(lo, hi, count, whole) {
@@ -204,6 +209,11 @@
   // ---- header and run ------------------------------------------------------
 
   var run = D.run;
+  // A run of several processes: its processes, each row saying its pid.
+  var procs = run.processes || null;
+  function pidText(r) {
+    return r.pid === undefined || r.pid === null ? '' : String(r.pid) + (r.rank === null || r.rank === undefined ? '' : ' (rank ' + r.rank + ')');
+  }
   var endingClass = run.ending.bad ? 'error' : 'ok';
   var program = run.argv.length ? run.argv.join(' ') : run.trace;
 
@@ -215,6 +225,7 @@
         el('span', null, 'ended: ', el('span', { 'class': 'badge ' + endingClass, text: run.ending.how.replace(/_/g, ' ') })),
         el('span', null, 'ran ', el('b', { text: fmtDur(run.duration_ns) }), ' from ', el('b', { text: run.start_utc.replace('T', ' ').replace(/\.\d+Z$/, ' UTC') })),
         el('span', null, el('b', { text: fmtInt(run.changes) }), ' changes, ', el('b', { text: fmtBytes(run.bytes_changed) }), ' changed'),
+        procs ? el('span', null, el('b', { text: String(run.processes_total) }), run.processes_total === 1 ? ' process' : ' processes') : null,
         el('span', null, el('b', { text: String(D.tags.length) }), D.tags.length === 1 ? ' tag' : ' tags'),
         el('span', null, 'trace ', el('b', { text: fmtBytes(run.trace_bytes) })),
         D.suspicious.length ? el('span', null, el('b', { text: String(D.suspicious.length + sum(D.more_suspicious)) }), ' suspicious') : null));
@@ -244,12 +255,14 @@
     var s = card('run', 'Run', 'The recorded program, how its recording ended, and what the trace holds.');
     var facts = [
       ['program', program],
-      ['process', 'pid ' + run.pid + (run.python_version ? ', Python ' + run.python_version : '')],
+      ['process', 'pid ' + run.pid + (run.python_version ? ', Python ' + run.python_version : '') +
+        (procs ? ' (the first of ' + plural(run.processes_total, 'process', 'processes') + ', below)' : '')],
       ['platform', run.platform || '?'],
       ['started', run.start_utc],
       ['duration', fmtDur(run.duration_ns)],
       ['ended', null],
-      ['trace', run.trace + ' (' + fmtBytes(run.trace_bytes) + ', format v' + run.format_version + ', ' + plural(run.chunks, 'chunk', 'chunks') + ')'],
+      ['trace', run.trace + (procs && run.processes_total > 1 ? ' and ' + plural(run.processes_total - 1, 'other trace', 'other traces') + ' (' + fmtBytes(run.trace_bytes) + ' in all, ' : ' (' + fmtBytes(run.trace_bytes) + ', ') +
+        'format v' + run.format_version + ', ' + plural(run.chunks, 'chunk', 'chunks') + ')'],
       ['recorded', plural(run.changes, 'change', 'changes') + ', ' + fmtBytes(run.bytes_changed) + ' changed, ' +
         plural(run.regions_watched, 'region watched', 'regions watched') + ', ' + plural(run.checkpoints, 'checkpoint', 'checkpoints')],
       ['written by', run.writer || '?']
@@ -268,6 +281,26 @@
       }
     });
     s.appendChild(dl);
+    if (procs) {
+      s.appendChild(el('h3', null, 'Processes', el('span', { 'class': 'sub', text: 'each process of the run and its trace; times from the run\'s start' })));
+      var ptable = dataTable([
+        { title: 'pid', num: true, key: function (p) { return p.pid; }, cell: function (p) { return el('span', { 'class': 'mono', text: String(p.pid) }); } },
+        { title: 'rank', num: true, key: function (p) { return p.rank === null ? -1 : p.rank; }, cell: function (p) { return p.rank === null ? '' : String(p.rank); } },
+        { title: 'parent', num: true, key: function (p) { return p.parent === null ? -1 : p.parent; }, cell: function (p) { return p.parent === null ? '' : String(p.parent); } },
+        { title: 'trace', key: function (p) { return p.trace; }, cell: function (p) { return el('span', { 'class': 'mono', title: p.argv.join(' '), text: p.trace }); } },
+        { title: 'started', num: true, key: function (p) { return p.start_ns; }, cell: function (p) { return fmtDur(p.start_ns); } },
+        { title: 'duration', num: true, key: function (p) { return p.duration_ns; }, cell: function (p) { return fmtDur(p.duration_ns); } },
+        { title: 'changes', num: true, key: function (p) { return p.changes; }, cell: function (p) { return fmtInt(p.changes); } },
+        { title: 'bytes changed', num: true, key: function (p) { return p.bytes_changed; }, cell: function (p) { return fmtBytes(p.bytes_changed); } },
+        { title: 'ended', wrap: true, key: function (p) { return p.ending.how; }, cell: function (p) {
+          return el('span', null, el('span', { 'class': 'badge ' + (p.ending.bad ? 'error' : 'ok'), text: p.ending.how.replace(/_/g, ' ') }), ' ', p.ending.message);
+        } }
+      ], procs, 4, false);
+      s.appendChild(ptable.node);
+      if (procs.length < run.processes_total) {
+        s.appendChild(el('p', { 'class': 'note', text: 'The first ' + fmtInt(procs.length) + ' of ' + fmtInt(run.processes_total) + ' processes are listed.' }));
+      }
+    }
     s.appendChild(el('h3', null, 'Tags', el('span', { 'class': 'sub', text: 'each watched buffer, tensor or object' })));
     if (!D.tags.length) {
       s.appendChild(el('p', { 'class': 'empty', text: 'No changes were recorded.' }));
@@ -276,7 +309,7 @@
     var maxChanges = Math.max.apply(null, D.tags.map(function (t) { return t.changes; }));
     var rows = D.tags.map(function (t, i) { t._i = i; return t; });
     var table = dataTable([
-      { title: 'tag', key: function (t) { return t.name; }, cell: function (t) { return el('span', { 'class': 'tagname', text: t.name }); } },
+      { title: 'tag', key: function (t) { return tagLabel(t); }, cell: function (t) { return el('span', { 'class': 'tagname', text: tagLabel(t) }); } },
       { title: 'variable', key: function (t) { return t.variable || ''; }, cell: function (t) { return el('span', { 'class': 'mono', text: t.variable || '' }); } },
       { title: 'type', key: function (t) { return t.dtype || ''; }, cell: function (t) {
         if (!t.shape.length && !t.dtype) return t.object_changes ? 'object' : 'bytes';
@@ -332,7 +365,7 @@
         svg.appendChild(sv('text', { x: x, y: top + rowH * T.tags.length + 14, 'text-anchor': 'middle', text: opts.x === 'time' ? fmtDur(t) : fmtInt(Math.round(t)) }));
       });
       svg.appendChild(sv('text', { 'class': 'axis-title', x: L + plotW / 2, y: H - 4, 'text-anchor': 'middle',
-        text: opts.x === 'time' ? 'time since the recording started (buckets of ' + fmtDur(width) + ')' : 'seq (buckets of ' + plural(width, 'seq', 'seqs') + ')' }));
+        text: opts.x === 'time' ? 'time since the ' + (procs ? 'run' : 'recording') + ' started (buckets of ' + fmtDur(width) + ')' : 'seq (buckets of ' + plural(width, 'seq', 'seqs') + ')' }));
       T.tags.forEach(function (row, r) {
         var vals = row[key], max = Math.max.apply(null, vals.concat([0]));
         var y0 = top + r * rowH;
@@ -397,8 +430,9 @@
       { title: 'elements changed', num: true, key: function (l) { return l.elements; }, cell: function (l) { return l.elements ? fmtInt(l.elements) : ''; } },
       { title: 'first seq', num: true, key: function (l) { return l.first_seq; }, cell: function (l) { return String(l.first_seq); } },
       { title: 'last seq', num: true, key: function (l) { return l.last_seq; }, cell: function (l) { return String(l.last_seq); } },
-      { title: 'threads', key: function (l) { return l.threads.join(','); }, cell: function (l) { return l.threads.join(', '); } }
-    ], rows, 3, true);
+      { title: 'threads', key: function (l) { return l.threads.join(','); }, cell: function (l) { return l.threads.join(', '); } },
+      procs ? { title: 'process', num: true, key: function (l) { return l.pid; }, cell: function (l) { return pidText(l); } } : null
+    ].filter(Boolean), rows, 3, true);
     var filter = el('input', { 'class': 'filter', type: 'search', placeholder: 'filter by tag, file, line or function' });
     filter.addEventListener('input', function () { table.filter(filter.value); });
     s.appendChild(el('div', { 'class': 'controls' }, filter,
@@ -454,7 +488,7 @@
     D.heatmaps.forEach(function (h) {
       var t = D.tags[h.tag];
       var box = el('div', { 'class': 'heat' });
-      box.appendChild(el('h3', null, el('span', { 'class': 'tagname', text: t.name }),
+      box.appendChild(el('h3', null, el('span', { 'class': 'tagname', text: tagLabel(t) }),
         el('span', { 'class': 'sub', text: (t.dtype || 'bytes') + ', shape (' + h.shape.join(', ') + (h.shape.length === 1 ? ',' : '') + ')' })));
       var binned = h.cell_rows > 1 || h.cell_cols > 1;
       var changed = h.counts.filter(function (c) { return c > 0; }).length;
@@ -464,7 +498,7 @@
       var px = oneD ? Math.max(1, Math.min(40, Math.floor(560 / h.grid_cols))) : Math.max(2, Math.min(28, Math.floor(400 / Math.max(h.grid_cols, h.grid_rows))));
       var cw = h.grid_cols * px, ch = oneD ? 36 : h.grid_rows * px;
       var dpr = window.devicePixelRatio || 1;
-      var canvas = el('canvas', { width: Math.round(cw * dpr), height: Math.round(ch * dpr), style: 'width:' + cw + 'px;height:' + ch + 'px', role: 'img', 'aria-label': 'heatmap of ' + t.name });
+      var canvas = el('canvas', { width: Math.round(cw * dpr), height: Math.round(ch * dpr), style: 'width:' + cw + 'px;height:' + ch + 'px', role: 'img', 'aria-label': 'heatmap of ' + tagLabel(t) });
       var frame = el('div', { 'class': 'frame' },
         el('div', { 'class': 'axis-x', style: 'width:' + cw + 'px' }, el('span', { text: oneD ? '[0]' : 'col 0' }), el('span', { text: oneD ? '[' + (h.cols - 1) + ']' : 'col ' + (h.cols - 1) })),
         el('div', { 'class': 'axis-y', style: 'height:' + ch + 'px' }, el('span', { text: oneD ? '' : 'row 0' }), el('span', { text: oneD ? '' : 'row ' + (h.rows - 1) })),
@@ -511,7 +545,7 @@
         var r0 = gy * h.cell_rows, c0 = gx * h.cell_cols;
         var r1 = Math.min(h.rows, r0 + h.cell_rows), c1 = Math.min(h.cols, c0 + h.cell_cols);
         var n = (r1 - r0) * (c1 - c0);
-        showTip(ev, t.name + cellIndex(h, r0, r1, c0, c1), [
+        showTip(ev, tagLabel(t) + cellIndex(h, r0, r1, c0, c1), [
           ['element changes', fmtInt(h.counts[k])],
           ['mean |Δ| per change', h.counts[k] ? fmtValue(h.delta[k]) : '–']
         ].concat(n > 1 ? [['elements in cell', fmtInt(n)], ['changes per element', fmtTick(h.counts[k] / n)]] : []));
@@ -642,7 +676,11 @@
     var more = sum(D.more_suspicious);
     var s = card('suspicious', 'Suspicious', 'Worth a look: NaN or Inf written into an array, a thread or line writing a tag it had not written before, events the recorder lost, and how the recording ended when it did not end normally.');
     var rows = D.suspicious.slice();
-    if (run.ending.bad) {
+    if (procs) {
+      procs.slice().reverse().forEach(function (p) {
+        if (p.ending.bad) rows.unshift({ severity: 'error', kind: 'ending', tag: null, seq: null, ns: null, where: null, pid: p.pid, rank: p.rank, detail: 'the recording of ' + p.trace + ' ended: ' + p.ending.message });
+      });
+    } else if (run.ending.bad) {
       rows.unshift({ severity: 'error', kind: 'ending', tag: null, seq: null, ns: null, where: null, detail: 'the recording ended: ' + run.ending.message });
     }
     if (!rows.length) {
@@ -652,12 +690,13 @@
       var table = dataTable([
         { title: 'severity', key: function (r) { return order[r.severity]; }, cell: function (r) { return el('span', { 'class': 'badge ' + r.severity, text: r.severity }); } },
         { title: 'what', key: function (r) { return r.kind; }, cell: function (r) { return KINDS[r.kind] || r.kind.replace(/_/g, ' '); } },
+        procs ? { title: 'process', num: true, key: function (r) { return r.pid; }, cell: function (r) { return pidText(r); } } : null,
         { title: 'tag', key: function (r) { return tagName(r.tag); }, cell: function (r) { return el('span', { 'class': 'tagname', text: tagName(r.tag) }); } },
         { title: 'seq', num: true, key: function (r) { return r.seq === null ? -1 : r.seq; }, cell: function (r) { return r.seq === null ? '' : String(r.seq); } },
         { title: 'time', num: true, key: function (r) { return r.ns === null ? -1 : r.ns; }, cell: function (r) { return r.ns === null ? '' : fmtDur(r.ns); } },
         { title: 'line', key: function (r) { return r.where === null ? '' : D.wheres[r.where]; }, cell: function (r) { return el('span', { 'class': 'where', text: r.where === null ? '' : D.wheres[r.where] }); } },
         { title: 'detail', wrap: true, key: function (r) { return r.detail; }, cell: function (r) { return r.detail; } }
-      ], rows, 0, false);
+      ].filter(Boolean), rows, 0, false);
       s.appendChild(table.node);
     }
     if (more) {
