@@ -227,11 +227,15 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
             "seq,time_ns,tag,variable,file,line,function,thread,thread_name,kind,changed,sample,op,pid"
         )?;
     }
+    // A run's processes watch different things (torchrun's launcher, a
+    // Pool's parent, watch nothing): --tag skips a process without the tag
+    // while another has it.
+    let mut unknown = Vec::new();
     for (order, p) in procs.iter().enumerate() {
         let shift = p.shift_ns(base);
         let pid_text = p.label();
         let mut n = 0usize;
-        for_each_change(&p.reader, &args.filter(shift), |row| {
+        let scanned = for_each_change(&p.reader, &args.filter(shift), |row| {
             // The first `limit` of each process include the first `limit` of all.
             if n >= limit {
                 return ControlFlow::Break(());
@@ -295,7 +299,32 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
                 }
             }
             ControlFlow::Continue(())
-        })?;
+        });
+        match scanned {
+            Ok(_) => {}
+            Err(e @ memwatch_analyzer::Error::UnknownTag { .. }) if procs.len() > 1 => unknown.push(e),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if procs.len() > 1 && unknown.len() == procs.len() {
+        let mut known: Vec<String> = unknown
+            .into_iter()
+            .flat_map(|e| match e {
+                memwatch_analyzer::Error::UnknownTag { known, .. } => known,
+                _ => Vec::new(),
+            })
+            .collect();
+        known.sort();
+        known.dedup();
+        anyhow::bail!(
+            "no process of this run has a tag {:?}; their tags are: {}",
+            args.tag.as_deref().unwrap_or(""),
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        );
     }
     // One process's rows are in seq order already: a stable sort by time
     // keeps them so, and puts the others between them.
