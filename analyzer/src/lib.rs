@@ -45,6 +45,7 @@ pub use query::{
     WhatRef,
 };
 pub use state::{
-    c_order, duration_text, element_bytes, has_region, seq_at_time, seq_bounds, shape_of, state, writes_to, State,
+    c_order, duration_text, element_bytes, has_region, seq_at_time, seq_bounds, shape_of, state, writes_to,
+    State,
 };
 pub use symbols::{FrameInfo, RegionInfo, Symbols};
