@@ -190,7 +190,7 @@ def test_fork_child_keeps_the_watches_and_records_its_own_trace(tmp_path):
     )
     child = int((tmp_path / "child").read_text())
     root = memwatch.open_trace(tmp_path / "run.mwt")
-    assert [(c.indices, c.new_values, c.line) for c in root.changes(tag="w")] == [
+    assert [(c.indices, c.new_values, c.line) for c in root.changes(tag="w", pid=root.meta["pid"])] == [
         ([0], [1], line_of(tmp_path, "before the fork")),
         ([2], [3], line_of(tmp_path, "in the parent, after")),
     ]
@@ -239,7 +239,10 @@ def test_a_python_subprocess_records_beside_its_parent(tmp_path):
     changes = memwatch.open_trace(path).changes()
     assert [(c.tag, c.indices, c.new_values) for c in changes] == [("c", [2], [7.5])]
     assert changes[0].file.endswith("child.py") and changes[0].line == 7
-    assert [c.tag for c in memwatch.open_trace(tmp_path / "run.mwt").changes()] == ["p"]
+    root = memwatch.open_trace(tmp_path / "run.mwt")
+    assert [c.tag for c in root.changes(pid=root.meta["pid"])] == ["p"]
+    # AND the root's trace read as a run has both, merged by time
+    assert [(c.tag, c.pid) for c in root.changes()] == [("p", root.meta["pid"]), ("c", pid)]
 
 
 def test_a_new_recording_to_the_same_path_removes_the_old_runs_traces(tmp_path):
@@ -370,7 +373,7 @@ def test_query_of_a_tag_that_only_some_processes_watched(tmp_path):
     assert r.returncode == 0, r.stderr
     assert [(j["pid"], j["tag"]) for j in map(json.loads, r.stdout.splitlines())] == [(child, "c")]
     r = mw(tmp_path, "query", "run.mwt", "--tag", "nope")
-    assert r.returncode == 1 and 'no tag "nope"; its tags are: c, w' in r.stderr
+    assert r.returncode == 1 and 'no process of this run has a tag "nope"; their tags are: c, w' in r.stderr
 
 
 def test_export_of_a_run_merges_every_process_by_time(tmp_path):

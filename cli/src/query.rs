@@ -227,7 +227,10 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
             "seq,time_ns,tag,variable,file,line,function,thread,thread_name,kind,changed,sample,op,pid"
         )?;
     }
-    let (mut missing, mut missing_tag, mut known_tags) = (0usize, None, Vec::new());
+    // A run's processes watch different things (torchrun's launcher, a
+    // Pool's parent, watch nothing): --tag skips a process without the tag
+    // while another has it.
+    let mut unknown = Vec::new();
     for (order, p) in procs.iter().enumerate() {
         let shift = p.shift_ns(base);
         let pid_text = p.label();
@@ -298,25 +301,30 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
             ControlFlow::Continue(())
         });
         match scanned {
-            // A tag only some processes of the run watched: none of theirs.
-            Err(memwatch_analyzer::Error::UnknownTag { tag, known }) if procs.len() > 1 => {
-                missing_tag = Some(tag);
-                known_tags.extend(known);
-                missing += 1;
-            }
-            r => {
-                r?;
-            }
+            Ok(_) => {}
+            Err(e @ memwatch_analyzer::Error::UnknownTag { .. }) if procs.len() > 1 => unknown.push(e),
+            Err(e) => return Err(e.into()),
         }
     }
-    if let (Some(tag), true) = (missing_tag, missing == procs.len() && procs.len() > 1) {
-        known_tags.sort();
-        known_tags.dedup();
-        return Err(memwatch_analyzer::Error::UnknownTag {
-            tag,
-            known: known_tags,
-        }
-        .into());
+    if procs.len() > 1 && unknown.len() == procs.len() {
+        let mut known: Vec<String> = unknown
+            .into_iter()
+            .flat_map(|e| match e {
+                memwatch_analyzer::Error::UnknownTag { known, .. } => known,
+                _ => Vec::new(),
+            })
+            .collect();
+        known.sort();
+        known.dedup();
+        anyhow::bail!(
+            "no process of this run has a tag {:?}; their tags are: {}",
+            args.tag.as_deref().unwrap_or(""),
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        );
     }
     // One process's rows are in seq order already: a stable sort by time
     // keeps them so, and puts the others between them.

@@ -91,13 +91,19 @@ pub fn open(path: &Path, pids: &[u32]) -> Result<Vec<Proc>> {
         );
     }
     let wanted = |pid: u32| pids.is_empty() || pids.contains(&pid);
+    // None for a run's root; a member's trace opened by its own name has one.
+    let root_parent = root
+        .header()
+        .meta
+        .property(memwatch_format::run::PROP_PARENT)
+        .and_then(|p| p.parse().ok());
     if wanted(root_pid) {
         procs.push(Proc {
             start_ns: root.header().meta.start_time_ns,
             reader: root,
             pid: root_pid,
             rank: root_rank,
-            parent: None,
+            parent: root_parent,
         });
     }
     for m in members {

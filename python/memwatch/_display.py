@@ -4,7 +4,9 @@
 
 A table row per change: seq, line (``cell [3], line 2`` for a notebook
 cell), function, tag, the op that made it (a column only when some change
-has one: those of ``watch(t, via="dispatch")``), what changed and the thread. A bytes change shows
+has one: those of ``watch(t, via="dispatch")``), what changed and the thread;
+first the process (pid, and rank) when the changes are of several, as
+``Trace.changes()`` of a run of several processes gives them. A bytes change shows
 its first elements as ``[index] old -> new`` (at most four, then how many
 more), as the ``[MEMWATCH]`` report does; an object change its key and the
 old and new reprs. Long lists show their first and last rows and say how
@@ -23,7 +25,18 @@ _COLUMNS_OP = ("seq", "line", "function", "tag", "op", "change", "thread")
 
 
 def _columns(changes: list[Any]) -> tuple[str, ...]:
-    return _COLUMNS_OP if any(getattr(c, "op", None) for c in changes) else _COLUMNS
+    columns = _COLUMNS_OP if any(getattr(c, "op", None) for c in changes) else _COLUMNS
+    if len({getattr(c, "pid", None) for c in changes}) > 1:
+        columns = ("pid", *columns)
+    return columns
+
+
+def _process(change: Any) -> str:
+    """``4242``, or ``4242 (rank 1)``, as ``memwatch query`` writes it."""
+    rank = getattr(change, "rank", None)
+    pid = str(getattr(change, "pid", "?"))
+    return pid if rank is None else f"{pid} (rank {rank})"
+
 _STYLE = (
     "<style>"
     "table.memwatch{border-collapse:collapse;font-size:90%}"
@@ -53,6 +66,7 @@ def what_changed(change: Any) -> str:
 
 def _row(change: Any, columns: tuple[str, ...] = _COLUMNS) -> tuple[str, ...]:
     cells = {
+        "pid": _process(change),
         "seq": str(change.seq),
         "line": change.location or "?",
         "function": change.function or "?",
@@ -124,6 +138,7 @@ def change_html(change: Any) -> str:
     fields = [
         ("tag", change.tag),
         ("seq", str(change.seq)),
+        ("process", _process(change)),
         ("line", f"{change.location or '?'} in {change.function or '?'}"),
         ("change", what_changed(change)),
         ("variable", change.variable or "<unknown>"),

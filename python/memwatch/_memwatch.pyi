@@ -79,7 +79,13 @@ class Change:
     """One change to one watched region or Python object."""
 
     seq: int
+    """Position in its process's sequence of events, from 1."""
     time_ns: int
+    """When the change was seen, nanoseconds since the Unix epoch."""
+    pid: int
+    """The process that made it (a trace's recorded process; this one, live)."""
+    rank: int | None
+    """That process's ``$RANK`` (torchrun), if it had one."""
     tag: str
     variable: str | None
     thread_id: int
@@ -129,14 +135,42 @@ class Change:
         """The ``[MEMWATCH]`` report of this change, as the live report prints it."""
     def _nonfinite(self) -> bool: ...
 
+class Process:
+    """One process of a recorded run, as ``Trace.processes`` lists it."""
+
+    pid: int
+    rank: int | None
+    """``$RANK`` (torchrun), if it had one."""
+    parent: int | None
+    """The pid of the process that started it; None for the run's root."""
+    path: Any
+    """Its trace (a ``pathlib.Path``)."""
+    argv: list[str]
+    start_time_ns: int
+    """When its trace started, ns since the Unix epoch."""
+    start_offset_ns: int
+    """How long after the run's first process it started, in ns."""
+    tail: Literal["closed", "unclosed", "truncated"]
+    """How its trace ends."""
+    note: str | None
+    """What the reader says about an ending other than a clean close."""
+
+_Pids = int | list[int] | tuple[int, ...]
+
 class Trace:
-    """A recorded trace, opened for reading (``open_trace``)."""
+    """A recorded trace, opened for reading (``open_trace``), with the other
+    traces of its run (forks, multiprocessing, subprocesses, torchrun's ranks)."""
 
     path: Any
     @property
-    def tags(self) -> list[str]: ...
+    def tags(self) -> list[str]:
+        """Every tag, in every process of the run, sorted."""
     @property
-    def meta(self) -> TraceInfo: ...
+    def meta(self) -> TraceInfo:
+        """The trace opened's header (the run's root), and how it ends."""
+    @property
+    def processes(self) -> list[Process]:
+        """Every process read: the trace opened first, then the others by rank and pid."""
     def changes(
         self,
         tag: str | None = None,
@@ -146,16 +180,21 @@ class Trace:
         thread: str | None = None,
         seq: tuple[int, int] | None = None,
         limit: int | None = None,
-    ) -> list[Change]: ...
-    def state(self, tag: str, at: int | str | datetime.timedelta | None = None) -> Any: ...
+        pid: _Pids | None = None,
+    ) -> list[Change]:
+        """The changes matching every filter; a run's processes merged by time."""
+    def state(
+        self, tag: str, at: int | str | datetime.timedelta | None = None, pid: int | None = None
+    ) -> Any: ...
     def blame(
         self,
         tag: str,
         index: int | tuple[int, ...] | None = None,
         offset: int | None = None,
         at: int | str | datetime.timedelta | None = None,
+        pid: int | None = None,
     ) -> Change | None: ...
-    def to_pandas(self, elements: bool = False, tag: str | None = None) -> Any: ...
+    def to_pandas(self, elements: bool = False, tag: str | None = None, pid: _Pids | None = None) -> Any: ...
 
 class NotWatchedError(MemwatchError): ...
 class UnsupportedError(MemwatchError): ...
@@ -165,7 +204,7 @@ class MutationError(MemwatchError):
 
     change: Change
 
-def open_trace(path: str | PathLike[str]) -> Trace: ...
+def open_trace(path: str | PathLike[str], pid: _Pids | None = None) -> Trace: ...
 def backend() -> str: ...
 def _store_stats() -> dict[str, int]: ...
 def _frame_walker_in_use() -> bool | None: ...

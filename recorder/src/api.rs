@@ -669,6 +669,8 @@ fn emit(py: Python<'_>, raw: Vec<RawChange>, last: (usize, u32), busy: Busy) {
             let change = Change {
                 seq,
                 time_ns: now,
+                pid: crate::change::live_pid(),
+                rank: crate::change::live_rank(),
                 tag: w.tag.clone(),
                 variable: w.variable.clone(),
                 region_start: region.start,

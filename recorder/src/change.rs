@@ -2,7 +2,7 @@
 //! with its elements decoded by dtype ([`memwatch_format::dtype`]).
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use pyo3::prelude::*;
@@ -44,6 +44,14 @@ pub struct Change {
     /// When the change was seen, nanoseconds since the Unix epoch.
     #[pyo3(get)]
     pub time_ns: u64,
+    /// The process that made the change: this one for a live change, the
+    /// recorded process for one read from a trace (`open_trace`), where a
+    /// run's processes each have their own seqs.
+    #[pyo3(get)]
+    pub pid: u32,
+    /// That process's rank (`$RANK`, as torchrun sets it), if it had one.
+    #[pyo3(get)]
+    pub rank: Option<u32>,
     /// Shared with the watch (and `thread_name` with the thread's other
     /// changes): a change copies no text it does not own.
     pub tag: Arc<str>,
@@ -391,6 +399,33 @@ fn pid() -> u32 {
 /// In a fork child: the pid is the child's now.
 pub(crate) fn forget_pid() {
     PID.store(0, Ordering::Relaxed);
+    RANK.store(RANK_UNREAD, Ordering::Relaxed);
+}
+
+/// `$RANK`, read once: [`RANK_UNREAD`], [`RANK_NONE`] or the rank.
+static RANK: AtomicI64 = AtomicI64::new(RANK_UNREAD);
+const RANK_UNREAD: i64 = -2;
+const RANK_NONE: i64 = -1;
+
+/// This process's pid, for a live change.
+pub(crate) fn live_pid() -> u32 {
+    pid()
+}
+
+/// This process's rank, for a live change: `$RANK` when it is a number
+/// (as the recorder names a trace by it).
+pub(crate) fn live_rank() -> Option<u32> {
+    match RANK.load(Ordering::Relaxed) {
+        RANK_UNREAD => {
+            let r = std::env::var("RANK")
+                .ok()
+                .and_then(|r| r.trim().parse::<u32>().ok());
+            RANK.store(r.map_or(RANK_NONE, i64::from), Ordering::Relaxed);
+            r
+        }
+        RANK_NONE => None,
+        r => u32::try_from(r).ok(),
+    }
 }
 
 /// `file:line`, or `cell [3], line 2` for a notebook cell

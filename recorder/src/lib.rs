@@ -109,6 +109,7 @@ fn _memwatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<api::WatchHandle>()?;
     m.add_class::<objects::ObjectWatchHandle>()?;
     m.add_class::<reader::Trace>()?;
+    m.add_class::<reader::Process>()?;
     for f in [
         wrap_pyfunction!(reader::open_trace, m)?,
         wrap_pyfunction!(api::_watch, m)?,

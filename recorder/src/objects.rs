@@ -1915,6 +1915,8 @@ fn flush_attached(py: Python<'_>, last: (usize, u32)) {
             Change {
                 seq: 0,
                 time_ns: crate::sink::unix_ns(),
+                pid: crate::change::live_pid(),
+                rank: crate::change::live_rank(),
                 tag: r.tag,
                 variable: r.variable,
                 region_start: 0,

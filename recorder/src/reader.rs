@@ -1,15 +1,23 @@
 //! `memwatch.open_trace`: reading a recorded trace from Python, with the
 //! same `memwatch.Change` objects the live recorder produces.
+//!
+//! A trace is read with the other traces of its run, if any (the processes
+//! `memwatch record` followed: forks, multiprocessing, subprocesses,
+//! torchrun's ranks; see [`memwatch_cli::run`]): `Trace.processes` lists
+//! them, `changes()` merges theirs by time, and `state()`/`blame()` read
+//! the process that watched the tag. A trace of one process reads as it
+//! always did.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use memwatch_analyzer::{self as analyzer, ChangeRow, Filter, RegionInfo, What};
+use memwatch_cli::run::Proc;
 use memwatch_cli::{parse_point, Point};
 use memwatch_format::dtype::{Dtype, FloatFormat, Kind, Value};
-use memwatch_format::TraceReader;
-use pyo3::exceptions::{PyKeyError, PyValueError};
+use memwatch_format::Tail;
+use pyo3::exceptions::{PyKeyError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -26,6 +34,72 @@ fn analyzer_error(e: analyzer::Error) -> PyErr {
         | analyzer::Error::OutOfRegion { .. }) => PyValueError::new_err(e.to_string()),
         e => MemwatchError::new_err(e.to_string()),
     }
+}
+
+/// An error of [`memwatch_cli::run`] (opening a run's traces, a time
+/// before a process started): the Python error of the format's or the
+/// analyzer's error inside, else a `ValueError`.
+fn run_error(e: anyhow::Error) -> PyErr {
+    let e = match e.downcast::<memwatch_format::Error>() {
+        Ok(f) => return trace_error(f),
+        Err(e) => e,
+    };
+    match e.downcast::<analyzer::Error>() {
+        Ok(a) => analyzer_error(a),
+        Err(e) => PyValueError::new_err(e.to_string()),
+    }
+}
+
+/// The pids a `pid=` names: an int or an iterable of ints (empty: all).
+fn pids_of(pid: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u32>> {
+    let Some(pid) = pid else {
+        return Ok(Vec::new());
+    };
+    if let Ok(one) = pid.extract::<u32>() {
+        return Ok(vec![one]);
+    }
+    if !pid.is_instance_of::<pyo3::types::PyString>() {
+        if let Ok(many) = pid.extract::<Vec<u32>>() {
+            return Ok(many);
+        }
+    }
+    Err(PyTypeError::new_err(format!(
+        "pid= takes a process id (int) or a list of them, not {}",
+        pid.repr()?
+    )))
+}
+
+/// A tag filter's error when no process read has the tag: `errs` holds
+/// each one's [`analyzer::Error::UnknownTag`]. A run's processes watch
+/// different things (torchrun's launcher, a Pool's parent, watch none), so
+/// a process without the tag is only skipped while another has it.
+fn missing_tag(mut errs: Vec<analyzer::Error>) -> PyErr {
+    if errs.len() == 1 {
+        return analyzer_error(errs.remove(0));
+    }
+    let mut tag = String::new();
+    let mut known: Vec<String> = Vec::new();
+    for e in errs {
+        if let analyzer::Error::UnknownTag { tag: t, known: k } = e {
+            tag = t;
+            known.extend(k);
+        }
+    }
+    known.sort();
+    known.dedup();
+    let known = if known.is_empty() {
+        "none".to_string()
+    } else {
+        known.join(", ")
+    };
+    PyKeyError::new_err(format!(
+        "no process of this run has a tag {tag:?}; their tags are: {known}"
+    ))
+}
+
+/// `4242, 4243 (rank 1)`: the processes `procs`, for an error.
+fn labels<'a>(procs: impl IntoIterator<Item = &'a Proc>) -> String {
+    procs.into_iter().map(Proc::label).collect::<Vec<_>>().join(", ")
 }
 
 /// A point of `Trace.state`/`blame`'s `at=`: a seq (an int), a time since
@@ -75,16 +149,59 @@ fn layout_of(r: &RegionInfo) -> Layout {
     }
 }
 
-/// A recorded trace, opened for reading.
+/// One process of a run, as `Trace.processes` lists it.
+#[pyclass(module = "memwatch", frozen, name = "Process", get_all)]
+pub struct Process {
+    /// Its pid.
+    pid: u32,
+    /// Its rank (`$RANK`, as torchrun sets it), if it had one.
+    rank: Option<u32>,
+    /// The pid of the process that started it; `None` for the run's root
+    /// (the process `memwatch record` started).
+    parent: Option<u32>,
+    /// Its trace.
+    path: PathBuf,
+    /// Its command line.
+    argv: Vec<String>,
+    /// When its trace started, ns since the Unix epoch.
+    start_time_ns: u64,
+    /// How much later than the run's first process it started, in ns.
+    start_offset_ns: u64,
+    /// How its trace ends: `"closed"`, `"unclosed"` (the process was
+    /// killed or ended by `os._exit`: read up to its last record, the
+    /// journal's included) or `"truncated"`.
+    tail: &'static str,
+    /// What the reader says about an ending other than a clean close.
+    note: Option<String>,
+}
+
+#[pymethods]
+impl Process {
+    fn __repr__(&self) -> String {
+        let rank = self.rank.map(|r| format!(" rank={r}")).unwrap_or_default();
+        let parent = self.parent.map(|p| format!(" parent={p}")).unwrap_or_default();
+        format!(
+            "<memwatch.Process pid={}{rank}{parent} {:?} {}>",
+            self.pid, self.path, self.tail
+        )
+    }
+}
+
+/// A recorded trace, opened for reading: with the other traces of its
+/// run, when it has some.
 #[pyclass(module = "memwatch", frozen, name = "Trace")]
 pub struct Trace {
-    reader: TraceReader,
+    /// The processes read: the trace opened first, then the others of its
+    /// run by rank and pid.
+    procs: Vec<Proc>,
+    /// The earliest start of `procs`: times count from it.
+    base: u64,
     #[pyo3(get)]
     path: PathBuf,
 }
 
 impl Trace {
-    fn change_object(&self, row: &ChangeRow) -> Option<Change> {
+    fn change_object(p: &Proc, row: &ChangeRow) -> Option<Change> {
         let (region_start, ranges, layout, object) = match &row.what {
             What::Bytes { ranges, .. } => {
                 let region = row.region.as_ref()?;
@@ -106,7 +223,9 @@ impl Trace {
         };
         Some(Change {
             seq: row.seq,
-            time_ns: self.reader.header().meta.start_time_ns + row.time_ns,
+            time_ns: p.start_ns + row.time_ns,
+            pid: p.pid,
+            rank: p.rank,
             tag: row.tag.as_ref().into(),
             variable: row.variable.as_deref().map(Arc::from),
             region_start,
@@ -127,30 +246,125 @@ impl Trace {
             op: row.op.clone(),
         })
     }
+
+    /// The processes `pids` names (every one when empty); a pid of none
+    /// of them is a `ValueError` that lists them.
+    fn selected(&self, pids: &[u32]) -> PyResult<Vec<&Proc>> {
+        if let Some(bad) = pids.iter().find(|p| !self.procs.iter().any(|q| q.pid == **p)) {
+            return Err(PyValueError::new_err(format!(
+                "pid={bad}: no process of this run has that pid (its processes: {})",
+                labels(&self.procs)
+            )));
+        }
+        Ok(self
+            .procs
+            .iter()
+            .filter(|p| pids.is_empty() || pids.contains(&p.pid))
+            .collect())
+    }
+
+    /// The process whose region `tag` to read (`state`, `blame`): `pid`
+    /// if given, else the one that watched the tag (the only one, in a
+    /// trace of one process), as `memwatch state --pid` picks it
+    /// ([`memwatch_cli::run::pick`]). No process with the tag is a
+    /// `KeyError`; several (a fork's child keeps its parent's watches) a
+    /// `ValueError` naming them.
+    fn pick(&self, py: Python<'_>, pid: Option<u32>, tag: &str) -> PyResult<&Proc> {
+        if let Some(pid) = pid {
+            return Ok(self.selected(&[pid])?[0]);
+        }
+        if self.procs.len() == 1 {
+            return Ok(&self.procs[0]);
+        }
+        let mut found = Vec::new();
+        for p in &self.procs {
+            if py
+                .detach(|| analyzer::has_region(&p.reader, tag))
+                .map_err(analyzer_error)?
+            {
+                found.push(p);
+            }
+        }
+        match found.as_slice() {
+            [one] => Ok(one),
+            [] => Err(PyKeyError::new_err(format!(
+                "no process of this run watched a region tagged {tag:?} (its processes: {}); \
+                 Trace.tags lists every process's tags",
+                labels(&self.procs)
+            ))),
+            several => Err(PyValueError::new_err(format!(
+                "{tag:?} was watched in {} processes of this run ({}): name one with pid=",
+                several.len(),
+                labels(several.iter().copied())
+            ))),
+        }
+    }
+
+    /// The seq of `p`'s trace that `at=` names (a time counts from the
+    /// run's start).
+    fn seq_at(&self, py: Python<'_>, p: &Proc, at: Option<Point>) -> PyResult<Option<u64>> {
+        py.detach(|| at.map(|a| p.seq_of(a, self.base)).transpose())
+            .map_err(run_error)
+    }
 }
 
 #[pymethods]
 impl Trace {
-    /// Every tag in the trace, sorted.
+    /// Every tag in the trace (in every process of its run), sorted.
     #[getter]
     fn tags(&self, py: Python<'_>) -> PyResult<Vec<String>> {
-        let syms = py
-            .detach(|| {
-                analyzer::for_each_change(&self.reader, &Filter::default(), |_| ControlFlow::Continue(()))
-            })
-            .map_err(analyzer_error)?;
-        Ok(syms.tags())
+        let mut tags = Vec::new();
+        for p in &self.procs {
+            let syms = py
+                .detach(|| {
+                    analyzer::for_each_change(&p.reader, &Filter::default(), |_| ControlFlow::Continue(()))
+                })
+                .map_err(analyzer_error)?;
+            tags.extend(syms.tags());
+        }
+        tags.sort();
+        tags.dedup();
+        Ok(tags)
     }
 
-    /// The recorded process's metadata, and how the file ends.
+    /// The recorded process's metadata, and how the file ends: those of
+    /// the trace opened (the run's root), not of the other processes
+    /// (`processes` lists them).
     #[getter]
     fn meta<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        crate::trace_info_dict(py, &self.reader)
+        crate::trace_info_dict(py, &self.procs[0].reader)
+    }
+
+    /// Every process of the run read (one for a trace of one process): the
+    /// trace opened first, then the others by rank and pid.
+    #[getter]
+    fn processes(&self) -> Vec<Process> {
+        self.procs
+            .iter()
+            .map(|p| Process {
+                pid: p.pid,
+                rank: p.rank,
+                parent: p.parent,
+                path: p.reader.path().to_path_buf(),
+                argv: p.reader.header().meta.argv.clone(),
+                start_time_ns: p.start_ns,
+                start_offset_ns: p.shift_ns(self.base),
+                tail: match p.reader.tail() {
+                    Tail::Closed => "closed",
+                    Tail::Unclosed => "unclosed",
+                    Tail::Truncated { .. } => "truncated",
+                },
+                note: p.reader.tail_message(),
+            })
+            .collect()
     }
 
     /// The changes (of buffers and of objects) matching every given filter,
-    /// in seq order.
-    #[pyo3(signature = (tag=None, file=None, line=None, function=None, thread=None, seq=None, limit=None))]
+    /// in seq order; those of every process of a run merged by time (each
+    /// process's in seq order), or of the processes `pid=` names (a pid or
+    /// a list of them). `seq=` is each process's own seqs; `limit=` counts
+    /// the changes returned.
+    #[pyo3(signature = (tag=None, file=None, line=None, function=None, thread=None, seq=None, limit=None, pid=None))]
     #[allow(clippy::too_many_arguments)]
     fn changes<'py>(
         &self,
@@ -162,7 +376,9 @@ impl Trace {
         thread: Option<String>,
         seq: Option<(u64, u64)>,
         limit: Option<usize>,
+        pid: Option<Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let procs = self.selected(&pids_of(pid.as_ref())?)?;
         let filter = Filter {
             tag,
             file,
@@ -174,18 +390,40 @@ impl Trace {
         };
         let limit = limit.unwrap_or(usize::MAX);
         let mut rows: Vec<Change> = Vec::new();
+        let mut unknown = Vec::new();
         py.detach(|| {
-            analyzer::for_each_change(&self.reader, &filter, |row| {
-                if rows.len() >= limit {
-                    return ControlFlow::Break(());
+            for p in &procs {
+                // The first `limit` of each process include the first `limit` of all.
+                let mut n = 0;
+                let scanned = analyzer::for_each_change(&p.reader, &filter, |row| {
+                    if n >= limit {
+                        return ControlFlow::Break(());
+                    }
+                    if let Some(c) = Self::change_object(p, &row.to_row()) {
+                        rows.push(c);
+                        n += 1;
+                    }
+                    ControlFlow::Continue(())
+                });
+                match scanned {
+                    Ok(_) => {}
+                    Err(e @ analyzer::Error::UnknownTag { .. }) => unknown.push(e),
+                    Err(e) => return Err(e),
                 }
-                if let Some(c) = self.change_object(&row.to_row()) {
-                    rows.push(c);
-                }
-                ControlFlow::Continue(())
-            })
+            }
+            Ok(())
         })
         .map_err(analyzer_error)?;
+        if unknown.len() == procs.len() {
+            return Err(missing_tag(unknown));
+        }
+        // Each process's changes are in seq order: a stable sort by time
+        // keeps them so and puts the others' between them, as `memwatch
+        // query` does.
+        if procs.len() > 1 {
+            rows.sort_by_key(|c| c.time_ns);
+        }
+        rows.truncate(limit);
         let objs: PyResult<Vec<Py<Change>>> = rows.into_iter().map(|c| Py::new(py, c)).collect();
         crate::change::change_list(py, objs?)
     }
@@ -197,20 +435,23 @@ impl Trace {
     /// arrays, every value exact (`torch.from_numpy(a).to(torch.bfloat16)`
     /// gives the recorded tensor back bit for bit, NaN payloads aside). `at` is a seq (int) or a
     /// time since the trace started (`datetime.timedelta`, or `"2.5s"`):
-    /// the last event at or before it.
-    #[pyo3(signature = (tag, at=None))]
+    /// the last event at or before it. In a run of several processes, the
+    /// region of the process that watched the tag, or of process `pid`
+    /// (needed when several did); a time then counts from the run's start
+    /// and a seq is that process's.
+    #[pyo3(signature = (tag, at=None, pid=None))]
     fn state<'py>(
         &self,
         py: Python<'py>,
         tag: &str,
         at: Option<Bound<'py, PyAny>>,
+        pid: Option<u32>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let at = point_of(at.as_ref())?;
+        let p = self.pick(py, pid, tag)?;
+        let at = self.seq_at(py, p, at)?;
         let mut st = py
-            .detach(|| {
-                let at = at.map(|p| p.seq(&self.reader)).transpose()?;
-                analyzer::state(&self.reader, tag, at)
-            })
+            .detach(|| analyzer::state(&p.reader, tag, at))
             .map_err(analyzer_error)?;
         let raw = PyBytes::new(py, &st.data);
         let Some(dtype) = st.region.dtype.as_deref() else {
@@ -268,8 +509,11 @@ impl Trace {
 
     /// The last change (up to `at`, as in [`state`](Self::state)) that
     /// wrote element `index` (an int or a tuple) or byte `offset` of the
-    /// region; `None` if nothing did.
-    #[pyo3(signature = (tag, index=None, offset=None, at=None))]
+    /// region; `None` if nothing did. In a run of several processes, in
+    /// the process that watched the tag, or in process `pid`, as
+    /// [`state`](Self::state) picks it.
+    #[pyo3(signature = (tag, index=None, offset=None, at=None, pid=None))]
+    #[allow(clippy::too_many_arguments)]
     fn blame(
         &self,
         py: Python<'_>,
@@ -277,13 +521,13 @@ impl Trace {
         index: Option<Bound<'_, PyAny>>,
         offset: Option<u64>,
         at: Option<Bound<'_, PyAny>>,
+        pid: Option<u32>,
     ) -> PyResult<Option<Py<Change>>> {
         let at = point_of(at.as_ref())?;
-        let at = py
-            .detach(|| at.map(|p| p.seq(&self.reader)).transpose())
-            .map_err(analyzer_error)?;
+        let p = self.pick(py, pid, tag)?;
+        let at = self.seq_at(py, p, at)?;
         let st = py
-            .detach(|| analyzer::state(&self.reader, tag, at))
+            .detach(|| analyzer::state(&p.reader, tag, at))
             .map_err(analyzer_error)?;
         let (start, end) = match (index, offset) {
             (Some(i), None) => {
@@ -301,35 +545,33 @@ impl Trace {
             }
         };
         let writes = py
-            .detach(|| analyzer::writes_to(&self.reader, tag, start, end, at))
+            .detach(|| analyzer::writes_to(&p.reader, tag, start, end, at))
             .map_err(analyzer_error)?;
-        match writes.last().and_then(|r| self.change_object(r)) {
+        match writes.last().and_then(|r| Self::change_object(p, r)) {
             Some(c) => Ok(Some(Py::new(py, c)?)),
             None => Ok(None),
         }
     }
 
     /// Every change as a pandas DataFrame (the columns of `memwatch
-    /// export`, docs/export.md); `elements=True` gives a row per changed
-    /// element. Needs pandas and pyarrow.
-    #[pyo3(signature = (elements=false, tag=None))]
+    /// export`, docs/export.md, then `pid` and `rank`); `elements=True`
+    /// gives a row per changed element. A run's processes (or those `pid=`
+    /// names) are merged by time, `time_ns` counting from the run's start
+    /// (`wall_time_ns` is wall-clock). Needs pandas and pyarrow.
+    #[pyo3(signature = (elements=false, tag=None, pid=None))]
     fn to_pandas<'py>(
         &self,
         py: Python<'py>,
         elements: bool,
         tag: Option<String>,
+        pid: Option<Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let procs = self.selected(&pids_of(pid.as_ref())?)?;
         let pd = py.import("pandas").map_err(|_| {
             pyo3::exceptions::PyImportError::new_err(
                 "Trace.to_pandas() needs pandas and pyarrow: pip install pandas pyarrow",
             )
         })?;
-        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let tmp = std::env::temp_dir().join(format!(
-            "memwatch-{}-{}.parquet",
-            std::process::id(),
-            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
         let filter = Filter {
             tag,
             ..Filter::default()
@@ -339,33 +581,102 @@ impl Trace {
         } else {
             analyzer::Granularity::Change
         };
-        let written = py.detach(|| {
-            analyzer::export(
-                &self.reader,
-                &tmp,
-                analyzer::ExportFormat::Parquet,
-                granularity,
-                &filter,
-                &mut |_, _| {},
-            )
-        });
-        let result = written
-            .map_err(analyzer_error)
-            .and_then(|_| pd.getattr("read_parquet")?.call1((&tmp,)));
-        let _ = std::fs::remove_file(&tmp);
-        result
+        let mut frames = Vec::with_capacity(procs.len());
+        let mut unknown = Vec::new();
+        for p in &procs {
+            let df = match export_frame(py, &pd, p, &filter, granularity)? {
+                Ok(df) => df,
+                Err(e) => {
+                    unknown.push(e);
+                    continue;
+                }
+            };
+            let rows = df.len()?;
+            let shift = p.shift_ns(self.base);
+            if shift > 0 && df.contains("time_ns")? {
+                df.set_item("time_ns", df.get_item("time_ns")?.add(shift)?)?;
+            }
+            df.set_item("pid", p.pid)?;
+            let ranks = pd.getattr("array")?.call1((vec![p.rank; rows], "Int64"))?;
+            df.set_item("rank", ranks)?;
+            frames.push(df);
+        }
+        if frames.is_empty() {
+            return Err(missing_tag(unknown));
+        }
+        if frames.len() == 1 {
+            return Ok(frames.remove(0));
+        }
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("ignore_index", true)?;
+        let all = pd.getattr("concat")?.call((frames,), Some(&kwargs))?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("kind", "stable")?;
+        kwargs.set_item("ignore_index", true)?;
+        all.call_method("sort_values", ("time_ns",), Some(&kwargs))
     }
 
     fn __repr__(&self) -> String {
-        format!("<memwatch.Trace {:?}>", self.path)
+        match self.procs.len() {
+            1 => format!("<memwatch.Trace {:?}>", self.path),
+            n => format!("<memwatch.Trace {:?}, a run of {n} processes>", self.path),
+        }
     }
 }
 
-/// Opens a trace for reading.
+/// The changes of process `p` that `filter` keeps, as a DataFrame (through
+/// a Parquet file of `memwatch export`'s columns); the analyzer's error
+/// when `p` has no tag the filter names.
+fn export_frame<'py>(
+    py: Python<'py>,
+    pd: &Bound<'py, PyModule>,
+    p: &Proc,
+    filter: &Filter,
+    granularity: analyzer::Granularity,
+) -> PyResult<Result<Bound<'py, PyAny>, analyzer::Error>> {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp = std::env::temp_dir().join(format!(
+        "memwatch-{}-{}.parquet",
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let written = py.detach(|| {
+        analyzer::export(
+            &p.reader,
+            &tmp,
+            analyzer::ExportFormat::Parquet,
+            granularity,
+            filter,
+            &mut |_, _| {},
+        )
+    });
+    let result = match written {
+        Ok(_) => pd.getattr("read_parquet")?.call1((&tmp,)).map(Ok),
+        Err(e @ analyzer::Error::UnknownTag { .. }) => Ok(Err(e)),
+        Err(e) => Err(analyzer_error(e)),
+    };
+    let _ = std::fs::remove_file(&tmp);
+    result
+}
+
+/// Opens a trace for reading, with the other traces of its run beside it
+/// (`memwatch record` of a program that forks, uses multiprocessing,
+/// subprocess or torchrun), or only the processes `pid=` names.
 #[pyfunction]
-pub fn open_trace(py: Python<'_>, path: PathBuf) -> PyResult<Trace> {
-    let reader = py.detach(|| TraceReader::open(&path)).map_err(trace_error)?;
-    Ok(Trace { reader, path })
+#[pyo3(signature = (path, pid=None))]
+pub fn open_trace(py: Python<'_>, path: PathBuf, pid: Option<Bound<'_, PyAny>>) -> PyResult<Trace> {
+    let pids = pids_of(pid.as_ref())?;
+    let procs = py
+        .detach(|| memwatch_cli::run::open(&path, &[]))
+        .map_err(run_error)?;
+    let base = memwatch_cli::run::base_ns(&procs);
+    let mut trace = Trace { procs, base, path };
+    if !pids.is_empty() {
+        trace.selected(&pids)?;
+        trace.procs.retain(|p| pids.contains(&p.pid));
+        trace.base = memwatch_cli::run::base_ns(&trace.procs);
+    }
+    Ok(trace)
 }
 
 /// The numpy dtype (and its item size) that `Trace.state` widens a dtype

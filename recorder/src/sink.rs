@@ -127,8 +127,16 @@ pub fn unix_ns() -> u64 {
 }
 
 impl TraceSink {
-    /// Creates the trace file and writes its header.
-    pub fn create(path: &Path, meta: Meta) -> memwatch_format::Result<TraceSink> {
+    /// Creates the trace file and writes its header. The header's
+    /// `start_time_ns` is set here, at the instant a record's time counts
+    /// from: a record at `time_ns` happened at `start_time_ns + time_ns`
+    /// wall-clock, which is what lines up the processes of a run (their
+    /// traces are created at different times, and creating one takes
+    /// milliseconds: a start taken before it made every record of the
+    /// trace look that much earlier).
+    pub fn create(path: &Path, mut meta: Meta) -> memwatch_format::Result<TraceSink> {
+        let start = Instant::now();
+        meta.start_time_ns = unix_ns();
         let start_unix_ns = meta.start_time_ns;
         let opts = WriterOptions {
             zstd_level: compression_level(),
@@ -136,7 +144,6 @@ impl TraceSink {
             ..WriterOptions::default()
         };
         let writer = TraceWriter::create(path, &meta, opts)?;
-        let start = Instant::now();
         if let Some((base, len)) = writer.crash_area() {
             crate::signals::crash::arm(base, len);
         }

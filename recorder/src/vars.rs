@@ -533,6 +533,8 @@ pub fn at_boundary(py: Python<'_>, code: usize, returning: bool, last: (usize, u
             Change {
                 seq: 0,
                 time_ns: crate::sink::unix_ns(),
+                pid: crate::change::live_pid(),
+                rank: crate::change::live_rank(),
                 tag: tag.into(),
                 variable: (!name.is_empty()).then(|| name.into()),
                 region_start: 0,
