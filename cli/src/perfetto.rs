@@ -380,7 +380,7 @@ pub fn write(
     write_run(&[(reader, meta.pid, 0)], filter, w, progress)
 }
 
-/// [`write`] for the processes of a run: each `(reader, pid, shift_ns)`
+/// [`write()`] for the processes of a run: each `(reader, pid, shift_ns)`
 /// is a process of its own in the timeline, its times moved by `shift_ns`
 /// (how much later than the run its trace started). The metadata is the
 /// first trace's, with the list of processes.

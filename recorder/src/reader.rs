@@ -3,7 +3,7 @@
 //!
 //! A trace is read with the other traces of its run, if any (the processes
 //! `memwatch record` followed: forks, multiprocessing, subprocesses,
-//! torchrun's ranks; see [`memwatch_cli::run`]): `Trace.processes` lists
+//! torchrun's ranks; see [`mod@memwatch_cli::run`]): `Trace.processes` lists
 //! them, `changes()` merges theirs by time, and `state()`/`blame()` read
 //! the process that watched the tag. A trace of one process reads as it
 //! always did.
@@ -36,7 +36,7 @@ fn analyzer_error(e: analyzer::Error) -> PyErr {
     }
 }
 
-/// An error of [`memwatch_cli::run`] (opening a run's traces, a time
+/// An error of [`mod@memwatch_cli::run`] (opening a run's traces, a time
 /// before a process started): the Python error of the format's or the
 /// analyzer's error inside, else a `ValueError`.
 fn run_error(e: anyhow::Error) -> PyErr {
