@@ -15,35 +15,9 @@ import pytest
 
 import memwatch
 from memwatch._display import text_table
-from conftest import BIN
-from test_multiprocess import line_of, members, record
+from test_multiprocess import FORK, line_of, members, mw, record
 
 
-def mw(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    return subprocess.run(
-        [str(BIN / "memwatch"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100
-    )
-
-FORK = """
-    import os
-    import numpy as np
-    import memwatch
-
-    w = np.zeros(4, dtype=np.int64)
-    memwatch.watch(w, name="w")
-    w[0] = 1  # before the fork
-    pid = os.fork()
-    if pid == 0:
-        c = np.zeros(2, dtype=np.float64)
-        memwatch.watch(c, name="c")
-        w[1] = 2  # in the child
-        c[1] = 0.25  # the child's own array
-        os._exit(0)
-    os.waitpid(pid, 0)
-    w[2] = 3  # in the parent, after
-    open("child", "w").write(str(pid))
-"""
 
 
 @pytest.fixture

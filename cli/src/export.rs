@@ -134,16 +134,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
         Format::Jsonl => ExportFormat::Jsonl,
         Format::Perfetto => return run_perfetto(args, &procs, out),
     };
-    let granularity = if args.elements {
-        Granularity::Element
-    } else {
-        Granularity::Change
-    };
-    let filter = Filter {
-        tag: args.tag.clone(),
-        seq: args.seq,
-        ..Filter::default()
-    };
+    let (granularity, filter) = rows_wanted(args);
     let tty = std::io::stderr().is_terminal();
     let mut progress = progress_bar(tty);
     let sources = sources(&procs);
@@ -167,6 +158,21 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     out.flush()?;
     crate::run::tail_notes(&procs);
     Ok(0)
+}
+
+/// The rows `args` asks for: per change or per element, and which.
+fn rows_wanted(args: &Args) -> (Granularity, Filter) {
+    let granularity = if args.elements {
+        Granularity::Element
+    } else {
+        Granularity::Change
+    };
+    let filter = Filter {
+        tag: args.tag.clone(),
+        seq: args.seq,
+        ..Filter::default()
+    };
+    (granularity, filter)
 }
 
 fn sources(procs: &[crate::run::Proc]) -> Vec<ExportSource<'_>> {
@@ -200,16 +206,7 @@ fn run_partitioned(args: &Args, out: &mut dyn Write) -> Result<u8> {
         }
     }
     let procs = crate::run::open(&args.trace, &args.pid)?;
-    let granularity = if args.elements {
-        Granularity::Element
-    } else {
-        Granularity::Change
-    };
-    let filter = Filter {
-        tag: args.tag.clone(),
-        seq: args.seq,
-        ..Filter::default()
-    };
+    let (granularity, filter) = rows_wanted(args);
     let tty = std::io::stderr().is_terminal();
     let mut progress = progress_bar(tty);
     let parts = export_partitioned(
@@ -268,11 +265,7 @@ fn run_perfetto(args: &Args, procs: &[crate::run::Proc], out: &mut dyn Write) ->
     };
     let file = std::fs::File::create(&tmp)
         .with_context(|| format!("cannot write {}; pass -o with a writable path", path.display()))?;
-    let filter = Filter {
-        tag: args.tag.clone(),
-        seq: args.seq,
-        ..Filter::default()
-    };
+    let (_, filter) = rows_wanted(args);
     let tty = std::io::stderr().is_terminal();
     let mut progress = progress_bar(tty);
     let base = crate::run::base_ns(procs);
