@@ -2,13 +2,15 @@
 //! of its own, so that a recorded program's threads only encode records.
 //!
 //! A [`TraceWriter`](crate::TraceWriter) hands each chunk's raw payload to
-//! its sealer (`Sealer::hand`) and goes on. The sealer thread compresses
-//! it into a working buffer of its own (kept from chunk to chunk), writes
-//! header and payload with one `write` (a large chunk with direct I/O, past
-//! the page cache: see [`crate::direct`]), and gives the raw buffer back for
-//! the writer's next chunk. Chunks are written in the order they
-//! were handed, so the file is what a writer that sealed its chunks itself
-//! would have written.
+//! its sealer (`Sealer::hand`) and goes on. The sealer has two threads:
+//! `memwatch-seal` compresses the chunk into a working buffer of its own
+//! (kept from chunk to chunk) and lays it out with its header;
+//! `memwatch-write` writes header and payload with one `write` (a large
+//! chunk with direct I/O, past the page cache: see [`crate::direct`]), so
+//! that one chunk's write overlaps the next one's compression, and gives
+//! the raw buffer back for the writer's next chunk. Chunks are written in
+//! the order they were handed, so the file is what a writer that sealed its
+//! chunks itself would have written.
 //!
 //! Memory is bounded: at most [`MAX_QUEUED`] raw bytes (or one chunk, if a
 //! single chunk is larger) wait for the sealer. A writer with more to hand

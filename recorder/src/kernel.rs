@@ -13,7 +13,10 @@
 //! created with `UFFD_USER_MODE_ONLY`, which only limits *sync* faults in
 //! kernel mode, and `WP_ASYNC` faults never reach a handler.
 //!
-//! Nothing here runs in signal context: there are no signal handlers.
+//! No signal handler is installed here, and nothing here needs one. The
+//! store-mode handlers (`signals`) call `gettid` and use the
+//! `UFFDIO_WRITEPROTECT` structures below: a plain system call and plain
+//! data, fit for signal context.
 //!
 //! The structures and ioctl numbers are transcribed from
 //! `include/uapi/linux/userfaultfd.h` and `include/uapi/linux/fs.h` (Linux

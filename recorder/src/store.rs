@@ -1,5 +1,5 @@
 //! `mode="store"`: one change per store instruction, through a synchronous
-//! userfaultfd, a fault thread, and single-stepping (see `signals.rs` for
+//! userfaultfd, a fault thread, and single-stepping (see `signals/mod.rs` for
 //! the part that runs in signal context and the whole sequence).
 //!
 //! Threads of this module (neither runs Python nor holds the GIL):

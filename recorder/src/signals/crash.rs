@@ -36,8 +36,9 @@
 //! recorder: nothing is compared (the area says so).
 //!
 //! Signal context: `on_fatal` and what it calls (`look`, `compare`,
-//! `put_entry`, `wait_idle`, `find_code`, `slot_of_tid`,
-//! `pass_on`, `monotonic_ns`). Their rules: no allocation, no locks, no
+//! `put_entry`, `put_u32`, `put_u64`, `in_mask`, `wait_idle`, `find_code`,
+//! `slot_of_tid`, `pass_on`, `monotonic_ns`, `next_seq`,
+//! `regions_left_out`). Their rules: no allocation, no locks, no
 //! thread-locals, no Python; atomics, plain loads, compares and copies of
 //! watched memory, shadows and the crash area; and the system calls
 //! `gettid`, `getpid`, `clock_gettime`, `sched_yield`, `sigaction`,
