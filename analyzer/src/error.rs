@@ -14,7 +14,7 @@ pub enum Error {
     SeqOutOfRange { seq: u64, what: String },
 
     /// A time before the trace's first event.
-    #[error("time {} is out of range: {what}", crate::state::duration_text(*time_ns))]
+    #[error("time {} is out of range: {what}", crate::text::duration_text(*time_ns))]
     TimeOutOfRange { time_ns: u64, what: String },
 
     /// Writing an export failed (polars' message).

@@ -35,6 +35,7 @@ mod query;
 mod scan;
 mod state;
 mod symbols;
+mod text;
 
 pub use error::{Error, Result};
 pub use export::{
@@ -46,7 +47,7 @@ pub use query::{
     WhatRef,
 };
 pub use state::{
-    c_order, duration_text, element_bytes, has_region, seq_at_time, seq_bounds, shape_of, state, writes_to,
-    State,
+    c_order, element_bytes, has_region, seq_at_time, seq_bounds, shape_of, state, writes_to, State,
 };
 pub use symbols::{FrameInfo, RegionInfo, Symbols};
+pub use text::duration_text;

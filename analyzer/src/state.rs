@@ -9,6 +9,7 @@ use memwatch_format::{ChunkInfo, DecodedChunk, Record, TraceReader, NO_SEQ};
 use crate::error::{Error, Result};
 use crate::query::{for_each_change, ChangeRow, Filter, WhatRef};
 use crate::symbols::{RegionInfo, Symbols};
+use crate::text::duration_text;
 
 /// A region's exact contents after event `at_seq`.
 #[derive(Debug, Clone, PartialEq)]
@@ -239,23 +240,6 @@ fn event_time(rec: &Record<'_>) -> Option<u64> {
         Record::ObjectChange(r) => Some(r.ctx.time_ns),
         _ => None,
     }
-}
-
-/// `2.5s`, `150ms`, `20us` or `100ns`: the shortest exact text for a time.
-pub fn duration_text(ns: u64) -> String {
-    for (unit, per) in [("s", 1_000_000_000u64), ("ms", 1_000_000), ("us", 1_000)] {
-        if ns >= per {
-            let whole = ns / per;
-            let frac = ns % per;
-            if frac == 0 {
-                return format!("{whole}{unit}");
-            }
-            let width = per.ilog10() as usize;
-            let text = format!("{whole}.{frac:0width$}");
-            return format!("{}{unit}", text.trim_end_matches('0'));
-        }
-    }
-    format!("{ns}ns")
 }
 
 /// The last chunk, from `first` on, that starts at or before seq `target`

@@ -387,7 +387,7 @@ fn count(path: &Path) -> std::result::Result<Counted, String> {
     // Records the program wrote but that had not reached the trace when it
     // ended (killed, crashed) wait in its journal: move them in, so that
     // the trace holds everything on its own.
-    let folded = match memwatch_format::journal::fold(path) {
+    let folded = match memwatch_format::recover::fold(path) {
         Ok(n) => n,
         Err(e) => {
             eprintln!(

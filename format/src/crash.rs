@@ -19,7 +19,7 @@
 //! changed region, on the line the thread that died was running, then a
 //! [`Crashed`] record that says how the program ended. `memwatch record`
 //! folds them into the trace with the journal's records
-//! ([`crate::journal::fold`]), so the trace alone tells the story.
+//! ([`crate::recover::fold`]), so the trace alone tells the story.
 //!
 //! The file's blocks are allocated before they can be written
 //! (`posix_fallocate`, grown as regions are watched to hold every watched
@@ -97,11 +97,8 @@ pub const FUNCTION_MAX: usize = 1024;
 pub const STATE_WRITING: u32 = 1;
 /// `state`: the handler finished.
 pub const STATE_DONE: u32 = 2;
-/// `flags`: some changes did not fit.
-pub const FLAG_TRUNCATED: u32 = 1;
-/// `flags`: the recorder was updating its copies when the signal came, so
-/// nothing was compared.
-pub const FLAG_BUSY: u32 = 2;
+// The `flags` of a crash area are those of the `Crashed` record it becomes.
+pub use crate::record::{signal_name, FLAG_BUSY, FLAG_TRUNCATED};
 
 /// The crash area of `trace`: `<trace>.crash`.
 pub fn crash_path(trace: &Path) -> PathBuf {
@@ -127,9 +124,9 @@ impl CrashArea {
     /// Creates (or truncates) the crash area at `path` for the trace whose
     /// header bytes hash to `header_crc`, private to its owner (`0600`).
     pub fn create(path: &Path, header_crc: u32) -> io::Result<CrashArea> {
-        let file = crate::writer::create_private(path)?;
+        let file = crate::file::create_private(path)?;
         let len = CRASH_HEADER_LEN + (64 << 10);
-        crate::journal::allocate(&file, len)?;
+        crate::file::allocate(&file, len)?;
         // SAFETY: a fresh shared mapping of our own file; pages past its
         // end are never touched (the handler writes below `len`).
         let base = unsafe {
@@ -183,10 +180,10 @@ impl CrashArea {
             return Ok(());
         }
         let len = needed.next_multiple_of(1 << 20).min(RESERVE);
-        if crate::journal::file_size_limit().is_some_and(|limit| len as u64 > limit) {
+        if crate::file::file_size_limit().is_some_and(|limit| len as u64 > limit) {
             return Err(io::Error::from_raw_os_error(libc::EFBIG));
         }
-        crate::journal::allocate(&self.file, len)?;
+        crate::file::allocate(&self.file, len)?;
         self.len = len;
         Ok(())
     }
@@ -288,22 +285,6 @@ pub fn read(path: &Path, header_crc: u32) -> Option<Crash> {
         flags: u32_at(FLAGS_AT),
         entries,
     })
-}
-
-/// `SIGSEGV` and the like, by number (`"signal 40"` for others).
-pub fn signal_name(signal: i32) -> String {
-    let name = match signal {
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGILL => "SIGILL",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGINT => "SIGINT",
-        _ => return format!("signal {signal}"),
-    };
-    name.to_string()
 }
 
 impl Crash {

@@ -79,11 +79,12 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::MmapMut;
+
+use crate::file::{allocate, create_private, file_size_limit};
 
 /// The first 8 bytes of a journal.
 pub const JOURNAL_MAGIC: [u8; 8] = *b"MWJRNL\0\x02";
@@ -138,7 +139,7 @@ impl Journal {
     /// header bytes hash to `header_crc`, private to its owner (`0600`);
     /// its first records will be chunk `chunk`'s.
     pub fn create(path: &Path, header_crc: u32, chunk: u64) -> io::Result<Journal> {
-        let file = crate::writer::create_private(path)?;
+        let file = create_private(path)?;
         allocate(&file, INITIAL_LEN)?;
         // SAFETY: the file is ours (just created, 0600) and only this
         // writer maps it for writing; its length only grows while mapped.
@@ -363,30 +364,6 @@ impl Journal {
     }
 }
 
-/// The process's file size limit (`RLIMIT_FSIZE`, `ulimit -f`) in bytes,
-/// if it has one. Writers check it before they write, so that going past
-/// it is an error (`EFBIG`), never the `SIGXFSZ` that would kill a program
-/// that did not ignore it.
-pub fn file_size_limit() -> Option<u64> {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit fills the struct we pass.
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut r) } == 0;
-    (ok && r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur)
-}
-
-/// Makes `file` `len` bytes long with its blocks allocated.
-pub(crate) fn allocate(file: &File, len: usize) -> io::Result<()> {
-    // SAFETY: a plain system call on an open descriptor.
-    match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) } {
-        0 => Ok(()),
-        libc::EOPNOTSUPP | libc::EINVAL => file.set_len(len as u64),
-        e => Err(io::Error::from_raw_os_error(e)),
-    }
-}
-
 /// What a journal left behind holds, as [`read`] found it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
@@ -486,61 +463,6 @@ pub fn read(path: &Path, header_crc: u32) -> Option<Pending> {
         records,
         stopped,
     })
-}
-
-/// Moves what a dead writer left in the journal of the trace at `trace`
-/// into the trace itself, as its last chunk (replacing a partial chunk the
-/// writer was cut off in), then removes the journal: the trace holds
-/// everything on its own and can be copied alone. Returns how many records
-/// moved (`None`: none; a note that recording stopped may still have moved,
-/// as a `Lost` record). A journal whose records
-/// already reached the trace is removed too. A closed trace is left as it
-/// is.
-///
-/// Only for a trace whose writer is gone (`memwatch record` calls it after
-/// the program ended): a live writer would go on writing after the chunk.
-pub fn fold(trace: &Path) -> crate::Result<Option<u32>> {
-    let reader = crate::TraceReader::open(trace)?;
-    if reader.tail() == crate::Tail::Closed {
-        return Ok(None);
-    }
-    let jpath = journal_path(trace);
-    let io = |path: &Path, source| crate::Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let cpath = crate::crash::crash_path(trace);
-    let header_crc = crc32fast::hash(&reader.bytes()[..reader.header().len as usize]);
-    let crash_ours = crate::crash::belongs(&cpath, header_crc);
-    if !reader.last_chunk_from_journal() {
-        if read(&jpath, header_crc).is_some() {
-            std::fs::remove_file(&jpath).map_err(|e| io(&jpath, e))?;
-        }
-        if crash_ours {
-            std::fs::remove_file(&cpath).map_err(|e| io(&cpath, e))?;
-        }
-        return Ok(None);
-    }
-    let n = reader.recovered().map_or(0, |(n, _)| n);
-    let last = *reader.chunks().last().expect("a recovered chunk");
-    let chunk = &reader.bytes()[last.offset as usize..(last.offset + last.header.total_len()) as usize];
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(trace)
-        .map_err(|e| io(trace, e))?;
-    use std::io::{Seek, SeekFrom, Write};
-    file.set_len(last.offset)
-        .and_then(|()| file.seek(SeekFrom::Start(last.offset)))
-        .and_then(|_| file.write_all(chunk))
-        .and_then(|()| file.sync_data())
-        .map_err(|e| io(trace, e))?;
-    if jpath.exists() {
-        std::fs::remove_file(&jpath).map_err(|e| io(&jpath, e))?;
-    }
-    if crash_ours {
-        std::fs::remove_file(&cpath).map_err(|e| io(&cpath, e))?;
-    }
-    Ok((n > 0).then_some(n))
 }
 
 #[cfg(test)]

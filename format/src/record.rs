@@ -455,10 +455,32 @@ pub struct Crashed<'a> {
     pub line: u32,
     /// Changes the last look found.
     pub changes: u64,
-    /// [`crate::crash::FLAG_TRUNCATED`], [`crate::crash::FLAG_BUSY`].
+    /// [`FLAG_TRUNCATED`], [`FLAG_BUSY`].
     pub flags: u32,
     /// False when the handler was cut off before it finished.
     pub finished: bool,
+}
+
+/// [`Crashed::flags`]: some changes did not fit.
+pub const FLAG_TRUNCATED: u32 = 1;
+/// `flags`: the recorder was updating its copies when the signal came, so
+/// nothing was compared.
+pub const FLAG_BUSY: u32 = 2;
+
+/// `SIGSEGV` and the like, by number (`"signal 40"` for others).
+pub fn signal_name(signal: i32) -> String {
+    let name = match signal {
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGINT => "SIGINT",
+        _ => return format!("signal {signal}"),
+    };
+    name.to_string()
 }
 
 impl Crashed<'_> {
@@ -466,7 +488,6 @@ impl Crashed<'_> {
     /// train.py:14; its last look recorded 2 changes". `pid` is the
     /// recorded process's: its main thread is named so.
     pub fn describe(&self, pid: u32) -> String {
-        use crate::crash::{signal_name, FLAG_BUSY, FLAG_TRUNCATED};
         let at = if self.file.is_empty() {
             String::new()
         } else {

@@ -43,7 +43,7 @@ use std::time::Instant;
 
 use crate::chunk::{ChunkHeader, ChunkKind, Codec, IndexEntry, CHUNK_HEADER_LEN};
 use crate::direct::{AlignedBuf, Direct, ALIGN, DIRECT_MIN};
-use crate::writer::Output;
+use crate::output::Output;
 
 /// Raw bytes that may wait for the sealer before a writer waits too.
 pub const MAX_QUEUED: usize = 32 << 20;

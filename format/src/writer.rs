@@ -2,16 +2,17 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::chunk::{encode_footer, ChunkKind, Trailer, NO_SEQ};
 use crate::crash::{crash_path, CrashArea};
-use crate::direct::Direct;
 use crate::error::{Error, Result};
+pub use crate::file::create_private;
+use crate::file::file_size_limit;
 use crate::header::{encode_header, Meta};
 use crate::journal::{journal_path, Journal};
+pub use crate::output::Output;
 use crate::record::{ByteRange, Context, FrameDef, Id, Note, Record, StackDef, StringDef, Waited};
 use crate::sealer::{Failure, Job, Sealer, MAX_QUEUED};
 
@@ -30,43 +31,6 @@ pub const CONTENTS_PIECE: usize = 1 << 20;
 /// own would cost more (a header, a compression frame, a `write`) than
 /// reading past them.
 pub const SEPARATE_CONTENTS: usize = 64 << 10;
-
-/// Where a trace goes. Besides writing, an output can be cut back to a
-/// length: after a failed write (a full disk) the writer cuts the file back
-/// to the end of its last whole chunk, so the trace stays clean up to there.
-pub trait Output: Write + Send + 'static {
-    /// A second handle on the output for writing large chunks with direct
-    /// I/O, past the page cache ([`crate::direct`]); the default has none.
-    fn direct(&self) -> Option<Direct> {
-        None
-    }
-
-    /// Cuts the output back to `len` bytes; the default cannot.
-    fn truncate_to(&mut self, _len: u64) -> std::io::Result<()> {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::Unsupported,
-            "this output cannot be truncated",
-        ))
-    }
-}
-
-impl Output for File {
-    fn direct(&self) -> Option<Direct> {
-        Direct::open(self)
-    }
-
-    fn truncate_to(&mut self, len: u64) -> std::io::Result<()> {
-        self.set_len(len)?;
-        self.seek(SeekFrom::Start(len)).map(|_| ())
-    }
-}
-
-impl Output for Vec<u8> {
-    fn truncate_to(&mut self, len: u64) -> std::io::Result<()> {
-        self.truncate(len as usize);
-        Ok(())
-    }
-}
 
 /// When a chunk is emitted, and how it is compressed.
 #[derive(Debug, Clone, Copy)]
@@ -203,7 +167,7 @@ impl TraceWriter<File> {
         // Unbuffered: every chunk is one write of header and payload. The
         // process's file size limit is checked before each write: a chunk
         // that would pass it fails with `EFBIG` instead of `SIGXFSZ`.
-        let mut w = TraceWriter::with_limit(file, path, meta, opts, crate::journal::file_size_limit())?;
+        let mut w = TraceWriter::with_limit(file, path, meta, opts, file_size_limit())?;
         let jpath = journal_path(path);
         match Journal::create(&jpath, w.header_crc, 0) {
             Ok(j) => {
@@ -223,23 +187,6 @@ impl TraceWriter<File> {
         }
         Ok(w)
     }
-}
-
-/// Creates (or truncates) `path` for reading and writing (a shared mapping
-/// needs both) with mode `0600`; a file that
-/// was already there is made `0600` too (the mode given at creation applies
-/// only to a new file).
-pub fn create_private(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    Ok(file)
 }
 
 impl<W: Output> TraceWriter<W> {

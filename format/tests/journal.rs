@@ -101,7 +101,7 @@ fn a_writer_killed_in_the_middle_of_a_chunk_loses_nothing_either() {
     assert_eq!(seqs(&r), (1..=200).collect::<Vec<_>>());
     // `memwatch record` folds the journal into the trace: the trace then
     // holds everything alone, and the journal is gone.
-    assert_eq!(journal::fold(&path).unwrap(), Some(100));
+    assert_eq!(recover::fold(&path).unwrap(), Some(100));
     assert!(!journal_path(&path).exists());
     assert!(std::fs::read(&path).unwrap().len() > whole.len());
     let r = TraceReader::open(&path).unwrap();

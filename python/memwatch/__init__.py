@@ -21,8 +21,10 @@ and the ``memwatch`` command: ``record``, ``query``, ``state``, ``blame``,
 True
 """
 
-from memwatch._api import configure, on_change, start, stop, unwatch, watch, watching
-from memwatch._guard import freeze, frozen, unfreeze
+from memwatch._api import watch, watching
+from memwatch._freeze import freeze, frozen, unfreeze
+from memwatch._session import configure, on_change, start, stop
+from memwatch._unwatch import unwatch
 from memwatch import _ipython
 from memwatch._ipython import load_ipython_extension, unload_ipython_extension
 from memwatch._objects import watch_object

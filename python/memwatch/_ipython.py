@@ -123,11 +123,15 @@ def unload_ipython_extension(shell: Any) -> None:
 def run_watched(shell: Any, names: list[str], cell: str) -> Any:
     """Runs ``cell`` in ``shell`` with the variables ``names`` watched;
     shows and keeps its changes; returns the value of its last expression."""
-    import memwatch
     from IPython.display import display
 
+    from memwatch._api import watch
     from memwatch._display import ChangeList
-    from memwatch._guard import _has_buffer, _watched_tags
+    from memwatch._freeze import _has_buffer, _watched_tags
+    from memwatch._objects import watch_object
+    from memwatch._session import on_change
+    from memwatch._unwatch import unwatch
+    from memwatch._vars import watch_var
 
     def watched(obj: Any, name: str) -> bool:
         """Already watched by the user: this object, or something under this name."""
@@ -143,34 +147,34 @@ def run_watched(shell: Any, names: list[str], cell: str) -> Any:
             seen.append(change)
 
     mine: list[Any] = []
-    memwatch.check()  # what earlier cells changed is theirs
+    _memwatch.check()  # what earlier cells changed is theirs
     try:
         for name in names:
             if name in ns and not watched(ns[name], name):
                 obj = ns[name]
                 if _has_buffer(obj):
-                    mine.append(memwatch.watch(obj, name=name, _variable=name))
+                    mine.append(watch(obj, name=name, _variable=name))
                 else:
                     try:
-                        mine.append(memwatch.watch_object(obj, name=name, _variable=name))
-                    except (TypeError, memwatch.UnsupportedError):
+                        mine.append(watch_object(obj, name=name, _variable=name))
+                    except (TypeError, _memwatch.UnsupportedError):
                         pass  # an int, a str: only its rebinding can change it
-            mine.append(memwatch.watch_var(name, tag=name))
-        memwatch.on_change(collect)
+            mine.append(watch_var(name, tag=name))
+        on_change(collect)
         # A line of its own for the magic, so that lines are the cell's.
         source = "\n" + shell.transform_cell(cell)
         filename = shell.compile.cache(source, _cell_number(shell), raw_code="\n" + cell)
         tree, last = _split_last_expr(shell.compile.ast_parse(source, filename=filename))
         exec(shell.compile(tree, filename, "exec"), shell.user_global_ns, ns)
         value = eval(shell.compile(last, filename, "eval"), shell.user_global_ns, ns) if last is not None else None
-        memwatch.check()
+        _memwatch.check()
         return value
     finally:
         for handle in reversed(mine):
             try:
-                memwatch.unwatch(handle)
-            except memwatch.NotWatchedError:
+                unwatch(handle)
+            except _memwatch.NotWatchedError:
                 pass  # collected, or unwatched by the cell
-        memwatch.remove_callback(collect)
+        _memwatch.remove_callback(collect)
         ns["_memwatch_changes"] = seen
         display(seen)

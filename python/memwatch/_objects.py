@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import dis
 import os
-import reprlib
 import sys
 import threading
 import types
 from typing import Any
 
-from memwatch import _api, _guard, _memwatch
-from memwatch._memwatch import ObjectWatchHandle
-
-DEFAULT_REPR_LIMIT = 120
-
+from memwatch import _guard, _memwatch
+from memwatch._names import DEFAULT_REPR_LIMIT, _bounded_repr, _variable_name
+from memwatch._session import _auto_start
+from memwatch._vars import watch_fingerprint
 
 def watch_object(
     obj: Any,
@@ -70,20 +68,18 @@ def watch_object(
         raise ValueError(f"depth must be an int >= 0, not {depth!r}")
     if isinstance(repr_limit, bool) or not isinstance(repr_limit, int) or repr_limit < 8:
         raise ValueError(f"repr_limit must be an int >= 8, not {repr_limit!r}")
-    variable = _variable or _api._variable_name(sys._getframe(1), obj, False)
+    variable = _variable or _variable_name(sys._getframe(1), obj, False)
     tag = name if name is not None else variable
     if tag is None:
         raise ValueError("cannot tell which variable this object is; pass name=")
     if key is not None and key is not False:
-        from memwatch._vars import watch_fingerprint
-
         handle = watch_fingerprint(obj, str(tag), variable, key, repr_limit)
         _guard.set_guard(str(tag), condition, action)
-        _api._auto_start()
+        _auto_start()
         return handle
     handle = _memwatch._watch_object(obj, str(tag), variable, depth, repr_limit)
     _guard.set_guard(str(tag), condition, action)
-    _api._auto_start()
+    _auto_start()
     return handle
 
 
@@ -140,32 +136,6 @@ def _line_ops(code: types.CodeType, line: int) -> frozenset[str]:
         ops = frozenset(names)
         _LINE_OPS[key] = ops
     return ops
-
-
-_CONTAINERS = (list, tuple, dict, set, frozenset)
-
-
-def _short_repr(value: Any, limit: int) -> str:
-    r = reprlib.Repr()
-    r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = max(1, limit // 4)
-    r.maxstring = r.maxother = r.maxlong = limit
-    return r.repr(value)
-
-
-def _bounded_repr(value: Any, limit: int) -> str:
-    """``repr(value)`` cut to ``limit`` characters; ``<repr failed: E>`` when
-    ``__repr__`` raises."""
-    try:
-        if isinstance(value, _CONTAINERS) and len(value) > limit:
-            # Only the first items: a full repr of a huge container costs its size.
-            text = _short_repr(value, limit)
-        else:
-            text = repr(value)
-        if not isinstance(text, str):
-            raise TypeError("__repr__ returned a non-string")
-    except Exception as e:  # noqa: BLE001 - a user's __repr__ may raise anything
-        return f"<repr failed: {type(e).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _thread_name(ident: int) -> str | None:

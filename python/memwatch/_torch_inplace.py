@@ -324,11 +324,9 @@ def _init(torch: Any) -> None:
     if _mode_class is not None:
         return
     _tensor_class = torch.Tensor
-    import memwatch
-
     torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
     dirs = [torch_dir, os.path.join(os.path.dirname(torch_dir), "functorch")]
-    dirs.append(os.path.dirname(os.path.abspath(memwatch.__file__)))
+    dirs.append(os.path.dirname(os.path.abspath(__file__)))  # memwatch itself
     _internal_prefixes = tuple(d + os.sep for d in dirs)
     _internal.clear()
     _mode_class = _make_mode_class(torch)

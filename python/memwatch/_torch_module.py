@@ -40,10 +40,11 @@ import sys
 import threading
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from memwatch import _api
+from memwatch._names import _variable_name
 from memwatch._memwatch import NotWatchedError, UnsupportedError, WatchHandle
 
 _lock = threading.RLock()
@@ -157,7 +158,7 @@ class _Group:
         if entry is None:
             return
         try:
-            _api.unwatch(entry.handle)
+            _api.unwatch_regions(entry.handle)
         except NotWatchedError:
             pass  # ended already (collected, or unwatched by its tag)
 
@@ -426,7 +427,7 @@ def _check_free(registry: list[Any], obj: Any, tag: str, what: str) -> None:
 
 
 def _name(frame: Any, obj: Any, name: str | None, what: str) -> tuple[str, str | None]:
-    variable = _api._variable_name(frame, obj, False)
+    variable = _variable_name(frame, obj, False)
     tag = name if name is not None else variable
     if tag is None:
         raise ValueError(f"cannot tell which variable this {what} is; pass name=")

@@ -24,9 +24,10 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from memwatch import _api, _memwatch
+from memwatch import _guard, _memwatch
 from memwatch._memwatch import NotWatchedError
-from memwatch._objects import DEFAULT_REPR_LIMIT, _bounded_repr
+from memwatch._names import DEFAULT_REPR_LIMIT, _bounded_repr
+from memwatch._session import _auto_start
 
 _MISSING = object()
 _NAME = re.compile(r"^[A-Za-z_*?\[\]!][A-Za-z0-9_*?\[\]!]*$")
@@ -133,8 +134,6 @@ def watch_var(
     ``action="raise"`` a rebinding raises ``MutationError`` at the line
     boundary after it, for example.
     """
-    from memwatch import _guard
-
     _guard.check_guard(condition, action)
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"watch_var: {name!r} is not a variable name or a glob of one (letters, digits, _, * ? [ ])")
@@ -153,7 +152,7 @@ def watch_var(
         _watches.append(handle)
     _guard.set_guard(handle.tag, condition, action)
     _changed()
-    _api._auto_start()
+    _auto_start()
     return handle
 
 

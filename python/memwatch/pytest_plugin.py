@@ -14,7 +14,7 @@ This module owns:
   makes already (``memwatch record``, ``MEMWATCH_TRACE``, a conftest's
   ``memwatch.start()``) is left alone: then no test is recorded. A test
   that calls ``memwatch.start()`` itself ends its trace there
-  (``memwatch._api._give_way``);
+  (``memwatch._session._give_way``);
 - the marker ``@pytest.mark.memwatch_frozen("name", "name.attr", ...)``
   (freezes those fixtures of the test for its call) and the fixtures
   ``memwatch_freeze`` (freezes an object for the rest of the test) and
@@ -129,15 +129,15 @@ def _digest(nodeid: str) -> str:
 def _recording_elsewhere() -> str | None:
     """Where this process records already, when that is not ours to manage:
     a trace being written, or the one `memwatch record` (MEMWATCH_TRACE)
-    starts at the first watch (see ``memwatch._api._auto_start``)."""
+    starts at the first watch (see ``memwatch._session._auto_start``)."""
     from memwatch import _memwatch
 
     current = _memwatch._recording()
     if current is not None:
         return str(current)
-    from memwatch import _api
+    from memwatch import _session
 
-    mine = _api._trace_for_this_process()
+    mine = _session._trace_for_this_process()
     return mine[0] if mine is not None else None
 
 
@@ -211,7 +211,7 @@ class _Recorder:
 
     def _start(self, item: pytest.Item) -> _TestTrace | None:
         import memwatch
-        from memwatch import _api
+        from memwatch import _session
 
         if self.elsewhere is not None:
             return None
@@ -239,14 +239,14 @@ class _Recorder:
         trace = _TestTrace(path)
         item.stash[_trace_key] = trace
         self.recorded += 1
-        _api._give_way = lambda: self._give_way(trace)
+        _session._give_way = lambda: self._give_way(trace)
         return trace
 
     def _give_way(self, trace: _TestTrace) -> None:
         """The test calls memwatch.start(): this trace ends there."""
-        from memwatch import _api
+        from memwatch import _session
 
-        _api._give_way = None
+        _session._give_way = None
         trace.gave_way = True
         self._stop(trace)
 
@@ -262,10 +262,10 @@ class _Recorder:
             self.changes[str(trace.path)] = int(result["changes"])
 
     def _finish(self, item: pytest.Item, trace: _TestTrace, report: pytest.TestReport | None) -> None:
-        from memwatch import _api, _memwatch
+        from memwatch import _memwatch, _session
 
         trace.done = True
-        _api._give_way = None
+        _session._give_way = None
         current = _memwatch._recording()
         if current is not None and Path(current) == trace.path:
             self._stop(trace)
@@ -395,9 +395,10 @@ class _Freezer:
     ``MutationError`` was raised in another thread, or caught."""
 
     def __init__(self) -> None:
-        from memwatch import _guard
+        from memwatch import _freeze, _guard
 
         self._guard = _guard
+        self._freeze = _freeze
         self.tags: set[str] = set()
         self.seen: list[Change] = []
         self.reported: set[int] = set()
@@ -406,8 +407,8 @@ class _Freezer:
         _guard.violation_listeners.append(self.seen.append)
 
     def freeze(self, obj: Any, name: str | None, frame: Any) -> None:
-        self._guard.freeze(obj, name, _frame=frame)
-        self.tags.update(self._guard._frozen[id(obj)][-1].tags)
+        self._freeze.freeze(obj, name, _frame=frame)
+        self.tags.update(self._freeze._frozen[id(obj)][-1].tags)
 
     def thaw(self, objs: list[Any]) -> list[MutationError]:
         """Unfreezes ``objs`` (last frozen first); returns the errors of the
@@ -417,7 +418,7 @@ class _Freezer:
         errors = []
         for obj in reversed(objs):
             try:
-                self._guard.unfreeze(obj)
+                self._freeze.unfreeze(obj)
             except MutationError as e:
                 errors.append(e)
             except NotWatchedError:

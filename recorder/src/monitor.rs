@@ -45,7 +45,7 @@ pub struct Hooks {
 
 pub static HOOKS: OnceLock<Hooks> = OnceLock::new();
 
-/// Receives the hooks from `memwatch._api`.
+/// Receives the hooks from `memwatch._session`.
 #[pyfunction]
 pub fn _set_hooks(in_scope: Py<PyAny>, current_thread: Py<PyAny>, sys: Py<PyAny>, display_name: Py<PyAny>) {
     let _ = HOOKS.set(Hooks {
@@ -60,7 +60,7 @@ pub fn _set_hooks(in_scope: Py<PyAny>, current_thread: Py<PyAny>, sys: Py<PyAny>
 pub fn hooks() -> PyResult<&'static Hooks> {
     HOOKS
         .get()
-        .ok_or_else(|| crate::errors::MemwatchError::new_err("memwatch._api was not imported"))
+        .ok_or_else(|| crate::errors::MemwatchError::new_err("memwatch._session was not imported"))
 }
 
 /// What we know about a code object.

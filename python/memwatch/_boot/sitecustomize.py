@@ -9,7 +9,7 @@ Every Python process of the run does this (the folder stays on
 ``PYTHONPATH`` for the processes it starts: multiprocessing's spawn and
 forkserver children, ``subprocess``, torchrun's ranks), while
 ``$MEMWATCH_TRACE`` is set; each records to its own trace (see
-``memwatch._api._trace_for_this_process``). A process that cannot do it
+``memwatch._session._trace_for_this_process``). A process that cannot do it
 (another Python without memwatch) says so on stderr and runs on.
 """
 
