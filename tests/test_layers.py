@@ -35,12 +35,8 @@ RECORDER_CIRCLE = {"api", "fastline", "guard", "monitor", "objects", "vars"}
 def python_graph(package: Path) -> dict[str, set[str]]:
     """Module -> the package's modules it imports (``__init__`` for the
     package itself); the extension ``_memwatch`` is a leaf and left out."""
-    names = {p.stem for p in package.glob("*.py")}
-    subpackages = {p.name for p in package.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     files = {p.stem: p for p in package.glob("*.py")}
-    for sub in subpackages:
-        for p in (package / sub).glob("*.py"):
-            files[f"{sub}.{p.stem}"] = p
+    names = set(files)
     edges: dict[str, set[str]] = {}
     for name, path in files.items():
         out: set[str] = set()

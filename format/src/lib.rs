@@ -67,8 +67,10 @@ mod writer;
 pub use chunk::{ChunkHeader, ChunkKind, Codec, IndexEntry, Trailer, FLAG_CONTENTS_ONLY, NO_SEQ};
 pub use delta::Expander;
 pub use error::{Error, Result};
+pub use file::create_private;
 pub use header::{Header, Meta, FORMAT_VERSION, MAGIC};
 pub use journal::journal_path;
+pub use output::Output;
 pub use reader::{ChunkInfo, DecodedChunk, Ending, Records, Tail, TraceReader, Views};
 pub use record::{
     ByteRange, Change, Checkpoint, Contents, Context, Crashed, Delta, DeltaRange, FrameDef, Id, Layout, Lost,
@@ -77,8 +79,7 @@ pub use record::{
 };
 pub use view::{take_view, ChangeView, RangesIter, RangesView, RecordView};
 pub use writer::{
-    create_private, Output, TraceWriter, WriterOptions, WriterStats, CONTENTS_PIECE, DEFAULT_LEVEL,
-    JOURNAL_RING, SEPARATE_CONTENTS,
+    TraceWriter, WriterOptions, WriterStats, CONTENTS_PIECE, DEFAULT_LEVEL, JOURNAL_RING, SEPARATE_CONTENTS,
 };
 
 /// How a line is written for people: `file:line`, or `cell [3], line 2`

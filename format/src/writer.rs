@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use crate::chunk::{encode_footer, ChunkKind, Trailer, NO_SEQ};
 use crate::crash::{crash_path, CrashArea};
 use crate::error::{Error, Result};
-pub use crate::file::create_private;
+use crate::file::create_private;
 use crate::file::file_size_limit;
 use crate::header::{encode_header, Meta};
 use crate::journal::{journal_path, Journal};
-pub use crate::output::Output;
+use crate::output::Output;
 use crate::record::{ByteRange, Context, FrameDef, Id, Note, Record, StackDef, StringDef, Waited};
 use crate::sealer::{Failure, Job, Sealer, MAX_QUEUED};
 
