@@ -5,7 +5,7 @@
 //! Locking: `STATE` is never held while Python code runs (callbacks,
 //! reports, imports); the trace's lock (`trace::sink::lock`) is only taken
 //! while holding it or alone, never the other way round. Every
-//! acquisition (through [`state`]) holds a `Busy` token, so the
+//! acquisition (through `state()`) holds a `Busy` token, so the
 //! fatal-signal handler does not read shadows being changed, marks the
 //! line fast path's copy stale (`runtime::watched::invalidate`), and on
 //! release publishes the regions to that handler and says whether any
