@@ -9,15 +9,15 @@
 //!
 //! 1. *skip*: memwatch's own Python code is running (the re-entry guard),
 //!    or line events are off.
-//! 2. [`quick`]: watched memory is as the last check left it
+//! 2. `quick`: watched memory is as the last check left it
 //!    (`watch::buffers::fast::unchanged`, no lock taken) and no guard action
 //!    waits. Object changes queued or found in place are reported (the
 //!    only work left), and unless a watched variable may have been rebound
 //!    the line just moves on. Most lines end here.
-//! 3. [`disabled`]: only variables are watched and this code binds none of
+//! 3. `disabled`: only variables are watched and this code binds none of
 //!    them: where the family can (3.12+), the event location is switched
 //!    off for good and the line does not move.
-//! 4. [`full`]: inside pyo3's attach scope, [`at_boundary`] (report object
+//! 4. `full`: inside pyo3's attach scope, [`at_boundary`] (report object
 //!    changes, check buffers, check variables, move the line, note the
 //!    thread's line for store mode), then the guard actions due in this
 //!    thread (`deliver::guard::fire`).

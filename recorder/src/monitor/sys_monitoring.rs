@@ -5,7 +5,7 @@
 //! once per code object whether it is in scope, enables `LINE` and
 //! `PY_RETURN` on that code object only, and returns `DISABLE` so
 //! `PY_START` never fires for it again. The `LINE` callback is a plain
-//! `METH_FASTCALL` C function ([`on_line`]: no argument parsing, no pyo3
+//! `METH_FASTCALL` C function (`on_line`: no argument parsing, no pyo3
 //! trampoline) and the `PY_RETURN` one a pyo3 function; both call
 //! `boundary::step` and map its verdict. Out-of-scope code gets no line
 //! events at all.

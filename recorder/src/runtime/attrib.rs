@@ -6,7 +6,7 @@
 //! State: two thread-locals (a line-table cache and the thread's name) and
 //! one mutex (`THREADS_SEEN`), held only to read or update an entry. The
 //! frame walks run no Python code, so they are safe inside interpreter
-//! callbacks; [`thread_name`] may run Python code (a `Thread` subclass's
+//! callbacks; `thread_name` may run Python code (a `Thread` subclass's
 //! property) under memwatch's re-entry guard. Nothing here runs in signal
 //! context.
 

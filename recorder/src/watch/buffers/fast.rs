@@ -3,13 +3,13 @@
 //! (and, with page-tracked regions, a read of the process's fault count)
 //! and no more.
 //!
-//! [`unchanged`] decides "watched memory is as the last check left it"
+//! `unchanged` decides "watched memory is as the last check left it"
 //! without the state lock, from a copy of the `Compare` regions' shadows
-//! taken by [`refresh`] right after a check.
+//! taken by `refresh` right after a check.
 //!
 //! Why the copy can be trusted: every acquisition of the buffers' state
 //! lock marks it stale (`runtime::watched::invalidate`: it may change a
-//! region or a shadow), and [`refresh`] runs under that lock right after a
+//! region or a shadow), and `refresh` runs under that lock right after a
 //! check, recording the generation it copied. A copy whose generation is
 //! not the current one is never used, so a region removed (or a shadow
 //! changed) since cannot be read through it. The copy itself is only read
