@@ -1,11 +1,16 @@
 //! `memwatch dump`: the header and every record, one per line.
 
+use std::fmt::Write as _;
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Result;
 use memwatch_analyzer::Symbols;
-use memwatch_format::{Context, Record, Tail, TraceReader, NO_SEQ};
+use memwatch_format::{
+    Change, Checkpoint, Contents, Context, Crashed, Delta, FrameDef, Lost, Note, ObjectChange,
+    ObjectVariable, Record, RegionUnwatched, RegionWatched, StackDef, StringDef, Tail, TraceReader, Waited,
+    NO_SEQ,
+};
 
 use crate::text::{hex, utc, word};
 
@@ -207,159 +212,263 @@ fn list<T: ToString>(v: &[T]) -> String {
     format!("[{}]", items.join(","))
 }
 
-/// Formats one record as a dump line (without the newline).
+/// Formats one record as a dump line (without the newline): its kind,
+/// then its fields, each kind written by a method of its own.
 pub fn format_record(rec: &Record<'_>, syms: &Symbols, max_bytes: usize, line: &mut String) {
-    use std::fmt::Write as _;
-    let kind = rec.kind_name();
-    let _ = match rec {
-        Record::String(s) => write!(line, "{kind} id={} value={}", s.id, word(s.value)),
-        Record::Frame(f) => write!(
-            line,
-            "{kind} id={} file={} function={} line={}",
+    let mut d = DumpLine {
+        line,
+        kind: rec.kind_name(),
+        syms,
+        max_bytes,
+    };
+    match rec {
+        Record::String(s) => d.string(s),
+        Record::Frame(f) => d.frame(f),
+        Record::Stack(s) => d.stack(s),
+        Record::RegionWatched(r) => d.region_watched(r),
+        Record::Contents(c) => d.contents(c),
+        Record::RegionUnwatched(u) => d.region_unwatched(u),
+        Record::Change(c) => d.change(c),
+        Record::Crashed(c) => d.crashed(c),
+        Record::Waited(w) => d.waited(w),
+        Record::Delta(delta) => d.delta(delta),
+        Record::ObjectChange(o) => d.object_change(o),
+        Record::Checkpoint(c) => d.checkpoint(c),
+        Record::Note(n) => d.note(n),
+        Record::ObjectVariable(v) => d.object_variable(v),
+        Record::Lost(l) => d.lost(l),
+    }
+}
+
+/// One dump line being written: the line, the kind name it starts with,
+/// and what its fields are formatted with (the names learnt so far, and
+/// how many bytes of a byte string to show).
+struct DumpLine<'a> {
+    line: &'a mut String,
+    kind: &'static str,
+    syms: &'a Symbols,
+    max_bytes: usize,
+}
+
+// Writing to a `String` cannot fail: the `fmt::Result`s are dropped.
+impl DumpLine<'_> {
+    // Interned names.
+
+    /// `STRING id value`.
+    fn string(&mut self, s: &StringDef<'_>) {
+        let _ = write!(self.line, "{} id={} value={}", self.kind, s.id, word(s.value));
+    }
+
+    /// `FRAME id file function line`, the file and function by name.
+    fn frame(&mut self, f: &FrameDef) {
+        let _ = write!(
+            self.line,
+            "{} id={} file={} function={} line={}",
+            self.kind,
             f.id,
-            opt_word(syms.string(f.file)),
-            opt_word(syms.string(f.function)),
+            opt_word(self.syms.string(f.file)),
+            opt_word(self.syms.string(f.function)),
             f.line
-        ),
-        Record::Stack(s) => write!(line, "{kind} id={} frames={}", s.id, list(&s.frames)),
-        Record::RegionWatched(r) => {
-            let _ = write!(
-                line,
-                "{kind} seq={} t={} region={} tag={} variable={} address={:#x} len={} dtype={} itemsize={} \
-                 shape={} strides={} origin={}",
-                r.seq,
-                r.ctx.time_ns,
-                r.region,
-                word(r.tag),
-                opt_word(r.variable),
-                r.address,
-                r.len,
-                opt_word(r.layout.dtype),
-                r.layout.itemsize,
-                list(&r.layout.shape),
-                list(&r.layout.strides),
-                r.layout.origin,
-            );
-            push_context(line, &r.ctx, syms);
-            Ok(())
-        }
-        Record::Contents(c) => write!(
-            line,
-            "{kind} region={} at_seq={} offset={} len={} data={}",
+        );
+    }
+
+    /// `STACK id frames=[id,...]`.
+    fn stack(&mut self, s: &StackDef) {
+        let _ = write!(self.line, "{} id={} frames={}", self.kind, s.id, list(&s.frames));
+    }
+
+    // Regions: watched, their contents, unwatched.
+
+    /// `WATCH`: the region, its layout and origin, then the context.
+    fn region_watched(&mut self, r: &RegionWatched<'_>) {
+        let _ = write!(
+            self.line,
+            "{} seq={} t={} region={} tag={} variable={} address={:#x} len={} dtype={} itemsize={} \
+             shape={} strides={} origin={}",
+            self.kind,
+            r.seq,
+            r.ctx.time_ns,
+            r.region,
+            word(r.tag),
+            opt_word(r.variable),
+            r.address,
+            r.len,
+            opt_word(r.layout.dtype),
+            r.layout.itemsize,
+            list(&r.layout.shape),
+            list(&r.layout.strides),
+            r.layout.origin,
+        );
+        push_context(self.line, &r.ctx, self.syms);
+    }
+
+    /// `CONTENTS`: a piece of a region's contents, its bytes in hex.
+    fn contents(&mut self, c: &Contents<'_>) {
+        let _ = write!(
+            self.line,
+            "{} region={} at_seq={} offset={} len={} data={}",
+            self.kind,
             c.region,
             c.at_seq,
             c.offset,
             c.data.len(),
-            hex(c.data, max_bytes)
-        ),
-        Record::RegionUnwatched(u) => {
+            hex(c.data, self.max_bytes)
+        );
+    }
+
+    /// `CHECKPOINT region at_seq`.
+    fn checkpoint(&mut self, c: &Checkpoint) {
+        let _ = write!(self.line, "{} region={} at_seq={}", self.kind, c.region, c.at_seq);
+    }
+
+    /// `UNWATCH`: the region and why, then the context.
+    fn region_unwatched(&mut self, u: &RegionUnwatched) {
+        let _ = write!(
+            self.line,
+            "{} seq={} t={} region={} tag={} reason={}",
+            self.kind,
+            u.seq,
+            u.ctx.time_ns,
+            u.region,
+            tag_of(self.syms, u.region),
+            u.reason.name()
+        );
+        push_context(self.line, &u.ctx, self.syms);
+    }
+
+    // Changes.
+
+    /// `CHANGE`: the region, the context, then one `range=OFFSET:OLD->NEW`
+    /// per changed run.
+    fn change(&mut self, c: &Change<'_>) {
+        let _ = write!(
+            self.line,
+            "{} seq={} t={} region={} tag={}",
+            self.kind,
+            c.seq,
+            c.ctx.time_ns,
+            c.region,
+            tag_of(self.syms, c.region)
+        );
+        push_context(self.line, &c.ctx, self.syms);
+        for r in &c.ranges {
             let _ = write!(
-                line,
-                "{kind} seq={} t={} region={} tag={} reason={}",
-                u.seq,
-                u.ctx.time_ns,
-                u.region,
-                tag_of(syms, u.region),
-                u.reason.name()
+                self.line,
+                " range={}:{}->{}",
+                r.offset,
+                hex(r.old, self.max_bytes),
+                hex(r.new, self.max_bytes)
             );
-            push_context(line, &u.ctx, syms);
-            Ok(())
         }
-        Record::Change(c) => {
+    }
+
+    /// `DELTA`: a change as stored, the region, shuffle and xor|full, the
+    /// context, then one `range=OFFSET+LEN:DATA` per run.
+    fn delta(&mut self, d: &Delta<'_>) {
+        let _ = write!(
+            self.line,
+            "{} seq={} t={} region={} tag={} shuffle={} {}",
+            self.kind,
+            d.seq,
+            d.ctx.time_ns,
+            d.region,
+            tag_of(self.syms, d.region),
+            d.shuffle,
+            if d.full { "full" } else { "xor" }
+        );
+        push_context(self.line, &d.ctx, self.syms);
+        for r in &d.ranges {
             let _ = write!(
-                line,
-                "{kind} seq={} t={} region={} tag={}",
-                c.seq,
-                c.ctx.time_ns,
-                c.region,
-                tag_of(syms, c.region)
+                self.line,
+                " range={}+{}:{}",
+                r.offset,
+                r.data.len(),
+                hex(r.data, self.max_bytes)
             );
-            push_context(line, &c.ctx, syms);
-            for r in &c.ranges {
-                let _ = write!(
-                    line,
-                    " range={}:{}->{}",
-                    r.offset,
-                    hex(r.old, max_bytes),
-                    hex(r.new, max_bytes)
-                );
-            }
-            Ok(())
         }
-        Record::Crashed(c) => {
-            let _ = write!(
-                line,
-                "{kind} signal={} si_code={} thread={} time_ns={} file={:?} line={} changes={} flags={} finished={}",
-                c.signal, c.si_code, c.thread, c.time_ns, c.file, c.line, c.changes, c.flags, c.finished
-            );
-            Ok(())
-        }
-        Record::Waited(w) => {
-            let _ = write!(
-                line,
-                "{kind} after_seq={} waited_ns={} waits={}",
-                w.after_seq, w.waited_ns, w.waits
-            );
-            Ok(())
-        }
-        Record::Delta(d) => {
-            let _ = write!(
-                line,
-                "{kind} seq={} t={} region={} tag={} shuffle={} {}",
-                d.seq,
-                d.ctx.time_ns,
-                d.region,
-                tag_of(syms, d.region),
-                d.shuffle,
-                if d.full { "full" } else { "xor" }
-            );
-            push_context(line, &d.ctx, syms);
-            for r in &d.ranges {
-                let _ = write!(
-                    line,
-                    " range={}+{}:{}",
-                    r.offset,
-                    r.data.len(),
-                    hex(r.data, max_bytes)
-                );
-            }
-            Ok(())
-        }
-        Record::ObjectChange(o) => {
-            let _ = write!(
-                line,
-                "{kind} seq={} t={} tag={} kind={} key={} old={} new={}",
-                o.seq,
-                o.ctx.time_ns,
-                opt_word(syms.string(o.tag)),
-                o.kind.name(),
-                opt_word(o.key),
-                opt_word(o.old),
-                opt_word(o.new)
-            );
-            push_context(line, &o.ctx, syms);
-            Ok(())
-        }
-        Record::Checkpoint(c) => write!(line, "{kind} region={} at_seq={}", c.region, c.at_seq),
-        Record::Note(n) => write!(
-            line,
-            "{kind} seq={} key={} value={}",
-            n.seq,
-            opt_word(syms.string(n.key)),
-            opt_word(syms.string(n.value))
-        ),
-        Record::ObjectVariable(v) => write!(
-            line,
-            "{kind} tag={} variable={}",
-            opt_word(syms.string(v.tag)),
+    }
+
+    /// `OBJECT`: an object change's tag, kind, key and reprs, then the
+    /// context.
+    fn object_change(&mut self, o: &ObjectChange<'_>) {
+        let _ = write!(
+            self.line,
+            "{} seq={} t={} tag={} kind={} key={} old={} new={}",
+            self.kind,
+            o.seq,
+            o.ctx.time_ns,
+            opt_word(self.syms.string(o.tag)),
+            o.kind.name(),
+            opt_word(o.key),
+            opt_word(o.old),
+            opt_word(o.new)
+        );
+        push_context(self.line, &o.ctx, self.syms);
+    }
+
+    /// `OBJVAR tag variable`: the variable a tag's object changes came
+    /// through.
+    fn object_variable(&mut self, v: &ObjectVariable<'_>) {
+        let _ = write!(
+            self.line,
+            "{} tag={} variable={}",
+            self.kind,
+            opt_word(self.syms.string(v.tag)),
             opt_word(v.variable)
-        ),
-        Record::Lost(l) => write!(
-            line,
-            "{kind} after_seq={} events={} reason={}",
+        );
+    }
+
+    /// `NOTE seq key value`: a fact about the event after it.
+    fn note(&mut self, n: &Note) {
+        let _ = write!(
+            self.line,
+            "{} seq={} key={} value={}",
+            self.kind,
+            n.seq,
+            opt_word(self.syms.string(n.key)),
+            opt_word(self.syms.string(n.value))
+        );
+    }
+
+    // The recording itself: waits, losses, a crash.
+
+    /// `WAITED after_seq waited_ns waits`.
+    fn waited(&mut self, w: &Waited) {
+        let _ = write!(
+            self.line,
+            "{} after_seq={} waited_ns={} waits={}",
+            self.kind, w.after_seq, w.waited_ns, w.waits
+        );
+    }
+
+    /// `LOST after_seq events reason`.
+    fn lost(&mut self, l: &Lost<'_>) {
+        let _ = write!(
+            self.line,
+            "{} after_seq={} events={} reason={}",
+            self.kind,
             l.after_seq,
             l.events,
             word(l.reason)
-        ),
-    };
+        );
+    }
+
+    /// `CRASHED`: the fatal signal, where and when the program died, and
+    /// how much its last look found.
+    fn crashed(&mut self, c: &Crashed<'_>) {
+        let _ = write!(
+            self.line,
+            "{} signal={} si_code={} thread={} time_ns={} file={:?} line={} changes={} flags={} finished={}",
+            self.kind,
+            c.signal,
+            c.si_code,
+            c.thread,
+            c.time_ns,
+            c.file,
+            c.line,
+            c.changes,
+            c.flags,
+            c.finished
+        );
+    }
 }

@@ -490,6 +490,15 @@ fn write_process<W: Write>(
     filter: &Filter,
     progress: &mut dyn FnMut(usize, usize),
 ) -> anyhow::Result<()> {
+    write_process_start(out, reader)?;
+    write_events(out, reader, filter, progress)?;
+    write_ending(out, reader)?;
+    Ok(())
+}
+
+/// Names the process after its command line (`pid N` without one) and
+/// marks the recording's start.
+fn write_process_start<W: Write>(out: &mut Out<W>, reader: &TraceReader) -> io::Result<()> {
     let meta = &reader.header().meta;
     let program = if meta.argv.is_empty() {
         format!("pid {}", meta.pid)
@@ -497,40 +506,21 @@ fn write_process<W: Write>(
         meta.argv.join(" ")
     };
     out.meta("process_name", None, "name", MetaValue::Str(&program))?;
-    out.process_instant("recording started", 0, &[("argv", &program)], &[])?;
+    out.process_instant("recording started", 0, &[("argv", &program)], &[])
+}
+
+/// Scans the trace, writing each event [`write_event`] shows; a write that
+/// fails stops the scan, and its error is the one returned.
+fn write_events<W: Write>(
+    out: &mut Out<W>,
+    reader: &TraceReader,
+    filter: &Filter,
+    progress: &mut dyn FnMut(usize, usize),
+) -> anyhow::Result<()> {
     let stop = reader.stopped().map(|(seq, _, reason)| (seq, reason.to_string()));
-    let in_range = |seq: u64| filter.seq.is_none_or(|(a, b)| (a..=b).contains(&seq));
-    let wanted_tag = |tag: &str| filter.tag.as_deref().is_none_or(|t| t == tag);
     let mut failed: Option<io::Error> = None;
     let scanned = for_each_event(reader, filter, progress, |e| {
-        let done = match e {
-            Event::Change(row) => out.change(row),
-            Event::Record(Record::RegionWatched(r), syms) if in_range(r.seq) && wanted_tag(r.tag) => {
-                out.region_event("watch", &r.ctx, syms, r.region, r.seq, None)
-            }
-            Event::Record(Record::RegionUnwatched(u), syms)
-                if in_range(u.seq) && syms.region(u.region).is_some_and(|r| wanted_tag(&r.tag)) =>
-            {
-                out.region_event("unwatch", &u.ctx, syms, u.region, u.seq, Some(u.reason.name()))
-            }
-            Event::Record(Record::Lost(l), _)
-                if l.events > 0
-                    && stop
-                        .as_ref()
-                        .is_none_or(|(s, r)| (*s, r.as_str()) != (l.after_seq, l.reason)) =>
-            {
-                let name = format!("lost {} events", l.events);
-                let ts = out.last_ns;
-                out.process_instant(
-                    &name,
-                    ts,
-                    &[("reason", l.reason)],
-                    &[("after_seq", l.after_seq), ("events", l.events)],
-                )
-            }
-            _ => Ok(()),
-        };
-        match done {
+        match write_event(out, e, filter, stop.as_ref()) {
             Ok(()) => ControlFlow::Continue(()),
             Err(e) => {
                 failed = Some(e);
@@ -542,6 +532,50 @@ fn write_process<W: Write>(
         return Err(e.into());
     }
     scanned?;
+    Ok(())
+}
+
+/// One event of the scan: a change; a region watched or unwatched, when
+/// `filter`'s seq range and tag take it; events lost, unless that loss is
+/// the one that stopped the recording (`stop`: its seq and reason), which
+/// the ending tells. Other records show nothing.
+fn write_event<W: Write>(
+    out: &mut Out<W>,
+    e: Event<'_>,
+    filter: &Filter,
+    stop: Option<&(u64, String)>,
+) -> io::Result<()> {
+    let in_range = |seq: u64| filter.seq.is_none_or(|(a, b)| (a..=b).contains(&seq));
+    let wanted_tag = |tag: &str| filter.tag.as_deref().is_none_or(|t| t == tag);
+    match e {
+        Event::Change(row) => out.change(row),
+        Event::Record(Record::RegionWatched(r), syms) if in_range(r.seq) && wanted_tag(r.tag) => {
+            out.region_event("watch", &r.ctx, syms, r.region, r.seq, None)
+        }
+        Event::Record(Record::RegionUnwatched(u), syms)
+            if in_range(u.seq) && syms.region(u.region).is_some_and(|r| wanted_tag(&r.tag)) =>
+        {
+            out.region_event("unwatch", &u.ctx, syms, u.region, u.seq, Some(u.reason.name()))
+        }
+        Event::Record(Record::Lost(l), _)
+            if l.events > 0 && stop.is_none_or(|(s, r)| (*s, r.as_str()) != (l.after_seq, l.reason)) =>
+        {
+            let name = format!("lost {} events", l.events);
+            let ts = out.last_ns;
+            out.process_instant(
+                &name,
+                ts,
+                &[("reason", l.reason)],
+                &[("after_seq", l.after_seq), ("events", l.events)],
+            )
+        }
+        _ => Ok(()),
+    }
+}
+
+/// How the recording ended: closed, crashed (on the thread that died),
+/// stopped early, or not closed; never before the last event written.
+fn write_ending<W: Write>(out: &mut Out<W>, reader: &TraceReader) -> io::Result<()> {
     let message = reader.tail_message().unwrap_or_else(|| "closed cleanly".into());
     let ending = reader.ending();
     let last = out.last_ns;

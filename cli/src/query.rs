@@ -213,24 +213,49 @@ pub fn json_row(row: &ChangeRef<'_>) -> String {
     s
 }
 
+/// Lists the changes `args` asks for, of every process of the run, merged
+/// by time.
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     let procs = crate::run::open(&args.trace, &args.pid)?;
     let several = procs.len() > 1 || !args.pid.is_empty();
-    let base = crate::run::base_ns(&procs);
     let limit = args.limit.unwrap_or(usize::MAX);
-    // Every process's rows, with the time they happened: merged by time.
-    let mut rows: Vec<(u64, usize, [String; COLUMNS])> = Vec::new();
-    let mut lines: Vec<(u64, usize, String)> = Vec::new();
     if args.format == Format::Csv {
-        writeln!(
-            out,
-            "seq,time_ns,tag,variable,file,line,function,thread,thread_name,kind,changed,sample,op,pid"
-        )?;
+        writeln!(out, "{CSV_HEAD}")?;
     }
+    let mut found = find_changes(args, &procs, limit)?;
+    check_tag_known(args, procs.len(), &found.unknown)?;
+    found.merge(procs.len() > 1, limit);
+    found.write(out, args.format, several)?;
+    out.flush()?;
+    crate::run::tail_notes(&procs);
+    Ok(0)
+}
+
+/// The first line of `--format csv`.
+const CSV_HEAD: &str =
+    "seq,time_ns,tag,variable,file,line,function,thread,thread_name,kind,changed,sample,op,pid";
+
+/// The changes found in the processes of a run, each with the time it
+/// happened (from the run's start) and its process's order, to merge by.
+#[derive(Default)]
+struct Found {
+    /// Table rows (`--format table`).
+    rows: Vec<(u64, usize, [String; COLUMNS])>,
+    /// JSON or CSV lines (`--format jsonl`, `csv`).
+    lines: Vec<(u64, usize, String)>,
+    /// Of a run of several processes, each one's error for a `--tag` it
+    /// does not have.
+    unknown: Vec<memwatch_analyzer::Error>,
+}
+
+/// Scans every process of the run for the changes `args` asks for (the
+/// first `limit` of each), formatted as `args.format` wants them.
+fn find_changes(args: &Args, procs: &[crate::run::Proc], limit: usize) -> Result<Found> {
+    let base = crate::run::base_ns(procs);
+    let mut found = Found::default();
     // A run's processes watch different things (torchrun's launcher, a
     // Pool's parent, watch nothing): --tag skips a process without the tag
     // while another has it.
-    let mut unknown = Vec::new();
     for (order, p) in procs.iter().enumerate() {
         let shift = p.shift_ns(base);
         let pid_text = p.label();
@@ -243,74 +268,84 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
             n += 1;
             let at = row.time_ns + shift;
             match args.format {
-                Format::Table => rows.push((
-                    at,
-                    order,
-                    [
-                        pid_text.clone(),
-                        row.seq.to_string(),
-                        format!("{:.3}", at as f64 / 1e6),
-                        row.tag.to_string(),
-                        row.variable.unwrap_or("-").to_string(),
-                        at_text(row),
-                        row.frame.map(|f| f.function.to_string()).unwrap_or_default(),
-                        row.thread_name
-                            .map(String::from)
-                            .unwrap_or_else(|| row.thread.to_string()),
-                        changed_text(row),
-                        row.op.unwrap_or("").to_string(),
-                        sample_text(row),
-                    ],
-                )),
-                Format::Jsonl => {
-                    let mut j = json_row(row);
-                    j.pop();
-                    j.push_str(&format!(",\"pid\":{}", p.pid));
-                    if let Some(r) = p.rank {
-                        j.push_str(&format!(",\"rank\":{r}"));
-                    }
-                    j.push('}');
-                    lines.push((at, order, j));
-                }
-                Format::Csv => {
-                    let f = row.frame;
-                    let kind = row.kind_name();
-                    lines.push((
-                        at,
-                        order,
-                        format!(
-                            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
-                            row.seq,
-                            row.time_ns,
-                            csv_cell(row.tag),
-                            csv_cell(row.variable.unwrap_or("")),
-                            csv_cell(f.map(|f| &*f.file).unwrap_or("")),
-                            f.map(|f| f.line.to_string()).unwrap_or_default(),
-                            csv_cell(f.map(|f| &*f.function).unwrap_or("")),
-                            row.thread,
-                            csv_cell(row.thread_name.unwrap_or("")),
-                            kind,
-                            csv_cell(&changed_text(row)),
-                            csv_cell(&sample_text(row)),
-                            csv_cell(row.op.unwrap_or("")),
-                            p.pid,
-                        ),
-                    ));
-                }
+                Format::Table => found.rows.push((at, order, table_row(row, at, &pid_text))),
+                Format::Jsonl => found.lines.push((at, order, jsonl_line(row, p))),
+                Format::Csv => found.lines.push((at, order, csv_line(row, p.pid))),
             }
             ControlFlow::Continue(())
         });
         match scanned {
             Ok(_) => {}
-            Err(e @ memwatch_analyzer::Error::UnknownTag { .. }) if procs.len() > 1 => unknown.push(e),
+            Err(e @ memwatch_analyzer::Error::UnknownTag { .. }) if procs.len() > 1 => found.unknown.push(e),
             Err(e) => return Err(e.into()),
         }
     }
-    if procs.len() > 1 && unknown.len() == procs.len() {
+    Ok(found)
+}
+
+/// A change as a row of the table, `at` ns after the run started, in the
+/// process `pid_text`.
+fn table_row(row: &ChangeRef<'_>, at: u64, pid_text: &str) -> [String; COLUMNS] {
+    [
+        pid_text.to_string(),
+        row.seq.to_string(),
+        format!("{:.3}", at as f64 / 1e6),
+        row.tag.to_string(),
+        row.variable.unwrap_or("-").to_string(),
+        at_text(row),
+        row.frame.map(|f| f.function.to_string()).unwrap_or_default(),
+        row.thread_name
+            .map(String::from)
+            .unwrap_or_else(|| row.thread.to_string()),
+        changed_text(row),
+        row.op.unwrap_or("").to_string(),
+        sample_text(row),
+    ]
+}
+
+/// A change as a JSON line: [`json_row`] with its process's pid (and rank).
+fn jsonl_line(row: &ChangeRef<'_>, p: &crate::run::Proc) -> String {
+    let mut j = json_row(row);
+    j.pop();
+    j.push_str(&format!(",\"pid\":{}", p.pid));
+    if let Some(r) = p.rank {
+        j.push_str(&format!(",\"rank\":{r}"));
+    }
+    j.push('}');
+    j
+}
+
+/// A change as a CSV line, the columns of [`CSV_HEAD`].
+fn csv_line(row: &ChangeRef<'_>, pid: u32) -> String {
+    let f = row.frame;
+    let kind = row.kind_name();
+    format!(
+        "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+        row.seq,
+        row.time_ns,
+        csv_cell(row.tag),
+        csv_cell(row.variable.unwrap_or("")),
+        csv_cell(f.map(|f| &*f.file).unwrap_or("")),
+        f.map(|f| f.line.to_string()).unwrap_or_default(),
+        csv_cell(f.map(|f| &*f.function).unwrap_or("")),
+        row.thread,
+        csv_cell(row.thread_name.unwrap_or("")),
+        kind,
+        csv_cell(&changed_text(row)),
+        csv_cell(&sample_text(row)),
+        csv_cell(row.op.unwrap_or("")),
+        pid,
+    )
+}
+
+/// Refuses a `--tag` that no process of a run of several has (in a run of
+/// one, the scan itself refuses it), naming the tags they have.
+fn check_tag_known(args: &Args, procs: usize, unknown: &[memwatch_analyzer::Error]) -> Result<()> {
+    if procs > 1 && unknown.len() == procs {
         let mut known: Vec<String> = unknown
-            .into_iter()
+            .iter()
             .flat_map(|e| match e {
-                memwatch_analyzer::Error::UnknownTag { known, .. } => known,
+                memwatch_analyzer::Error::UnknownTag { known, .. } => known.clone(),
                 _ => Vec::new(),
             })
             .collect();
@@ -326,27 +361,38 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
             }
         );
     }
-    // One process's rows are in seq order already: a stable sort by time
-    // keeps them so, and puts the others between them.
-    if procs.len() > 1 {
-        rows.sort_by_key(|(at, _, _)| *at);
-        lines.sort_by_key(|(at, _, _)| *at);
-    }
-    rows.truncate(limit);
-    lines.truncate(limit);
-    for (_, _, l) in &lines {
-        writeln!(out, "{l}")?;
-    }
-    if args.format == Format::Table {
-        let table: Vec<[String; COLUMNS]> = rows.into_iter().map(|(_, _, r)| r).collect();
-        write_table(out, &table, several)?;
-        if table.is_empty() {
-            writeln!(out, "(no changes match)")?;
+    Ok(())
+}
+
+impl Found {
+    /// Merges the processes' changes by time (when there are `several`)
+    /// and keeps the first `limit`.
+    fn merge(&mut self, several: bool, limit: usize) {
+        // One process's rows are in seq order already: a stable sort by time
+        // keeps them so, and puts the others between them.
+        if several {
+            self.rows.sort_by_key(|(at, _, _)| *at);
+            self.lines.sort_by_key(|(at, _, _)| *at);
         }
+        self.rows.truncate(limit);
+        self.lines.truncate(limit);
     }
-    out.flush()?;
-    crate::run::tail_notes(&procs);
-    Ok(0)
+
+    /// Writes the lines, or for `--format table` the table (with a pid
+    /// column when `with_pid`) and `(no changes match)` under an empty one.
+    fn write(self, out: &mut dyn Write, format: Format, with_pid: bool) -> Result<()> {
+        for (_, _, l) in &self.lines {
+            writeln!(out, "{l}")?;
+        }
+        if format == Format::Table {
+            let table: Vec<[String; COLUMNS]> = self.rows.into_iter().map(|(_, _, r)| r).collect();
+            write_table(out, &table, with_pid)?;
+            if table.is_empty() {
+                writeln!(out, "(no changes match)")?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Columns of the table; the op column ([`OP_COLUMN`]) is left out when no

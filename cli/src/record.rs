@@ -3,8 +3,9 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::ops::ControlFlow;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
@@ -176,7 +177,25 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
+/// Runs the program with recording on, then prints the summary; the exit
+/// status is the program's.
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
+    let output = prepare_output(args)?;
+    let run_id = format!("{}-{}", std::process::id(), unix_ns());
+    let cmd = program_command(args, &output, &run_id)?;
+    let mut child = start(cmd, &args.command[0], &output)?;
+    let pid = child.id();
+    let status = wait_forwarding_signals(&mut child)?;
+    let code = exit_code(status);
+    report(&output, &run_id, pid, &args.command, args.torch_inplace, out)?;
+    Ok(code)
+}
+
+/// The trace's absolute path, once the program is known to exist and the
+/// trace is created (empty, so that a path it cannot be written to fails
+/// now, before the program runs) and the traces an earlier run to the same
+/// path left beside it are gone.
+fn prepare_output(args: &Args) -> Result<PathBuf> {
     let output = args
         .output
         .clone()
@@ -196,13 +215,20 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
     for m in memwatch_format::run::scan(&output, None) {
         remove_trace(&m.path);
     }
-    let run_id = format!("{}-{}", std::process::id(), unix_ns());
+    Ok(output)
+}
+
+/// The program's command line, with the environment that tells the
+/// recorder in it what to record, where, and as part of which run
+/// (`run_id`); for --vars and --torch-inplace, memwatch's boot directory
+/// first on PYTHONPATH.
+fn program_command(args: &Args, output: &Path, run_id: &str) -> Result<Command> {
     let sep = ":";
     let mut cmd = Command::new(&args.command[0]);
     cmd.args(&args.command[1..])
-        .env("MEMWATCH_TRACE", &output)
+        .env("MEMWATCH_TRACE", output)
         .env("MEMWATCH_TRACE_PARENT", std::process::id().to_string())
-        .env("MEMWATCH_RUN", &run_id)
+        .env("MEMWATCH_RUN", run_id)
         .env(
             "MEMWATCH_LIVE",
             match args.live {
@@ -253,13 +279,24 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
         }
         cmd.env("PYTHONPATH", path);
     }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    Ok(cmd)
+}
+
+/// Starts the program (`program`, for the error); a program that cannot
+/// start leaves no trace: the empty one at `output` goes.
+fn start(mut cmd: Command, program: &OsString, output: &Path) -> Result<Child> {
+    match cmd.spawn() {
+        Ok(c) => Ok(c),
         Err(e) => {
-            let _ = std::fs::remove_file(&output);
-            return Err(e).with_context(|| format!("cannot start {}", args.command[0].to_string_lossy()));
+            let _ = std::fs::remove_file(output);
+            Err(e).with_context(|| format!("cannot start {}", program.to_string_lossy()))
         }
-    };
+    }
+}
+
+/// Waits for the program to end, forwarding to it the signals someone
+/// sends us meanwhile.
+fn wait_forwarding_signals(child: &mut Child) -> Result<ExitStatus> {
     let pid = child.id() as libc::pid_t;
     // Forward the signals someone sends us; a terminal's Ctrl-C already
     // reaches the child (same process group), so that one is not resent.
@@ -275,9 +312,9 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
         // SAFETY: installing a handler that only stores to an atomic.
         unsafe { libc::signal(sig, handler) };
     }
-    let status = loop {
+    loop {
         if let Some(st) = child.try_wait()? {
-            break st;
+            return Ok(st);
         }
         let sig = PENDING.swap(0, Ordering::SeqCst);
         if sig != 0 {
@@ -289,9 +326,13 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
             }
         }
         std::thread::sleep(Duration::from_millis(20));
-    };
-    use std::os::unix::process::ExitStatusExt;
-    let code = match (status.code(), status.signal()) {
+    }
+}
+
+/// memwatch's exit status for the program's: the same, or 128 + the
+/// signal that killed it (which is reported).
+fn exit_code(status: ExitStatus) -> u8 {
+    match (status.code(), status.signal()) {
         (Some(c), _) => c.clamp(0, 255) as u8,
         (None, Some(sig)) => {
             eprintln!(
@@ -301,16 +342,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
             (128 + sig).clamp(0, 255) as u8
         }
         _ => 1,
-    };
-    report(
-        &output,
-        &run_id,
-        pid as u32,
-        &args.command,
-        args.torch_inplace,
-        out,
-    )?;
-    Ok(code)
+    }
 }
 
 /// Refuses, before anything is created, a program that does not exist, and
