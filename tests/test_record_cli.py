@@ -621,3 +621,15 @@ def test_configure_live_takes_short_and_refuses_other_words(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr.splitlines() == ["memwatch: #2 a [2] 0 -> 5 prog.py:7 in <module>"], r.stderr
     assert r.stdout.strip() == "live='loud' is not an option: pass True (a [MEMWATCH] report per change), \"short\" (one line per change) or False (none)"
+
+
+def test_a_bad_option_fails_before_the_trace_is_touched(tmp_path):
+    # An earlier run's trace at the output path stays when an option is
+    # wrong: the options are checked before the (empty) new trace is made.
+    out = tmp_path / "t.mwt"
+    out.write_bytes(b"an earlier run's trace")
+    r = mw("record", "-o", str(out), "--vars", "a,b", sys.executable, "-c", "pass", cwd=tmp_path, check=False)
+    assert r.returncode != 0
+    assert '--vars "a,b": give one name or glob per --vars' in r.stderr
+    assert out.read_bytes() == b"an earlier run's trace"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.mwt"]

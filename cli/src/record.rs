@@ -180,9 +180,10 @@ fn signal_name(sig: i32) -> &'static str {
 /// Runs the program with recording on, then prints the summary; the exit
 /// status is the program's.
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<u8> {
+    let boot = boot_dir(args)?;
     let output = prepare_output(args)?;
     let run_id = format!("{}-{}", std::process::id(), unix_ns());
-    let cmd = program_command(args, &output, &run_id)?;
+    let cmd = program_command(args, &output, &run_id, boot);
     let mut child = start(cmd, &args.command[0], &output)?;
     let pid = child.id();
     let status = wait_forwarding_signals(&mut child)?;
@@ -218,11 +219,32 @@ fn prepare_output(args: &Args) -> Result<PathBuf> {
     Ok(output)
 }
 
+/// What --vars and --torch-inplace need, checked before anything is
+/// written (an earlier run's trace at the output path stays when they are
+/// wrong): each --vars one name or glob, and memwatch's boot directory
+/// (`None` when neither option is given).
+fn boot_dir(args: &Args) -> Result<Option<std::ffi::OsString>> {
+    if let Some(bad) = args.vars.iter().find(|v| v.is_empty() || v.contains(',')) {
+        anyhow::bail!("--vars {bad:?}: give one name or glob per --vars");
+    }
+    if args.vars.is_empty() && !args.torch_inplace {
+        return Ok(None);
+    }
+    let flag = if args.vars.is_empty() {
+        "--torch-inplace"
+    } else {
+        "--vars"
+    };
+    std::env::var_os("MEMWATCH_BOOT_DIR").map(Some).with_context(|| {
+        format!("{flag} needs memwatch's Python package: run the `memwatch` that pip installed")
+    })
+}
+
 /// The program's command line, with the environment that tells the
 /// recorder in it what to record, where, and as part of which run
-/// (`run_id`); for --vars and --torch-inplace, memwatch's boot directory
-/// first on PYTHONPATH.
-fn program_command(args: &Args, output: &Path, run_id: &str) -> Result<Command> {
+/// (`run_id`); with `boot` (for --vars and --torch-inplace), memwatch's
+/// boot directory first on PYTHONPATH.
+fn program_command(args: &Args, output: &Path, run_id: &str, boot: Option<std::ffi::OsString>) -> Command {
     let sep = ":";
     let mut cmd = Command::new(&args.command[0]);
     cmd.args(&args.command[1..])
@@ -251,35 +273,24 @@ fn program_command(args: &Args, output: &Path, run_id: &str) -> Result<Command> 
     if !args.exclude.is_empty() {
         cmd.env("MEMWATCH_EXCLUDE", args.exclude.join(sep));
     }
-    if let Some(bad) = args.vars.iter().find(|v| v.is_empty() || v.contains(',')) {
-        anyhow::bail!("--vars {bad:?}: give one name or glob per --vars");
-    }
     if !args.vars.is_empty() {
         cmd.env("MEMWATCH_VARS", args.vars.join(","));
     }
     if args.torch_inplace {
         cmd.env("MEMWATCH_TORCH_INPLACE", "1");
     }
-    if !args.vars.is_empty() || args.torch_inplace {
+    if let Some(boot) = boot {
         // A sitecustomize in memwatch's package starts the watches (and
         // the import hook of --torch-inplace) before the program's first
         // line, then runs the one it shadows.
-        let flag = if args.vars.is_empty() {
-            "--torch-inplace"
-        } else {
-            "--vars"
-        };
-        let boot = std::env::var_os("MEMWATCH_BOOT_DIR").with_context(|| {
-            format!("{flag} needs memwatch's Python package: run the `memwatch` that pip installed")
-        })?;
-        let mut path = std::ffi::OsString::from(&boot);
+        let mut path = boot;
         if let Some(old) = std::env::var_os("PYTHONPATH").filter(|p| !p.is_empty()) {
             path.push(":");
             path.push(old);
         }
         cmd.env("PYTHONPATH", path);
     }
-    Ok(cmd)
+    cmd
 }
 
 /// Starts the program (`program`, for the error); a program that cannot
