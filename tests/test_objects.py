@@ -496,6 +496,17 @@ def test_bad_arguments_are_refused_clearly(changes):
         memwatch.watch_object(Config(), name="cfg")
     with pytest.raises(ValueError, match="'cfg' is already watched"):
         memwatch.watch(bytearray(4), name="cfg")
+    # The rule is the recorder's (one answer for every way of watching):
+    # the extension refuses it without memwatch.watch's early check too.
+    with pytest.raises(ValueError, match=r"'cfg' is already watched \(an object\)"):
+        memwatch._memwatch._watch(bytearray(4), None, None, "cfg", None, None, None, [], True)
+    buf = bytearray(4)
+    memwatch.watch(buf, name="buf")
+    with pytest.raises(ValueError, match="'buf' is already watched; pass another name="):
+        memwatch.watch_object(Config(), name="buf")
+    memwatch.unwatch(buf)
+    other = Config()
+    memwatch.unwatch(memwatch.watch_object(other, name="buf"))  # free again
 
 
 def test_mechanism_per_version():

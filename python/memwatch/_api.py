@@ -319,8 +319,7 @@ def watch(
     tag = name if name is not None else variable
     if tag is None:
         raise ValueError("cannot tell which variable this buffer is; pass name=")
-    if any(t == str(tag) for _, t, _ in _memwatch._object_watches()):
-        raise ValueError(f"'{tag}' is already watched (an object); pass another name= or unwatch it first")
+    _memwatch._check_buffer_name(str(tag))
     if dispatch:
         # Resizing it would leave its mirror behind: refused while watched.
         _torch_resize.install()
@@ -381,11 +380,18 @@ def _resolve(target: Any, buffer: int | None) -> list[int]:
     return found
 
 
-def unwatch_regions(target: Any = None, buffer: int | None = None) -> None:
+def unwatch_regions(target: Any = None, buffer: int | None = None, missing_ok: bool = False) -> None:
     """Ends the buffer watches ``target`` (a WatchHandle, the object, its
-    tag) or ``buffer=address`` names; :class:`NotWatchedError` if none.
-    :func:`memwatch.unwatch` ends the other kinds of watch first."""
-    for region in _resolve(target, buffer):
+    tag) or ``buffer=address`` names; :class:`NotWatchedError` if none
+    (unless ``missing_ok``). :func:`memwatch.unwatch` ends the other kinds
+    of watch first."""
+    try:
+        regions = _resolve(target, buffer)
+    except NotWatchedError:
+        if not missing_ok:
+            raise
+        regions = []
+    for region in regions:
         _memwatch._unwatch(region)
     _torch_dispatch.settle()
 
@@ -397,9 +403,8 @@ def watching(obj: Any = None, name: str | None = None, **kwargs: Any) -> Iterato
     try:
         yield handle
     finally:
-        if any(r == handle.region for r, *_ in _memwatch._regions()):
-            _memwatch._unwatch(handle.region)
-        _torch_dispatch.settle()
+        # The block may have unwatched it already.
+        unwatch_regions(handle, missing_ok=True)
 
 
 __all__ = [

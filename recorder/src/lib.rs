@@ -68,6 +68,8 @@ fn _memwatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FORMAT_VERSION", memwatch_format::FORMAT_VERSION)?;
     model::errors::register(m)?;
     monitor::choose(m.py());
+    runtime::watched::answer_names(runtime::watched::Kind::Buffers, watch::buffers::state::has_tag);
+    runtime::watched::answer_names(runtime::watched::Kind::Objects, watch::objects::has_tag);
     m.add_function(wrap_pyfunction!(_cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(trace::reader::trace_info, m)?)?;
     m.add_class::<model::change::Change>()?;
@@ -78,6 +80,7 @@ fn _memwatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
     for f in [
         wrap_pyfunction!(trace::reader::open_trace, m)?,
         wrap_pyfunction!(watch::buffers::watch::_watch, m)?,
+        wrap_pyfunction!(watch::buffers::watch::_check_buffer_name, m)?,
         wrap_pyfunction!(watch::buffers::end::_unwatch, m)?,
         wrap_pyfunction!(watch::buffers::state::_regions, m)?,
         wrap_pyfunction!(boundary::check, m)?,

@@ -1,5 +1,6 @@
-//! The one answer to "is anything watched?", and the generation of watch
-//! state that the line fast path's copy is checked against.
+//! The one answer to "is anything watched?" and to "is this name taken?",
+//! and the generation of watch state that the line fast path's copy is
+//! checked against.
 //!
 //! Each watch kind (`watch::buffers`, `watch::objects`, `watch::vars`)
 //! says here whether it has a watch left ([`set`]); everything that asks
@@ -7,10 +8,12 @@
 //! reads these flags instead of the kinds' own state, so no watch kind
 //! asks another.
 //!
-//! State: three atomics and a counter; no lock. Nothing here runs in
+//! State: three atomics, a counter, and the kinds' name look-ups (set
+//! once); no lock of its own (a look-up takes its kind's). Nothing here runs in
 //! signal context.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 /// A way of watching.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +55,28 @@ pub fn anything() -> bool {
 #[inline]
 pub fn only_variables() -> bool {
     has(Kind::Variables) && !has(Kind::Objects) && !has(Kind::Buffers)
+}
+
+/// How a way of watching answers "is `name` the name of one of your
+/// watches?", given once per kind when the extension module is
+/// initialised (`lib.rs`): the kinds live above this layer.
+pub type Names = fn(&str) -> bool;
+
+static NAMES: [OnceLock<Names>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+
+/// Says how `kind` answers [`named`] (once; later calls keep the first).
+pub fn answer_names(kind: Kind, names: Names) {
+    let _ = NAMES[kind as usize].set(names);
+}
+
+/// The way of watching that has a watch named `name`, if any: the one
+/// answer to "is this name taken?" (a name is watched once at a time,
+/// whatever the way; watched variables are named apart, by their own
+/// names).
+pub fn named(name: &str) -> Option<Kind> {
+    [Kind::Buffers, Kind::Objects]
+        .into_iter()
+        .find(|&k| has(k) && NAMES[k as usize].get().is_some_and(|f| f(name)))
 }
 
 /// Generation of the watch state: bumped by every acquisition of the

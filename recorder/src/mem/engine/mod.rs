@@ -2,7 +2,7 @@
 //!
 //! A region keeps a shadow copy of its bytes. [`Engine::check`] finds the
 //! bytes that differ from the shadow, reports them as [`RawChange`]s and
-//! updates the shadow. Two ways to find them:
+//! updates the shadow. Three ways to find them:
 //!
 //! - **pages** (regions larger than [`COMPARE_MAX`]): the region's pages are
 //!   registered with the [`WriteTracker`](crate::mem::kernel::WriteTracker)
@@ -14,8 +14,9 @@
 //!   such as a file-backed `mmap`): the check compares the whole region with
 //!   its shadow. For a few KiB this is cheaper than a system call.
 //!
-//! Either way a change is the net difference since the previous check,
-//! from any writer: Python, native code, another thread, or the kernel.
+//! Either of these two, a change is the net difference since the previous
+//! check, from any writer: Python, native code, another thread, or the
+//! kernel.
 //!
 //! - **store** (`mode="store"`): the region's pages are registered with the
 //!   [`StoreTracker`](crate::mem::store::StoreTracker), which catches each store

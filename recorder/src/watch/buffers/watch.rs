@@ -20,6 +20,7 @@ use crate::model::errors::MemwatchError;
 use crate::runtime::attrib::{attributed_stack, innermost_in_scope, thread_name};
 use crate::runtime::events;
 use crate::runtime::thread::{guarded, set_last, LAST};
+use crate::runtime::watched::{self, Kind};
 use crate::trace::sink::{self, EventContext};
 use crate::watch::buffers::end::{check_and_end, unwatch_region};
 use crate::watch::buffers::export::{dtype_itemsize, export, span_of, Span};
@@ -85,6 +86,7 @@ pub fn _watch(
     if tag.is_empty() {
         return Err(PyValueError::new_err("name must not be empty"));
     }
+    refuse_object_name(&tag)?;
     // Report what changed before this watch began (other regions), so the
     // new region's baseline is this moment; a watch whose object is gone
     // ends there, freeing its name.
@@ -136,6 +138,25 @@ pub fn _watch(
     }
     set_last(innermost_in_scope(py, false));
     Ok(handle)
+}
+
+/// A name an object watch has is refused for a buffer (whether a name is
+/// taken is `runtime::watched::named`; a buffer's own name is
+/// [`watched_under_name`]'s).
+fn refuse_object_name(tag: &str) -> PyResult<()> {
+    if watched::named(tag) == Some(Kind::Objects) {
+        return Err(PyValueError::new_err(format!(
+            "'{tag}' is already watched (an object); pass another name= or unwatch it first"
+        )));
+    }
+    Ok(())
+}
+
+/// What `memwatch.watch` asks before it prepares anything for the name
+/// `tag` (a torch tensor's resize hook): the refusal `_watch` would give.
+#[pyfunction]
+pub fn _check_buffer_name(tag: &str) -> PyResult<()> {
+    refuse_object_name(tag)
 }
 
 /// `mode=`: store mode (`"store"`) or not (`"line"`).

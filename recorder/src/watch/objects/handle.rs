@@ -138,8 +138,7 @@ fn check_watchable(obj: &Bound<'_, PyAny>, tag: &str) -> PyResult<String> {
             "cannot watch the class {name}: watch_object() watches instances, dicts, lists and sets"
         )));
     }
-    let taken =
-        with_objs(|o| o.watches.iter().any(|w| *w.tag == *tag)) || crate::watch::buffers::state::has_tag(tag);
+    let taken = crate::runtime::watched::named(tag).is_some();
     if taken {
         return Err(PyValueError::new_err(format!(
             "'{tag}' is already watched; pass another name= or unwatch it first"

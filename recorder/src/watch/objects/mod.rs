@@ -85,4 +85,4 @@ pub use handle::{
     _object_watches, _objects_after_fork_child, _unwatch_object, _watch_object, shutdown, ObjectWatchHandle,
 };
 pub use hooks::_set_object_hooks;
-pub use state::any;
+pub use state::{any, has_tag};

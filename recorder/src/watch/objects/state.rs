@@ -155,6 +155,11 @@ pub(super) fn with_objs<R>(f: impl FnOnce(&mut Objects) -> R) -> R {
     f(g.get_or_insert_with(Objects::default))
 }
 
+/// True when an object watch is named `tag` (see `runtime::watched::named`).
+pub fn has_tag(tag: &str) -> bool {
+    with_objs(|o| o.watches.iter().any(|w| *w.tag == *tag))
+}
+
 /// True while any object is watched.
 pub fn any() -> bool {
     crate::runtime::watched::has(crate::runtime::watched::Kind::Objects)
