@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import types
 from typing import Any
 
 from memwatch import _memwatch
 from memwatch._api import watch
-from memwatch._guard import _freezes, _lock, _sync
+from memwatch._guard import add_freeze, remove_freeze
 from memwatch._memwatch import MutationError
 from memwatch._names import _is_torch_tensor, _variable_name
 from memwatch._objects import watch_object
@@ -50,6 +51,8 @@ class _Freeze:
 
 # Freezes by id() of the frozen object, innermost last.
 _frozen: dict[int, list[_Freeze]] = {}
+# Guards `_frozen` (a thread may freeze what another unfreezes).
+_frozen_lock = threading.Lock()
 
 
 def _name_of(obj: Any, frame: types.FrameType | None) -> str:
@@ -75,10 +78,8 @@ def freeze(obj: Any, name: str | None = None, *, _frame: types.FrameType | None 
         else:
             handle = watch_object(obj, tag)
         tags = [tag]
-    with _lock:
-        for tag in tags:
-            _freezes[tag] = _freezes.get(tag, 0) + 1
-            _sync(tag)
+    with _frozen_lock:
+        add_freeze(tags)
         _frozen.setdefault(id(obj), []).append(_Freeze(tags, handle))
 
 
@@ -92,17 +93,11 @@ def unfreeze(obj: Any) -> None:
         # What changed up to here still raises, before the freeze ends.
         _memwatch.check()
     finally:
-        with _lock:
+        with _frozen_lock:
             f = stack.pop()
             if not stack:
                 del _frozen[id(obj)]
-            for tag in f.tags:
-                n = _freezes.get(tag, 0) - 1
-                if n > 0:
-                    _freezes[tag] = n
-                else:
-                    _freezes.pop(tag, None)
-                _sync(tag)
+            remove_freeze(f.tags)
         if f.handle is not None:
             with contextlib.suppress(_memwatch.NotWatchedError):
                 unwatch(f.handle)

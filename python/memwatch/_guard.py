@@ -85,6 +85,27 @@ def _sync(tag: str) -> None:
     _memwatch._set_guarded(tag, _effective(tag) is not None)
 
 
+def add_freeze(tags: list[str]) -> None:
+    """One more freeze of each of ``tags`` (a freeze nests: a tag stays
+    frozen until every freeze of it is removed)."""
+    with _lock:
+        for tag in tags:
+            _freezes[tag] = _freezes.get(tag, 0) + 1
+            _sync(tag)
+
+
+def remove_freeze(tags: list[str]) -> None:
+    """Removes one freeze of each of ``tags`` (see :func:`add_freeze`)."""
+    with _lock:
+        for tag in tags:
+            n = _freezes.get(tag, 0) - 1
+            if n > 0:
+                _freezes[tag] = n
+            else:
+                _freezes.pop(tag, None)
+            _sync(tag)
+
+
 def check_guard(condition: Any, action: str) -> None:
     """Raises for a condition or an action ``watch`` does not take."""
     if action not in ACTIONS:
