@@ -13,15 +13,16 @@
 //! alone here. Nothing here runs in signal context.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::deliver::guard;
+use crate::mem::engine::Layout;
 use crate::mem::signals::crash;
-use crate::model::change::Change;
+use crate::model::change::{Change, FrameRef, ObjectInfo};
 use crate::runtime::hooks::hooks;
 use crate::runtime::thread::guarded;
 use crate::trace::sink::{self, EventContext};
@@ -106,9 +107,40 @@ pub fn route(py: Python<'_>) -> Route {
     })
 }
 
-/// Numbers one object change (`change.object` set), records it to the
-/// trace, then delivers it. Variable changes are object changes too.
-pub fn emit_object(py: Python<'_>, mut change: Change) {
+/// Who made an object change, and where: what [`emit_object`] needs
+/// besides the change itself.
+pub struct Origin {
+    pub stack: Arc<[FrameRef]>,
+    pub thread_id: u64,
+    pub thread_name: Arc<str>,
+}
+
+/// Makes the `Change` of one object change (of `tag`, and of `variable`
+/// for a watched variable), numbers it, records it to the trace, then
+/// delivers it. Variable changes are object changes too.
+pub fn emit_object(
+    py: Python<'_>,
+    tag: Arc<str>,
+    variable: Option<Arc<str>>,
+    info: ObjectInfo,
+    origin: Origin,
+) {
+    let mut change = Change {
+        seq: 0,
+        time_ns: sink::unix_ns(),
+        pid: crate::model::change::live_pid(),
+        rank: crate::model::change::live_rank(),
+        tag,
+        variable,
+        region_start: 0,
+        ranges: Vec::new(),
+        layout: Layout::none(),
+        stack: origin.stack,
+        thread_id: origin.thread_id,
+        thread_name: origin.thread_name,
+        object: Some(info),
+        op: None,
+    };
     let tracing = {
         let mut sk = sink::lock();
         // Numbered under the trace's lock: the trace holds changes in the

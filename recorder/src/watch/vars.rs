@@ -38,10 +38,9 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyString;
 
-use crate::deliver::output::emit_object;
-use crate::mem::engine::Layout;
+use crate::deliver::output::{emit_object, Origin};
 use crate::mem::kernel::gettid;
-use crate::model::change::{Change, ObjectInfo};
+use crate::model::change::ObjectInfo;
 use crate::runtime::addr::AddrMap;
 use crate::runtime::attrib::{attributed_stack, innermost_in_scope, thread_name};
 use crate::runtime::events;
@@ -528,24 +527,12 @@ pub fn at_boundary(py: Python<'_>, code: usize, returning: bool, last: (usize, u
             old,
             new,
         };
-        emit_object(
-            py,
-            Change {
-                seq: 0,
-                time_ns: crate::trace::sink::unix_ns(),
-                pid: crate::model::change::live_pid(),
-                rank: crate::model::change::live_rank(),
-                tag: tag.into(),
-                variable: (!name.is_empty()).then(|| name.into()),
-                region_start: 0,
-                ranges: Vec::new(),
-                layout: Layout::none(),
-                stack: stack.clone(),
-                thread_id: tid,
-                thread_name: thread_name.clone(),
-                object: Some(info),
-                op: None,
-            },
-        );
+        let origin = Origin {
+            stack: stack.clone(),
+            thread_id: tid,
+            thread_name: thread_name.clone(),
+        };
+        let variable = (!name.is_empty()).then(|| name.into());
+        emit_object(py, tag.into(), variable, info, origin);
     }
 }

@@ -33,8 +33,8 @@ use super::state::{
     any, lock, path_of, stop_monitor_if_idle, tid, with_objs, DictEvent, Hold, Node, ObjWatch, Objects,
     Pending, PendingWhat, Shadow, Shape, COMPARING, PENDING, PENDING_N, STRONG_ROOTS,
 };
-use crate::mem::engine::Layout;
-use crate::model::change::{Change, FrameRef, ObjectInfo};
+use crate::deliver::output::{self, emit_object};
+use crate::model::change::{FrameRef, ObjectInfo};
 use crate::runtime::thread::guarded;
 
 thread_local! {
@@ -538,25 +538,12 @@ fn deliver(py: Python<'_>, out: Vec<Ready>) {
             old: r.old.render(py, r.limit),
             new: r.new.render(py, r.limit),
         };
-        crate::deliver::output::emit_object(
-            py,
-            Change {
-                seq: 0,
-                time_ns: crate::trace::sink::unix_ns(),
-                pid: crate::model::change::live_pid(),
-                rank: crate::model::change::live_rank(),
-                tag: r.tag,
-                variable: r.variable,
-                region_start: 0,
-                ranges: Vec::new(),
-                layout: Layout::none(),
-                stack: r.stack,
-                thread_id: r.tid,
-                thread_name: r.thread_name,
-                object: Some(info),
-                op: None,
-            },
-        );
+        let origin = output::Origin {
+            stack: r.stack,
+            thread_id: r.tid,
+            thread_name: r.thread_name,
+        };
+        emit_object(py, r.tag, r.variable, info, origin);
     }
 }
 
